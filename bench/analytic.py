@@ -1,0 +1,50 @@
+"""Analytic multiply-accumulate counts of VAR generation (../shared/METHODS.md §2), per scale.
+
+Scale k has n_k = p_k² tokens and cache length L_k = Σ_{j≤k} n_j; with CFG each image is β = 2 rows.
+Per scale: projections β·d·n_k·4C², scores β·d·2·n_k·L_k·C, FFN β·d·n_k·2·C·H (H = FFN width),
+head β·n_k·C·V, adaLN β·(6d+2)·C², word embedding n_k·Cvae·C for k ≥ 1 (embedded once, then repeated).
+Methods reuse the components: e.g. DMoE replaces the FFN term by 2·C·e per (token, selected expert).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, List
+
+
+@dataclass
+class ScaleMACs:
+    projections: float
+    scores: float
+    ffn: float
+    head: float
+    adaln: float
+    word_embed: float
+
+    @property
+    def total(self) -> float:
+        return self.projections + self.scores + self.ffn + self.head + self.adaln + self.word_embed
+
+    def as_dict(self) -> Dict[str, float]:
+        d = dict(self.__dict__)
+        d["total"] = self.total
+        return d
+
+
+def dense_scale_macs(cfg, batch: int = 1, cfg_guidance: bool = True) -> List[ScaleMACs]:
+    """Per-scale MACs of the dense transformer generating `batch` images (cfg: a VARConfig)."""
+    beta = 2 if cfg_guidance else 1
+    C, d, V = cfg.embed_dim, cfg.depth, cfg.vocab_size
+    H = round(C * cfg.mlp_ratio)
+    out, L = [], 0
+    for k, p in enumerate(cfg.patch_nums):
+        n = p * p
+        L += n
+        out.append(ScaleMACs(
+            projections=batch * beta * d * n * 4 * C * C,
+            scores=batch * beta * d * 2 * n * L * C,
+            ffn=batch * beta * d * n * 2 * C * H,
+            head=batch * beta * n * C * V,
+            adaln=batch * beta * (6 * d + 2) * C * C,
+            word_embed=batch * n * cfg.Cvae * C if k > 0 else 0.0,
+        ))
+    return out

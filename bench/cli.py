@@ -1,0 +1,46 @@
+"""`python -m bench <command>`: one module per command in bench/commands, each with `register(subparsers)`."""
+from __future__ import annotations
+
+import argparse
+import importlib
+import pkgutil
+import sys
+
+from bench.errors import BenchError
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line (problem + where to look) with exit status 2."""
+
+    def error(self, message):
+        print(f"error: {self.prog}: {message} (see --help)", file=sys.stderr)
+        sys.exit(2)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    import bench.commands as commands
+    parser = OneLineParser(prog="python -m bench", description="var-bench: benchmark & ablation harness for "
+                           "efficiency methods on Visual AutoRegressive (VAR) image models.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=OneLineParser)
+    mods = [importlib.import_module(f"bench.commands.{m.name}") for m in pkgutil.iter_modules(commands.__path__)
+            if not m.name.startswith("_")]
+    for mod in sorted(mods, key=lambda m: (getattr(m, "ORDER", 100), m.__name__)):
+        mod.register(sub)
+    return parser
+
+
+def main(argv=None):
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        sys.exit(2 if argv is None and len(sys.argv) <= 1 else 0)
+    try:
+        rc = args.func(args)
+    except BenchError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(e.exit_code)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+    sys.exit(rc or 0)

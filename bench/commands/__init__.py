@@ -1,0 +1,1 @@
+"""CLI commands. Each module defines `register(subparsers)`; ORDER sorts them in --help."""

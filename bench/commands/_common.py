@@ -1,0 +1,85 @@
+"""Arguments shared by commands: which model, which sampling settings, which device."""
+from __future__ import annotations
+
+import os
+
+from bench.errors import BenchError
+
+
+def add_model_args(p):
+    g = p.add_argument_group("model")
+    g.add_argument("--model", default="default", help="embedded model name (see `python -m bench models`)")
+    g.add_argument("--var-ckpt", default=None, help="official var_d*.pth (or VARBENCH_VAR_CKPT)")
+    g.add_argument("--vae-ckpt", default=None, help="official vae_ch160v4096z32.pth (or VARBENCH_VAE_CKPT)")
+    g.add_argument("--depth", type=int, default=None, help="official VAR depth (default: read from the checkpoint)")
+    g.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 ...")
+
+
+def add_sampling_args(p):
+    g = p.add_argument_group("sampling (default: the model's own)")
+    g.add_argument("--cfg", type=float, default=None, help="classifier-free guidance strength")
+    g.add_argument("--top-k", type=int, default=None)
+    g.add_argument("--top-p", type=float, default=None)
+    g.add_argument("--more-smooth", action="store_true", help="Gumbel-softmax smoothing (visualisation only)")
+
+
+def check_device(device: str) -> str:
+    import torch
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise BenchError(f"device {device!r} is not available here; valid: cpu")
+    if not (device == "cpu" or device.startswith("cuda")):
+        raise BenchError(f"unknown device {device!r}; valid: cpu, cuda, cuda:N")
+    return device
+
+
+def bundle_from_args(a):
+    from bench.zoo import load_model
+    return load_model(a.model, a.var_ckpt, a.vae_ckpt, a.depth, check_device(a.device))
+
+
+def sampling_from_args(a, bundle):
+    from dataclasses import replace
+    s = bundle.sampling
+    if a.cfg is not None:
+        s = replace(s, cfg=a.cfg)
+    if a.top_k is not None:
+        s = replace(s, top_k=a.top_k)
+    if a.top_p is not None:
+        s = replace(s, top_p=a.top_p)
+    if getattr(a, "more_smooth", False):
+        s = replace(s, more_smooth=True)
+    validate_sampling(s, bundle.var.V)
+    return s
+
+
+def validate_sampling(s, vocab: int):
+    if not s.cfg >= 0:
+        raise BenchError(f"--cfg must be >= 0, got {s.cfg}")
+    if not 0 <= s.top_k <= vocab:
+        raise BenchError(f"--top-k must be in [0, {vocab}] (0 disables it), got {s.top_k}")
+    if not 0 <= s.top_p <= 1:
+        raise BenchError(f"--top-p must be in [0, 1] (0 disables it), got {s.top_p}")
+
+
+def parse_classes(text: str, num_classes: int):
+    try:
+        cls = [int(c) for c in text.split(",") if c.strip()]
+    except ValueError:
+        raise BenchError(f"--classes must be comma-separated integers, got {text!r}") from None
+    if not cls:
+        raise BenchError("--classes is empty")
+    bad = [c for c in cls if not 0 <= c < num_classes]
+    if bad:
+        raise BenchError(f"class index {bad[0]} out of range; valid: 0..{num_classes - 1}")
+    return cls
+
+
+def check_writable_file(path: str, exts=None):
+    """Fail before any work if the output cannot be written (nothing is created here)."""
+    d = os.path.dirname(os.path.abspath(path)) or "."
+    if exts and not path.lower().endswith(tuple(exts)):
+        raise BenchError(f"output {path!r} must end with one of {', '.join(exts)}")
+    if not os.path.isdir(d):
+        raise BenchError(f"output directory does not exist: {d}")
+    if not os.access(d, os.W_OK):
+        raise BenchError(f"output directory is not writable: {d}")

@@ -1,0 +1,197 @@
+"""Method registry in the style of timm's model registry.
+
+    @register_method("dmoe")
+    class DMoE(Method): ...
+
+    create_method("dmoe", tau=[0.8, 0.8, 0.78])     # validated config -> Method instance
+    list_methods(kind="weight")                     # names, filtered
+
+A method declares its hyperparameters (`Param`: type, range, default, per-scale lists), what it changes
+(`kind`), and which prepared artifacts it needs (`artifacts`, made by `python -m bench prepare <name>`).
+`build(bundle)` returns the network the sampler runs: anything with `scale_forward`, `new_caches`,
+`num_classes`, `patch_nums` (usually the bundle's VAR with some modules swapped). Every method goes
+through the same measurement path (bench/measure.py); adding one is one new file in methods/.
+"""
+from __future__ import annotations
+
+import copy
+import fnmatch
+import importlib
+import pkgutil
+from dataclasses import dataclass
+from typing import Any, ClassVar, Dict, List, Optional, Sequence, Tuple
+
+from bench.errors import BenchError
+
+_REGISTRY: Dict[str, type] = {}
+_DISCOVERED = False
+KINDS = ("none", "weight", "token", "weight+token")
+
+
+@dataclass(frozen=True)
+class Param:
+    name: str
+    type: type
+    default: Any
+    help: str = ""
+    low: Optional[float] = None
+    high: Optional[float] = None
+    low_open: bool = False      # True: the low end is excluded, e.g. rates in (0, 1]
+    high_open: bool = False
+    choices: Optional[Tuple] = None
+    list_ok: bool = False       # a list (e.g. one value per sparsified scale) is accepted
+    nullable: bool = False
+
+    def describe(self) -> str:
+        if self.choices is not None:
+            return "one of " + ", ".join(map(str, self.choices))
+        if self.low is not None or self.high is not None:
+            lo = "(" if self.low_open else "["
+            hi = ")" if self.high_open else "]"
+            return f"{self.type.__name__} in {lo}{'-inf' if self.low is None else self.low}, " \
+                   f"{'inf' if self.high is None else self.high}{hi}" + (" (or a list)" if self.list_ok else "")
+        return self.type.__name__ + (" (or a list)" if self.list_ok else "")
+
+    def _coerce_one(self, method: str, v):
+        try:
+            if self.type is bool and isinstance(v, str):
+                if v.lower() not in ("true", "false", "1", "0", "yes", "no"):
+                    raise ValueError
+                v = v.lower() in ("true", "1", "yes")
+            elif self.type is int and isinstance(v, float) and not v.is_integer():
+                raise ValueError
+            else:
+                v = self.type(v)
+        except (TypeError, ValueError):
+            raise BenchError(f"method {method}: {self.name}={v!r} is not a valid {self.type.__name__}; "
+                             f"valid: {self.describe()}") from None
+        if self.choices is not None and v not in self.choices:
+            raise BenchError(f"method {method}: {self.name}={v!r} is not allowed; valid: {self.describe()}")
+        bad_low = self.low is not None and (v <= self.low if self.low_open else v < self.low)
+        bad_high = self.high is not None and (v >= self.high if self.high_open else v > self.high)
+        if bad_low or bad_high:
+            raise BenchError(f"method {method}: {self.name}={v} is out of range; valid: {self.describe()}")
+        return v
+
+    def validate(self, method: str, value):
+        if value is None:
+            if self.nullable:
+                return None
+            raise BenchError(f"method {method}: {self.name} must be set; valid: {self.describe()}")
+        if isinstance(value, str) and self.list_ok and "," in value:
+            value = [x for x in value.split(",") if x.strip()]
+        if isinstance(value, (list, tuple)):
+            if not self.list_ok:
+                raise BenchError(f"method {method}: {self.name} takes one value, got a list; valid: {self.describe()}")
+            if not value:
+                raise BenchError(f"method {method}: {self.name} is an empty list; valid: {self.describe()}")
+            return [self._coerce_one(method, v) for v in value]
+        return self._coerce_one(method, value)
+
+
+class Method:
+    """Base class. Subclasses set the class attributes and implement `build`."""
+
+    name: ClassVar[str] = ""
+    kind: ClassVar[str] = "none"
+    params: ClassVar[Tuple[Param, ...]] = ()
+    artifacts: ClassVar[Tuple[str, ...]] = ()
+    description: ClassVar[str] = ""
+
+    def __init__(self, **config):
+        known = {p.name: p for p in self.params}
+        unknown = sorted(set(config) - set(known))
+        if unknown:
+            raise BenchError(f"method {self.name}: unknown parameter {unknown[0]!r}; valid: "
+                             f"{', '.join(known) if known else '(none)'}")
+        self.config = {n: p.validate(self.name, config.get(n, copy.deepcopy(p.default))) for n, p in known.items()}
+        self.check()
+
+    # -- to override -------------------------------------------------------------------------------------------
+    def check(self) -> None:
+        """Cross-parameter validation that needs no model (raise BenchError)."""
+
+    def check_model(self, bundle) -> None:
+        """Validation against the model (scale indices, FFN width...), before anything is generated or written."""
+
+    def build(self, bundle):
+        """Return the network to sample with. Must not modify bundle.var in place (dense runs share it)."""
+        raise NotImplementedError
+
+    def analytic_macs(self, net, bundle, batch: int) -> Optional[List[float]]:
+        """Per-scale multiply-accumulates of the transformer for `batch` images by formula (CFG doubles rows),
+        using statistics the net recorded during the last generation for dynamic methods. None: the dense formula."""
+        return None
+
+    def row_metrics(self, net, bundle) -> Dict[str, Any]:
+        """Extra columns for the results row (e.g. active experts per scale), from the net's recorded statistics."""
+        return {}
+
+    # -- helpers -----------------------------------------------------------------------------------------------
+    @property
+    def label(self) -> str:
+        """Short human-readable identity for tables and legends."""
+        return self.name
+
+    def __repr__(self):
+        return f"{type(self).__name__}({self.config})"
+
+
+def register_method(name: str):
+    def deco(cls):
+        if name in _REGISTRY and _REGISTRY[name] is not cls:
+            raise RuntimeError(f"method {name!r} registered twice ({_REGISTRY[name].__module__}, {cls.__module__})")
+        if cls.kind not in KINDS:
+            raise RuntimeError(f"method {name!r}: kind must be one of {KINDS}")
+        cls.name = name
+        _REGISTRY[name] = cls
+        return cls
+    return deco
+
+
+def _discover():
+    """Import every module of the top-level `methods` package so their decorators run."""
+    global _DISCOVERED
+    if _DISCOVERED:
+        return
+    _DISCOVERED = True
+    import methods
+    for info in pkgutil.iter_modules(methods.__path__):
+        if not info.name.startswith("_"):
+            importlib.import_module(f"methods.{info.name}")
+
+
+def list_methods(filter: str = "*", kind: Optional[str] = None, needs_artifacts: Optional[bool] = None) -> List[str]:
+    _discover()
+    out = []
+    for n, cls in sorted(_REGISTRY.items()):
+        if not fnmatch.fnmatch(n, filter):
+            continue
+        if kind is not None and cls.kind != kind:
+            continue
+        if needs_artifacts is not None and bool(cls.artifacts) != needs_artifacts:
+            continue
+        out.append(n)
+    return out
+
+
+def method_class(name: str) -> type:
+    _discover()
+    if name not in _REGISTRY:
+        raise BenchError(f"unknown method {name!r}; valid: {', '.join(sorted(_REGISTRY))}")
+    return _REGISTRY[name]
+
+
+def create_method(name: str, **config) -> Method:
+    return method_class(name)(**config)
+
+
+def parse_overrides(pairs: Sequence[str]) -> Dict[str, Any]:
+    """['tau=0.8,0.8,0.7', 'oracle=true'] -> {'tau': '0.8,0.8,0.7', 'oracle': 'true'} (typed by Param.validate)."""
+    out = {}
+    for p in pairs:
+        k, sep, v = p.partition("=")
+        if not sep or not k.strip():
+            raise BenchError(f"expected key=value, got {p!r}")
+        out[k.strip()] = v.strip()
+    return out

@@ -1,0 +1,161 @@
+"""Models the harness can run: the embedded defaults shipped in bench/assets, or official releases from paths.
+
+    bundle = load_model("default")                               # embedded, trained by our own commands
+    bundle = load_model(var_ckpt="var_d16.pth", vae_ckpt="vae_ch160v4096z32.pth")   # official, depth inferred
+
+Paths may also come from VARBENCH_VAR_CKPT / VARBENCH_VAE_CKPT / VARBENCH_DEPTH.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional
+
+import torch
+
+from bench.checkpoints import check_compatible, file_sha256, read_state_dict
+from bench.errors import BenchError
+from bench.models.var import VAR, VARConfig
+from bench.models.vqvae import OFFICIAL_VQVAE, VQVAE
+from bench.sampling import SamplingConfig
+
+ASSETS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets")
+MANIFEST = os.path.join(ASSETS, "manifest.json")
+OFFICIAL_SAMPLING = SamplingConfig(cfg=1.5, top_k=900, top_p=0.96)  # the VAR paper's FID setting
+OFFICIAL_DEPTHS = (16, 20, 24, 30)
+
+
+@dataclass
+class ModelBundle:
+    name: str
+    model_id: str              # stable id used in cache keys and result rows
+    var: VAR
+    vqvae: VQVAE
+    sampling: SamplingConfig   # the model's default sampling settings
+    class_names: List[str]
+    image_size: int
+    source: str                # "embedded" | "official"
+    dataset: Optional[dict] = None      # for embedded models: how to render the reference set
+    classifier: Optional[str] = None    # path of the shipped feature-extractor weights
+    files: Dict[str, str] = field(default_factory=dict)
+
+    @property
+    def num_classes(self) -> int:
+        return self.var.num_classes
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.var.parameters()).device
+
+
+def read_manifest() -> dict:
+    if not os.path.isfile(MANIFEST):
+        return {"models": {}, "aliases": {}}
+    with open(MANIFEST) as f:
+        return json.load(f)
+
+
+def list_models() -> List[str]:
+    m = read_manifest()
+    return sorted(list(m.get("models", {})) + list(m.get("aliases", {})))
+
+
+def resolve_name(name: str) -> str:
+    m = read_manifest()
+    name = m.get("aliases", {}).get(name, name)
+    if name not in m.get("models", {}):
+        valid = list_models()
+        hint = "; or give --var-ckpt/--vae-ckpt for official weights"
+        raise BenchError(f"unknown model {name!r}; valid: {', '.join(valid) if valid else '(none shipped)'}{hint}")
+    return name
+
+
+def _build_vqvae(cfg: dict) -> VQVAE:
+    return VQVAE(**cfg)
+
+
+def load_embedded(name: str, device="cpu") -> ModelBundle:
+    name = resolve_name(name)
+    entry = read_manifest()["models"][name]
+    vcfg = dict(entry["vqvae_config"])
+    vq = _build_vqvae(vcfg)
+    var_cfg = VARConfig(**{**entry["var_config"], "patch_nums": tuple(entry["var_config"]["patch_nums"])})
+    var = VAR(var_cfg)
+    paths = {k: os.path.join(ASSETS, entry["files"][k]) for k in entry["files"]}
+    for module, key, desc in ((vq, "vqvae", "the VQ-VAE"), (var, "var", f"VAR(depth={var_cfg.depth})")):
+        sd = read_state_dict(paths[key], f"{key} checkpoint")
+        check_compatible(module, sd, f"{key} checkpoint {paths[key]}", desc)
+        module.load_state_dict(sd, strict=True)
+    check_patch_nums(var, vq)
+    s = entry.get("sampling", {})
+    return ModelBundle(
+        name=name, model_id=f"{name}-{entry['sha256']['var'][:8]}", var=var.to(device).eval(),
+        vqvae=vq.to(device).eval(), sampling=SamplingConfig(**s), class_names=list(entry["dataset"]["classes"]),
+        image_size=vq.image_size, source="embedded", dataset=entry["dataset"],
+        classifier=paths.get("classifier"), files=paths)
+
+
+def infer_official_depth(sd) -> int:
+    blocks = {int(m.group(1)) for k in sd for m in [re.match(r"blocks\.(\d+)\.", k)] if m}
+    if not blocks:
+        raise BenchError("VAR checkpoint has no 'blocks.N.*' keys; is it a VAR state dict?")
+    return max(blocks) + 1
+
+
+def check_patch_nums(var: VAR, vq: VQVAE) -> None:
+    if tuple(var.patch_nums) != tuple(vq.v_patch_nums):
+        raise BenchError(f"patch sizes of the VAR {tuple(var.patch_nums)} and the VQ-VAE {tuple(vq.v_patch_nums)} differ")
+    if var.Cvae != vq.Cvae or var.V != vq.vocab_size:
+        raise BenchError(f"VAR expects Cvae={var.Cvae}, V={var.V} but the VQ-VAE has Cvae={vq.Cvae}, V={vq.vocab_size}")
+
+
+def load_official(var_ckpt: str, vae_ckpt: str, depth: Optional[int] = None, device="cpu",
+                  patch_nums=None) -> ModelBundle:
+    if not var_ckpt or not vae_ckpt:
+        raise BenchError("official weights need both --var-ckpt and --vae-ckpt (or VARBENCH_VAR_CKPT/VARBENCH_VAE_CKPT)")
+    var_sd = read_state_dict(var_ckpt, "VAR checkpoint")
+    vae_sd = read_state_dict(vae_ckpt, "VQ-VAE checkpoint")
+    found = infer_official_depth(var_sd)
+    if depth is None:
+        depth = found
+    if depth < 1:
+        raise BenchError(f"--depth must be a positive integer (released: {', '.join(map(str, OFFICIAL_DEPTHS))})")
+    cfg = VARConfig.official(depth)
+    if patch_nums is not None:
+        cfg.patch_nums = tuple(patch_nums)
+    # the position table fixes the token count; check it before building anything large
+    if "pos_1LC" in var_sd and var_sd["pos_1LC"].shape[1] != sum(p * p for p in cfg.patch_nums):
+        raise BenchError(f"patch sizes {tuple(cfg.patch_nums)} give {sum(p * p for p in cfg.patch_nums)} tokens but "
+                         f"the VAR checkpoint has {var_sd['pos_1LC'].shape[1]}")
+    vq = VQVAE(**{**OFFICIAL_VQVAE, "v_patch_nums": tuple(cfg.patch_nums)})
+    check_compatible(vq, vae_sd, f"VQ-VAE checkpoint {vae_ckpt}", "the official VQ-VAE (ch=160, V=4096, Cvae=32)")
+    with torch.device("meta"):  # shape check without allocating a billion parameters
+        probe = VAR(cfg)
+    check_compatible(probe, var_sd, f"VAR checkpoint {var_ckpt}", f"VAR(depth={depth})")
+    probe.load_state_dict(var_sd, strict=True, assign=True)  # meta tensors take the file's; no double memory
+    var = probe
+    vq.load_state_dict(vae_sd, strict=True)
+    check_patch_nums(var, vq)
+    sha = file_sha256(var_ckpt)[:8]
+    return ModelBundle(
+        name=f"official-d{depth}", model_id=f"official-d{depth}-{sha}", var=var.to(device).eval(),
+        vqvae=vq.to(device).eval(), sampling=OFFICIAL_SAMPLING, class_names=[str(i) for i in range(cfg.num_classes)],
+        image_size=vq.image_size, source="official", files={"var": var_ckpt, "vqvae": vae_ckpt})
+
+
+def load_model(name: str = "default", var_ckpt: Optional[str] = None, vae_ckpt: Optional[str] = None,
+               depth: Optional[int] = None, device: str = "cpu") -> ModelBundle:
+    var_ckpt = var_ckpt or os.environ.get("VARBENCH_VAR_CKPT")
+    vae_ckpt = vae_ckpt or os.environ.get("VARBENCH_VAE_CKPT")
+    if depth is None and os.environ.get("VARBENCH_DEPTH"):
+        try:
+            depth = int(os.environ["VARBENCH_DEPTH"])
+        except ValueError:
+            raise BenchError(f"VARBENCH_DEPTH must be an integer, got {os.environ['VARBENCH_DEPTH']!r}") from None
+    if var_ckpt or vae_ckpt:
+        return load_official(var_ckpt, vae_ckpt, depth, device)
+    if depth is not None:
+        raise BenchError("--depth applies to official checkpoints; give --var-ckpt and --vae-ckpt too")
+    return load_embedded(name, device)

@@ -1,0 +1,11 @@
+"""Dense VAR: the baseline every other method is measured against."""
+from bench.registry import Method, register_method
+
+
+@register_method("dense")
+class Dense(Method):
+    kind = "none"
+    description = "the unmodified VAR (baseline)"
+
+    def build(self, bundle):
+        return bundle.var
