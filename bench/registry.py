@@ -137,6 +137,14 @@ class Method:
         return f"{type(self).__name__}({self.config})"
 
 
+def clone_structure(module):
+    """A copy of `module` whose submodules are new objects but whose parameters and buffers are shared.
+
+    Methods swap submodules of the copy (e.g. `blocks[i].ffn`) without touching the loaded model, at no memory cost."""
+    memo = {id(t): t for t in list(module.parameters()) + list(module.buffers())}
+    return copy.deepcopy(module, memo)
+
+
 def register_method(name: str):
     def deco(cls):
         if name in _REGISTRY and _REGISTRY[name] is not cls:

@@ -57,13 +57,47 @@ def read_manifest() -> dict:
         return json.load(f)
 
 
+BUILTIN = ("tiny",)  # random-weight models built in code, for tests and smoke runs
+
+
 def list_models() -> List[str]:
     m = read_manifest()
-    return sorted(list(m.get("models", {})) + list(m.get("aliases", {})))
+    return sorted(list(m.get("models", {})) + list(m.get("aliases", {})) + list(BUILTIN))
+
+
+def tiny_bundle(seed: int = 0, depth: int = 2, embed_dim: int = 32, device="cpu") -> ModelBundle:
+    """A deterministic random-weight VAR (d2, C=32) + VQ-VAE on the default's scales and 32px images.
+
+    Quality numbers are meaningless; everything else (sampling, FLOPs, timing, methods) runs for real."""
+    g = torch.random.fork_rng()
+    with g:
+        torch.manual_seed(seed)
+        vq = VQVAE(vocab_size=64, z_channels=8, ch=32, ch_mult=(1, 2, 2), num_res_blocks=1,
+                   v_patch_nums=(1, 2, 3, 4, 5, 6, 8))
+        cfg = VARConfig(depth=depth, embed_dim=embed_dim, num_heads=2, vocab_size=64, Cvae=8, num_classes=10,
+                        patch_nums=(1, 2, 3, 4, 5, 6, 8))
+        var = VAR(cfg).init_weights()
+        with torch.no_grad():  # break the init's symmetry so that logits depend on the input
+            for p in var.parameters():
+                p.add_(torch.randn_like(p) * 0.02)
+    from bench.data import SHAPES_CLASSES
+    classifier = None
+    m = read_manifest()
+    for entry in m.get("models", {}).values():
+        if "classifier" in entry.get("files", {}):
+            classifier = os.path.join(ASSETS, entry["files"]["classifier"])
+            break
+    return ModelBundle(name="tiny", model_id=f"tiny-s{seed}-d{depth}-c{embed_dim}", var=var.to(device).eval(),
+                       vqvae=vq.to(device).eval(), sampling=SamplingConfig(cfg=1.5, top_k=0, top_p=0.0),
+                       class_names=list(SHAPES_CLASSES), image_size=32, source="builtin",
+                       dataset=dict(name="shapes", classes=list(SHAPES_CLASSES), image_size=32,
+                                    reference_split="val"), classifier=classifier)
 
 
 def resolve_name(name: str) -> str:
     m = read_manifest()
+    if name in BUILTIN:
+        return name
     name = m.get("aliases", {}).get(name, name)
     if name not in m.get("models", {}):
         valid = list_models()
@@ -78,6 +112,8 @@ def _build_vqvae(cfg: dict) -> VQVAE:
 
 def load_embedded(name: str, device="cpu") -> ModelBundle:
     name = resolve_name(name)
+    if name == "tiny":
+        return tiny_bundle(device=device)
     entry = read_manifest()["models"][name]
     vcfg = dict(entry["vqvae_config"])
     vq = _build_vqvae(vcfg)
