@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -332,15 +331,20 @@ def ship(name: str, vqvae_path: str, var_path: str, classifier_path: Optional[st
     for kind, p in (("vqvae", vqvae_path), ("var", var_path), ("classifier", classifier_path)):
         if p is None:
             continue
-        h = file_sha256(p)
+        # shipped in float16 to stay small; loading casts back to float32, and every artifact derived later
+        # (method fine-tunes) starts from these rounded weights, so nothing depends on the fp32 originals
+        sd = {k: (v.half() if v.is_floating_point() else v) for k, v in read_state_dict(p).items()}
+        tmp = os.path.join(ASSETS, f".{kind}.tmp.safetensors")
+        save_state_dict(sd, tmp)
+        h = file_sha256(tmp)
         fname = f"{kind}-{name if kind == 'var' else 'shapes'}-{h[:8]}.safetensors"
-        shutil.copyfile(p, os.path.join(ASSETS, fname))
+        os.replace(tmp, os.path.join(ASSETS, fname))
         files[kind], sha[kind] = fname, h
     m = read_manifest()
     var_meta = metas["var"]
     m.setdefault("models", {})[name] = dict(
         files=files, sha256=sha, var_config=var_meta["config"], vqvae_config=metas["vqvae"]["config"],
-        sampling=sampling,
+        sampling=sampling, classifier_config=metas["classifier"]["config"] if "classifier" in metas else None,
         dataset=dict(name=var_meta["args"]["data"], classes=var_meta["classes"],
                      image_size=load_trained_vqvae(vqvae_path).image_size, train_seed=SPLIT_SEEDS["train"],
                      reference_split="val", reference_seed=SPLIT_SEEDS["val"]),

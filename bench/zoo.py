@@ -11,7 +11,7 @@ import json
 import os
 import re
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import torch
 
@@ -147,31 +147,44 @@ def check_patch_nums(var: VAR, vq: VQVAE) -> None:
         raise BenchError(f"VAR expects Cvae={var.Cvae}, V={var.V} but the VQ-VAE has Cvae={vq.Cvae}, V={vq.vocab_size}")
 
 
+def parse_patch_nums(text) -> Tuple[int, ...]:
+    try:
+        pns = tuple(int(x) for x in str(text).replace("_", ",").split(",") if x.strip())
+    except ValueError:
+        raise BenchError(f"--patch-nums must be comma-separated integers, got {text!r}") from None
+    if not pns or any(p < 1 for p in pns) or list(pns) != sorted(set(pns)):
+        raise BenchError(f"--patch-nums must be strictly increasing positive integers, got {text!r}")
+    return pns
+
+
 def load_official(var_ckpt: str, vae_ckpt: str, depth: Optional[int] = None, device="cpu",
                   patch_nums=None) -> ModelBundle:
     if not var_ckpt or not vae_ckpt:
         raise BenchError("official weights need both --var-ckpt and --vae-ckpt (or VARBENCH_VAR_CKPT/VARBENCH_VAE_CKPT)")
     var_sd = read_state_dict(var_ckpt, "VAR checkpoint")
-    vae_sd = read_state_dict(vae_ckpt, "VQ-VAE checkpoint")
-    found = infer_official_depth(var_sd)
-    if depth is None:
-        depth = found
+    depth = infer_official_depth(var_sd) if depth is None else depth
     if depth < 1:
         raise BenchError(f"--depth must be a positive integer (released: {', '.join(map(str, OFFICIAL_DEPTHS))})")
     cfg = VARConfig.official(depth)
     if patch_nums is not None:
-        cfg.patch_nums = tuple(patch_nums)
+        cfg.patch_nums = parse_patch_nums(patch_nums) if isinstance(patch_nums, str) else tuple(patch_nums)
     # the position table fixes the token count; check it before building anything large
-    if "pos_1LC" in var_sd and var_sd["pos_1LC"].shape[1] != sum(p * p for p in cfg.patch_nums):
-        raise BenchError(f"patch sizes {tuple(cfg.patch_nums)} give {sum(p * p for p in cfg.patch_nums)} tokens but "
-                         f"the VAR checkpoint has {var_sd['pos_1LC'].shape[1]}")
-    vq = VQVAE(**{**OFFICIAL_VQVAE, "v_patch_nums": tuple(cfg.patch_nums)})
-    check_compatible(vq, vae_sd, f"VQ-VAE checkpoint {vae_ckpt}", "the official VQ-VAE (ch=160, V=4096, Cvae=32)")
+    n_tokens = sum(p * p for p in cfg.patch_nums)
+    if "pos_1LC" in var_sd and var_sd["pos_1LC"].shape[1] != n_tokens:
+        raise BenchError(f"patch sizes {tuple(cfg.patch_nums)} give {n_tokens} tokens but the VAR checkpoint has "
+                         f"{var_sd['pos_1LC'].shape[1]}")
     with torch.device("meta"):  # shape check without allocating a billion parameters
-        probe = VAR(cfg)
-    check_compatible(probe, var_sd, f"VAR checkpoint {var_ckpt}", f"VAR(depth={depth})")
-    probe.load_state_dict(var_sd, strict=True, assign=True)  # meta tensors take the file's; no double memory
-    var = probe
+        var = VAR(cfg)
+    check_compatible(var, var_sd, f"VAR checkpoint {var_ckpt}", f"VAR(depth={depth})")
+    vae_sd = read_state_dict(vae_ckpt, "VQ-VAE checkpoint")
+    hits = vae_sd.get("quantize.ema_vocab_hit_SV")  # one row per scale the VQ-VAE was trained with
+    if hits is not None and hits.dim() == 2 and hits.shape[0] != len(cfg.patch_nums):
+        raise BenchError(f"patch sizes {tuple(cfg.patch_nums)} ({len(cfg.patch_nums)} scales) are inconsistent with "
+                         f"the VQ-VAE checkpoint, trained on {hits.shape[0]} scales")
+    vq = VQVAE(**{**OFFICIAL_VQVAE, "v_patch_nums": tuple(cfg.patch_nums)})
+    check_compatible(vq, vae_sd, f"VQ-VAE checkpoint {vae_ckpt}", "the official VQ-VAE (ch=160, V=4096, Cvae=32)",
+                     ignore=("quantize.ema_vocab_hit_SV",))
+    var.load_state_dict(var_sd, strict=True, assign=True)  # meta tensors take the file's: no second copy
     vq.load_state_dict(vae_sd, strict=True)
     check_patch_nums(var, vq)
     sha = file_sha256(var_ckpt)[:8]
@@ -182,7 +195,7 @@ def load_official(var_ckpt: str, vae_ckpt: str, depth: Optional[int] = None, dev
 
 
 def load_model(name: str = "default", var_ckpt: Optional[str] = None, vae_ckpt: Optional[str] = None,
-               depth: Optional[int] = None, device: str = "cpu") -> ModelBundle:
+               depth: Optional[int] = None, device: str = "cpu", patch_nums=None) -> ModelBundle:
     var_ckpt = var_ckpt or os.environ.get("VARBENCH_VAR_CKPT")
     vae_ckpt = vae_ckpt or os.environ.get("VARBENCH_VAE_CKPT")
     if depth is None and os.environ.get("VARBENCH_DEPTH"):
@@ -191,7 +204,7 @@ def load_model(name: str = "default", var_ckpt: Optional[str] = None, vae_ckpt: 
         except ValueError:
             raise BenchError(f"VARBENCH_DEPTH must be an integer, got {os.environ['VARBENCH_DEPTH']!r}") from None
     if var_ckpt or vae_ckpt:
-        return load_official(var_ckpt, vae_ckpt, depth, device)
-    if depth is not None:
-        raise BenchError("--depth applies to official checkpoints; give --var-ckpt and --vae-ckpt too")
+        return load_official(var_ckpt, vae_ckpt, depth, device, patch_nums)
+    if depth is not None or patch_nums is not None:
+        raise BenchError("--depth/--patch-nums apply to official checkpoints; give --var-ckpt and --vae-ckpt too")
     return load_embedded(name, device)

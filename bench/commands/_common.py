@@ -12,6 +12,7 @@ def add_model_args(p):
     g.add_argument("--var-ckpt", default=None, help="official var_d*.pth (or VARBENCH_VAR_CKPT)")
     g.add_argument("--vae-ckpt", default=None, help="official vae_ch160v4096z32.pth (or VARBENCH_VAE_CKPT)")
     g.add_argument("--depth", type=int, default=None, help="official VAR depth (default: read from the checkpoint)")
+    g.add_argument("--patch-nums", default=None, help="official weights: token-map sides, e.g. 1,2,3,4,5,6,8,10,13,16")
     g.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 ...")
 
 
@@ -34,7 +35,7 @@ def check_device(device: str) -> str:
 
 def bundle_from_args(a):
     from bench.zoo import load_model
-    return load_model(a.model, a.var_ckpt, a.vae_ckpt, a.depth, check_device(a.device))
+    return load_model(a.model, a.var_ckpt, a.vae_ckpt, a.depth, check_device(a.device), a.patch_nums)
 
 
 def sampling_from_args(a, bundle):

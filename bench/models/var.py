@@ -65,7 +65,7 @@ class SelfAttention(nn.Module):
         if attn_l2_norm:
             self.scale = 1.0
             self.scale_mul_1H11 = nn.Parameter(torch.full((1, num_heads, 1, 1), 4.0).log())
-            self.max_scale_mul = torch.log(torch.tensor(100.0)).item()  # float32 log, as released
+            self.max_scale_mul = torch.log(torch.tensor(100.0, device="cpu")).item()  # float32 log, as released
         else:
             self.scale = 0.25 / math.sqrt(self.head_dim)
         self.mat_qkv = nn.Linear(embed_dim, 3 * embed_dim, bias=False)

@@ -1,0 +1,60 @@
+"""`python -m bench sample` end to end, and bad input: one line, exit 2, nothing written."""
+import os
+
+import pytest
+import torch
+
+from tests.conftest import run_cli
+
+
+def test_help_lists_subcommands():
+    r = run_cli("--help")
+    assert r.returncode == 0
+    for cmd in ("sample", "train"):
+        assert cmd in r.stdout
+
+
+def test_sample_writes_a_grid(tmp_path):
+    out = tmp_path / "grid.png"
+    r = run_cli("sample", "--model", "tiny", "--classes", "0,1,2", "--per-class", "2", "--seed", "0", "--out", out)
+    assert r.returncode == 0, r.stderr
+    from PIL import Image
+    im = Image.open(out)
+    assert im.size[0] > 3 * 96 and im.size[1] > 3 * 96
+
+
+@pytest.mark.parametrize("args,needle", [
+    (("--model", "nope"), "unknown model 'nope'; valid:"),
+    (("--model", "tiny", "--classes", "0,12"), "class index 12 out of range; valid: 0..9"),
+    (("--model", "tiny", "--top-k", "100000"), "--top-k must be in [0, 64]"),
+    (("--var-ckpt", "/nonexistent/var.pth", "--vae-ckpt", "/nonexistent/vae.pth"), "VAR checkpoint not found"),
+    (("--model", "tiny", "--bogus",), "unrecognized arguments: --bogus"),
+])
+def test_bad_input_is_one_line_exit_2_nothing_written(tmp_path, args, needle):
+    out = tmp_path / "g.png"
+    r = run_cli("sample", *args, "--out", out)
+    assert r.returncode == 2
+    lines = [l for l in r.stderr.strip().splitlines() if l.strip()]
+    assert len(lines) == 1 and needle in lines[0], r.stderr
+    assert not out.exists() and os.listdir(tmp_path) == []
+
+
+def test_mismatched_and_corrupt_checkpoints(tmp_path):
+    from tests.test_models import official_var_state_dict
+    sd = official_var_state_dict(depth=1)
+    sd["blocks.0.ffn.fc1.weight"] = torch.zeros(3, 64)
+    bad = tmp_path / "var_bad.pth"
+    torch.save(sd, bad)
+    corrupt = tmp_path / "vae.pth"
+    corrupt.write_bytes(b"\x00garbage")
+    before = set(os.listdir(tmp_path))
+    r = run_cli("sample", "--var-ckpt", bad, "--vae-ckpt", corrupt, "--out", tmp_path / "g.png")
+    assert r.returncode == 2 and "shape clashes" in r.stderr and "blocks.0.ffn.fc1.weight (3, 64) vs (256, 64)" in r.stderr
+    sd = official_var_state_dict(depth=1)
+    good = tmp_path / "var_good.pth"
+    torch.save(sd, good)
+    r = run_cli("sample", "--var-ckpt", good, "--vae-ckpt", corrupt, "--out", tmp_path / "g.png")
+    assert r.returncode == 2 and "cannot read VQ-VAE checkpoint" in r.stderr
+    r = run_cli("sample", "--var-ckpt", good, "--vae-ckpt", corrupt, "--patch-nums", "1,2,3", "--out", tmp_path / "g.png")
+    assert r.returncode == 2 and "tokens but the VAR checkpoint has 680" in r.stderr
+    assert set(os.listdir(tmp_path)) == before | {"var_good.pth"}
