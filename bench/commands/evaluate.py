@@ -1,0 +1,168 @@
+"""`python -m bench evaluate`: the quality certificate of an embedded model (the README's numbers).
+
+Three image sets, each scored against the same held-out real reference (shapes 'val' split) with the same
+extractor: (a) dense samples of the model (its default sampling; balanced labels i mod C; batch b uses seed+b),
+(b) real held-out images of the 'test' split, as many as samples (the floor: what a perfect model would get at this
+sample count), (c) samples of the same VAR architecture freshly initialised (`VAR(cfg).init_weights()`, seeded)
+through the same VQ-VAE (the ceiling of an untrained model). Each row also gives the shipped classifier's accuracy
+at recognising the conditioning class.
+"""
+from __future__ import annotations
+
+import sys
+
+from bench.commands._common import (add_model_args, add_sampling_args, bundle_from_args, check_writable_file,
+                                    sampling_from_args)
+from bench.errors import BenchError
+
+ORDER = 35
+
+
+def register(sub):
+    p = sub.add_parser("evaluate", help="quality certificate of an embedded model: FID of dense samples vs real "
+                                        "held-out images, real-vs-real floor, untrained-model ceiling")
+    add_model_args(p)
+    add_sampling_args(p)
+    p.add_argument("--samples", type=int, default=1000, help="images per set (>= 2)")
+    p.add_argument("--seed", type=int, default=0, help="batch b of the samples uses seed+b; also seeds the "
+                                                       "untrained VAR and the bootstrap")
+    p.add_argument("--batch-size", type=int, default=100, help="generation batch size")
+    p.add_argument("--reference-count", type=int, default=None,
+                   help="held-out real reference images (default: 5000 of the 'val' split)")
+    p.add_argument("--bootstrap", type=int, default=100, help="FID bootstrap resamples (0: no interval)")
+    p.add_argument("--classifier", default=None, help="quality classifier .safetensors (default: the model's)")
+    p.add_argument("--out", default=None, help="also write all numbers to this .json")
+    p.set_defaults(func=run)
+
+
+def _environment(device: str) -> dict:
+    import platform
+    import socket
+
+    import torch
+    from bench.train import code_commit
+    dev = torch.device(device)
+    name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else (platform.processor() or platform.machine())
+    return dict(env_torch=torch.__version__, env_python=platform.python_version(), env_platform=platform.platform(),
+                env_device=device, env_device_name=name, env_threads=torch.get_num_threads(),
+                env_code_commit=code_commit(), env_host=socket.gethostname())
+
+
+def _generate_set(net, bundle, n, batch_size, seed, sampling):
+    """uint8 images and labels; balanced labels i mod C; batch b uses seed + b."""
+    import torch
+    from bench.quality import to_uint8
+    from bench.sampling import generate
+    images, labels = [], []
+    for b, start in enumerate(range(0, n, batch_size)):
+        lab = torch.arange(start, min(start + batch_size, n)) % bundle.num_classes
+        gen = generate(net, bundle.vqvae, lab.to(bundle.device), seed + b, sampling)
+        images.append(to_uint8(gen.images).cpu())
+        labels.append(lab)
+    return torch.cat(images), torch.cat(labels)
+
+
+def _jsonable(x):
+    """Strict JSON: NaN -> null, numpy scalars -> numbers."""
+    import math
+    if isinstance(x, dict):
+        return {k: _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    if hasattr(x, "item") and not isinstance(x, (str, bytes)):
+        x = x.item()
+    return None if isinstance(x, float) and math.isnan(x) else x
+
+
+def _fmt(x, spec=".3f"):
+    import math
+    return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, spec)
+
+
+def run(a):
+    import json
+    import time
+
+    import torch
+    from bench import quality
+    from bench.checkpoints import atomic_write_text
+    from bench.data import shapes_images
+    from bench.models.var import VAR
+
+    # ---- validate everything before generating anything
+    if a.samples < 2:
+        raise BenchError(f"--samples must be >= 2 (FID needs a covariance), got {a.samples}")
+    if a.seed < 0:
+        raise BenchError(f"--seed must be >= 0, got {a.seed}")
+    if a.batch_size < 1:
+        raise BenchError(f"--batch-size must be >= 1, got {a.batch_size}")
+    if a.bootstrap < 0:
+        raise BenchError(f"--bootstrap must be >= 0, got {a.bootstrap}")
+    if a.out:
+        check_writable_file(a.out, (".json",))
+    bundle = bundle_from_args(a)
+    if (bundle.dataset or {}).get("name") != "shapes":
+        raise BenchError(f"evaluate certifies embedded models with a held-out set (shapes); {bundle.name} has none. "
+                         f"For other weights measure quality with a reference folder or .npz")
+    sampling = sampling_from_args(a, bundle)
+    n_ref = a.reference_count or quality.DEFAULT_REFERENCE_COUNT
+    metrics = tuple(m for m in quality.METRICS if not quality.metric_requirements(a.samples, n_ref, (m,)))  # valid at N
+    check = quality.check_reference(bundle, a.samples, None, None, metrics, reference_count=a.reference_count,
+                                    classifier=a.classifier)
+
+    def log(msg):
+        print(msg, file=sys.stderr, flush=True)
+
+    started, t0 = time.strftime("%Y-%m-%dT%H:%M:%S%z"), time.time()
+    n, C = a.samples, bundle.num_classes
+    sets = {}
+    log(f"generating {n} dense samples of {bundle.model_id} ({sampling.to_dict()})")
+    t = time.time()
+    sets["dense"] = (*_generate_set(bundle.var, bundle, n, a.batch_size, a.seed, sampling), time.time() - t)
+    log(f"generating {n} samples of an untrained VAR (same config, init_weights, seed {a.seed})")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(a.seed)
+        untrained = VAR(bundle.var.cfg).init_weights().to(bundle.device).eval()
+    t = time.time()
+    sets["untrained"] = (*_generate_set(untrained, bundle, n, a.batch_size, a.seed, sampling), time.time() - t)
+    ds = bundle.dataset
+    imgs, labels = shapes_images("test", n, int(ds.get("image_size", bundle.image_size)), num_classes=C)
+    sets["real_test"] = (torch.from_numpy(imgs).permute(0, 3, 1, 2).contiguous(), torch.from_numpy(labels), 0.0)
+
+    titles = {"dense": f"dense samples (cfg={sampling.cfg}, top_k={sampling.top_k}, top_p={sampling.top_p})",
+              "real_test": "real held-out images (test split)",
+              "untrained": f"untrained VAR (init_weights, seed {a.seed})"}
+    rows = {}
+    for key in ("dense", "real_test", "untrained"):
+        images, labels, gen_s = sets[key]
+        q = quality.quality_metrics(images.to(bundle.device), bundle, labels=labels, metrics=metrics,
+                                    bootstrap=a.bootstrap, seed=a.seed, reference_count=a.reference_count,
+                                    classifier=a.classifier, log=log)
+        logits = quality.classifier_logits(images.to(bundle.device), bundle, a.classifier)
+        acc = (logits.argmax(1).cpu() == labels).float().mean().item()
+        rows[key] = dict(set=titles[key], images=len(images), classifier_accuracy=acc, generate_s=round(gen_s, 3), **q)
+
+    print(f"quality certificate: {bundle.model_id} | {n} images per set | reference {check['reference']} | "
+          f"extractor {check['extractor']}")
+    head = f"{'set':<52}{'FID':>9}{'95% interval':>21}{'prec':>7}{'recall':>8}{'KID':>9}{'IS':>7}{'cls acc':>9}"
+    print(head)
+    print("-" * len(head))
+    for r in rows.values():
+        ci = f"[{_fmt(r['fid_ci_low'])}, {_fmt(r['fid_ci_high'])}]"
+        print(f"{r['set']:<52}{_fmt(r['fid']):>9}{ci:>21}{_fmt(r['precision']):>7}{_fmt(r['recall']):>8}"
+              f"{_fmt(r['kid_mean']):>9}{_fmt(r['isc_mean'], '.2f'):>7}{_fmt(r['classifier_accuracy']):>9}")
+    print(f"FID interval: class-stratified bootstrap ({a.bootstrap} resamples) of each set against the fixed "
+          f"reference; seeds: batch b of the samples uses {a.seed}+b")
+
+    if a.out:
+        report = dict(command="evaluate", model=bundle.name, model_id=bundle.model_id, model_source=bundle.source,
+                      sampling=sampling.to_dict(), samples=n, seed=a.seed, batch_size=a.batch_size,
+                      seed_scheme="batch b (labels i mod num_classes) uses seed+b",
+                      untrained_init_seed=a.seed, metrics=list(metrics), bootstrap=a.bootstrap,
+                      reference=check["reference"], reference_count=check["reference_count"],
+                      extractor=check["extractor"], rows=rows, **_environment(str(bundle.device)),
+                      started_at=started, finished_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                      wall_s=round(time.time() - t0, 3))
+        atomic_write_text(a.out, json.dumps(_jsonable(report), indent=1))
+        print(f"wrote {a.out}")
+    return 0

@@ -1,0 +1,101 @@
+"""`python -m bench prepare <method> [options]`: make a method's cached artifacts (fine-tunes, splits, routers).
+
+Generic: it dispatches to any registered method (methods/*.py) that defines the prepare hook; the list of such
+methods is the list of valid names. `python -m bench prepare <method> --help` shows that method's options.
+
+Prepare hook protocol (classmethods on the bench.registry.Method subclass; only `prepare` is required):
+
+    @classmethod
+    def add_prepare_args(cls, parser):        # argparse options of this method, e.g. --steps, --seed
+        ...
+    @classmethod
+    def validate_prepare_args(cls, args):     # optional: checks that need no model, run before it is loaded
+        ...                                   # raise bench.errors.BenchError("one line: problem; valid: ...")
+    @classmethod
+    def prepare(cls, bundle, args, out_root) -> str | list[str]:
+        ...                                   # returns the artifact directory (or directories) it wrote/reused
+
+The command adds the common options itself: the model (--model / --var-ckpt / --vae-ckpt / --depth /
+--patch-nums / --device), --out (artifact root) and --threads. `bundle` is the loaded bench.zoo.ModelBundle;
+`out_root` is the --out directory, or None for the user cache (`$VARBENCH_CACHE/artifacts`, default
+~/.cache/var-bench/artifacts), which is where bench.artifacts.find_artifact looks first; give
+`--out bench/assets/artifacts` to make the copies shipped with the repo. The hook must validate everything
+(model-dependent checks included) before writing anything, write each artifact directory atomically and mark
+it DONE last (bench.artifacts.artifact_dir_for_writing / mark_done; methods/_moe.write_artifact does all
+three), and record in its metadata what made it (config, seed, command, losses). Example: methods/dmoe.py.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import time
+
+from bench.commands._common import add_model_args, bundle_from_args
+from bench.errors import BenchError
+
+ORDER = 40
+
+
+def register(sub):
+    p = sub.add_parser("prepare", help="make a method's prepared artifacts (e.g. dmoe: fine-tune, experts, routers)",
+                       description="Make a method's cached artifacts. `python -m bench prepare METHOD --help` lists "
+                                   "the method's options.")
+    p.add_argument("method", nargs="?", help="a method with a prepare step (run without one to list them)")
+    p.add_argument("rest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
+    p.set_defaults(func=run)
+
+
+def preparable_methods():
+    from bench.registry import list_methods, method_class
+    return [n for n in list_methods() if callable(getattr(method_class(n), "prepare", None))]
+
+
+def method_parser(name: str, cls, parser_class):
+    q = parser_class(prog=f"python -m bench prepare {name}",
+                     description=(cls.description or name) + " — prepare its artifacts.")
+    add_model_args(q)
+    q.add_argument("--out", default=None, help="artifact root (default: $VARBENCH_CACHE/artifacts, "
+                   "~/.cache/var-bench/artifacts; bench/assets/artifacts to ship)")
+    q.add_argument("--threads", type=int, default=0, help="torch threads (0: torch default)")
+    if callable(getattr(cls, "add_prepare_args", None)):
+        cls.add_prepare_args(q)
+    return q
+
+
+def run(a):
+    from bench.cli import OneLineParser
+    from bench.registry import list_methods, method_class
+    valid = preparable_methods()
+    if a.method is None:
+        raise BenchError(f"prepare needs a method; valid: {', '.join(valid) or '(none)'}")
+    if a.method not in list_methods():
+        raise BenchError(f"unknown method {a.method!r}; valid: {', '.join(valid) or '(none)'}")
+    cls = method_class(a.method)
+    if a.method not in valid:
+        raise BenchError(f"method {a.method!r} needs no preparation; methods with a prepare step: "
+                         f"{', '.join(valid) or '(none)'}")
+    args = method_parser(a.method, cls, OneLineParser).parse_args(a.rest)
+    if args.threads < 0:
+        raise BenchError(f"--threads must be >= 0, got {args.threads}")
+    out_root = None
+    if args.out is not None:
+        out_root = os.path.abspath(args.out)
+        parent = out_root if os.path.isdir(out_root) else os.path.dirname(out_root)
+        if not os.path.isdir(parent):
+            raise BenchError(f"--out: directory does not exist: {parent}")
+        if not os.access(parent, os.W_OK):
+            raise BenchError(f"--out: directory is not writable: {parent}")
+    if callable(getattr(cls, "validate_prepare_args", None)):
+        cls.validate_prepare_args(args)
+    import torch
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    bundle = bundle_from_args(args)
+    t0 = time.time()
+    dirs = cls.prepare(bundle, args, out_root)
+    dirs = [dirs] if isinstance(dirs, str) else list(dirs)
+    for d in dirs:
+        print(d)
+    print(f"prepared {a.method} for {bundle.model_id} in {time.time() - t0:.1f}s ({len(dirs)} artifact"
+          f"{'s' if len(dirs) != 1 else ''})")
+    return 0

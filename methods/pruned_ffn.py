@@ -1,0 +1,300 @@
+"""Pruned-FFN: the static twin of DMoE-VAR (../shared/METHODS.md §4).
+
+Each block's FFN neurons are ranked by their mean |activation| over calibration tokens (a teacher-forced pass
+over real training images, only the tokens of the pruned scales); on those scales the lowest `fraction` is
+dropped (fc1 rows and fc2 columns physically sliced, fc2's bias kept), so the time saving is real. Other scales
+run the full FFN. Runs on the ReLU fine-tuned DMoE model (`weights=finetuned`, needs `prepare dmoe`) or on the
+original one (`weights=original`).
+
+Matching FLOPs with a dynamic method (every DMoE point gets a static twin at equal FLOPs):
+
+    from methods.pruned_ffn import match_prune_fraction
+    f = match_prune_fraction(bundle, dmoe_row["macs_analytic"], scales=[4, 5, 6])   # MACs per image
+    create_method("pruned-ffn", fraction=f, scales=[4, 5, 6])
+
+or directly `create_method("pruned-ffn", match_macs=<MACs per image>)` / `match_fraction=<MACs ÷ dense MACs>`,
+which override `fraction`. MACs are the analytic transformer MACs per image (bench/analytic.py, CFG rows
+included, decoder excluded: the `macs_analytic` column). Pruning moves MACs in steps of one neuron per block,
+so the match is within half a step (`macs_per_pruned_neuron`) unless the target is out of reach.
+
+Calibration importances are cached as the `pruned-calib` artifact (made on first use, or by
+`python -m bench prepare pruned-ffn`).
+"""
+from __future__ import annotations
+
+import os
+from typing import Any, Dict, List, Optional, Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from bench.errors import BenchError
+from bench.registry import Method, Param, clone_structure, register_method
+from methods import _moe
+from methods._moe import CALIB_DEFAULTS, FINETUNE_DEFAULTS, finetune_key, prepare_command
+from methods.dmoe import check_scale_list, resolve_scales
+
+
+# ------------------------------------------------------------------------------------------------ FLOP matching
+def _dims(var_cfg):
+    return var_cfg.embed_dim, round(var_cfg.embed_dim * var_cfg.mlp_ratio), var_cfg.depth
+
+
+def macs_per_pruned_neuron(var_cfg, scales: Sequence[int]) -> float:
+    """MACs per image saved by dropping one neuron in every block on `scales` (CFG: 2 rows per image)."""
+    C, H, d = _dims(var_cfg)
+    return float(sum(2 * d * var_cfg.patch_nums[s] ** 2 * 2 * C for s in scales))
+
+
+def pruned_macs_per_image(var_cfg, scales: Sequence[int], fraction: float) -> float:
+    """Analytic transformer MACs per image with `fraction` of the FFN neurons dropped on `scales`."""
+    from bench.analytic import dense_scale_macs
+    C, H, d = _dims(var_cfg)
+    dropped = H - kept_neurons(H, fraction)
+    return float(sum(s.total for s in dense_scale_macs(var_cfg, 1))) - dropped * macs_per_pruned_neuron(var_cfg, scales)
+
+
+def kept_neurons(H: int, fraction: float) -> int:
+    return H - int(round(fraction * H))
+
+
+def match_prune_fraction(bundle_or_cfg, macs_per_image: float, scales: Optional[Sequence[int]] = None,
+                         clamp: bool = False) -> float:
+    """The pruning fraction on `scales` (default: the last three) whose analytic MACs per image are closest to
+    `macs_per_image` (e.g. a DMoE row's `macs_analytic`). Out of reach (above dense, or below keeping one neuron
+    per block): BenchError, or the nearest end with clamp=True."""
+    cfg = getattr(getattr(bundle_or_cfg, "var", None), "cfg", bundle_or_cfg)
+    C, H, d = _dims(cfg)
+    scales = resolve_scales(None if scales is None else list(scales), len(cfg.patch_nums), "scales", "pruned-ffn")
+    dense = pruned_macs_per_image(cfg, scales, 0.0)
+    step = macs_per_pruned_neuron(cfg, scales)
+    dropped = round((dense - float(macs_per_image)) / step)
+    if not 0 <= dropped <= H - 1:
+        if not clamp:
+            lo = dense - (H - 1) * step
+            raise BenchError(f"method pruned-ffn: target {macs_per_image:.4g} MACs per image is out of reach on scales "
+                             f"{scales}; valid: {lo:.4g} .. {dense:.4g}")
+        dropped = min(max(dropped, 0), H - 1)
+    return dropped / H
+
+
+# ------------------------------------------------------------------------------------------------ module
+class PrunedFFN(nn.Module):
+    """The FFN with only the `keep` neurons (physically sliced) on `scales`; the full FFN elsewhere."""
+
+    def __init__(self, ffn, keep: torch.Tensor, scales: Sequence[int]):
+        super().__init__()
+        self.full = ffn
+        self.scales = set(scales)
+        self.act_name = ffn.act_name
+        C, k = ffn.fc1.in_features, int(keep.numel())
+        self.fc1, self.fc2 = nn.Linear(C, k), nn.Linear(k, C)
+        with torch.no_grad():
+            self.fc1.weight.copy_(ffn.fc1.weight[keep])
+            self.fc1.bias.copy_(ffn.fc1.bias[keep])
+            self.fc2.weight.copy_(ffn.fc2.weight[:, keep])
+            self.fc2.bias.copy_(ffn.fc2.bias)            # fc2's bias is kept whole
+        self.to(ffn.fc1.weight.device).requires_grad_(False)
+        self.register_buffer("keep", keep.clone(), persistent=False)
+
+    def forward(self, x, si: Optional[int] = None):
+        if si is None or si not in self.scales:
+            return self.full(x, si)
+        h = self.fc1(x)
+        return self.fc2(F.relu(h) if self.act_name == "relu" else F.gelu(h, approximate="tanh"))
+
+
+@torch.no_grad()
+def neuron_importance(var, vqvae, toks, labels, scales: Sequence[int], uncond_fraction: float, seed: int,
+                      batch: int = 32) -> List[torch.Tensor]:
+    """Mean |activation| of every FFN neuron of every block over the tokens of `scales` (teacher-forced)."""
+    var.eval()
+    positions = torch.cat([torch.arange(*var.begin_ends[s]) for s in scales]).to(labels.device)
+    sums = [torch.zeros(blk.ffn.fc1.out_features, dtype=torch.float64, device=labels.device) for blk in var.blocks]
+    count = 0
+    gen = torch.Generator().manual_seed(seed)
+    with _moe.FFNActivations(var, detach=True) as cap:
+        for i in range(0, labels.shape[0], batch):
+            pick = torch.arange(i, min(labels.shape[0], i + batch), device=labels.device)
+            lab, x_in, _ = _moe.teacher_forcing_input(vqvae, toks, labels, pick)
+            lab = _moe.drop_labels(lab, uncond_fraction, var.num_classes, gen)
+            cap.clear()
+            var(lab, x_in)
+            for li, a in enumerate(cap.acts):
+                sums[li] += a.index_select(1, positions).abs().sum((0, 1)).double()
+            count += len(pick) * positions.numel()
+    return [(s / count).float() for s in sums]
+
+
+# ------------------------------------------------------------------------------------------------ method
+@register_method("pruned-ffn")
+class PrunedFFNMethod(Method):
+    kind = "weight"
+    description = "static FFN pruning by mean |activation| on chosen scales (DMoE's static twin)"
+    artifacts = ("dmoe-finetune",)   # only with weights=finetuned; the calibration is made on first use
+    params = (
+        Param("fraction", float, 0.5, "fraction of FFN neurons dropped on the pruned scales", low=0.0, high=1.0,
+              high_open=True),
+        Param("scales", int, None, "scale indices pruned (default: the last three)", low=0, list_ok=True,
+              nullable=True),
+        Param("weights", str, "finetuned", "the ReLU fine-tuned DMoE model or the original one",
+              choices=("finetuned", "original")),
+        Param("match_macs", float, None, "overrides fraction: match these analytic MACs per image", low=0.0,
+              low_open=True, nullable=True),
+        Param("match_fraction", float, None, "overrides fraction: match this share of the dense model's MACs",
+              low=0.0, high=1.0, low_open=True, nullable=True),
+        Param("calib_images", int, CALIB_DEFAULTS["images"], "calibration images (x2 with mirrors)", low=1),
+        Param("hoyer_weight", float, FINETUNE_DEFAULTS["hoyer_weight"], "fine-tune artifact (weights=finetuned)",
+              low=0.0),
+        Param("finetune_steps", int, FINETUNE_DEFAULTS["steps"], "fine-tune artifact (weights=finetuned)", low=0),
+        Param("prepare_seed", int, FINETUNE_DEFAULTS["seed"], "fine-tune artifact and calibration seed", low=0),
+    )
+
+    def check(self):
+        c = self.config
+        check_scale_list(c["scales"], "scales", self.name)
+        if c["match_macs"] is not None and c["match_fraction"] is not None:
+            raise BenchError("method pruned-ffn: give match_macs or match_fraction, not both")
+
+    def scales(self, bundle) -> List[int]:
+        return resolve_scales(self.config["scales"], len(bundle.var.patch_nums), "scales", self.name)
+
+    def effective_fraction(self, bundle) -> float:
+        c = self.config
+        scales = self.scales(bundle)
+        if c["match_fraction"] is not None:
+            dense = pruned_macs_per_image(bundle.var.cfg, scales, 0.0)
+            return match_prune_fraction(bundle, c["match_fraction"] * dense, scales)
+        if c["match_macs"] is not None:
+            return match_prune_fraction(bundle, c["match_macs"], scales)
+        return c["fraction"]
+
+    def finetune_key(self) -> dict:
+        c = self.config
+        return finetune_key(c["hoyer_weight"], c["finetune_steps"], c["prepare_seed"])
+
+    def calib_key(self, bundle) -> dict:
+        c = self.config
+        return dict(weights=c["weights"], finetune=self.finetune_key() if c["weights"] == "finetuned" else None,
+                    scales=self.scales(bundle), images=c["calib_images"], seed=c["prepare_seed"],
+                    uncond_fraction=_moe.ROUTER_DEFAULTS["uncond_fraction"])
+
+    def check_model(self, bundle, data: Optional[str] = None):
+        from bench.artifacts import find_artifact
+        self.scales(bundle)
+        self.effective_fraction(bundle)
+        c = self.config
+        data = data or _moe.default_data(bundle)
+        if c["weights"] == "finetuned":
+            ft = find_artifact("dmoe-finetune", bundle.model_id, self.finetune_key())
+            if ft is None:
+                hint = prepare_command(bundle, "dmoe", f"--hoyer-weight {c['hoyer_weight']:g} --steps "
+                                       f"{c['finetune_steps']} --seed {c['prepare_seed']}")
+                raise BenchError(f"method pruned-ffn (weights=finetuned): no prepared dmoe-finetune artifact for "
+                                 f"model {bundle.name}; run `{hint}` (or use weights=original)")
+            data = data or _moe.read_meta(ft).get("data")
+        if data is None and find_artifact("pruned-calib", bundle.model_id, self.calib_key(bundle)) is None:
+            raise BenchError(f"method pruned-ffn: no calibration for model {bundle.name} and no dataset to make one; "
+                             f"run `{prepare_command(bundle, 'pruned-ffn', '--data <image folder>')}`")
+
+    def base_var(self, bundle):
+        from bench.artifacts import find_artifact
+        if self.config["weights"] == "original":
+            return bundle.var, None
+        ft = find_artifact("dmoe-finetune", bundle.model_id, self.finetune_key())
+        return _moe.load_finetuned_var(bundle, ft), ft
+
+    def importance(self, bundle, var, ft_dir, data=None, out_root=None, force=False):
+        from bench.artifacts import find_artifact
+        from bench.artifacts import artifact_dir_for_writing
+        key = self.calib_key(bundle)
+        if out_root is None:
+            d = find_artifact("pruned-calib", bundle.model_id, key)
+        else:  # prepare --out: exactly there
+            d = artifact_dir_for_writing("pruned-calib", bundle.model_id, key, out_root)
+            d = d if os.path.isfile(os.path.join(d, "DONE")) else None
+        if d is None or force:
+            data = data or _moe.default_data(bundle) or (_moe.read_meta(ft_dir).get("data") if ft_dir else None)
+            c = self.config
+
+            def write(tmp):
+                from bench.checkpoints import save_state_dict
+                toks, labels = _moe.token_data(bundle, c["calib_images"], "train", data)
+                imp = neuron_importance(var, bundle.vqvae, toks, labels, key["scales"], key["uncond_fraction"],
+                                        c["prepare_seed"])
+                save_state_dict({f"blocks.{i}": v.cpu() for i, v in enumerate(imp)},
+                                os.path.join(tmp, "importance.safetensors"))
+                return dict(data=data, rows=int(labels.shape[0]), model=bundle.name,
+                            finetune_artifact=os.path.basename(ft_dir) if ft_dir else None)
+            d = _moe.write_artifact("pruned-calib", bundle.model_id, key, out_root, write, force)
+        from bench.checkpoints import read_state_dict
+        sd = read_state_dict(os.path.join(d, "importance.safetensors"), "pruning calibration")
+        return [sd[f"blocks.{i}"].to(bundle.device) for i in range(len(var.blocks))], d
+
+    def build(self, bundle):
+        self.check_model(bundle)
+        var, ft_dir = self.base_var(bundle)
+        imp, calib_dir = self.importance(bundle, var, ft_dir)
+        scales, fraction = self.scales(bundle), self.effective_fraction(bundle)
+        H = var.blocks[0].ffn.fc1.out_features
+        k = kept_neurons(H, fraction)
+        net = clone_structure(var)
+        for blk, score in zip(net.blocks, imp):
+            keep = torch.sort(torch.argsort(score, descending=True, stable=True)[:k]).values
+            blk.ffn = PrunedFFN(blk.ffn, keep, scales)
+        net.pruned_info = dict(fraction=fraction, kept=k, scales=scales, calib=calib_dir, finetune=ft_dir)
+        return net
+
+    def analytic_macs(self, net, bundle, batch: int) -> Optional[List[float]]:
+        from bench.analytic import dense_scale_macs
+        info = net.pruned_info
+        H = bundle.var.blocks[0].ffn.fc1.out_features
+        return [float(sm.total - (sm.ffn * (H - info["kept"]) / H if si in info["scales"] else 0.0))
+                for si, sm in enumerate(dense_scale_macs(bundle.var.cfg, batch))]
+
+    def row_metrics(self, net, bundle) -> Dict[str, Any]:
+        info = net.pruned_info
+        return dict(prune_fraction_effective=round(info["fraction"], 6), kept_neurons=info["kept"],
+                    pruned_scales=info["scales"], pruned_calib_artifact=os.path.basename(info["calib"]),
+                    dmoe_finetune_artifact=os.path.basename(info["finetune"]) if info["finetune"] else None)
+
+    @property
+    def label(self) -> str:
+        c = self.config
+        what = (f"match={c['match_fraction']:g}" if c["match_fraction"] is not None else
+                f"match={c['match_macs']:.3g}" if c["match_macs"] is not None else f"f={c['fraction']:g}")
+        return f"pruned-ffn {what}" + (" original" if c["weights"] == "original" else "")
+
+    # ------------------------------------------------------------------ prepare hook
+    @classmethod
+    def add_prepare_args(cls, p):
+        p.add_argument("--scales", default=None, help="pruned scale indices, comma-separated (default: last three)")
+        p.add_argument("--weights", default="finetuned", choices=("finetuned", "original"))
+        p.add_argument("--calib-images", type=int, default=CALIB_DEFAULTS["images"])
+        p.add_argument("--hoyer-weight", type=float, default=FINETUNE_DEFAULTS["hoyer_weight"])
+        p.add_argument("--steps", type=int, default=FINETUNE_DEFAULTS["steps"], help="fine-tune artifact steps")
+        p.add_argument("--seed", type=int, default=FINETUNE_DEFAULTS["seed"])
+        p.add_argument("--data", default=None, help="'shapes' or an image folder (default: the model's dataset)")
+        p.add_argument("--force", action="store_true")
+
+    @classmethod
+    def _from_args(cls, a):
+        from bench.registry import create_method
+        cfg = dict(weights=a.weights, calib_images=a.calib_images, hoyer_weight=a.hoyer_weight,
+                   finetune_steps=a.steps, prepare_seed=a.seed)
+        if a.scales is not None:
+            cfg["scales"] = a.scales
+        return create_method("pruned-ffn", **cfg)
+
+    @classmethod
+    def validate_prepare_args(cls, a):
+        cls._from_args(a)
+
+    @classmethod
+    def prepare(cls, bundle, a, out_root):
+        m = cls._from_args(a)
+        m.check_model(bundle, data=a.data)
+        var, ft_dir = m.base_var(bundle)
+        _, d = m.importance(bundle, var, ft_dir, data=a.data, out_root=out_root, force=a.force)
+        return d

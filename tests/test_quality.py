@@ -1,0 +1,269 @@
+"""Quality path (bench/quality.py, `bench evaluate`): real extractor, real data, small sets."""
+import dataclasses
+import json
+import math
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from bench import quality as Q
+from bench.errors import BenchError
+from tests.conftest import run_cli
+
+N, R = 200, 400  # generated-set and reference sizes: small, but every metric is valid
+
+
+def shipped_classifier():
+    """Path of the shipped quality classifier, or None before the lead ships one."""
+    from bench.zoo import ASSETS, read_manifest
+    for entry in read_manifest().get("models", {}).values():
+        f = entry.get("files", {}).get("classifier")
+        if f and os.path.isfile(os.path.join(ASSETS, f)):
+            return os.path.join(ASSETS, f)
+    return None
+
+
+def _calibrated_random_classifier(path):
+    """An untrained ShapesClassifier whose BatchNorm statistics are measured on real images: well-scaled random
+    convolutional features, built in seconds. A valid extractor for checking the metric machinery (its class
+    logits mean nothing); training one that is good takes minutes on CPU, so the shipped one is used if present."""
+    from bench.checkpoints import save_state_dict
+    from bench.data import shapes_images, to_model_range
+    from bench.models.classifier import ShapesClassifier
+    torch.manual_seed(0)
+    net = ShapesClassifier()
+    for m in net.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.momentum = None  # cumulative average over the calibration pass
+            m.reset_running_stats()
+    with torch.no_grad():
+        net.train()(to_model_range(shapes_images("train", 300)[0]))
+    save_state_dict(net.eval(), path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def clf(tmp_path_factory):
+    path = str(tmp_path_factory.mktemp("clf") / "classifier.safetensors")
+    return shipped_classifier() or _calibrated_random_classifier(path)
+
+
+@pytest.fixture(scope="session")
+def bundle(clf):
+    from bench.zoo import tiny_bundle
+    return dataclasses.replace(tiny_bundle(), classifier=clf)
+
+
+@pytest.fixture(scope="session")
+def cache(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("quality-cache"))
+
+
+@pytest.fixture(scope="session")
+def real_sets():
+    """Two disjoint held-out sets (test split) with their balanced labels, and the reference images (val)."""
+    from bench.data import shapes_images
+    to_t = lambda a: torch.from_numpy(a).permute(0, 3, 1, 2).contiguous()  # noqa: E731
+    a, la = shapes_images("test", N)
+    b, lb = shapes_images("test", N, start=N)
+    ref, _ = shapes_images("val", R)
+    return (to_t(a), torch.from_numpy(la)), (to_t(b), torch.from_numpy(lb)), to_t(ref)
+
+
+def _q(images, bundle, cache, **kw):
+    kw.setdefault("reference_count", R)
+    return Q.quality_metrics(images, bundle, cache_dir=cache, log=lambda m: None, **kw)
+
+
+class _Images(torch.utils.data.Dataset):
+    def __init__(self, x):
+        self.x = x
+
+    def __len__(self):
+        return len(self.x)
+
+    def __getitem__(self, i):
+        return self.x[i]
+
+
+def test_registered_extractor_runs_in_torch_fidelity_and_matches_our_path(bundle, clf, cache, real_sets):
+    """calculate_metrics with 'var-bench-classifier' gives finite numbers, and quality_metrics (cached reference,
+    fast FID, PR with cached radii) reproduces them. KID: see the next test (torch-fidelity's takes ~6 s here)."""
+    import torch_fidelity
+    (a, la), _, ref = real_sets
+    tf = torch_fidelity.calculate_metrics(
+        input1=_Images(a), input2=_Images(ref), feature_extractor=Q.EXTRACTOR_NAME,
+        feature_extractor_weights_path=clf, fid=True, isc=True, prc=True, cuda=False,
+        cache=False, verbose=False, save_cpu_ram=True, batch_size=100, rng_seed=0)
+    for key in ("frechet_inception_distance", "inception_score_mean", "precision", "recall"):
+        assert math.isfinite(tf[key]), key
+    assert 1.0 <= tf["inception_score_mean"] <= 10.0  # 10 classes
+    q = _q(a, bundle, cache, labels=la, seed=0)
+    assert q["fid"] == pytest.approx(tf["frechet_inception_distance"], rel=1e-6)
+    assert q["isc_mean"] == pytest.approx(tf["inception_score_mean"], rel=1e-6)
+    assert math.isfinite(q["kid_mean"]) and q["quality_kid_subset_size"] == N
+    assert (q["precision"], q["recall"]) == (pytest.approx(tf["precision"]), pytest.approx(tf["recall"]))
+    assert q["extractor"].startswith(f"{Q.EXTRACTOR_NAME}@") and q["reference_count"] == R
+
+
+def test_fast_kid_equals_torch_fidelity_both_code_paths():
+    from torch_fidelity.metric_kid import kid_features_to_metric
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(120, 16, generator=g), torch.randn(300, 16, generator=g) * 1.1 + 0.1
+    for subsets, m in ((30, 100), (3, 20)):  # whole-kernel path, per-subset path (few small subsets)
+        tf = kid_features_to_metric(x, y, kid_subsets=subsets, kid_subset_size=m, rng_seed=5, verbose=False)
+        ours = Q.kid_features(x, y, subsets, m, seed=5)
+        assert ours == (pytest.approx(tf["kernel_inception_distance_mean"], rel=1e-5, abs=1e-7),
+                        pytest.approx(tf["kernel_inception_distance_std"], rel=1e-4))
+
+
+def test_fast_fid_equals_torch_fidelity_formula_also_below_feature_dim():
+    g = torch.Generator().manual_seed(0)
+    ref = torch.randn(300, 16, generator=g) @ torch.randn(16, 16, generator=g)
+    stats = Q.fid_statistics(ref)
+    for n in (200, 10):  # N > D and N < D (rank-deficient covariance)
+        x = torch.randn(n, 16, generator=g) * 1.3 + 0.2
+        assert Q.FIDAgainst(stats)(x.double().numpy()) == pytest.approx(
+            Q.fid_from_statistics(Q.fid_statistics(x), stats), rel=1e-7)
+
+
+def test_fid_real_vs_real_is_within_noise_and_far_below_uniform_noise(bundle, cache, real_sets):
+    (a, la), (b, lb), _ = real_sets
+    qa, qb = _q(a, bundle, cache, labels=la), _q(b, bundle, cache, labels=lb)
+    for q in (qa, qb):
+        assert q["fid_ci_low"] <= q["fid"] <= q["fid_ci_high"]
+        assert q["quality_bootstrap_stratified"] and q["quality_bootstrap"] == 100
+    # two independent draws of the same distribution agree within their combined interval half-widths
+    half = lambda q: (q["fid_ci_high"] - q["fid_ci_low"]) / 2  # noqa: E731
+    assert abs(qa["fid"] - qb["fid"]) <= half(qa) + half(qb)
+    noise = torch.randint(0, 256, a.shape, dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    qn = _q(noise, bundle, cache, labels=la)
+    # "much larger", in units of the measurement's own uncertainty: the gap exceeds 10 real-set interval widths
+    width = max(q["fid_ci_high"] - q["fid_ci_low"] for q in (qa, qb))
+    assert qn["fid_ci_low"] - max(qa["fid_ci_high"], qb["fid_ci_high"]) > 10 * width
+    assert qn["precision"] < qa["precision"] and qn["recall"] < qa["recall"]
+    assert qn["kid_mean"] > qa["kid_mean"] + 2 * qa["kid_std"]  # kid_std: spread over KID subsets
+
+
+def test_reference_cache_is_reused_with_identical_numbers(bundle, tmp_path, real_sets):
+    (a, la), _, _ = real_sets
+    logs = []
+    kw = dict(labels=la, bootstrap=20, cache_dir=str(tmp_path), log=logs.append)
+    first = Q.quality_metrics(a, bundle, reference_count=100, **kw)
+    second = Q.quality_metrics(a, bundle, reference_count=100, **kw)
+    assert (first["reference_cached"], second["reference_cached"]) == (False, True)
+    key = first["quality_cache_key"]
+    assert f"reusing cached reference features {key}" in logs
+    assert sorted(os.listdir(tmp_path)) == [f"ref-{key}.npz"]  # atomic write: no temp files left
+    skip = {"reference_cached", "quality_s"}
+    assert {k: v for k, v in first.items() if k not in skip} == {k: v for k, v in second.items() if k not in skip}
+    other = Q.quality_metrics(a, bundle, reference_count=101, metrics=("fid",), **kw)
+    assert not other["reference_cached"] and other["quality_cache_key"] != key
+
+
+def test_npz_references_stats_only_and_with_images(bundle, cache, tmp_path, real_sets):
+    """An ADM-style .npz: mu/sigma alone give the same FID (PR/KID NaN, with the reason); arr_0 images, or the
+    same images as PNGs in a folder, give the same numbers as the built-in reference of those images."""
+    (a, la), _, ref = real_sets
+    base = _q(a, bundle, cache, labels=la)
+    _, stats, _, _, _ = Q.reference_features(Q.resolve_extractor(bundle), Q.parse_reference(bundle, None, R),
+                                             cache_dir=cache, log=lambda m: None)
+    np.savez(tmp_path / "stats.npz", mu=stats["mu"], sigma=stats["sigma"])
+    only = _q(a, bundle, cache, labels=la, reference=str(tmp_path / "stats.npz"))
+    assert only["fid"] == pytest.approx(base["fid"], rel=1e-9) and only["fid_ci_high"] == base["fid_ci_high"]
+    assert math.isnan(only["precision"]) and math.isnan(only["kid_mean"]) and "arr_0" in only["quality_notes"]
+    small = _q(a, bundle, cache, labels=la, reference_count=100)
+    np.savez(tmp_path / "imgs.npz", arr_0=ref[:100].permute(0, 2, 3, 1).numpy())
+    imgs = _q(a, bundle, cache, labels=la, reference=str(tmp_path / "imgs.npz"), reference_count=None)
+    assert imgs["reference_count"] == 100
+    for k in ("fid", "precision", "recall", "kid_mean"):
+        assert imgs[k] == pytest.approx(small[k], rel=1e-6), k
+    from PIL import Image
+    folder = tmp_path / "folder" / "some-class"
+    folder.mkdir(parents=True)
+    for i, im in enumerate(ref[:100].permute(0, 2, 3, 1).numpy()):
+        Image.fromarray(im).save(folder / f"{i:03d}.png")
+    fold = _q(a, bundle, cache, labels=la, reference=str(tmp_path / "folder"), reference_count=None)
+    assert fold["reference_count"] == 100 and fold["reference"].startswith("folder:")
+    assert fold["fid"] == pytest.approx(small["fid"], rel=1e-6)
+    np.savez(tmp_path / "wrongdim.npz", mu=np.zeros(7), sigma=np.eye(7))
+    with pytest.raises(BenchError, match="7-d"):
+        Q.check_reference(bundle, N, reference=str(tmp_path / "wrongdim.npz"))
+
+
+def test_check_reference_rejects_bad_settings(bundle, tiny, tmp_path):
+    cases = [
+        (dict(samples=1, metrics=("fid",)), "FID needs >= 2 samples"),
+        (dict(samples=3, metrics=("prc",)), "precision/recall need > 3 samples"),
+        (dict(samples=5, metrics=("isc",)), "IS needs >= 10 samples"),
+        (dict(samples=50, metrics=("prc",), reference_count=3), "reference images"),
+        (dict(samples=50, metrics=("fid", "lpips")), "valid: fid, isc, prc, kid"),
+        (dict(samples=50, reference=str(tmp_path / "missing")), "reference not found"),
+        (dict(samples=50, inception_weights=str(tmp_path / "incep.pth")), "Inception weights not found"),
+    ]
+    for kw, msg in cases:
+        samples = kw.pop("samples")
+        with pytest.raises(BenchError, match=msg.replace("(", r"\(")) as e:
+            Q.check_reference(bundle, samples, **kw)
+        assert "\n" not in str(e.value)
+    assert Q.check_reference(bundle, 10, reference_count=10)["reference"] == "shapes:val[0:10]@32px"
+    with pytest.raises(BenchError, match="ships no quality classifier"):
+        Q.check_reference(dataclasses.replace(tiny, classifier=None), 50)
+    torch.save({"w": torch.zeros(2), "obj": Q.Reference}, tmp_path / "pickled.pth")  # a class: pickled code
+    with pytest.raises(BenchError, match="cannot read Inception weights"):
+        Q.check_reference(bundle, 50, inception_weights=str(tmp_path / "pickled.pth"))
+
+
+def test_same_seed_fidelity():
+    g = torch.Generator().manual_seed(0)
+    pns = (1, 2, 4)
+    toks = [torch.randint(0, 64, (6, p * p), generator=g) for p in pns]
+    imgs = torch.rand(6, 3, 8, 8, generator=g)
+    same = Q.same_seed_fidelity(toks, [t.clone() for t in toks], imgs, imgs.clone())
+    assert same == dict(fidelity_token_agreement=1.0, fidelity_token_agreement_per_scale=[1.0, 1.0, 1.0],
+                        fidelity_psnr_db=Q.PSNR_CAP_DB)
+    other = [t.clone() for t in toks]
+    other[2][:3] = (other[2][:3] + 1) % 64  # half the rows of the last scale differ everywhere
+    noisy = imgs + 0.01 * torch.randn(imgs.shape, generator=g)  # MSE 1e-4 -> 40 dB
+    r = Q.same_seed_fidelity(other, toks, noisy, imgs)
+    assert r["fidelity_token_agreement_per_scale"] == [1.0, 1.0, 0.5]
+    assert r["fidelity_token_agreement"] == pytest.approx((6 * 1 + 6 * 4 + 3 * 16) / (6 * 21))
+    assert r["fidelity_psnr_db"] == pytest.approx(40.0, abs=0.5)
+    with pytest.raises(BenchError):
+        Q.same_seed_fidelity(toks[:2], toks, imgs, imgs)
+
+
+def test_evaluate_cli_bad_input_exits_2_and_writes_nothing(tmp_path, capsys):
+    from bench.cli import main
+    out = tmp_path / "cert.json"
+    r = run_cli("evaluate", "--model", "tiny", "--samples", "1", "--out", out)
+    assert r.returncode == 2 and r.stderr.strip().count("\n") == 0 and "--samples" in r.stderr
+    for args, msg in ((["--model", "no-such-model"], "unknown model"),
+                      (["--model", "tiny", "--out", str(tmp_path / "nodir" / "c.json")], "does not exist"),
+                      (["--model", "tiny", "--out", str(tmp_path / "c.txt")], ".json")):
+        with pytest.raises(SystemExit) as e:
+            main(["evaluate", *args] + ([] if "--out" in args else ["--out", str(out)]))
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and msg in err and err.strip().count("\n") == 0
+    assert os.listdir(tmp_path) == []
+
+
+def test_evaluate_end_to_end_tiny(clf, tmp_path, monkeypatch, capsys):
+    """Small run of the whole command: a JSON with every number, the floor (real) below the ceiling (untrained)."""
+    from bench.cli import main
+    monkeypatch.setenv("VARBENCH_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "cert.json"
+    with pytest.raises(SystemExit) as e:
+        main(["evaluate", "--model", "tiny", "--samples", "12", "--reference-count", "60", "--bootstrap", "20",
+              "--batch-size", "6", "--classifier", clf, "--out", str(out)])
+    assert e.value.code == 0
+    rep = json.loads(out.read_text())
+    assert rep["samples"] == 12 and rep["reference_count"] == 60 and rep["seed"] == 0
+    assert set(rep["rows"]) == {"dense", "real_test", "untrained"}
+    for row in rep["rows"].values():
+        assert row["images"] == 12 and row["fid"] is not None and 0 <= row["classifier_accuracy"] <= 1
+    assert rep["rows"]["real_test"]["fid_ci_high"] < rep["rows"]["untrained"]["fid_ci_low"]
+    assert rep["env_threads"] >= 1 and rep["env_device"] == "cpu" and rep["started_at"] <= rep["finished_at"]
+    assert "real held-out images" in capsys.readouterr().out
