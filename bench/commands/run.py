@@ -1,0 +1,87 @@
+"""`python -m bench run --method NAME`: measure one method, append one row to the results store."""
+from __future__ import annotations
+
+from bench.commands._common import add_model_args, add_sampling_args
+
+ORDER = 20
+
+
+def register(sub):
+    from bench.measure import DEFAULT_BATCH_SIZE, DEFAULT_FLOP_IMAGES, QUALITY_METRICS, SEED_SCHEME
+    p = sub.add_parser("run", help="measure a method: FLOPs, time, memory, quality, fidelity -> one results row",
+                       description="Generate N samples with a method and append one tidy row (FLOPs by fvcore and by "
+                                   "formula, time, peak memory, FID/IS/PR/KID, same-seed fidelity vs dense) to the "
+                                   f"results store. Seed scheme: {SEED_SCHEME}.")
+    p.add_argument("--method", default="dense",
+                   help="registered method name (default dense; an unknown name lists the valid ones)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="method parameter, repeatable; lists comma-separated (e.g. --set tau=0.8,0.8,0.78)")
+    add_model_args(p)
+    add_sampling_args(p)
+    p.add_argument("--samples", type=int, default=1000, help="images to generate (quality, timing) (default 1000)")
+    p.add_argument("--seed", type=int, default=0, help="base seed of the seed scheme (default 0)")
+    p.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE, help="images per generation batch")
+    p.add_argument("--flop-images", type=int, default=DEFAULT_FLOP_IMAGES,
+                   help="images of the fvcore-counted generation (default %(default)s)")
+    p.add_argument("--warmup-batches", type=int, default=1, help="leading batches left out of the time statistics")
+    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's; recorded)")
+    p.add_argument("--results", default="results", help="results directory (default ./results)")
+    p.add_argument("--cache-dir", default=None, help="cache root for dense outputs and reference statistics "
+                                                     "(default VARBENCH_CACHE or ~/.cache/var-bench)")
+    g = p.add_argument_group("quality")
+    g.add_argument("--reference", default=None, help="reference set: shapes[:val|test], an image folder, or an .npz "
+                                                     "(default: the embedded model's held-out set)")
+    g.add_argument("--reference-count", type=int, default=None, help="reference images to use (default: all / 5000)")
+    g.add_argument("--inception-weights", default=None, help="torch-fidelity Inception weights file (Inception "
+                                                             "features instead of the shipped classifier)")
+    g.add_argument("--classifier", default=None, help="classifier .safetensors as feature extractor "
+                                                      "(default: the model's shipped one)")
+    g.add_argument("--metrics", default=",".join(QUALITY_METRICS), help="comma-separated subset of %(default)s")
+    g.add_argument("--bootstrap", type=int, default=100, help="FID bootstrap resamples (default 100)")
+    p.add_argument("--sweep", default="", help="sweep name recorded in the row")
+    p.add_argument("--trial-key", default=None, help="store the row under this key (re-running replaces it)")
+    p.set_defaults(func=run)
+
+
+def run(a):
+    import torch
+    from bench.commands._common import bundle_from_args, check_device, sampling_from_args
+    from bench.errors import BenchError
+    from bench.measure import MAX_SEED, check_writable_dir, dense_cache_dir, measure
+    from bench.registry import create_method, parse_overrides
+    from bench.results import check_results_dir
+    # cheap checks first, in the order a user fixes them; nothing is written before measure() has validated all
+    if a.samples < 1:
+        raise BenchError(f"--samples must be >= 1, got {a.samples}")
+    if not 0 <= a.seed <= MAX_SEED:
+        raise BenchError(f"--seed must be in 0..{MAX_SEED}, got {a.seed}")
+    if a.batch_size < 1:
+        raise BenchError(f"--batch-size must be >= 1, got {a.batch_size}")
+    if a.flop_images < 0:
+        raise BenchError(f"--flop-images must be >= 0, got {a.flop_images}")
+    if a.warmup_batches < 0:
+        raise BenchError(f"--warmup-batches must be >= 0, got {a.warmup_batches}")
+    if a.threads is not None and a.threads < 1:
+        raise BenchError(f"--threads must be >= 1, got {a.threads}")
+    if a.bootstrap < 0:
+        raise BenchError(f"--bootstrap must be >= 0, got {a.bootstrap}")
+    metrics = tuple(m.strip() for m in a.metrics.split(",") if m.strip())
+    method = create_method(a.method, **parse_overrides(a.set))
+    check_results_dir(a.results)
+    check_writable_dir(dense_cache_dir(a.cache_dir), "cache directory")
+    check_device(a.device)
+    if a.threads is not None:
+        torch.set_num_threads(a.threads)
+    bundle = bundle_from_args(a)
+    sampling = sampling_from_args(a, bundle)
+    row = measure(bundle, method, samples=a.samples, seed=a.seed, sampling=sampling, batch_size=a.batch_size,
+                  results_dir=a.results, reference=a.reference, inception_weights=a.inception_weights,
+                  flop_images=a.flop_images, warmup_batches=a.warmup_batches, sweep=a.sweep,
+                  trial_key=a.trial_key, cache_dir=a.cache_dir, metrics=metrics, bootstrap=a.bootstrap,
+                  classifier=a.classifier, reference_count=a.reference_count)
+    giga = lambda v: v / 1e9 if v else float("nan")  # noqa: E731  (no FLOP count with --flop-images 0)
+    print(f"{row['method_label']} on {row['model']}: {giga(row['macs_total']):.4g} GMACs/image (transformer "
+          f"{giga(row['macs_fvcore']):.4g}), "
+          f"{row['images_per_s']:.4g} images/s, FID {row['fid']:.4g}, token agreement vs dense "
+          f"{row['fidelity_token_agreement']:.4f}; row appended to {a.results}")
+    return 0

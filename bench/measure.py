@@ -1,0 +1,387 @@
+"""The one measurement path every method goes through: one call, one tidy results row.
+
+    row = measure(bundle, create_method("dmoe", tau=0.8), samples=1000, seed=0)
+
+What happens, in order (nothing is written before step 1 has passed):
+  1. validate everything: counts and seeds, sampling settings against the model, method.check_model(bundle),
+     the results and cache directories, and the quality reference (bench.quality.check_reference);
+  2. build the method's network (method.build);
+  3. FLOPs: generate `flop_images` images with every scale traced by fvcore (bench/flops.py) and the decoder
+     counted separately; the analytic count (method.analytic_macs, or the dense formula of bench/analytic.py)
+     uses the statistics of that same generation;
+  4. the N samples, in batches of B: labels[i] = i mod num_classes, batch b seeded with batch_seed(seed, b)
+     (SEED_SCHEME). These batches are also the timing (the first `warmup_batches` excluded) and the peak memory
+     measurement; the method's statistics (reset_stats protocol) cover all of them (row_metrics, macs_analytic_all);
+  5. quality (bench.quality.quality_metrics) of the N images;
+  6. same-seed fidelity against dense outputs with the same labels and seeds, from the dense cache (keyed by
+     everything they depend on) or generated once and cached; a dense run stores its own outputs there;
+  7. append the row atomically (bench/results.py).
+"""
+from __future__ import annotations
+
+import datetime
+import hashlib
+import json
+import os
+import time
+from typing import Any, Callable, Dict, List, Optional, Sequence
+
+import torch
+
+from bench.errors import BenchError
+
+SEED_SCHEME = ("labels[i] = i % num_classes; batch b holds images b*B .. b*B+B-1 and is sampled with "
+               "torch.Generator(device).manual_seed(seed * 1000003 + b)")
+SEED_MULTIPLIER = 1000003
+MAX_SEED = 2 ** 40          # batch seeds stay far below 2**63
+DENSE_CACHE_VERSION = 1
+DEFAULT_BATCH_SIZE = 50
+DEFAULT_FLOP_IMAGES = 1
+QUALITY_METRICS = ("fid", "isc", "prc", "kid")
+
+
+def batch_seed(seed: int, b: int) -> int:
+    """Seed of batch b: documented in SEED_SCHEME and recorded in every row."""
+    return seed * SEED_MULTIPLIER + b
+
+
+def sample_labels(n: int, num_classes: int) -> torch.Tensor:
+    return torch.arange(n) % num_classes
+
+
+def batch_ranges(samples: int, batch_size: int) -> List[tuple]:
+    return [(s, min(s + batch_size, samples)) for s in range(0, samples, batch_size)]
+
+
+def reset_stats(net) -> int:
+    """The stats protocol: call reset_stats() on every module of the net that has it; returns how many."""
+    mods = list(net.modules()) if isinstance(net, torch.nn.Module) else [net]
+    n = 0
+    for m in mods:
+        if callable(getattr(m, "reset_stats", None)):
+            m.reset_stats()
+            n += 1
+    return n
+
+
+def _now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+
+
+# ---------------------------------------------------------------------------------------------- validation
+def _check_int(name: str, value, low: int, high: Optional[int] = None) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        try:
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError
+            value = int(value)
+        except (TypeError, ValueError):
+            raise BenchError(f"{name} must be an integer, got {value!r}") from None
+    if value < low or (high is not None and value > high):
+        rng = f">= {low}" if high is None else f"in {low}..{high}"
+        raise BenchError(f"{name} must be {rng}, got {value}")
+    return value
+
+
+def check_writable_dir(path: str, what: str) -> None:
+    """Fail (one line) if `path` could not be created or written; creates nothing."""
+    probe = os.path.abspath(path)
+    while not os.path.exists(probe):
+        parent = os.path.dirname(probe)
+        if parent == probe:
+            break
+        probe = parent
+    if not os.path.isdir(probe):
+        raise BenchError(f"{what} {path!r} cannot be created: {probe} is not a directory")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise BenchError(f"{what} {path!r} is not writable ({probe})")
+
+
+def dense_cache_dir(cache_dir: Optional[str]) -> str:
+    from bench.artifacts import cache_root
+    return os.path.join(cache_dir or cache_root(), "dense-outputs")
+
+
+def validate(bundle, method, *, samples, seed, sampling, batch_size, flop_images, warmup_batches, results_dir,
+             reference, inception_weights, metrics, cache_dir, classifier=None, reference_count=None):
+    """Every check that can fail, before anything is generated or written. Returns normalised values."""
+    from bench.commands._common import validate_sampling
+    from bench.quality import check_reference
+    from bench.results import check_results_dir
+    samples = _check_int("samples", samples, 1)
+    seed = _check_int("seed", seed, 0, MAX_SEED)
+    batch_size = _check_int("batch size", batch_size, 1)
+    flop_images = min(_check_int("flop images", flop_images, 0), samples)
+    warmup_batches = _check_int("warm-up batches", warmup_batches, 0)
+    validate_sampling(sampling, bundle.var.V)
+    method.check_model(bundle)
+    check_results_dir(results_dir)
+    check_writable_dir(dense_cache_dir(cache_dir), "cache directory")
+    quality = check_reference(bundle, samples, reference, inception_weights, metrics,
+                              reference_count=reference_count, classifier=classifier)
+    return samples, seed, batch_size, flop_images, warmup_batches, quality
+
+
+# ---------------------------------------------------------------------------------------------- dense cache
+def dense_cache_key(bundle, sampling, seed: int, samples: int, batch_size: int, device) -> dict:
+    files = {}
+    for k, p in sorted((bundle.files or {}).items()):  # official weights: the VQ-VAE file is not in model_id
+        if k in ("var", "vqvae") and os.path.isfile(p):
+            st = os.stat(p)
+            files[k] = [os.path.realpath(p), st.st_size, st.st_mtime_ns]
+    return dict(version=DENSE_CACHE_VERSION, model_id=bundle.model_id, files=files, sampling=sampling.to_dict(),
+                seed=seed, seed_scheme=SEED_SCHEME, samples=samples, batch_size=batch_size,
+                device_type=torch.device(device).type, num_classes=bundle.num_classes)
+
+
+def dense_cache_path(key: dict, cache_dir: Optional[str]) -> str:
+    h = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
+    return os.path.join(dense_cache_dir(cache_dir), f"dense-{key['model_id']}-{h}.safetensors")
+
+
+def load_dense_outputs(path: str):
+    """(tokens per scale (N, pn²) int64, images uint8 (N,3,H,W)) or None if there is no (readable) entry."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+    if not os.path.isfile(path):
+        return None
+    try:
+        t = load_file(path)
+    except (SafetensorError, OSError, ValueError):
+        return None  # a damaged entry is regenerated, never trusted
+    n = sum(1 for k in t if k.startswith("tokens."))
+    return [t[f"tokens.{si}"].long() for si in range(n)], t["images"]
+
+
+def store_dense_outputs(path: str, key: dict, tokens: List[torch.Tensor], images: torch.Tensor) -> None:
+    """Atomic: written to a temp name in the same directory, then renamed."""
+    import tempfile
+    from safetensors.torch import save_file
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tensors = {f"tokens.{si}": t.to(torch.int32).contiguous() for si, t in enumerate(tokens)}
+    tensors["images"] = images.contiguous()
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-", suffix=".safetensors")
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata={"key": json.dumps(key, sort_keys=True), "created_at": _now()})
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def _to_uint8(images: torch.Tensor) -> torch.Tensor:
+    from bench.quality import to_uint8
+    return to_uint8(images).cpu()
+
+
+@torch.no_grad()
+def generate_all(net, bundle, labels, seed, sampling, batch_size, *, timer=None, probe=None, log=print,
+                 what="generating"):
+    """The N samples batch by batch (SEED_SCHEME). Returns (tokens per scale, uint8 images, laps, peaks, sizes)."""
+    from bench.sampling import generate
+    device = bundle.device
+    ranges = batch_ranges(len(labels), batch_size)
+    tokens: List[List[torch.Tensor]] = []
+    images, laps, peaks, sizes = [], [], [], []
+    t0, last = time.perf_counter(), time.perf_counter()
+    for b, (s, e) in enumerate(ranges):
+        if probe is not None:
+            probe.start()
+        if timer is not None:
+            timer.start()
+        gen = generate(net, bundle.vqvae, labels[s:e].to(device), batch_seed(seed, b), sampling, timer=timer)
+        if timer is not None:
+            laps.append(timer.stop())
+        if probe is not None:
+            peaks.append(probe.stop())
+        sizes.append(e - s)
+        tokens.append([t.cpu() for t in gen.tokens])
+        images.append(_to_uint8(gen.images))
+        if time.perf_counter() - last > 10 or b == len(ranges) - 1:
+            last = time.perf_counter()
+            log(f"{what}: {e}/{len(labels)} images ({last - t0:.1f} s)")
+    per_scale = [torch.cat([t[si] for t in tokens]) for si in range(len(tokens[0]))]
+    return per_scale, torch.cat(images), laps, peaks, sizes
+
+
+def analytic_per_scale(method, net, bundle, batch: int) -> List[float]:
+    from bench.analytic import dense_scale_macs
+    m = method.analytic_macs(net, bundle, batch)
+    if m is None:
+        m = [s.total for s in dense_scale_macs(bundle.var.cfg, batch)]
+    return [float(x) for x in m]
+
+
+def _finite_or_none(x):
+    return None if x is None else float(x)
+
+
+# ---------------------------------------------------------------------------------------------- the call
+def measure(bundle, method, *, samples: int, seed: int = 0, sampling=None, batch_size: int = DEFAULT_BATCH_SIZE,
+            results_dir: str = "results", reference: Optional[str] = None, inception_weights: Optional[str] = None,
+            flop_images: int = DEFAULT_FLOP_IMAGES, warmup_batches: int = 1, sweep: str = "", sweep_id: str = "",
+            trial_key: Optional[str] = None, extra: Optional[Dict[str, Any]] = None, cache_dir: Optional[str] = None,
+            metrics: Sequence[str] = QUALITY_METRICS, bootstrap: int = 100, classifier: Optional[str] = None,
+            reference_count: Optional[int] = None, log: Callable = print) -> dict:
+    """Measure `method` (a bench.registry.Method or a registered name) on `bundle`; append and return the row.
+
+    FLOPs on `flop_images` images, time and memory on the N-sample batches themselves, quality of the N
+    images, same-seed fidelity against dense. With `trial_key`, the stored row replaces that trial's earlier row.
+    `extra` columns are added to the row as given. Raises BenchError (nothing written) on bad input."""
+    from bench.env import environment
+    from bench.flops import count_generation
+    from bench.memory import PeakMemory
+    from bench.quality import quality_metrics, same_seed_fidelity
+    from bench.registry import Method, create_method
+    from bench.results import append_row, new_run_id
+    from bench.timing import BatchTimer, summarize
+
+    t_start, started_at = time.perf_counter(), _now()
+    if not isinstance(method, Method):
+        method = create_method(str(method))
+    sampling = sampling or bundle.sampling
+    samples, seed, batch_size, flop_images, warmup_batches, qcheck = validate(
+        bundle, method, samples=samples, seed=seed, sampling=sampling, batch_size=batch_size,
+        flop_images=flop_images, warmup_batches=warmup_batches, results_dir=results_dir, reference=reference,
+        inception_weights=inception_weights, metrics=metrics, cache_dir=cache_dir, classifier=classifier,
+        reference_count=reference_count)
+    device = bundle.device
+    S = len(bundle.var.patch_nums)
+    phases: Dict[str, float] = {}
+
+    def phase(name, t):
+        phases[name] = round(phases.get(name, 0.0) + time.perf_counter() - t, 4)
+
+    log(f"measure {method.label} on {bundle.name} ({bundle.model_id}): {samples} samples, batch {batch_size}, "
+        f"seed {seed}, {device}, {torch.get_num_threads()} threads")
+    for note in qcheck.get("notes", []):
+        log(f"quality: {note}")
+    t = time.perf_counter()
+    net = method.build(bundle)
+    if isinstance(net, torch.nn.Module):
+        net.eval()
+    phase("build", t)
+    labels = sample_labels(samples, bundle.num_classes)
+
+    # -- FLOPs: a traced generation of the first flop_images images
+    t = time.perf_counter()
+    flops: Dict[str, Any] = dict(flop_images=flop_images)
+    if flop_images > 0:
+        reset_stats(net)
+        mc = count_generation(net, bundle.vqvae, labels[:flop_images].to(device), batch_seed(seed, 0), sampling)
+        ana = analytic_per_scale(method, net, bundle, flop_images)
+        fv = [m / flop_images for m in mc.per_scale]
+        an = [m / flop_images for m in ana]
+        flops.update(macs_fvcore=sum(fv), macs_fvcore_per_scale=fv, macs_decoder=mc.decoder / flop_images,
+                     macs_total=sum(fv) + mc.decoder / flop_images, macs_analytic=sum(an),
+                     macs_analytic_per_scale=an, macs_fvcore_over_analytic=sum(fv) / sum(an) if sum(an) else None,
+                     macs_uncounted_ops=json.dumps(dict(sorted(mc.uncounted.items()))),
+                     macs_dynamic_ops=json.dumps(dict(sorted(mc.dynamic.items()))))
+        log(f"flops: {sum(fv) / 1e9:.4g} GMACs/image transformer (fvcore), {sum(an) / 1e9:.4g} analytic "
+            f"(ratio {flops['macs_fvcore_over_analytic'] or float('nan'):.4f}), decoder "
+            f"{mc.decoder / flop_images / 1e9:.4g} GMACs/image, {flop_images} image(s) counted")
+    phase("flops", t)
+
+    # -- the N samples: timing, memory, method statistics
+    t = time.perf_counter()
+    reset_stats(net)
+    timer, probe = BatchTimer(device), PeakMemory(device)
+    tokens, images, laps, peaks, sizes = generate_all(net, bundle, labels, seed, sampling, batch_size, timer=timer,
+                                                      probe=probe, log=log)
+    extra_timing = 0
+    last = len(batch_ranges(samples, batch_size)) - 1
+    s, e = batch_ranges(samples, batch_size)[-1]
+    while len(laps) <= warmup_batches:  # too few batches to time after warm-up: repeat the last batch
+        from bench.sampling import generate
+        probe.start()
+        timer.start()
+        generate(net, bundle.vqvae, labels[s:e].to(device), batch_seed(seed, last), sampling, timer=timer)
+        laps.append(timer.stop())
+        peaks.append(probe.stop())
+        sizes.append(e - s)
+        extra_timing += 1
+    if extra_timing:
+        log(f"timing: {extra_timing} repeat(s) of the last batch after {warmup_batches} warm-up batch(es)")
+    timing = summarize(laps, sizes, warmup_batches, S)
+    mem = [p for p in peaks if p is not None]
+    method_extras = dict(method.row_metrics(net, bundle) or {})
+    n_all = sum(sizes)  # every image the statistics saw (repeats for timing included)
+    ana_all = [m / n_all for m in analytic_per_scale(method, net, bundle, n_all)]
+    phase("generate", t)
+    log(f"time: median {timing['time_median_s']:.4g} s/batch, {timing['images_per_s']:.4g} images/s "
+        f"({timing['timing_batches']} timed batches, {timer.kind}); peak memory "
+        f"{(max(mem) / 2**20) if mem else float('nan'):.1f} MiB ({probe.kind})")
+
+    # -- quality
+    t = time.perf_counter()
+    quality_cache = None if cache_dir is None else os.path.join(cache_dir, "quality")
+    q = quality_metrics(images.to(device), bundle, labels=labels[:len(images)], reference=reference,
+                        inception_weights=inception_weights, metrics=metrics, bootstrap=bootstrap, seed=seed, cache_dir=quality_cache, log=log,
+                        reference_count=reference_count, classifier=classifier)
+    phase("quality", t)
+    log(f"quality: fid {q.get('fid', float('nan')):.4g} [{q.get('fid_ci_low', float('nan')):.4g}, "
+        f"{q.get('fid_ci_high', float('nan')):.4g}] vs {q.get('reference')} (reference "
+        f"{'from cache' if q.get('reference_cached') else 'computed and cached'})")
+
+    # -- same-seed fidelity against dense
+    t = time.perf_counter()
+    key = dense_cache_key(bundle, sampling, seed, samples, batch_size, device)
+    path = dense_cache_path(key, cache_dir)
+    cached = load_dense_outputs(path)
+    if method.name == "dense":
+        ref = cached if cached is not None else (tokens, images)
+        status = "reused" if cached is not None else "stored"
+        if cached is None:
+            store_dense_outputs(path, key, tokens, images)
+    elif cached is not None:
+        ref, status = cached, "reused"
+    else:
+        log("dense reference: generating the same samples with the dense model")
+        ref = generate_all(bundle.var, bundle, labels, seed, sampling, batch_size, log=log, what="dense reference")[:2]
+        store_dense_outputs(path, key, *ref)
+        status = "generated"
+    log(f"dense reference: {'reused cached outputs' if status == 'reused' else 'stored in the cache'} ({path})")
+    fid_ = same_seed_fidelity(tokens, ref[0], images.float().div(255), ref[1].float().div(255))
+    phase("dense_reference", t)
+
+    # -- the row
+    cfg_json = json.dumps(method.config, sort_keys=True, default=str)
+    params = {f"param_{k}": (json.dumps(v) if isinstance(v, (list, tuple, dict)) else v)
+              for k, v in method.config.items()}
+    row: Dict[str, Any] = dict(
+        run_id=new_run_id(), sweep=sweep or "", sweep_id=sweep_id or "", trial_key=trial_key or "",
+        method=method.name, method_kind=method.kind, method_label=method.label, method_config=cfg_json, **params,
+        model=bundle.name, model_id=bundle.model_id, model_depth=int(bundle.var.cfg.depth),
+        model_source=bundle.source, samples=samples, seed=seed, seed_scheme=SEED_SCHEME, batch_size=batch_size,
+        cfg=float(sampling.cfg), top_k=int(sampling.top_k), top_p=float(sampling.top_p),
+        more_smooth=bool(sampling.more_smooth), device=str(device),
+        **{k: flops.get(k) for k in ("macs_fvcore", "macs_fvcore_per_scale", "macs_decoder", "macs_total",
+                                     "macs_analytic", "macs_analytic_per_scale", "macs_fvcore_over_analytic")},
+        macs_analytic_all=sum(ana_all), macs_analytic_all_per_scale=ana_all,
+        macs_uncounted_ops=flops.get("macs_uncounted_ops"), macs_dynamic_ops=flops.get("macs_dynamic_ops"),
+        flop_images=flop_images,
+        time_median_s=timing["time_median_s"], time_p10_s=timing["time_p10_s"], time_p90_s=timing["time_p90_s"],
+        time_per_scale_median_s=timing["time_per_scale_median_s"], time_decode_median_s=timing["time_decode_median_s"],
+        images_per_s=timing["images_per_s"], timing_batches=timing["timing_batches"], warmup_batches=warmup_batches,
+        timing_extra_batches=extra_timing, timer=timer.kind,
+        mem_peak_bytes=max(mem) if mem else None, mem_kind=probe.kind,
+        **{k: q.get(k) for k in ("fid", "fid_ci_low", "fid_ci_high", "isc_mean", "isc_std", "precision", "recall",
+                                 "kid_mean", "kid_std", "extractor", "reference", "reference_count",
+                                 "reference_cached")},
+        **{k: v for k, v in q.items() if k.startswith("quality_")},
+        fidelity_token_agreement=fid_["fidelity_token_agreement"],
+        fidelity_token_agreement_per_scale=fid_["fidelity_token_agreement_per_scale"],
+        fidelity_psnr_db=fid_["fidelity_psnr_db"], dense_cache=status,
+        **environment(device),
+    )
+    for k, v in method_extras.items():
+        row[f"method_{k}" if k in row else k] = v  # a method cannot overwrite a harness column
+    for k, v in (extra or {}).items():
+        row[k] = v
+    row.update(started_at=started_at, finished_at=_now(), wall_s=round(time.perf_counter() - t_start, 4))
+    row["phase_s"] = json.dumps(phases)
+    path = append_row(results_dir, row)
+    log(f"row {row['run_id']} -> {path} ({row['wall_s']:.1f} s)")
+    return row
