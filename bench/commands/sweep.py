@@ -1,0 +1,198 @@
+"""`python -m bench sweep NAME`: run a sweep (sweeps/NAME.yaml) as a Ray Tune grid, one results row per trial."""
+from __future__ import annotations
+
+import os
+import time
+
+from bench.errors import BenchError
+
+ORDER = 25
+
+
+def register(sub):
+    p = sub.add_parser(
+        "sweep", help="run a sweep of sweeps/*.yaml (Ray Tune grid; one results row per trial)",
+        description="Run a sweep: every point of the YAML grid is one Ray Tune trial that measures the method "
+                    "(bench.measure) and appends one row to the results store. Ray starts locally by default. "
+                    "By default each trial gets a whole machine and trials run one at a time, because concurrent "
+                    "trials on one machine would distort each other's timings. Schema and trial keys: bench/sweep.py.")
+    p.add_argument("name", nargs="?", help="sweep name (see --list) or a path to a .yaml file")
+    p.add_argument("--list", action="store_true", help="list the shipped sweeps and exit")
+    p.add_argument("--quick", action="store_true", help="the smoke-sized form the YAML declares (few points/samples)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a YAML key by dotted path, repeatable (e.g. samples=200, "
+                        "points.dmoe.grid.tau=0.9,0.7, sampling.cfg=2); unknown keys list the valid ones")
+    p.add_argument("--model", default=None, help="shortcut for --set models=NAME[,NAME]")
+    p.add_argument("--device", default=None, help="shortcut for --set device=DEV (cpu, cuda, cuda:N)")
+    p.add_argument("--results", default="results", help="results store directory (default ./results)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the latest sweep of this name in the store (same sweep_id): run only the trials "
+                        "without a row; starts a new sweep if there is none")
+    p.add_argument("--dry-run", action="store_true", help="validate and print the trials; run and write nothing")
+    g = p.add_argument_group("Ray")
+    g.add_argument("--address", default=None,
+                   help="existing Ray cluster: auto, HOST:PORT (GCS address) or ray://HOST:PORT (Ray Client; "
+                        "needs ray[client] and a results directory the cluster shares) (default: start a private "
+                        "local Ray with this machine's CPUs). Each row also comes back to this process, which "
+                        "stores it if the worker's node does not share the store")
+    g.add_argument("--cpus-per-trial", type=float, default=None,
+                   help="CPUs per trial (default: a whole node, so trials do not share a machine)")
+    g.add_argument("--gpus-per-trial", type=float, default=None,
+                   help="GPUs per trial (default: a whole node's GPUs when the device is cuda, else 0)")
+    g.add_argument("--concurrent", type=int, default=1,
+                   help="trials at a time (default 1; more only on a multi-node cluster: trials sharing a machine "
+                        "distort each other's timings)")
+    g.add_argument("--status-every", type=float, default=60.0, metavar="S",
+                   help="seconds between Ray status lines while trials run (default 60)")
+    p.add_argument("--verbose", action="store_true", help="show each trial's measurement log and Ray worker output")
+    p.set_defaults(func=run)
+
+
+def print_list():
+    from bench.sweep import list_sweeps, read_yaml, sweep_path
+    names = list_sweeps()
+    width = max(len(n) for n in names) if names else 0
+    for n in names:
+        try:
+            d = read_yaml(sweep_path(n))
+            desc = d.get("description", "") or ""
+            fig = d.get("figure", "") or ""
+        except BenchError as e:
+            desc, fig = f"(unreadable: {e})", ""
+        print(f"{n:<{width}}  {desc}" + (f"  [{fig}]" if fig else ""))
+    return 0
+
+
+def _absolutize(spec: dict) -> None:
+    """Paths in the spec are relative to where the command runs; trials may run elsewhere (Ray workers)."""
+    for sect, key in (("measure", "classifier"), ("measure", "inception_weights"), ("measure", "cache_dir")):
+        v = spec[sect].get(key)
+        if isinstance(v, str) and v:
+            spec[sect][key] = os.path.abspath(v)
+    r = spec.get("reference")
+    if isinstance(r, str) and os.path.exists(r):
+        spec["reference"] = os.path.abspath(r)
+    for m in spec["models"]:
+        if isinstance(m, dict):
+            for k in ("var_ckpt", "vae_ckpt"):
+                if m.get(k):
+                    m[k] = os.path.abspath(m[k])
+
+
+def latest_sweep_id_in_rows(results: str, spec: dict):
+    """The latest invocation of this sweep found in the rows themselves, if its rows match the settings."""
+    import os
+    from bench.results import load_results
+    if not os.path.isdir(results):
+        return None
+    df = load_results(results, sweep=spec["name"])
+    if df.empty or "sweep_id" not in df.columns:
+        return None
+    last = df.sort_values("started_at").iloc[-1]
+    rows = df[df["sweep_id"] == last["sweep_id"]]
+    for col in ("samples", "seed", "batch_size"):
+        if set(rows[col].dropna().astype(int)) - {int(spec[col])}:
+            raise BenchError(f"--resume: sweep {last['sweep_id']} (rows only, no manifest) has {col}="
+                             f"{sorted(set(rows[col].dropna().astype(int)))}, not {spec[col]}; give the same "
+                             f"--quick/--set, or start a new sweep without --resume")
+    return str(last["sweep_id"])
+
+
+def run(a):
+    from bench import sweep as S
+    from bench.results import check_results_dir
+    if a.list:
+        return print_list()
+    if not a.name:
+        raise BenchError(f"give a sweep name; valid: {', '.join(S.list_sweeps())} (or a .yaml path)")
+    if a.concurrent < 1:
+        raise BenchError(f"--concurrent must be >= 1, got {a.concurrent}")
+    if a.status_every <= 0:
+        raise BenchError(f"--status-every must be > 0, got {a.status_every:g}")
+    for flag, v in (("--cpus-per-trial", a.cpus_per_trial), ("--gpus-per-trial", a.gpus_per_trial)):
+        if v is not None and v < 0:
+            raise BenchError(f"{flag} must be >= 0, got {v:g}")
+    sets = list(a.set)
+    if a.model:
+        sets.append(f"models={a.model}")
+    if a.device:
+        sets.append(f"device={a.device}")
+    spec = S.load_spec(a.name, quick=a.quick, sets=sets)
+    _absolutize(spec)
+    check_results_dir(a.results)
+    address = S.check_address(a.address) if a.address is not None else None
+
+    # -- which sweep invocation: a new one, or the latest of this name (--resume)
+    sweep_id, resumed, m_models = None, False, None
+    if a.resume:
+        previous = S.read_manifests(a.results, spec["name"])
+        if previous:
+            m = previous[-1]
+            if (a.quick or sets) and S.spec_fingerprint(spec) != S.spec_fingerprint(m["spec"]):
+                raise BenchError(f"--resume: sweep {m['sweep_id']} was run with other settings "
+                                 f"(quick={m['spec'].get('quick_applied')}, set={m['spec'].get('sets')}); resume "
+                                 f"it without --quick/--set, or start a new sweep without --resume")
+            spec, sweep_id, resumed = m["spec"], m["sweep_id"], True
+            trials = [S.Trial(**{k: v for k, v in t.items() if k != "key"}) for t in m["trials"]]
+            m_models = m["models"]
+        else:
+            sweep_id = latest_sweep_id_in_rows(a.results, spec)
+            if sweep_id:   # rows without their manifest (e.g. a copied store): the current settings must match
+                resumed = True
+                trials = S.expand(spec)
+                print(f"no manifest of {sweep_id} in {a.results}; resuming it with the current settings")
+            else:
+                print(f"no earlier {spec['name']} sweep in {a.results}; starting a new one")
+    if not resumed:
+        trials = S.expand(spec)
+        sweep_id = S.new_sweep_id(spec["name"])
+    S.import_modules(spec["modules"])
+    models = S.validate_trials(spec, trials)
+    if resumed:
+        for k, info in models.items():
+            before = (m_models if m_models is not None else {}).get(k, {}).get("model_id")
+            if before and info.get("model_id") and before != info["model_id"]:
+                raise BenchError(f"--resume: model {k} changed since sweep {sweep_id} started ({before} -> "
+                                 f"{info['model_id']}); start a new sweep without --resume")
+    pending = S.plan(spec, trials, sweep_id, a.results)
+    quick = " (quick form)" if spec.get("quick_applied") else ""
+    print(f"sweep {spec['name']}{quick}: {sweep_id}{' (resumed)' if resumed else ''}: {len(trials)} trials, "
+          f"{len(pending)} to run; models {', '.join(models)}; {spec['samples']} samples, batch {spec['batch_size']}, "
+          f"seed {spec['seed']}, {spec['device']}; store {a.results}")
+    if a.dry_run:
+        for t in trials:
+            state = "to run" if t in pending else "has a row"
+            extra = f"  params from {t.parent}: {t.from_parent}" if t.parent else ""
+            print(f"  {t.key(sweep_id)}  [{state}]  {t.method} {S._value_text(t.params)}{extra}")
+        return 0
+    if not pending:
+        print(f"sweep {sweep_id} is complete ({len(trials)}/{len(trials)} rows); nothing to do")
+        return 0
+
+    t0 = time.time()
+    info = S.connect_ray(address, a.verbose)
+    try:
+        cpus, gpus = S.resources(info, spec["device"], a.cpus_per_trial, a.gpus_per_trial)
+        print(f"ray {info['version']} {info['address']}: {info['nodes']} node(s), {info['num_cpus']:g} CPUs "
+              f"(started in {info['start_s']:.1f} s); {cpus:g} CPU(s){f', {gpus:g} GPU(s)' if gpus else ''} per "
+              f"trial, {a.concurrent} at a time")
+        if not resumed or m_models is None:   # new, or resumed from rows alone: record it now
+            S.write_manifest(a.results, S.manifest_for(spec, trials, sweep_id, models))
+        runner = S.SweepRunner(spec, trials, sweep_id, a.results, info, cpus, gpus, a.concurrent, a.verbose,
+                               status_every_s=a.status_every)
+        ran, bad = runner.run()
+    finally:
+        import ray
+        ray.shutdown()
+    rows = S.stored_rows(a.results, sweep_id)
+    have = sum(1 for t in trials if t.key(sweep_id) in rows)
+    print(f"sweep {sweep_id}: {have}/{len(trials)} trials have rows ({ran} reported now, {bad} failed or skipped) in "
+          f"{time.time() - t0:.0f} s; report: python -m bench report --sweep {spec['name']} --results {a.results}")
+    for pid, why in list(runner.failed.items()) + list(runner.skipped.items()):
+        print(f"  not done: {pid}: {why}")
+    if have < len(trials):
+        if runner.interrupted:
+            print("  interrupted: the remaining trials were not started")
+        print(f"  rerun the missing trials with: python -m bench sweep {a.name} --resume --results {a.results}")
+        return 130 if runner.interrupted else 1
+    return 0

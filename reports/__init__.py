@@ -1,0 +1,124 @@
+"""Figures and tables of the papers, drawn from the results table alone (no model is loaded).
+
+    from reports import build_reports
+    written, notes = build_reports("results", sweep="tau", out_root="reports/out")
+
+Each generator takes a reports.context.Context (the rows of one sweep invocation) and returns the files it wrote,
+or raises reports.context.Skip with the reason it does not apply (a missing column, a single τ ...). Generators
+are chosen by what the rows contain, not by the sweep's name, so a custom sweep gets every figure its columns
+support. Output: <out_root>/<sweep>/ (PNG + PDF + caption .md per figure, .md + .tex per table, README.md index)
+and <out_root>/all/ (every method of every sweep on one Pareto figure).
+"""
+from __future__ import annotations
+
+import os
+from typing import Callable, List, Optional, Tuple
+
+from bench.errors import BenchError
+from reports import actvar, dmoe, pareto
+from reports.context import Context, Skip
+
+# (name, generator, what it draws) in the order of the index
+GENERATORS: List[Tuple[str, Callable, str]] = [
+    ("pareto", pareto.pareto_figures, "FID vs FLOPs and vs wall-clock, Pareto front, dense highlighted (DMoE fig. 3)"),
+    ("front", pareto.front_table, "the Pareto front as Markdown + LaTeX table"),
+    ("twins", pareto.twins, "dynamic methods vs their static twins at equal FLOPs"),
+    ("tau", dmoe.tau_curve, "τ trade-off curve with FID intervals"),
+    ("active_experts", dmoe.active_experts, "active experts per token per scale (DMoE fig. 2b)"),
+    ("expert_maps", dmoe.expert_maps, "expert allocation maps per scale (DMoE fig. 12)"),
+    ("expert_size", dmoe.expert_size, "FID / FLOPs / time against expert size (DMoE fig. 8a)"),
+    ("scale_sensitivity", dmoe.scale_sensitivity, "per-scale sensitivity curves (DMoE fig. 4)"),
+    ("depth", dmoe.depth, "the same grid at two depths (DMoE fig. 5)"),
+    ("activation_rates", actvar.activation_rates, "ActVAR activation rates (table 2)"),
+    ("components", actvar.components, "ActVAR components (table 3)"),
+    ("tokens_vs_fixed", actvar.token_comparison, "dynamic vs fixed tokens (ActVAR table 4)"),
+    ("weights_vs_static", actvar.weight_comparison, "dynamic vs static weights (ActVAR table 5)"),
+    ("actvar_scales", actvar.scales_table, "ActVAR scales (table 6)"),
+]
+OVERVIEW = "all"
+
+
+def available_sweeps(df) -> List[str]:
+    from reports.data import select_runs
+    return sorted(select_runs(df))
+
+
+def build_reports(results_dir: str, sweep: Optional[str] = None, out_root: str = os.path.join("reports", "out"),
+                  sweep_id: Optional[str] = None, flops: str = "analytic_all",
+                  log: Callable = print) -> Tuple[List[str], List[str]]:
+    """Draw everything the store supports (or one sweep). Returns (files written, notes on what was skipped).
+    Raises BenchError (nothing written) on an empty store, an unknown sweep, or a bad option."""
+    from bench.results import load_results
+    from reports.data import FLOPS_COLUMNS, select_runs
+    if flops not in FLOPS_COLUMNS:
+        raise BenchError(f"unknown --flops {flops!r}; valid: {', '.join(FLOPS_COLUMNS)}")
+    if not os.path.isdir(results_dir):
+        raise BenchError(f"no results directory {results_dir!r}; `python -m bench sweep NAME` writes one")
+    df = load_results(results_dir)
+    if df.empty:
+        raise BenchError(f"results store {results_dir!r} has no rows; run `python -m bench sweep tau` first")
+    runs = select_runs(df)
+    if sweep is not None:
+        if sweep not in runs:
+            ids = sorted(set(df["sweep_id"].dropna())) if "sweep_id" in df.columns else []
+            if sweep in ids:      # a sweep id given as --sweep
+                sweep_id, sweep = sweep, df[df["sweep_id"] == sweep]["sweep"].iloc[0]
+            else:
+                raise BenchError(f"no rows of sweep {sweep!r} in {results_dir}; valid: {', '.join(sorted(runs))}")
+        runs = select_runs(df, sweep, sweep_id)
+        if sweep not in runs:
+            raise BenchError(f"no rows of sweep {sweep!r} with sweep id {sweep_id!r} in {results_dir}")
+    elif sweep_id is not None:
+        raise BenchError("--sweep-id needs --sweep")
+    written, notes = [], []
+    for name, part in runs.items():
+        out_dir = os.path.join(out_root, name)
+        files, skipped = run_generators(Context(part, out_dir, flops), GENERATORS)
+        notes += [f"{name}: {s}" for s in skipped]
+        written += files
+        if files:
+            written.append(write_index(out_dir, name, part, files, skipped))
+        log(f"report {name}: {len(files)} files in {out_dir}")
+        if skipped:
+            log(f"  not drawn for {name}: {'; '.join(skipped)}")
+    if sweep is None:
+        from bench.sweep import list_sweeps
+        absent = [n for n in list_sweeps() if n not in runs]
+        if absent:
+            notes.append(f"no rows of the shipped sweeps {', '.join(absent)}")
+            log(f"no rows yet of the shipped sweeps {', '.join(absent)} (python -m bench sweep NAME)")
+    if sweep is None and len(df):
+        import pandas as pd
+        allrows = pd.concat(list(runs.values()), ignore_index=True)
+        out_dir = os.path.join(out_root, OVERVIEW)
+        files, skipped = run_generators(Context(allrows, out_dir, flops, by_method=True), GENERATORS[:2])
+        notes += [f"{OVERVIEW}: {s}" for s in skipped]
+        if files:
+            written += files
+            written.append(write_index(out_dir, "every sweep and run", allrows, files, skipped))
+        log(f"report {OVERVIEW}: {len(files)} files in {out_dir}")
+        if skipped:
+            log(f"  not drawn for {OVERVIEW}: {'; '.join(skipped)}")
+    return written, notes
+
+
+def run_generators(ctx: Context, generators) -> Tuple[List[str], List[str]]:
+    files, skipped = [], []
+    for name, gen, what in generators:
+        try:
+            files += gen(ctx)
+        except Skip as s:
+            skipped.append(f"{name}: {s}")
+    skipped += ctx.notes
+    return files, skipped
+
+
+def write_index(out_dir: str, title: str, df, files: List[str], skipped: List[str]) -> str:
+    from reports.data import caption_facts
+    from reports.style import write_text
+    lines = [f"# Report: {title}", "", caption_facts(df), "", "## Files", ""]
+    lines += [f"- {os.path.basename(f)}" for f in files]
+    if skipped:
+        what = {name: w for name, _, w in GENERATORS}
+        lines += ["", "## Not drawn", ""] + [f"- {s} ({what.get(s.split(':')[0], '')})" for s in skipped]
+    return write_text(os.path.join(out_dir, "README.md"), "\n".join(lines) + "\n")

@@ -1,0 +1,126 @@
+"""ActVAR tables from the table: activation rates (table 2), components (3), dynamic vs fixed tokens (4), dynamic vs
+static weights (5) and which scales (6). FLOPs saving is against the same model's dense row of the sweep."""
+from __future__ import annotations
+
+from typing import Callable, List, Sequence
+
+from reports import data as D
+from reports import style as S
+from reports.context import Context, Skip
+
+HEADER = ["FLOPs saving", "Time saving", "FID [95% CI]", "IS"]
+
+
+def _rate(v) -> str:
+    v = D.json_value(v)
+    if v is None:
+        return "-"
+    return "/".join(f"{100 * float(x):.0f}%" for x in v) if isinstance(v, list) else f"{100 * float(v):.0f}%"
+
+
+def rates_text(token_rate, weight_rate, n_scales: int = 2) -> str:
+    """(α, β; γ) as in ActVAR table 2: token rates of the two sparse scales; FFN weight rate."""
+    t = D.json_value(token_rate)
+    ts = [t] * n_scales if not isinstance(t, list) else t
+    toks = ", ".join(_rate(x) for x in ts) if t is not None else "100%"
+    return f"({toks}; {_rate(weight_rate) if D.json_value(weight_rate) is not None else '100%'})"
+
+
+def _metrics(df, i, column, fids, lo, hi, isc, macs, ms, models) -> List[str]:
+    dm = D.dense_value(df, models[i], column)
+    dt = D.dense_value(df, models[i], "images_per_s")
+    save = f"{100 * (1 - macs[i] / dm):.1f}%" if dm and macs[i] is not None else "-"
+    tsave = f"{100 * (1 - ms[i] / (1000.0 / dt)):.1f}%" if dt and ms[i] is not None else "-"
+    return [save, tsave, S.fid_text(fids[i], lo[i], hi[i]), S.fmt(isc[i], ".4g")]
+
+
+def method_table(ctx: Context, stem: str, methods: Sequence[str], first_cols: Sequence[str],
+                 describe: Callable[[int, list], List[str]], caption: str, need: Sequence[str] = (),
+                 sort_key=None) -> List[str]:
+    df = ctx.df
+    if "method" not in df.columns:
+        raise Skip("no method column")
+    present = set(D.col(df, "method"))
+    missing = [m for m in need if m not in present]
+    if missing:
+        raise Skip(f"needs rows of {', '.join(missing)}")
+    column, desc = D.flops_column(df, ctx.flops)
+    meth = D.col(df, "method")
+    idx = [i for i, m in enumerate(meth) if m in methods]
+    if sort_key:
+        idx = sorted(idx, key=lambda i: sort_key(i))
+    cols = dict(fids=D.col(df, "fid"), lo=D.col(df, "fid_ci_low"), hi=D.col(df, "fid_ci_high"),
+                isc=D.col(df, "isc_mean"), macs=D.col(df, column), ms=D.ms_per_image(df), models=D.col(df, "model"))
+    rows = []
+    dense = [i for i, m in enumerate(meth) if m == "dense"]
+    for i in dense[-1:]:
+        rows.append(["VAR (dense)"] + [""] * (len(first_cols) - 1) + _metrics(df, i, column, **cols))
+    for i in idx:
+        rows.append(describe(i, meth) + _metrics(df, i, column, **cols))
+    return S.save_table(ctx.out_dir, stem, list(first_cols) + HEADER, rows, f"{caption} {ctx.caption(desc)}")
+
+
+def activation_rates(ctx: Context) -> List[str]:
+    df = ctx.df
+    tr, wr, sc = D.col(df, "param_token_rate"), D.col(df, "param_weight_rate"), D.col(df, "param_scales")
+    column, _ = D.flops_column(df, ctx.flops)
+    macs = D.col(df, column)
+    return method_table(ctx, "actvar_activation_rates", ["actvar"], ["Activation rates (α, β; γ)", "Scales"],
+                        lambda i, m: [rates_text(tr[i], wr[i]), D.scales_text(sc[i])],
+                        "ActVAR with varying token (α, β) and FFN weight (γ) activation rates (cf. ActVAR table 2).",
+                        need=["actvar"], sort_key=lambda i: -(macs[i] or 0))
+
+
+def components(ctx: Context) -> List[str]:
+    df = ctx.df
+    tr, wr = D.col(df, "param_token_rate"), D.col(df, "param_weight_rate")
+    names = {"actvar-tokens": "w/o DW", "actvar-experts": "w/o AT", "actvar": "w/ DW & AT"}
+    present = set(D.col(df, "method")) if "method" in df.columns else set()
+    if not ({"actvar-tokens", "actvar-experts"} & present) or "actvar" not in present:
+        raise Skip("needs actvar and at least one of actvar-tokens / actvar-experts")
+    order = {"actvar-tokens": 0, "actvar-experts": 1, "actvar": 2}
+    return method_table(ctx, "actvar_components", list(names), ["Module", "Rates (α, β; γ)"],
+                        lambda i, m: [names[m[i]], rates_text(tr[i], wr[i])],
+                        "Ablation of ActVAR's components: DW dynamic weight activation, AT adaptive token activation "
+                        "(cf. ActVAR table 3).", sort_key=lambda i: (order.get(D.col(df, "method")[i], 9), i))
+
+
+def token_comparison(ctx: Context) -> List[str]:
+    df = ctx.df
+    tr, crit = D.col(df, "param_token_rate"), D.col(df, "param_criterion")
+    names = {"fixed-tokens": "Fixed token pruning", "actvar-tokens": "Dynamic activating token",
+             "actvar": "Dynamic token + weight (ActVAR)"}
+    return method_table(ctx, "actvar_tokens_vs_fixed", list(names), ["Module", "Token rates"],
+                        lambda i, m: [names[m[i]] + (f" ({crit[i]})" if m[i] == "fixed-tokens" and crit[i] else ""),
+                                      _rate(tr[i])],
+                        "Dynamic token activation against fixed token pruning keeping the same number of tokens "
+                        "(cf. ActVAR table 4).", need=["fixed-tokens"])
+
+
+def weight_comparison(ctx: Context) -> List[str]:
+    df = ctx.df
+    wr, frac = D.col(df, "param_weight_rate"), D.col(df, "prune_fraction_effective")
+    present = set(D.col(df, "method")) if "method" in df.columns else set()
+    if "pruned-ffn" not in present or not ({"actvar-experts", "actvar"} & present):
+        raise Skip("needs pruned-ffn and actvar-experts or actvar rows")
+    names = {"pruned-ffn": "Static weight pruning", "actvar-experts": "Dynamic weight activation",
+             "actvar": "Dynamic weight + token (ActVAR)"}
+    return method_table(ctx, "actvar_weights_vs_static", list(names), ["Method", "Weight rate"],
+                        lambda i, m: [names[m[i]], _rate(wr[i]) if m[i] != "pruned-ffn" else
+                                      (_rate(1 - frac[i]) if frac[i] is not None else "-")],
+                        "Dynamic weight activation against static weight pruning at the same weight rate "
+                        "(cf. ActVAR table 5).")
+
+
+def scales_table(ctx: Context) -> List[str]:
+    df = ctx.df
+    meth = D.col(df, "method")
+    sc = D.col(df, "param_scales")
+    sets = {D.scales_text(sc[i]) for i, m in enumerate(meth) if m == "actvar"}
+    if len(sets) < 2:
+        raise Skip("fewer than two sets of ActVAR scales")
+    tr, wr = D.col(df, "param_token_rate"), D.col(df, "param_weight_rate")
+    return method_table(ctx, "actvar_scales", ["actvar"], ["Activation scales", "Rates (α, β; γ)"],
+                        lambda i, m: [D.scales_text(sc[i]), rates_text(tr[i], wr[i])],
+                        "ActVAR applied at different scales (1-based) with the same activation rates "
+                        "(cf. ActVAR table 6).", sort_key=lambda i: D.scales_text(sc[i]))

@@ -1,0 +1,28 @@
+"""What a report generator gets: the rows of one sweep invocation, where to write, and a place for notes."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import List
+
+
+class Skip(Exception):
+    """A generator does not apply to these rows (the reason is reported, nothing is written)."""
+
+
+@dataclass
+class Context:
+    df: "object"                 # pandas DataFrame of the rows
+    out_dir: str
+    flops: str = "analytic_all"  # reports.data.FLOPS_COLUMNS key
+    notes: List[str] = field(default_factory=list)
+    by_method: bool = False      # one series per method (the every-sweep overview), not per sweep entry
+
+    def note(self, text: str) -> None:
+        self.notes.append(text)
+
+    def caption(self, flops_desc: str = "") -> str:
+        from reports.data import caption_facts
+        return caption_facts(self.df, flops_desc)
+
+    def subset(self, mask) -> "Context":
+        return Context(self.df[mask], self.out_dir, self.flops, self.notes, self.by_method)

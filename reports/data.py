@@ -1,0 +1,201 @@
+"""Reading the results table for reports: which rows, which columns, Pareto fronts. No model is ever loaded."""
+from __future__ import annotations
+
+import json
+import math
+from typing import List, Optional, Sequence, Tuple
+
+FLOPS_COLUMNS = {  # --flops choice -> (column, axis description)
+    "analytic_all": ("macs_analytic_all", "analytic, mean over all samples"),
+    "analytic": ("macs_analytic", "analytic, FLOP-count images"),
+    "fvcore": ("macs_fvcore", "fvcore, FLOP-count images"),
+}
+METHOD_NAMES = {
+    "dense": "VAR (dense)", "dmoe": "DMoE-VAR", "pruned-ffn": "Pruned-FFN", "actvar": "ActVAR",
+    "actvar-tokens": "ActVAR w/o DW (tokens only)", "actvar-experts": "ActVAR w/o AT (experts only)",
+    "fixed-tokens": "Fixed token pruning", "compose": "Composition",
+}
+
+
+def nice_method(name: str) -> str:
+    return METHOD_NAMES.get(name, name)
+
+
+def is_missing(v) -> bool:
+    if v is None:
+        return True
+    try:
+        return isinstance(v, float) and math.isnan(v)
+    except TypeError:
+        return False
+
+
+def json_value(v):
+    """param_* list columns and JSON columns are stored as JSON strings."""
+    if isinstance(v, str) and v[:1] in "[{":
+        try:
+            return json.loads(v)
+        except ValueError:
+            return v
+    if hasattr(v, "item") and not isinstance(v, (list, str, dict)):
+        try:
+            return v.item()
+        except (ValueError, AttributeError):
+            return v
+    return v
+
+
+def col(df, name: str) -> list:
+    """A column as python values (missing column -> all None)."""
+    if name not in df.columns:
+        return [None] * len(df)
+    return [None if is_missing(v) else json_value(v) for v in df[name].tolist()]
+
+
+def has_values(df, name: str) -> bool:
+    return name in df.columns and any(not is_missing(v) for v in df[name].tolist())
+
+
+def flops_column(df, choice: str = "analytic_all") -> Tuple[str, str]:
+    """(column, description) of the cost axis: the chosen column, else the first of the others with values."""
+    order = [choice] + [c for c in FLOPS_COLUMNS if c != choice]
+    for c in order:
+        name, desc = FLOPS_COLUMNS[c]
+        if has_values(df, name):
+            return name, desc
+    return "", ""
+
+
+def gmacs(df, column: str) -> List[Optional[float]]:
+    return [None if v is None else float(v) / 1e9 for v in col(df, column)]
+
+
+def ms_per_image(df) -> List[Optional[float]]:
+    out = []
+    for ips, t, b in zip(col(df, "images_per_s"), col(df, "time_median_s"), col(df, "batch_size")):
+        if ips:
+            out.append(1000.0 / float(ips))
+        elif t is not None and b:
+            out.append(1000.0 * float(t) / float(b))
+        else:
+            out.append(None)
+    return out
+
+
+def pareto_front(xs: Sequence[Optional[float]], ys: Sequence[Optional[float]]) -> List[bool]:
+    """Points not dominated when both coordinates are minimised (cost, FID): no other point is <= in both and < in
+    one. Missing coordinates are never on the front; of exact duplicates the first one is."""
+    pts = [(x, y, i) for i, (x, y) in enumerate(zip(xs, ys)) if x is not None and y is not None
+           and not (math.isnan(x) or math.isnan(y))]
+    on = [False] * len(xs)
+    best = math.inf
+    for x, y, i in sorted(pts, key=lambda p: (p[0], p[1], p[2])):
+        if y < best:
+            on[i] = True
+            best = y
+    return on
+
+
+def select_runs(df, sweep: Optional[str] = None, sweep_id: Optional[str] = None):
+    """{sweep name: rows of one invocation}: the given sweep_id, else per sweep the latest full (non --quick)
+    invocation, else the latest. Rows of plain `bench run`s are grouped as 'runs'."""
+    out = {}
+    if df.empty:
+        return out
+    names = sorted(set(df["sweep"].fillna("").tolist())) if "sweep" in df.columns else [""]
+    for name in names:
+        if sweep is not None and name != sweep:
+            continue
+        part = df[df["sweep"].fillna("") == name] if "sweep" in df.columns else df
+        if not name:
+            out["runs"] = part
+            continue
+        ids = part["sweep_id"].fillna("").tolist() if "sweep_id" in part.columns else [""]
+        if sweep_id is not None:
+            chosen = sweep_id
+        else:
+            order = {}   # sweep_id -> (is full, latest start)
+            quick = col(part, "sweep_quick")
+            started = col(part, "started_at")
+            for i, q, s in zip(ids, quick, started):
+                full = not bool(q)
+                prev = order.get(i, (False, ""))
+                order[i] = (prev[0] or full, max(prev[1], str(s or "")))
+            chosen = max(order, key=lambda i: (order[i][0], order[i][1], i))
+        sel = part[part["sweep_id"].fillna("") == chosen] if "sweep_id" in part.columns else part
+        if len(sel):
+            out[name] = sel
+    return out
+
+
+def series_keys(df) -> List[Tuple[str, str, str]]:
+    """(method, entry, twin) of each row: one plotted series per key."""
+    return list(zip([m or "" for m in col(df, "method")], [e or "" for e in col(df, "sweep_entry")],
+                    [t or "" for t in col(df, "sweep_twin")]))
+
+
+def series_label(key: Tuple[str, str, str], keys: Sequence[Tuple[str, str, str]]) -> str:
+    method, entry, twin = key
+    same_method = {k for k in keys if k[0] == method}
+    label = nice_method(method)
+    if len(same_method) > 1:
+        label += f" ({entry}{'/' + twin if twin else ''})"
+    return label
+
+
+def dense_rows(df):
+    return df[df["method"] == "dense"] if "method" in df.columns else df.iloc[0:0]
+
+
+def dense_value(df, model: str, column: str) -> Optional[float]:
+    """The dense row's value of `column` for `model` (the latest dense row of that model)."""
+    d = dense_rows(df)
+    if "model" in d.columns:
+        d = d[d["model"] == model]
+    vals = [v for v in col(d, column) if v is not None]
+    return float(vals[-1]) if vals else None
+
+
+def tau_text(v) -> str:
+    v = json_value(v)
+    if isinstance(v, list):
+        return "(" + ", ".join(f"{x:g}" for x in v) + ")"
+    return "-" if v is None else f"{float(v):g}"
+
+
+def tau_scalar(v) -> Optional[float]:
+    """τ of a row as one number: itself, or the mean of a per-scale list."""
+    v = json_value(v)
+    if v is None:
+        return None
+    if isinstance(v, list):
+        return sum(map(float, v)) / len(v) if v else None
+    return float(v)
+
+
+def scales_text(v) -> str:
+    """0-based scale indices -> the papers' 1-based numbering, e.g. [4,5,6] -> '5-7'."""
+    v = json_value(v)
+    if v is None:
+        return "default"
+    v = [v] if not isinstance(v, list) else v
+    s = [int(x) + 1 for x in v]
+    if len(s) > 1 and s == list(range(s[0], s[-1] + 1)):
+        return f"{s[0]}-{s[-1]}"
+    return ",".join(map(str, s))
+
+
+def caption_facts(df, flops_desc: str = "") -> str:
+    """Sample count, model(s), machine: the facts every caption states."""
+    def uniq(name):
+        vals = sorted({str(v) for v in col(df, name) if v is not None})
+        return ", ".join(vals) if vals else "?"
+    parts = [f"{len(df)} runs", f"model {uniq('model')} (depth {uniq('model_depth')})",
+             f"{uniq('samples')} samples per run (seed {uniq('seed')}, batch {uniq('batch_size')})",
+             f"cfg {uniq('cfg')}, top-k {uniq('top_k')}, top-p {uniq('top_p')}",
+             f"FID with {uniq('extractor')} against {uniq('reference')}; intervals: bootstrap 95%",
+             f"machine: {uniq('env_device_name')} ({uniq('device')}, {uniq('env_threads')} threads, "
+             f"host {uniq('env_host')})", f"sweep {uniq('sweep_id')}"]
+    if flops_desc:
+        parts.append(f"MACs: {flops_desc}, transformer only (decoder excluded), CFG rows included")
+    return "; ".join(parts) + "."

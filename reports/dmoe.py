@@ -1,0 +1,271 @@
+"""DMoE-VAR figures from the table: the τ trade-off (fig. 3 curve), active experts per scale (fig. 2b), expert
+allocation maps (fig. 12), expert size (fig. 8a), per-scale sensitivity (fig. 4) and model depth (fig. 5)."""
+from __future__ import annotations
+
+import json
+from collections import Counter
+from typing import List
+
+from reports import data as D
+from reports import style as S
+from reports.context import Context, Skip
+from reports.pareto import _intervals, fid_label
+
+
+def _dmoe(ctx: Context):
+    df = ctx.df
+    if "method" not in df.columns:
+        raise Skip("no method column")
+    d = df[df["method"] == "dmoe"]
+    if d.empty:
+        raise Skip("no dmoe rows")
+    return d
+
+
+def _rel(values, ref):
+    return [None if v is None or not ref else 100.0 * v / ref for v in values]
+
+
+def tau_curve(ctx: Context) -> List[str]:
+    d = _dmoe(ctx)
+    taus = [D.tau_scalar(v) for v in D.col(d, "param_tau")]
+    if len({t for t in taus if t is not None}) < 2:
+        raise Skip("fewer than two τ values among the dmoe rows")
+    column, desc = D.flops_column(ctx.df, ctx.flops)
+    keys = list(zip(D.col(d, "model"), [D.scales_text(v) for v in D.col(d, "param_moe_scales")],
+                    D.col(d, "param_expert_size")))
+    groups = list(dict.fromkeys(keys))
+    fids, lo, hi = D.col(d, "fid"), D.col(d, "fid_ci_low"), D.col(d, "fid_ci_high")
+    macs, ms = D.col(d, column), D.ms_per_image(d)
+    plt = S.setup()
+    fig, (a1, a2) = plt.subplots(2, 1, figsize=(S.SINGLE, 3.6), sharex=True)
+    for gi, g in enumerate(groups):
+        idx = sorted((i for i, k in enumerate(keys) if k == g and taus[i] is not None), key=lambda i: taus[i])
+        model, scales, esize = g
+        label = f"scales {scales}, e={S.fmt(esize, 'g')}" + (f", {model}" if len({k[0] for k in groups}) > 1 else "")
+        c = S.color(gi)
+        a1.plot([taus[i] for i in idx], [fids[i] for i in idx], marker=S.marker(gi), color=c, label=label)
+        _intervals(a1, [taus[i] for i in idx], [lo[i] for i in idx], [hi[i] for i in idx], c)
+        dm, dt = D.dense_value(ctx.df, model, column), D.dense_value(ctx.df, model, "images_per_s")
+        a2.plot([taus[i] for i in idx], _rel([macs[i] for i in idx], dm), marker=S.marker(gi), color=c,
+                label=f"MACs ({label})" if len(groups) > 1 else "MACs")
+        if dt:
+            a2.plot([taus[i] for i in idx], _rel([ms[i] for i in idx], 1000.0 / dt), marker=S.marker(gi), color=c,
+                    ls="--", label=f"time ({label})" if len(groups) > 1 else "time")
+    for model in sorted({k[0] for k in groups}):
+        f = D.dense_value(ctx.df, model, "fid")
+        if f is not None:
+            a1.axhline(f, color=S.DENSE_COLOR, lw=0.8, ls=":", label="dense" if model == groups[0][0] else None)
+    a2.axhline(100, color=S.DENSE_COLOR, lw=0.8, ls=":")
+    a1.set_ylabel(fid_label(ctx.df))
+    a2.set_ylabel("% of dense")
+    a2.set_xlabel("threshold τ (1 = all experts)")
+    a1.legend(loc="best")
+    a2.legend(loc="best")
+    fig.align_ylabels()
+    return S.save_figure(fig, ctx.out_dir, "tau_tradeoff", "DMoE-VAR threshold τ: FID with bootstrap intervals (top) "
+                         f"and MACs ({desc}) and median wall-clock per image relative to the dense model (bottom). "
+                         f"{ctx.caption(desc)}")
+
+
+def _main_scale_set(d):
+    sets = [json.dumps(D.json_value(v)) for v in D.col(d, "moe_scales")] if D.has_values(d, "moe_scales") else \
+        [json.dumps(D.json_value(v)) for v in D.col(d, "param_moe_scales")]
+    common = Counter(sets).most_common(1)[0][0]
+    return d[[s == common for s in sets]]
+
+
+def active_experts(ctx: Context) -> List[str]:
+    d = _dmoe(ctx)
+    if not D.has_values(d, "active_experts_per_scale"):
+        raise Skip("no active_experts_per_scale column")
+    files = []
+    for model in sorted({m for m in D.col(d, "model") if m}):
+        dm = _main_scale_set(d[d["model"] == model])
+        rows = [(D.tau_scalar(t), D.tau_text(t), a, e) for t, a, e in
+                zip(D.col(dm, "param_tau"), D.col(dm, "active_experts_per_scale"), D.col(dm, "num_experts"))
+                if isinstance(a, list)]
+        rows = sorted(rows, key=lambda r: -(r[0] or 0))[:8]
+        if not rows:
+            continue
+        plt = S.setup()
+        fig, ax = plt.subplots(figsize=(S.SINGLE, S.HEIGHT))
+        scales = sorted({si for r in rows for si, v in enumerate(r[2]) if v is not None})
+        for k, (tau, text, act, E) in enumerate(rows):
+            ax.plot([s + 1 for s in scales], [act[s] for s in scales], marker=S.marker(k), color=S.color(k),
+                    label=f"τ={text}")
+        E = rows[0][3]
+        if E:
+            ax.axhline(E, color=S.DENSE_COLOR, ls=":", lw=0.8, label=f"dense ({E} experts)")
+        ax.set_xticks([s + 1 for s in scales])
+        ax.set_xlabel("scale (1-based)")
+        ax.set_ylabel("active experts per token")
+        ax.set_ylim(bottom=0)
+        ax.legend(loc="best", ncol=2 if len(rows) > 4 else 1)
+        stem = "active_experts_per_scale" + ("" if len(set(D.col(d, "model"))) == 1 else f"_{model}")
+        files += S.save_figure(fig, ctx.out_dir, stem, f"Progressive narrowing: mean active experts per token (mean "
+                               f"over layers and all samples) on each MoE scale, {model}. {ctx.caption()}")
+    if not files:
+        raise Skip("no per-scale expert counts")
+    return files
+
+
+def _maps(v):
+    try:
+        m = json.loads(v) if isinstance(v, str) else v
+        return {int(k): val for k, val in (m or {}).get("maps", {}).items()} or None
+    except (TypeError, ValueError, AttributeError):
+        return None
+
+
+def expert_maps(ctx: Context) -> List[str]:
+    d = _dmoe(ctx)
+    if not D.has_values(d, "expert_maps"):
+        raise Skip("no expert_maps column")
+    model = sorted({m for m in D.col(d, "model") if m})[0]
+    dm = _main_scale_set(d[d["model"] == model])
+    rows = [(D.tau_scalar(t), D.tau_text(t), _maps(m), e) for t, m, e in
+            zip(D.col(dm, "param_tau"), D.col(dm, "expert_maps"), D.col(dm, "num_experts"))]
+    rows = sorted([r for r in rows if r[2]], key=lambda r: -(r[0] or 0))
+    if not rows:
+        raise Skip("expert_maps hold no maps")
+    E = max((r[3] or 0) for r in rows) or None
+    plt = S.setup()
+    files = []
+
+    def grid(panels, row_labels, scales, stem, caption):
+        nr, nc = len(panels), len(scales)
+        fig, axes = plt.subplots(nr, nc, figsize=(min(S.DOUBLE, 0.95 * nc + 0.9), 0.95 * nr + 0.35), squeeze=False)
+        im = None
+        for r, maps in enumerate(panels):
+            for c, si in enumerate(scales):
+                ax = axes[r][c]
+                ax.set_xticks([])
+                ax.set_yticks([])
+                ax.grid(False)
+                for sp in ax.spines.values():
+                    sp.set_visible(False)
+                if maps is not None and si in maps:
+                    im = ax.imshow(maps[si], cmap="viridis", vmin=0, vmax=E, interpolation="nearest")
+                if r == 0:
+                    ax.set_title(f"scale {si + 1}")
+                if c == 0:
+                    ax.set_ylabel(row_labels[r])
+        if im is not None:
+            cb = fig.colorbar(im, ax=axes, shrink=0.9, pad=0.02)
+            cb.set_label("active experts / token")
+        return S.save_figure(fig, ctx.out_dir, stem, caption)
+
+    scales = sorted({si for r in rows for si in r[2]})
+    by_tau = rows[:5]
+    files += grid([r[2] and {si: v[0] for si, v in r[2].items() if v} for r in by_tau],
+                  [f"τ={r[1]}" for r in by_tau], scales, "expert_maps_by_tau",
+                  f"Expert allocation maps (active experts per token, mean over layers) of the first sample on each "
+                  f"MoE scale as τ decreases, {model}. {ctx.caption()}")
+    pick = min(rows, key=lambda r: abs((r[0] or 0) - 0.8))
+    n = min(4, min(len(v) for v in pick[2].values()))
+    files += grid([{si: v[k] for si, v in pick[2].items()} for k in range(n)], [f"sample {k}" for k in range(n)],
+                  scales, "expert_maps_samples", f"Expert allocation maps of {n} samples at τ={pick[1]} (the value "
+                  f"closest to 0.8), {model}. {ctx.caption()}")
+    return files
+
+
+def expert_size(ctx: Context) -> List[str]:
+    d = _dmoe(ctx)
+    sizes = D.col(d, "param_expert_size")
+    if len({s for s in sizes if s is not None}) < 2:
+        raise Skip("fewer than two expert sizes among the dmoe rows")
+    column, desc = D.flops_column(ctx.df, ctx.flops)
+    taus = [D.tau_text(t) for t in D.col(d, "param_tau")]
+    models = D.col(d, "model")
+    keys = list(dict.fromkeys(zip(models, taus)))
+    panels = (("fid", fid_label(ctx.df), D.col(d, "fid")), ("macs", f"GMACs / image", D.gmacs(d, column)),
+              ("time", "ms / image", D.ms_per_image(d)))
+    lo, hi = D.col(d, "fid_ci_low"), D.col(d, "fid_ci_high")
+    plt = S.setup()
+    fig, axes = plt.subplots(1, 3, figsize=(S.DOUBLE, 2.2))
+    for ki, (model, tau) in enumerate(keys):
+        idx = sorted((i for i in range(len(d)) if (models[i], taus[i]) == (model, tau) and sizes[i] is not None),
+                     key=lambda i: sizes[i])
+        label = f"τ={tau}" + (f", {model}" if len({k[0] for k in keys}) > 1 else "")
+        for ax, (name, ylabel, ys) in zip(axes, panels):
+            ax.plot([sizes[i] for i in idx], [ys[i] for i in idx], marker=S.marker(ki), color=S.color(ki),
+                    label=label)
+            if name == "fid":
+                _intervals(ax, [sizes[i] for i in idx], [lo[i] for i in idx], [hi[i] for i in idx], S.color(ki))
+    for model in sorted({k[0] for k in keys}):
+        for ax, (name, _, _) in zip(axes, panels):
+            ref = {"fid": D.dense_value(ctx.df, model, "fid"),
+                   "macs": (D.dense_value(ctx.df, model, column) or 0) / 1e9 or None,
+                   "time": (1000.0 / D.dense_value(ctx.df, model, "images_per_s"))
+                   if D.dense_value(ctx.df, model, "images_per_s") else None}[name]
+            if ref is not None:
+                ax.axhline(ref, color=S.DENSE_COLOR, ls=":", lw=0.8, label="dense")
+    for ax, (_, ylabel, _) in zip(axes, panels):
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("expert size (neurons)")
+        ax.set_ylabel(ylabel)
+    axes[0].legend(loc="best")
+    fig.tight_layout()
+    return S.save_figure(fig, ctx.out_dir, "expert_size", f"DMoE-VAR expert granularity: FID, MACs ({desc}) and "
+                         f"wall-clock against expert size; dotted: dense. {ctx.caption(desc)}")
+
+
+def scale_sensitivity(ctx: Context) -> List[str]:
+    d = _dmoe(ctx)
+    sets = [D.scales_text(v) for v in D.col(d, "param_moe_scales")]
+    if len(set(sets)) < 2:
+        raise Skip("fewer than two sets of MoE scales among the dmoe rows")
+    column, desc = D.flops_column(ctx.df, ctx.flops)
+    xs, fids = D.gmacs(d, column), D.col(d, "fid")
+    lo, hi = D.col(d, "fid_ci_low"), D.col(d, "fid_ci_high")
+    plt = S.setup()
+    fig, ax = plt.subplots(figsize=(S.SINGLE, S.HEIGHT))
+    for k, s in enumerate(sorted(set(sets), key=lambda t: (len(t), t))):
+        idx = sorted((i for i in range(len(d)) if sets[i] == s and xs[i] is not None), key=lambda i: xs[i])
+        ax.plot([xs[i] for i in idx], [fids[i] for i in idx], marker=S.marker(k), color=S.color(k),
+                label=f"MoE on scale{'s' if ('-' in s or ',' in s) else ''} {s}")
+        _intervals(ax, [xs[i] for i in idx], [lo[i] for i in idx], [hi[i] for i in idx], S.color(k))
+    dn = D.dense_rows(ctx.df)
+    if len(dn):
+        ax.scatter(D.gmacs(dn, column), D.col(dn, "fid"), marker="*", s=60, color=S.DENSE_COLOR, label="dense",
+                   zorder=4)
+    ax.set_xlabel(f"GMACs / image ({desc})")
+    ax.set_ylabel(fid_label(ctx.df))
+    ax.legend(loc="best")
+    return S.save_figure(fig, ctx.out_dir, "scale_sensitivity", "Sensitivity of each scale to sparsification: "
+                         f"DMoE-VAR applied to the given scale(s) only, τ varied along each curve. {ctx.caption(desc)}")
+
+
+def depth(ctx: Context) -> List[str]:
+    df = ctx.df
+    depths = D.col(df, "model_depth")
+    if len({x for x in depths if x is not None}) < 2:
+        raise Skip("fewer than two model depths")
+    column, desc = D.flops_column(df, ctx.flops)
+    xs, fids, models = D.gmacs(df, column), D.col(df, "fid"), D.col(df, "model")
+    rel = [None if x is None or not D.dense_value(df, m, column) else 100.0 * x * 1e9 / D.dense_value(df, m, column)
+           for x, m in zip(xs, models)]
+    methods = D.col(df, "method")
+    plt = S.setup()
+    fig, axes = plt.subplots(1, 2, figsize=(S.DOUBLE, S.HEIGHT))
+    for k, model in enumerate(sorted({m for m in models if m}, key=lambda m: (depths[models.index(m)] or 0, m))):
+        dep = depths[models.index(model)]
+        for j, meth in enumerate(sorted({methods[i] for i in range(len(df)) if models[i] == model} - {"dense"})):
+            idx = sorted((i for i in range(len(df)) if models[i] == model and methods[i] == meth
+                          and xs[i] is not None), key=lambda i: xs[i])
+            for ax, x in zip(axes, (xs, rel)):
+                ax.plot([x[i] for i in idx], [fids[i] for i in idx], marker=S.marker(k), color=S.color(k),
+                        ls=["-", "--", ":", "-."][j % 4], label=f"{D.nice_method(meth)}, depth {dep}")
+        di = [i for i in range(len(df)) if models[i] == model and methods[i] == "dense" and xs[i] is not None]
+        for ax, x in zip(axes, (xs, rel)):
+            ax.scatter([x[i] for i in di], [fids[i] for i in di], marker="*", s=60, color=S.color(k),
+                       edgecolors=S.DENSE_COLOR, linewidths=0.6, zorder=4, label=f"dense, depth {dep}")
+    axes[0].set_xlabel(f"GMACs / image ({desc})")
+    axes[1].set_xlabel("MACs, % of the same model's dense")
+    for ax in axes:
+        ax.set_ylabel(fid_label(df))
+    axes[0].legend(loc="best")
+    fig.tight_layout()
+    return S.save_figure(fig, ctx.out_dir, "depth", "The same sweep at two model depths: FID against absolute MACs "
+                         f"(left) and MACs relative to each model's dense run (right). {ctx.caption(desc)}")

@@ -1,0 +1,165 @@
+"""Cost/quality trade-offs of every method (DMoE fig. 3): FID vs FLOPs and vs wall-clock with the Pareto front,
+the front as a table, and dynamic methods against their static twins at equal FLOPs (ActVAR tables 4-5)."""
+from __future__ import annotations
+
+from typing import List
+
+from reports import data as D
+from reports import style as S
+from reports.context import Context, Skip
+
+
+def _intervals(ax, xs, los, his, c):
+    for x, lo, hi in zip(xs, los, his):
+        if x is not None and lo is not None and hi is not None:
+            ax.plot([x, x], [lo, hi], color=c, lw=0.8, alpha=0.7, zorder=1)
+
+
+def scatter_by_series(ax, df, xs, ys, ctx: Context, front_mask=None, connect=True):
+    """One colour+marker per series (method/entry/twin); dense as a black star; bootstrap intervals as bars."""
+    keys = [(k[0], "", "") for k in D.series_keys(df)] if ctx.by_method else D.series_keys(df)
+    order = list(dict.fromkeys(keys))
+    los, his = D.col(df, "fid_ci_low"), D.col(df, "fid_ci_high")
+    models = D.col(df, "model")
+    multi_model = len(set(models)) > 1
+    i_color = 0
+    for key in order:
+        idx = [i for i, k in enumerate(keys) if k == key and xs[i] is not None and ys[i] is not None]
+        if not idx:
+            continue
+        if key[0] == "dense":
+            c, m, size, label = S.DENSE_COLOR, "*", 60, D.series_label(key, order)
+        else:
+            c, m, size, label = S.color(i_color), S.marker(i_color), 16, D.series_label(key, order)
+            i_color += 1
+        for mi, model in enumerate(sorted({models[i] for i in idx}, key=str)):
+            sub = sorted((i for i in idx if models[i] == model), key=lambda i: xs[i])
+            lab = label + (f" — {model}" if multi_model else "")
+            ax.scatter([xs[i] for i in sub], [ys[i] for i in sub], color=c, marker=m, s=size, zorder=3,
+                       label=lab, edgecolors="none")
+            if connect and len(sub) > 1 and key[0] != "dense":
+                ax.plot([xs[i] for i in sub], [ys[i] for i in sub], color=c, lw=0.8, alpha=0.6, zorder=2,
+                        ls="-" if mi == 0 else "--")
+            _intervals(ax, [xs[i] for i in sub], [los[i] for i in sub], [his[i] for i in sub], c)
+    if front_mask is not None:
+        f = sorted((i for i, on in enumerate(front_mask) if on), key=lambda i: xs[i])
+        if f:
+            ax.step([xs[i] for i in f], [ys[i] for i in f], where="post", color="#444444", lw=0.8, ls=":",
+                    zorder=2, label="Pareto front")
+            ax.scatter([xs[i] for i in f], [ys[i] for i in f], s=60, facecolors="none", edgecolors="#444444",
+                       linewidths=0.8, zorder=4)
+
+
+def fid_label(df) -> str:
+    ex = sorted({str(v) for v in D.col(df, "extractor") if v is not None})
+    return f"FID ({', '.join(ex)})" if ex else "FID"
+
+
+def pareto_figures(ctx: Context) -> List[str]:
+    df = ctx.df
+    if not D.has_values(df, "fid"):
+        raise Skip("no FID values")
+    column, desc = D.flops_column(df, ctx.flops)
+    if not column:
+        raise Skip("no MAC column (macs_analytic_all / macs_analytic / macs_fvcore)")
+    files = []
+    fids = D.col(df, "fid")
+    for stem, xs, xlabel in (("pareto_fid_vs_flops", D.gmacs(df, column), f"GMACs / image ({desc})"),
+                             ("pareto_fid_vs_time", D.ms_per_image(df), "Wall-clock (ms / image, median batch)")):
+        if all(x is None for x in xs):
+            ctx.note(f"{stem}: no values for the x axis")
+            continue
+        plt = S.setup()
+        fig, ax = plt.subplots(figsize=(S.SINGLE, S.HEIGHT))
+        front = D.pareto_front(xs, fids)
+        scatter_by_series(ax, df, xs, fids, ctx, front)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(fid_label(df))
+        ax.legend(loc="best", handlelength=1.2)
+        what = "FLOPs" if "flops" in stem else "wall-clock time"
+        files += S.save_figure(fig, ctx.out_dir, stem, f"FID against {what} per method; the dotted staircase is "
+                               f"the Pareto front (circled points), the black star the dense model, bars are FID "
+                               f"bootstrap intervals. {ctx.caption(desc)}")
+    return files
+
+
+def front_table(ctx: Context) -> List[str]:
+    df = ctx.df
+    column, desc = D.flops_column(df, ctx.flops)
+    if not column or not D.has_values(df, "fid"):
+        raise Skip("needs FID and a MAC column")
+    xs, fids = D.gmacs(df, column), D.col(df, "fid")
+    front = D.pareto_front(xs, fids)
+    idx = sorted((i for i, on in enumerate(front) if on), key=lambda i: xs[i])
+    dense_idx = [i for i, m in enumerate(D.col(df, "method")) if m == "dense"]
+    for i in dense_idx:          # the baseline is always listed, on the front or not
+        if i not in idx:
+            idx.append(i)
+    labels, models = D.col(df, "method_label"), D.col(df, "model")
+    lo, hi, ms = D.col(df, "fid_ci_low"), D.col(df, "fid_ci_high"), D.ms_per_image(df)
+    isc = D.col(df, "isc_mean")
+    header = ["Method", "Model", "GMACs/img", "ΔMACs vs dense", "ms/img", "Δtime vs dense", "FID [95% CI]", "IS",
+              "on front"]
+    rows = []
+    for i in idx:
+        dm = D.dense_value(df, models[i], column)
+        dt = D.dense_value(df, models[i], "images_per_s")
+        dmacs = f"{100 * (xs[i] * 1e9 / dm - 1):+.1f}%" if dm and xs[i] is not None else "-"
+        dtime = f"{100 * (ms[i] / (1000 / dt) - 1):+.1f}%" if dt and ms[i] is not None else "-"
+        rows.append([labels[i] or D.col(df, "method")[i], models[i], S.fmt(xs[i], ".4g"), dmacs, S.fmt(ms[i], ".3g"),
+                     dtime, S.fid_text(fids[i], lo[i], hi[i]), S.fmt(isc[i], ".3g"), "yes" if front[i] else "no"])
+    return S.save_table(ctx.out_dir, "pareto_front", header, rows,
+                        f"Pareto front of FID against MACs ({desc}), the dense baseline always listed. "
+                        f"{ctx.caption(desc)}")
+
+
+def twins(ctx: Context) -> List[str]:
+    """Every trial with a parent (e.g. the FLOP-matched Pruned-FFN of a DMoE point) against that parent."""
+    df = ctx.df
+    parents = D.col(df, "sweep_parent")
+    if not any(parents):
+        raise Skip("no twin trials (sweep_parent is empty)")
+    column, desc = D.flops_column(df, ctx.flops)
+    points = D.col(df, "sweep_point")
+    by_point = {p: i for i, p in enumerate(points) if p}
+    xs, fids, lo, hi = D.gmacs(df, column), D.col(df, "fid"), D.col(df, "fid_ci_low"), D.col(df, "fid_ci_high")
+    labels, ms, isc = D.col(df, "method_label"), D.ms_per_image(df), D.col(df, "isc_mean")
+    pairs = [(by_point[p], i) for i, p in enumerate(parents) if p and p in by_point]
+    missing = [points[i] for i, p in enumerate(parents) if p and p not in by_point]
+    if missing:
+        ctx.note(f"twins: {len(missing)} twin(s) without their parent's row: {', '.join(missing[:3])}")
+    if not pairs:
+        raise Skip("no twin has its parent's row")
+    header = ["Dynamic", "Static twin", "GMACs/img (dyn / twin)", "ms/img (dyn / twin)", "FID dynamic [95% CI]",
+              "FID twin [95% CI]", "ΔFID", "IS (dyn / twin)"]
+    rows = []
+    for p, t in pairs:
+        dfid = f"{fids[t] - fids[p]:+.3g}" if fids[t] is not None and fids[p] is not None else "-"
+        rows.append([labels[p], labels[t], f"{S.fmt(xs[p], '.4g')} / {S.fmt(xs[t], '.4g')}",
+                     f"{S.fmt(ms[p])} / {S.fmt(ms[t])}", S.fid_text(fids[p], lo[p], hi[p]),
+                     S.fid_text(fids[t], lo[t], hi[t]), dfid, f"{S.fmt(isc[p])} / {S.fmt(isc[t])}"])
+    files = S.save_table(ctx.out_dir, "dynamic_vs_static", header, rows,
+                         f"Each dynamic point against its static twin at equal FLOPs (the twin's parameters are "
+                         f"derived from the dynamic point's measured MACs). {ctx.caption(desc)}")
+    plt = S.setup()
+    fig, ax = plt.subplots(figsize=(S.SINGLE, S.HEIGHT))
+    dyn = [p for p, _ in pairs]
+    tw = [t for _, t in pairs]
+    for grp, c, m, name in ((dyn, S.color(0), "o", "dynamic"), (tw, S.color(1), "s", "static twin")):
+        g = sorted(grp, key=lambda i: xs[i] if xs[i] is not None else 0)
+        ax.plot([xs[i] for i in g], [fids[i] for i in g], color=c, marker=m, lw=0.8, label=name)
+        _intervals(ax, [xs[i] for i in g], [lo[i] for i in g], [hi[i] for i in g], c)
+    for p, t in pairs:
+        if None not in (xs[p], xs[t], fids[p], fids[t]):
+            ax.plot([xs[p], xs[t]], [fids[p], fids[t]], color="#999999", lw=0.5, ls=":")
+    dense = [i for i, m in enumerate(D.col(df, "method")) if m == "dense" and xs[i] is not None]
+    if dense:
+        ax.scatter([xs[i] for i in dense], [fids[i] for i in dense], marker="*", s=60, color=S.DENSE_COLOR,
+                   label="dense", zorder=4)
+    ax.set_xlabel(f"GMACs / image ({desc})")
+    ax.set_ylabel(fid_label(df))
+    ax.legend(loc="best")
+    methods = sorted({D.nice_method(m) for m in (D.col(df, 'method')[i] for i in dyn) if m})
+    files += S.save_figure(fig, ctx.out_dir, "dynamic_vs_static_plot", f"{', '.join(methods)} against static twins at "
+                           f"equal FLOPs (dotted lines join each pair). {ctx.caption(desc)}")
+    return files

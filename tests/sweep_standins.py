@@ -1,0 +1,26 @@
+"""Stand-in methods for the sweep tests (imported by sweeps through `modules: [tests.sweep_standins]`).
+
+`standin-budget` runs the dense network but reports `keep` times the dense FFN MACs on the last three scales:
+a cheap, artifact-free method with one parameter and a MAC count that depends on it, so that a sweep's grid,
+twins (FLOP matching reads the parent's MACs) and resume logic can be exercised on the tiny model."""
+from bench.registry import Method, Param, register_method
+
+
+@register_method("standin-budget")
+class StandinBudget(Method):
+    kind = "weight"
+    description = "test stand-in: dense network, FFN MACs of the last three scales reported x keep"
+    params = (Param("keep", float, 1.0, "share of the FFN MACs reported on the last three scales", low=0.0,
+                    high=1.0, low_open=True),)
+
+    def build(self, bundle):
+        return bundle.var
+
+    def analytic_macs(self, net, bundle, batch):
+        from bench.analytic import dense_scale_macs
+        dense = dense_scale_macs(bundle.var.cfg, batch)
+        last = range(len(dense) - 3, len(dense))
+        return [s.total - (s.ffn * (1 - self.config["keep"]) if i in last else 0.0) for i, s in enumerate(dense)]
+
+    def row_metrics(self, net, bundle):
+        return dict(standin_keep=self.config["keep"])

@@ -1,0 +1,211 @@
+"""Reports from a synthetic results table (contract columns), built in the test: every expected file exists and is
+non-empty, the Pareto front is the right one, and bad input is one line with exit status 2."""
+import json
+import os
+
+import numpy as np
+import pytest
+
+from tests.conftest import run_cli
+
+S = 7                       # scales of the embedded default
+DENSE_MACS = 1.0e9
+
+
+def _row(sweep, sid, point, method, macs, fid, *, model="shapes-d4", depth=4, parent="", twin="", entry=None,
+         ips=10.0, params=None, extra=None, quick=False):
+    params = params or {}
+    row = dict(run_id=f"r-{sid}-{point}".replace("/", "_"), sweep=sweep, sweep_id=sid, trial_key=f"{sid}/{point}",
+               method=method, method_kind="weight", method_label=f"{method} {json.dumps(params, sort_keys=True)}",
+               method_config=json.dumps(params), model=model, model_id=model + "-abc", model_depth=depth,
+               model_source="embedded", samples=64, seed=0, seed_scheme="s", batch_size=16, cfg=1.5, top_k=0,
+               top_p=0.0, more_smooth=False, device="cpu", macs_fvcore=macs, macs_analytic=macs,
+               macs_analytic_all=macs, macs_analytic_per_scale=[macs / S] * S, macs_decoder=1e8,
+               time_median_s=16 / ips, time_p10_s=16 / ips, time_p90_s=16 / ips, images_per_s=ips,
+               time_per_scale_median_s=[0.1] * S, fid=fid, fid_ci_low=fid * 0.9, fid_ci_high=fid * 1.1,
+               isc_mean=5.0, isc_std=0.1, extractor="var-bench-classifier@1234", reference="shapes:val",
+               reference_count=1000, env_device_name="Test CPU", env_threads=2, env_host="h",
+               started_at=f"2026-01-01T00:00:{len(point) % 60:02d}+00:00", sweep_point=point, sweep_parent=parent,
+               sweep_twin=twin, sweep_entry=entry or method, sweep_quick=quick)
+    for k, v in params.items():
+        row[f"param_{k}"] = json.dumps(v) if isinstance(v, list) else v
+    row.update(extra or {})
+    return row
+
+
+def dmoe_extra(tau, E=16):
+    active = [None] * 4 + [E * tau, E * tau * 0.7, E * tau * 0.5]
+    maps = {str(si): [[[round(E * tau * ((r + c) % 3) / 3, 3) for c in range(p)] for r in range(p)]
+                      for _ in range(2)] for si, p in ((4, 5), (5, 6), (6, 8))}
+    return dict(num_experts=E, active_experts_per_scale=active,
+                expert_maps=json.dumps(dict(samples=2, value="active experts", maps=maps)))
+
+
+# the tau sweep: (tau, GMACs, FID); the Pareto front (cost, FID minimised) is known by construction
+TAU_POINTS = [(1.0, 0.95, 10.0), (0.8, 0.80, 10.2), (0.6, 0.70, 11.0), (0.4, 0.60, 14.0)]
+TWIN_FIDS = [10.5, 11.5, 16.0, 25.0]   # static twins at the same MACs: all dominated
+
+
+def synthetic_rows():
+    rows = [_row("tau", "tau-1", "m/dense", "dense", DENSE_MACS, 9.9)]
+    for (tau, g, fid), tf in zip(TAU_POINTS, TWIN_FIDS):
+        p = f"m/dmoe/tau={tau}"
+        params = dict(tau=tau, moe_scales=[4, 5, 6], expert_size=32)
+        rows.append(_row("tau", "tau-1", p, "dmoe", g * 1e9, fid, params=params, extra=dmoe_extra(tau)))
+        rows.append(_row("tau", "tau-1", p + "/static", "pruned-ffn", g * 1e9, tf, parent=p, twin="static",
+                         entry="dmoe", params=dict(match_macs=g * 1e9, scales=[4, 5, 6]),
+                         extra=dict(prune_fraction_effective=0.3)))
+    # an older quick invocation of the same sweep must not be drawn
+    rows.append(_row("tau", "tau-0", "m/dense", "dense", DENSE_MACS, 1.0, quick=True))
+    # expert sizes (fig. 8a)
+    rows.append(_row("experts", "ex-1", "m/dense", "dense", DENSE_MACS, 9.9))
+    for e, fid in ((8, 9.9), (32, 10.1), (128, 10.6)):
+        rows.append(_row("experts", "ex-1", f"m/dmoe/expert_size={e}", "dmoe", 0.8e9, fid,
+                         params=dict(tau=0.8, expert_size=e, moe_scales=[4, 5, 6]), extra=dmoe_extra(0.8, 512 // e)))
+    # single-scale sensitivity (fig. 4) + ActVAR scales (table 6)
+    rows.append(_row("scales", "sc-1", "m/dense", "dense", DENSE_MACS, 9.9))
+    for s in (4, 5, 6):
+        for tau in (0.8, 0.5):
+            rows.append(_row("scales", "sc-1", f"m/single/moe_scales=[{s}],tau={tau}", "dmoe", (0.9 - 0.1 * (6 - s)
+                             * tau) * 1e9, 10 + s * tau, params=dict(tau=tau, moe_scales=[s], expert_size=32)))
+    for sc, fid in (([3, 4], 10.8), ([5, 6], 10.4)):
+        rows.append(_row("scales", "sc-1", f"m/actvar/scales={sc}", "actvar", 0.85e9, fid,
+                         params=dict(scales=sc, token_rate=0.75, weight_rate=0.75)))
+    # depth (fig. 5)
+    for model, depth, scale in (("shapes-d4", 4, 1.0), ("shapes-d6", 6, 1.5)):
+        rows.append(_row("depth", "dp-1", f"{model}/dense", "dense", DENSE_MACS * scale, 9.0, model=model,
+                         depth=depth))
+        for tau, rel, fid in ((0.9, 0.9, 9.2), (0.7, 0.75, 9.8)):
+            rows.append(_row("depth", "dp-1", f"{model}/dmoe/tau={tau}", "dmoe", DENSE_MACS * scale * rel, fid,
+                             model=model, depth=depth, params=dict(tau=tau, moe_scales=[4, 5, 6], expert_size=32)))
+    # ActVAR tables 2-5
+    rows.append(_row("activation", "ac-1", "m/dense", "dense", DENSE_MACS, 9.9))
+    for tr, wr, g, fid in (([0.5, 0.25], 0.5, 0.57, 13.0), ([0.75, 0.75], 0.75, 0.79, 10.5)):
+        rows.append(_row("activation", "ac-1", f"m/rates/token_rate={tr},weight_rate={wr}", "actvar", g * 1e9, fid,
+                         params=dict(token_rate=tr, weight_rate=wr, scales=[5, 6]), entry="rates"))
+    rows.append(_row("activation", "ac-1", "m/wo_dw", "actvar-tokens", 0.86e9, 10.3, params=dict(token_rate=0.75)))
+    rows.append(_row("activation", "ac-1", "m/wo_at", "actvar-experts", 0.9e9, 10.2, params=dict(weight_rate=0.75)))
+    rows.append(_row("activation", "ac-1", "m/fixed", "fixed-tokens", 0.86e9, 12.0,
+                     params=dict(token_rate=0.75, criterion="norm")))
+    rows.append(_row("activation", "ac-1", "m/static", "pruned-ffn", 0.9e9, 11.0, params=dict(fraction=0.25),
+                     extra=dict(prune_fraction_effective=0.25)))
+    return rows
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    from bench.results import append_row
+    d = str(tmp_path_factory.mktemp("store"))
+    for r in synthetic_rows():
+        append_row(d, r)
+    return d
+
+
+def test_pareto_front_known_points():
+    from reports.data import pareto_front
+    xs = [1.0, 0.8, 0.7, 0.6, 0.95, 0.8, 0.7, None, 0.5]
+    ys = [9.9, 10.2, 11.0, 14.0, 10.0, 11.5, 16.0, 1.0, float("nan")]
+    # 0.95/10.0 is dominated by nothing cheaper with lower FID? 0.8/10.2 is cheaper but worse -> 0.95 on the front;
+    # 1.0/9.9 is the best FID -> on the front; 0.8/11.5 and 0.7/16.0 are dominated; None and NaN never count
+    assert pareto_front(xs, ys) == [True, True, True, True, True, False, False, False, False]
+    assert pareto_front([1, 1, 2], [5, 5, 4]) == [True, False, True]      # exact duplicates: the first one
+    assert pareto_front([1, 2], [5, 5]) == [True, False]                  # equal FID at higher cost: dominated
+
+
+EXPECTED = {
+    "tau": ["pareto_fid_vs_flops", "pareto_fid_vs_time", "dynamic_vs_static_plot", "tau_tradeoff",
+            "active_experts_per_scale", "expert_maps_by_tau", "expert_maps_samples"],
+    "experts": ["pareto_fid_vs_flops", "expert_size"],
+    "scales": ["pareto_fid_vs_flops", "scale_sensitivity"],
+    "depth": ["pareto_fid_vs_flops", "depth"],
+    "activation": ["pareto_fid_vs_flops"],
+    "all": ["pareto_fid_vs_flops", "pareto_fid_vs_time"],
+}
+TABLES = {"tau": ["pareto_front", "dynamic_vs_static"], "scales": ["actvar_scales"],
+          "activation": ["actvar_activation_rates", "actvar_components", "actvar_tokens_vs_fixed",
+                         "actvar_weights_vs_static", "pareto_front"], "all": ["pareto_front"]}
+
+
+@pytest.fixture(scope="module")
+def report_out(store, tmp_path_factory):
+    """`python -m bench report` over the whole synthetic store, once for the tests below."""
+    out = str(tmp_path_factory.mktemp("report") / "out")
+    r = run_cli("report", "--results", store, "--out", out)
+    assert r.returncode == 0, r.stderr
+    return out, r.stdout
+
+
+def test_report_writes_every_expected_file(report_out):
+    out, stdout = report_out
+    assert "no rows yet of the shipped sweeps" not in stdout      # all five shipped sweep names are present
+    for sweep, stems in EXPECTED.items():
+        for stem in stems:
+            for ext in ("png", "pdf", "md"):
+                p = os.path.join(out, sweep, f"{stem}.{ext}")
+                assert os.path.isfile(p) and os.path.getsize(p) > 0, p
+        assert os.path.getsize(os.path.join(out, sweep, "README.md")) > 0
+    for sweep, stems in TABLES.items():
+        for stem in stems:
+            for ext in ("md", "tex"):
+                p = os.path.join(out, sweep, f"{stem}.{ext}")
+                assert os.path.isfile(p) and os.path.getsize(p) > 0, p
+    # PNGs are real images at paper size (3.3 in at 300 dpi ~ 1000 px wide, not a blank placeholder)
+    from PIL import Image
+    im = Image.open(os.path.join(out, "tau", "pareto_fid_vs_flops.png"))
+    assert 700 < im.size[0] < 1400 and len(np.unique(np.asarray(im.convert("L")))) > 10
+    assert not [f for _, _, fs in os.walk(out) for f in fs if f.startswith(".tmp")]
+    # captions name sample count, model and machine
+    cap = open(os.path.join(out, "tau", "pareto_fid_vs_flops.md")).read()
+    assert "64 samples" in cap and "shapes-d4" in cap and "Test CPU" in cap
+
+
+def test_front_table_lists_the_known_front(store, report_out, tmp_path):
+    from reports import build_reports
+    one = str(tmp_path / "one")
+    build_reports(store, "tau", one, log=lambda *a: None)
+    assert sorted(os.listdir(one)) == ["tau"]          # one sweep asked: one directory
+    out = report_out[0]
+    md = open(os.path.join(out, "tau", "pareto_front.md")).read()
+    lines = [ln for ln in md.splitlines() if ln.startswith("| ") and "GMACs" not in ln]
+    on_front = {ln.split("|")[3].strip() for ln in lines if ln.rstrip(" |").endswith("yes")}
+    # dense (1.0, 9.9) and every DMoE point; the twins and the quick run's dense (FID 1.0) are not in it
+    assert on_front == {"1", "0.95", "0.8", "0.7", "0.6"}
+    assert len(lines) == 5
+    tex = open(os.path.join(out, "tau", "pareto_front.tex")).read()
+    assert "\\begin{tabular}" in tex and "\\toprule" in tex and "0.95" in tex
+    twins = open(os.path.join(out, "tau", "dynamic_vs_static.md")).read()
+    assert twins.count("\n| ") == 4 and "+11" in twins            # 4 pairs; ΔFID of τ=0.4: 25 - 14
+
+
+def test_actvar_tables_content(report_out):
+    out = report_out[0]
+    t2 = open(os.path.join(out, "activation", "actvar_activation_rates.md")).read()
+    assert "(50%, 25%; 50%)" in t2 and "(75%, 75%; 75%)" in t2 and "43.0%" in t2 and "21.0%" in t2
+    t3 = open(os.path.join(out, "activation", "actvar_components.md")).read()
+    assert t3.index("w/o DW") < t3.index("w/o AT") < t3.index("w/ DW & AT")
+    t5 = open(os.path.join(out, "activation", "actvar_weights_vs_static.md")).read()
+    assert "Static weight pruning | 75%" in t5
+
+
+def test_report_bad_input(store, tmp_path):
+    out = tmp_path / "out"
+    r = run_cli("report", "--results", store, "--out", str(out), "--sweep", "nope")
+    assert r.returncode == 2 and r.stderr.strip().count("\n") == 0
+    assert "valid:" in r.stderr and "tau" in r.stderr and not out.exists()
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    r = run_cli("report", "--results", str(empty), "--out", str(out))
+    assert r.returncode == 2 and "no rows" in r.stderr and not out.exists()
+
+
+def test_report_missing_columns_are_reported(tmp_path):
+    """A store with only dense rows and no FID: no crash, the skipped figures are named."""
+    from bench.results import append_row
+    d = str(tmp_path / "s")
+    row = _row("tau", "t-1", "m/dense", "dense", DENSE_MACS, 1.0)
+    for k in ("fid", "fid_ci_low", "fid_ci_high"):
+        row.pop(k)
+    append_row(d, row)
+    r = run_cli("report", "--results", d, "--out", str(tmp_path / "o"))
+    assert r.returncode == 0, r.stderr
+    assert "pareto" in r.stdout and "no FID values" in r.stdout
