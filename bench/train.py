@@ -194,15 +194,21 @@ def tokenize(vqvae: VQVAE, images: torch.Tensor, batch: int = 200) -> List[torch
     return out
 
 
-def var_config(depth: int, vqvae: VQVAE, num_classes: int, width_per_depth: int = 32) -> VARConfig:
-    """The embedded family: the release's recipe (heads = depth) at half width per layer."""
-    return VARConfig(depth=depth, embed_dim=width_per_depth * depth, num_heads=depth, vocab_size=vqvae.vocab_size,
+def var_config(depth: int, vqvae: VQVAE, num_classes: int, width_per_depth: int = 32, width: Optional[int] = None,
+               heads: Optional[int] = None) -> VARConfig:
+    """The embedded family: the release's recipe (heads = depth) at half width per layer, unless width/heads are
+    given (the depth-sweep model keeps the default's width so that only depth changes)."""
+    C = width or width_per_depth * depth
+    H = heads or (depth if C % depth == 0 else C // 32)
+    if C % H:
+        raise BenchError(f"width {C} is not divisible by {H} heads")
+    return VARConfig(depth=depth, embed_dim=C, num_heads=H, vocab_size=vqvae.vocab_size,
                      Cvae=vqvae.Cvae, num_classes=num_classes, patch_nums=tuple(vqvae.v_patch_nums))
 
 
 def train_var(out: str, vqvae_path: str, depth: int = 4, steps: int = 4000, batch: int = 64, lr: float = 1e-3,
               seed: int = 0, data: str = "shapes", count: int = 20_000, width_per_depth: int = 32,
-              label_smooth: float = 0.0):
+              label_smooth: float = 0.0, width: Optional[int] = None, heads: Optional[int] = None):
     vq = load_trained_vqvae(vqvae_path)
     image_size = vq.image_size
     torch.manual_seed(seed)
@@ -216,11 +222,12 @@ def train_var(out: str, vqvae_path: str, depth: int = 4, steps: int = 4000, batc
         toks = tokenize(vq, images)
         torch.save(toks, cache)
     labels2 = torch.cat((labels, labels))
-    cfg = var_config(depth, vq, len(classes), width_per_depth)
+    cfg = var_config(depth, vq, len(classes), width_per_depth, width, heads)
     model = VAR(cfg).init_weights()
     opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.05)
     tr = VARTrainer(out, steps, dict(batch=batch, lr=lr, seed=seed, data=data, count=count, depth=depth,
-                                     label_smooth=label_smooth, vqvae=vqvae_path))
+                                     label_smooth=label_smooth, vqvae=vqvae_path, width=cfg.embed_dim,
+                                     heads=cfg.num_heads))
     start = tr.resume(model, opt)
     gen = torch.Generator().manual_seed(seed + start)
     model.train()

@@ -35,6 +35,8 @@ def register(sub):
     q.add_argument("--vqvae", required=True, help="trained vqvae.safetensors")
     q.add_argument("--depth", type=int, default=4)
     q.add_argument("--width-per-depth", type=int, default=32)
+    q.add_argument("--width", type=int, default=None, help="embedding width (overrides --width-per-depth)")
+    q.add_argument("--heads", type=int, default=None, help="attention heads (default: depth, as released)")
     q.set_defaults(func=_run)
     q = tsub.add_parser("classifier", help="quality feature extractor (offline FID/IS/PR/KID)")
     add_common(q, steps=3000, batch=128, lr=2e-3)
@@ -60,7 +62,8 @@ def _run(a):
     if a.what == "vqvae":
         train.train_vqvae(a.out, a.steps, a.batch, a.lr, a.seed, a.data, a.count, a.image_size)
     elif a.what == "var":
-        train.train_var(a.out, a.vqvae, a.depth, a.steps, a.batch, a.lr, a.seed, a.data, a.count, a.width_per_depth)
+        train.train_var(a.out, a.vqvae, a.depth, a.steps, a.batch, a.lr, a.seed, a.data, a.count, a.width_per_depth,
+                        width=a.width, heads=a.heads)
     elif a.what == "classifier":
         train.train_classifier(a.out, a.vqvae, a.steps, a.batch, a.lr, a.seed, a.data, a.count, a.image_size)
     elif a.what == "ship":
