@@ -1,0 +1,356 @@
+"""Token gating shared by ActVAR (methods/actvar.py), fixed token pruning (methods/token_pruning.py) and
+compositions (methods/compose.py). ../shared/METHODS.md §5-6; ActVAR paper §3.3-3.4, eq. 9.
+
+    TokenGatedBlock(block, index, gate)   wraps one AdaLNSelfAttn; on a gated scale only the gate's K kept
+                                          tokens go through attention + FFN, the others are copied unchanged
+    LearnedGate(selector, kept)           ActVAR: per block Linear(C,1) on the block's adaLN-modulated input,
+                                          softmax over the scale's tokens, top-K (a new choice in every block)
+    FixedGate(kept, criterion, shared)    fixed pruning: block 0 chooses, every later block reuses its choice
+    gate_net(net, make_gate)              wrap every VAR found in a net (SwitchNet included)
+    gated_macs / token_row_metrics        FLOPs and row columns from what the blocks recorded
+
+KV cache (what a gated block appends): at a gated scale, block m computes q/k/v for its K kept tokens only;
+their keys/values are what it appends to its own cache, and its kept tokens attend to the cache of earlier
+scales plus the K new keys (bidirectionally inside the scale, as in the dense model). Unselected tokens skip the
+block entirely: no query, no key, no value, no FFN — so at every later scale that block's attention sees only
+the keys of the tokens it kept earlier. Each block keeps its own choice (ActVAR), so the cache lengths of
+different blocks may hold different positions but the same counts; fixed pruning appends the same positions
+in every block. Ungated scales run the wrapped block unchanged (all tokens, full cache append).
+
+Cost accounting is by recording, never by assumption: each gated block records, per scale, rows, kept tokens,
+the keys its kept queries actually saw (cache length after the append), and the tokens a learned selector
+scored; its FFN reports what it ran. The teacher-forced masked pass (`VAR.forward`, si=None) is always dense.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+from typing import Callable, Dict, List, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from bench.errors import BenchError
+
+DEFAULT_LAST_SCALES = 2          # ActVAR acts on the last two scales (paper Table 6)
+MAP_SAMPLES = 4                  # conditional rows whose token-activation maps are kept for the results row
+
+
+@contextlib.contextmanager
+def untraced():
+    """Statistics bookkeeping outside a jit trace (bench/flops.py traces the real generation step): the counters
+    are not the method's work and must not show up among the traced ops."""
+    get, set_ = getattr(torch._C, "_get_tracing_state", None), getattr(torch._C, "_set_tracing_state", None)
+    state = get() if get else None
+    if state is not None:
+        set_(None)
+    try:
+        yield
+    finally:
+        if state is not None:
+            set_(state)
+
+
+# ------------------------------------------------------------------------------------------------ configuration
+def kept_count(rate: float, n: int) -> int:
+    """Tokens kept out of n at activation rate `rate`: round half up, at least one, at most n."""
+    return min(n, max(1, int(math.floor(rate * n + 0.5))))
+
+
+def check_scales_and_rates(method: str, scales, rates, what: str) -> None:
+    """Model-free checks: no scale twice; a per-scale rate list has one value per listed scale."""
+    if isinstance(scales, list) and len(set(scales)) != len(scales):
+        raise BenchError(f"method {method}: scales lists a scale twice: {scales}")
+    if isinstance(rates, list) and isinstance(scales, list) and len(rates) != len(scales):
+        raise BenchError(f"method {method}: {what} has {len(rates)} values but scales has {len(scales)}; "
+                         f"give one value or one per scale")
+
+
+def resolve_scales(method: str, value, num_scales: int, default_last: int = DEFAULT_LAST_SCALES) -> List[int]:
+    """Sorted scale indices (None: the last `default_last`), checked against the model."""
+    if value is None:
+        return list(range(max(0, num_scales - default_last), num_scales))
+    scales = [value] if isinstance(value, int) else list(value)
+    bad = [s for s in scales if not 0 <= s < num_scales]
+    if bad:
+        raise BenchError(f"method {method}: scale index {bad[0]} out of range; valid: 0..{num_scales - 1} "
+                         f"(the model has {num_scales} scales)")
+    return sorted(scales)
+
+
+def rates_by_scale(method: str, scales_value, rates, num_scales: int, what: str) -> Dict[int, float]:
+    """{scale: rate}. A rate list follows the order of the given scales (or the ascending default scales)."""
+    given = None if scales_value is None else ([scales_value] if isinstance(scales_value, int) else list(scales_value))
+    scales = resolve_scales(method, scales_value, num_scales)
+    order = given if given is not None else scales
+    vals = rates if isinstance(rates, list) else [rates] * len(order)
+    if len(vals) != len(order):
+        raise BenchError(f"method {method}: {what} has {len(vals)} values but there are {len(order)} scales "
+                         f"{order}; give one value or one per scale")
+    return {s: float(r) for s, r in zip(order, vals)}
+
+
+# ------------------------------------------------------------------------------------------------ gates
+class Gate(nn.Module):
+    """Chooses the kept tokens of one block at one scale. `kept`: {scale: K}. select() returns
+    (idx (rows, K) ascending positions, probs (rows, n) with grad or None, tokens scored by a learned linear)."""
+
+    def __init__(self, kept: Dict[int, int]):
+        super().__init__()
+        self.kept = dict(kept)
+
+    def active(self, si: Optional[int]) -> bool:
+        return si is not None and si in self.kept
+
+    def select(self, index: int, x, u, si: int):
+        raise NotImplementedError
+
+
+def topk_positions(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Positions of the k largest scores per row, in ascending position order (so rate 1 is the identity)."""
+    if k >= scores.shape[1]:
+        return torch.arange(scores.shape[1], device=scores.device).expand(scores.shape[0], -1)
+    return scores.topk(k, dim=1, sorted=False).indices.sort(dim=1).values
+
+
+class LearnedGate(Gate):
+    """ActVAR's gated selector G: Linear(C,1) on the block's adaLN-modulated input LN(x)(1+s1)+sh1 (the
+    attention input, which carries the class condition), softmax over the scale's tokens, top-K.
+    Cost: C MACs per scored token (the paper's 2·L·H FLOPs overhead term)."""
+
+    def __init__(self, selector: nn.Linear, kept: Dict[int, int]):
+        super().__init__(kept)
+        self.selector = selector
+
+    def logits(self, u):
+        return self.selector(u).squeeze(-1)
+
+    def select(self, index, x, u, si):
+        logits = self.logits(u)
+        probs = logits.softmax(dim=-1)
+        return topk_positions(logits, self.kept[si]), probs, u.shape[1]
+
+
+class FixedState:
+    """What block 0 chose at the current scale; read by every later block (plain object, shared by reference)."""
+
+    def __init__(self):
+        self.si: Optional[int] = None
+        self.idx: Optional[torch.Tensor] = None
+
+
+class FixedGate(Gate):
+    """Fixed token pruning (ActVAR's baseline, Table 4): the subset is chosen once per scale at block 0 and reused
+    by every block. Criteria: 'selector' (block 0's learned ActVAR selector scores), 'norm' (L2 norm of the block-0
+    input token; elementwise, counted as 0 MACs), 'random' (uniform, seeded by seed and scale: the same draw in
+    every generation with the same batch shape)."""
+
+    def __init__(self, kept: Dict[int, int], criterion: str, state: FixedState, selector: Optional[nn.Linear] = None,
+                 seed: int = 0):
+        super().__init__(kept)
+        self.criterion, self.state, self.seed = criterion, state, seed
+        self.selector = selector            # only block 0's gate has one (criterion 'selector')
+
+    def select(self, index, x, u, si):
+        if index == 0:
+            scored = 0
+            if self.criterion == "selector":
+                scores, scored = self.selector(u).squeeze(-1), u.shape[1]
+            elif self.criterion == "norm":
+                scores = x.float().norm(dim=-1)
+            else:
+                g = torch.Generator().manual_seed(self.seed * 1000 + si)
+                scores = torch.rand(x.shape[0], x.shape[1], generator=g).to(x.device)
+            self.state.si, self.state.idx = si, topk_positions(scores, self.kept[si])
+            return self.state.idx, None, scored
+        if self.state.si != si or self.state.idx is None or self.state.idx.shape[0] != x.shape[0]:
+            raise RuntimeError(f"fixed token pruning: block {index} ran at scale {si} before block 0 chose tokens")
+        return self.state.idx, None, 0
+
+
+# ------------------------------------------------------------------------------------------------ block
+def _ln_mod(block, x, scale, shift):
+    return block.ln_wo_grad(x).mul(scale.add(1)).add_(shift)
+
+
+class TokenGatedBlock(nn.Module):
+    """An AdaLNSelfAttn whose gated scales update only the kept tokens (eq. 8-9); shares the block's parameters.
+
+    Training hooks (methods/actvar.py): with `aux` set to a list, a LearnedGate's block also computes the full
+    dense block update of every token (pseudo-labels: tokens that change most) and appends its distillation and
+    balance losses; with `straight_through` on (stage 1) the kept tokens' update is multiplied by p/p.detach()
+    (value 1, so outputs are unchanged) so that the classification loss reaches the selector through top-k."""
+
+    def __init__(self, block, index: int, gate: Gate, map_samples: int = MAP_SAMPLES):
+        super().__init__()
+        self.block, self.index, self.gate = block, index, gate
+        self.map_samples = map_samples
+        self.aux: Optional[list] = None
+        self.aux_fn: Optional[Callable] = None
+        self.straight_through = False
+        self.reset_stats()
+
+    @property
+    def ffn(self):
+        return self.block.ffn
+
+    @property
+    def attn(self):
+        return self.block.attn
+
+    def reset_stats(self):
+        self.stats: Dict[int, dict] = {}
+        self.last_idx: Dict[int, torch.Tensor] = {}
+
+    def forward(self, x, cond_BD, attn_bias=None, cache=None, si: Optional[int] = None):
+        if not self.gate.active(si) or cache is None:
+            out = self.block(x, cond_BD, attn_bias, cache, si)
+            if si is not None and cache is not None:
+                self._record(si, x.shape[0], x.shape[1], x.shape[1], cache.k.shape[2], 0, None)
+            return out
+        blk = self.block
+        g1, g2, s1, s2, sh1, sh2 = blk.modulation(cond_BD)
+        u = _ln_mod(blk, x, s1, sh1)                                  # attention input of every token
+        idx, probs, scored = self.gate.select(self.index, x, u, si)
+        if self.aux is not None and self.aux_fn is not None:
+            self.aux_fn(self, x, u, (g1, g2, s2, sh2), cache, si, idx, probs)
+        C = x.shape[-1]
+        idx_e = idx.unsqueeze(-1).expand(-1, -1, C)
+        xs, us = x.gather(1, idx_e), u.gather(1, idx_e)
+        xs2 = xs + blk.attn(us, None, cache).mul_(g1)              # appends the kept tokens' keys/values only
+        xs2 = xs2 + blk.ffn(_ln_mod(blk, xs2, s2, sh2), si).mul(g2)
+        if self.straight_through and probs is not None and torch.is_grad_enabled():
+            p = probs.gather(1, idx)
+            xs2 = xs + (xs2 - xs) * (p / p.detach()).unsqueeze(-1)
+        self._record(si, x.shape[0], x.shape[1], idx.shape[1], cache.k.shape[2], scored, idx)
+        return x.scatter(1, idx_e, xs2)                              # eq. 9: the others are copies of x
+
+    @torch.no_grad()
+    def _record(self, si, rows, n, kept, keys, scored, idx):
+        with untraced():
+            self._record_untraced(si, rows, n, kept, keys, scored, idx)
+
+    def _record_untraced(self, si, rows, n, kept, keys, scored, idx):
+        st = self.stats.get(si)
+        if st is None:
+            st = self.stats[si] = dict(rows=0, tokens=0, kept=0, score_pairs=0, scored=0, map=None, n=n)
+            k = min(self.map_samples, rows // 2 if rows > 1 else rows)   # generate(): conditional rows first
+            pn = int(round(math.sqrt(n)))
+            if idx is not None and k > 0 and pn * pn == n:
+                m = torch.zeros(k, n, dtype=torch.bool)
+                m.scatter_(1, idx[:k].cpu(), True)
+                st["map"] = m.view(k, pn, pn)
+        st["rows"] += rows
+        st["tokens"] += rows * n
+        st["kept"] += rows * kept
+        st["score_pairs"] += rows * kept * keys
+        st["scored"] += rows * scored
+        if idx is not None:
+            self.last_idx[si] = idx
+
+
+def full_block_update(block, x, u, mods, cache, si) -> torch.Tensor:
+    """Output of the whole block on all tokens (dense FFN, attention over the present cache + every token), without
+    touching the cache: the reference 'fully updated sequence' q_m* of ActVAR's selector pseudo-labels."""
+    from bench.models.var import KVCache
+    g1, g2, s2, sh2 = mods
+    tmp = KVCache()
+    tmp.k, tmp.v = cache.k, cache.v
+    y = x + block.attn(u, None, tmp).mul(g1)
+    return y + block.ffn(_ln_mod(block, y, s2, sh2), None).mul(g2)   # si=None: every FFN type runs dense
+
+
+# ------------------------------------------------------------------------------------------------ nets
+def var_modules(net) -> list:
+    """Every VAR inside a net (the net itself, or e.g. both halves of DMoE's SwitchNet)."""
+    from bench.models.var import VAR
+    found = [m for m in net.modules() if isinstance(m, VAR)]
+    if not found:
+        raise BenchError(f"cannot gate tokens of {type(net).__name__}: it contains no VAR blocks")
+    return found
+
+
+def gate_net(net, make_gate: Callable[[int], Gate]):
+    """Wrap the blocks of every VAR in `net` in place (call on a clone_structure copy). make_gate(i) -> Gate."""
+    for var in var_modules(net):
+        for i, blk in enumerate(var.blocks):
+            if isinstance(blk, TokenGatedBlock):
+                raise BenchError("blocks are already token-gated: only one token method per run")
+            var.blocks[i] = TokenGatedBlock(blk, i, make_gate(i))
+    return net
+
+
+def gated_blocks(net) -> List[TokenGatedBlock]:
+    return [m for m in net.modules() if isinstance(m, TokenGatedBlock)]
+
+
+def _merged_stats(net, si: int) -> Dict[int, dict]:
+    """Per block index, the recorded stats at scale si (summed over the VARs of a SwitchNet)."""
+    out: Dict[int, dict] = {}
+    for b in gated_blocks(net):
+        st = b.stats.get(si)
+        if not st:
+            continue
+        m = out.setdefault(b.index, dict(rows=0, tokens=0, kept=0, score_pairs=0, scored=0, block=b))
+        for k in ("rows", "tokens", "kept", "score_pairs", "scored"):
+            m[k] += st[k]
+    return out
+
+
+def gated_macs(net, bundle, batch: int, ffn_macs_per_row: Callable) -> List[float]:
+    """Per-scale transformer MACs for `batch` images (CFG: 2 rows each) from the recorded counts:
+    projections 4C² and the FFN over kept tokens only, scores 2·C per (kept query, key present), the learned
+    selector C per scored token; head, adaLN and word embedding as in the dense formula (bench/analytic.py).
+    ffn_macs_per_row(block, si, st) -> FFN MACs per row of that block at si (st: the merged stats)."""
+    from bench.analytic import dense_scale_macs
+    cfg = bundle.var.cfg
+    C, depth = cfg.embed_dim, cfg.depth
+    rows_out = 2 * batch
+    out = []
+    for si, sm in enumerate(dense_scale_macs(cfg, batch)):
+        per_block = _merged_stats(net, si)
+        if len(per_block) != depth or any(st["rows"] == 0 for st in per_block.values()):
+            raise BenchError(f"no recorded token statistics at scale {si}; generate before counting FLOPs")
+        per_row = 0.0
+        for st in per_block.values():
+            R = st["rows"]
+            per_row += (st["kept"] * 4 * C * C + st["score_pairs"] * 2 * C + st["scored"] * C) / R
+            per_row += ffn_macs_per_row(st["block"], si, st)
+        out.append(float(rows_out * per_row + sm.head + sm.adaln + sm.word_embed))
+    return out
+
+
+def plain_ffn_macs(block, si, st) -> float:
+    """A full FFN on the kept tokens: 2·C·H per token."""
+    ffn = block.ffn
+    fc1 = ffn.fc1 if hasattr(ffn, "fc1") else ffn.dense.fc1
+    return st["kept"] / st["rows"] * 2 * fc1.in_features * fc1.out_features
+
+
+def token_row_metrics(net, bundle, prefix: str = "") -> dict:
+    """Kept tokens per scale (mean over blocks, per row), realised token rate, coverage (share of tokens kept by at
+    least one block, over the map samples) and token-activation maps (share of blocks keeping each token)."""
+    S = len(bundle.var.patch_nums)
+    kept: List[Optional[float]] = [None] * S
+    rate: List[Optional[float]] = [None] * S
+    coverage: List[Optional[float]] = [None] * S
+    maps = {}
+    blocks = gated_blocks(net)
+    for si in range(S):
+        per_block = _merged_stats(net, si)
+        if not per_block:
+            continue
+        kept[si] = round(sum(st["kept"] / st["rows"] for st in per_block.values()) / len(per_block), 3)
+        rate[si] = round(sum(st["kept"] / st["tokens"] for st in per_block.values()) / len(per_block), 5)
+        ms = [b.stats[si]["map"] for b in blocks if si in b.stats and b.stats[si]["map"] is not None]
+        if ms and len(ms) == len(per_block) and all(m.shape == ms[0].shape for m in ms):
+            stack = torch.stack(ms).float()                                  # (blocks, samples, pn, pn)
+            coverage[si] = round(float(stack.amax(0).mean()), 4)
+            maps[str(si)] = [[[round(v, 3) for v in row] for row in sample] for sample in stack.mean(0).tolist()]
+    import json
+    return {f"{prefix}kept_tokens_per_scale": kept, f"{prefix}token_rate_effective_per_scale": rate,
+            f"{prefix}token_coverage_per_scale": coverage,
+            f"{prefix}token_maps": json.dumps(dict(samples=len(next(iter(maps.values()))) if maps else 0,
+                                                   value="share of blocks that kept each token (conditional rows)",
+                                                   maps=maps))}
