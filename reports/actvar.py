@@ -60,27 +60,35 @@ def method_table(ctx: Context, stem: str, methods: Sequence[str], first_cols: Se
     return S.save_table(ctx.out_dir, stem, list(first_cols) + HEADER, rows, f"{caption} {ctx.caption(desc)}")
 
 
+def training_text(steps2) -> str:
+    """Which of ActVAR's two stages made the artifact (stage 2 fine-tunes the weights; steps2=0 skips it)."""
+    s = D.json_value(steps2)
+    return "-" if s is None else ("stages 1+2" if int(s) > 0 else "stage 1 only")
+
+
 def activation_rates(ctx: Context) -> List[str]:
     df = ctx.df
     tr, wr, sc = D.col(df, "param_token_rate"), D.col(df, "param_weight_rate"), D.col(df, "param_scales")
+    st = D.col(df, "param_steps2")
     column, _ = D.flops_column(df, ctx.flops)
     macs = D.col(df, column)
-    return method_table(ctx, "actvar_activation_rates", ["actvar"], ["Activation rates (α, β; γ)", "Scales"],
-                        lambda i, m: [rates_text(tr[i], wr[i]), D.scales_text(sc[i])],
+    return method_table(ctx, "actvar_activation_rates", ["actvar"], ["Activation rates (α, β; γ)", "Scales",
+                                                                    "Training"],
+                        lambda i, m: [rates_text(tr[i], wr[i]), D.scales_text(sc[i]), training_text(st[i])],
                         "ActVAR with varying token (α, β) and FFN weight (γ) activation rates (cf. ActVAR table 2).",
                         need=["actvar"], sort_key=lambda i: -(macs[i] or 0))
 
 
 def components(ctx: Context) -> List[str]:
     df = ctx.df
-    tr, wr = D.col(df, "param_token_rate"), D.col(df, "param_weight_rate")
+    tr, wr, st = D.col(df, "param_token_rate"), D.col(df, "param_weight_rate"), D.col(df, "param_steps2")
     names = {"actvar-tokens": "w/o DW", "actvar-experts": "w/o AT", "actvar": "w/ DW & AT"}
     present = set(D.col(df, "method")) if "method" in df.columns else set()
     if not ({"actvar-tokens", "actvar-experts"} & present) or "actvar" not in present:
         raise Skip("needs actvar and at least one of actvar-tokens / actvar-experts")
     order = {"actvar-tokens": 0, "actvar-experts": 1, "actvar": 2}
-    return method_table(ctx, "actvar_components", list(names), ["Module", "Rates (α, β; γ)"],
-                        lambda i, m: [names[m[i]], rates_text(tr[i], wr[i])],
+    return method_table(ctx, "actvar_components", list(names), ["Module", "Rates (α, β; γ)", "Training"],
+                        lambda i, m: [names[m[i]], rates_text(tr[i], wr[i]), training_text(st[i])],
                         "Ablation of ActVAR's components: DW dynamic weight activation, AT adaptive token activation "
                         "(cf. ActVAR table 3).", sort_key=lambda i: (order.get(D.col(df, "method")[i], 9), i))
 

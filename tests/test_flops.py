@@ -104,8 +104,7 @@ def test_attention_and_dynamic_op_handlers():
 
 def test_default_model_counts_match_analytic():
     from bench.zoo import list_models, load_model
-    if "default" not in list_models():
-        pytest.skip("the embedded default is not shipped in bench/assets/manifest.json yet")
+    assert "default" in list_models(), "the embedded default is missing from bench/assets/manifest.json"
     b = load_model("default")
     m = count_generation(b.var, b.vqvae, torch.tensor([0]), 0, b.sampling, decoder=False)
     analytic = [s.total for s in dense_scale_macs(b.var.cfg, 1)]

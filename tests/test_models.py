@@ -178,3 +178,23 @@ def test_shipped_weights_are_safetensors_and_small():
     for entry in m.get("models", {}).values():
         for kind, fname in entry["files"].items():
             assert fname.endswith(".safetensors")
+    for name, entry in m.get("models", {}).items():       # the manifest's hashes are those of the files
+        from bench.checkpoints import file_sha256
+        for kind, fname in entry["files"].items():
+            assert file_sha256(os.path.join(ASSETS, fname)) == entry["sha256"][kind], (name, kind)
+
+
+def test_shipped_default_draws_its_conditioning_class():
+    """The embedded default with its own sampling: the shipped classifier recognises the conditioning class of
+    most of 40 samples (the README reports 1000), and an untrained VAR of the same shape stays near chance."""
+    from bench import quality
+    from bench.zoo import load_model
+    b = load_model("default")
+    labels = torch.arange(40) % b.num_classes
+    gen = generate(b.var, b.vqvae, labels, 0, b.sampling)
+    acc = (quality.classifier_logits(gen.images, b).argmax(1) == labels).float().mean().item()
+    assert acc >= 0.8, acc
+    torch.manual_seed(0)
+    untrained = VAR(b.var.cfg).init_weights().eval()
+    gen = generate(untrained, b.vqvae, labels, 0, b.sampling)
+    assert (quality.classifier_logits(gen.images, b).argmax(1) == labels).float().mean().item() <= 0.4

@@ -82,9 +82,13 @@ def synthetic_rows():
     rows.append(_row("activation", "ac-1", "m/dense", "dense", DENSE_MACS, 9.9))
     for tr, wr, g, fid in (([0.5, 0.25], 0.5, 0.57, 13.0), ([0.75, 0.75], 0.75, 0.79, 10.5)):
         rows.append(_row("activation", "ac-1", f"m/rates/token_rate={tr},weight_rate={wr}", "actvar", g * 1e9, fid,
-                         params=dict(token_rate=tr, weight_rate=wr, scales=[5, 6]), entry="rates"))
-    rows.append(_row("activation", "ac-1", "m/wo_dw", "actvar-tokens", 0.86e9, 10.3, params=dict(token_rate=0.75)))
-    rows.append(_row("activation", "ac-1", "m/wo_at", "actvar-experts", 0.9e9, 10.2, params=dict(weight_rate=0.75)))
+                         params=dict(token_rate=tr, weight_rate=wr, scales=[5, 6], steps2=300), entry="rates"))
+    rows.append(_row("activation", "ac-1", "m/stage1", "actvar", 0.79e9, 11.5,
+                     params=dict(token_rate=0.75, weight_rate=0.75, scales=[5, 6], steps2=0), entry="stage1"))
+    rows.append(_row("activation", "ac-1", "m/wo_dw", "actvar-tokens", 0.86e9, 10.3,
+                     params=dict(token_rate=0.75, steps2=0)))
+    rows.append(_row("activation", "ac-1", "m/wo_at", "actvar-experts", 0.9e9, 10.2,
+                     params=dict(weight_rate=0.75, steps2=0)))
     rows.append(_row("activation", "ac-1", "m/fixed", "fixed-tokens", 0.86e9, 12.0,
                      params=dict(token_rate=0.75, criterion="norm")))
     rows.append(_row("activation", "ac-1", "m/static", "pruned-ffn", 0.9e9, 11.0, params=dict(fraction=0.25),
@@ -183,6 +187,7 @@ def test_actvar_tables_content(report_out):
     assert "(50%, 25%; 50%)" in t2 and "(75%, 75%; 75%)" in t2 and "43.0%" in t2 and "21.0%" in t2
     t3 = open(os.path.join(out, "activation", "actvar_components.md")).read()
     assert t3.index("w/o DW") < t3.index("w/o AT") < t3.index("w/ DW & AT")
+    assert "| w/o DW | (75%, 75%; 100%) | stage 1 only |" in t3 and "stages 1+2" in t3
     t5 = open(os.path.join(out, "activation", "actvar_weights_vs_static.md")).read()
     assert "Static weight pruning | 75%" in t5
 
