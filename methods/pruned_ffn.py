@@ -144,6 +144,8 @@ class PrunedFFNMethod(Method):
               low_open=True, nullable=True),
         Param("match_fraction", float, None, "overrides fraction: match this share of the dense model's MACs",
               low=0.0, high=1.0, low_open=True, nullable=True),
+        Param("match_clamp", bool, False, "a match target out of reach takes the nearest end (above dense MACs -> "
+              "fraction 0) instead of failing; the row records the gap"),
         Param("calib_images", int, CALIB_DEFAULTS["images"], "calibration images (x2 with mirrors)", low=1),
         Param("hoyer_weight", float, FINETUNE_DEFAULTS["hoyer_weight"], "fine-tune artifact (weights=finetuned)",
               low=0.0),
@@ -163,12 +165,17 @@ class PrunedFFNMethod(Method):
     def effective_fraction(self, bundle) -> float:
         c = self.config
         scales = self.scales(bundle)
-        if c["match_fraction"] is not None:
-            dense = pruned_macs_per_image(bundle.var.cfg, scales, 0.0)
-            return match_prune_fraction(bundle, c["match_fraction"] * dense, scales)
-        if c["match_macs"] is not None:
-            return match_prune_fraction(bundle, c["match_macs"], scales)
+        target = self.match_target(bundle)
+        if target is not None:
+            return match_prune_fraction(bundle, target, scales, clamp=c["match_clamp"])
         return c["fraction"]
+
+    def match_target(self, bundle) -> Optional[float]:
+        """The analytic MACs per image to match, or None when `fraction` is used as given."""
+        c = self.config
+        if c["match_fraction"] is not None:
+            return c["match_fraction"] * pruned_macs_per_image(bundle.var.cfg, self.scales(bundle), 0.0)
+        return c["match_macs"]
 
     def finetune_key(self) -> dict:
         c = self.config
@@ -255,7 +262,14 @@ class PrunedFFNMethod(Method):
 
     def row_metrics(self, net, bundle) -> Dict[str, Any]:
         info = net.pruned_info
-        return dict(prune_fraction_effective=round(info["fraction"], 6), kept_neurons=info["kept"],
+        target = self.match_target(bundle)
+        match = {}
+        if target is not None:   # how close the static twin came to its FLOP target (a clamped match is far)
+            got = pruned_macs_per_image(bundle.var.cfg, self.scales(bundle), info["fraction"])
+            step = macs_per_pruned_neuron(bundle.var.cfg, self.scales(bundle))
+            match = dict(match_target_macs=float(target), match_gap_macs=float(got - target),
+                         match_clamped=bool(abs(got - target) > 0.5 * step + 1e-6 * target))
+        return dict(prune_fraction_effective=round(info["fraction"], 6), kept_neurons=info["kept"], **match,
                     pruned_scales=info["scales"], pruned_calib_artifact=os.path.basename(info["calib"]),
                     dmoe_finetune_artifact=os.path.basename(info["finetune"]) if info["finetune"] else None)
 

@@ -133,14 +133,17 @@ def twins(ctx: Context) -> List[str]:
     header = ["Dynamic", "Static twin", "GMACs/img (dyn / twin)", "ms/img (dyn / twin)", "FID dynamic [95% CI]",
               "FID twin [95% CI]", "ΔFID", "IS (dyn / twin)"]
     rows = []
+    clamped = D.col(df, "match_clamped")
     for p, t in pairs:
         dfid = f"{fids[t] - fids[p]:+.3g}" if fids[t] is not None and fids[p] is not None else "-"
-        rows.append([labels[p], labels[t], f"{S.fmt(xs[p], '.4g')} / {S.fmt(xs[t], '.4g')}",
+        twin = labels[t] + (" (target out of reach: nearest end)" if clamped[t] else "")
+        rows.append([labels[p], twin, f"{S.fmt(xs[p], '.4g')} / {S.fmt(xs[t], '.4g')}",
                      f"{S.fmt(ms[p])} / {S.fmt(ms[t])}", S.fid_text(fids[p], lo[p], hi[p]),
                      S.fid_text(fids[t], lo[t], hi[t]), dfid, f"{S.fmt(isc[p])} / {S.fmt(isc[t])}"])
     files = S.save_table(ctx.out_dir, "dynamic_vs_static", header, rows,
                          f"Each dynamic point against its static twin at equal FLOPs (the twin's parameters are "
-                         f"derived from the dynamic point's measured MACs). {ctx.caption(desc)}")
+                         f"derived from the dynamic point's measured MACs; a dynamic point costing more than dense gets the "
+                         f"unpruned model, marked). {ctx.caption(desc)}")
     plt = S.setup()
     fig, ax = plt.subplots(figsize=(S.SINGLE, S.HEIGHT))
     dyn = [p for p, _ in pairs]

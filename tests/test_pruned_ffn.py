@@ -116,6 +116,22 @@ def test_flop_matching_helper(tiny):
     assert abs(pruned_macs_per_image(cfg, [4, 5, 6], f) - target) <= step / 2
 
 
+def test_match_clamp_gives_the_unpruned_twin_and_records_the_gap(tiny, cache):
+    """A dynamic point that costs more than dense (its router) has no static twin at equal FLOPs: with
+    match_clamp the twin is the unpruned model and the row says how far it is from the target."""
+    dense = sum(s.total for s in dense_scale_macs(tiny.var.cfg, 1))
+    with pytest.raises(BenchError, match="out of reach"):
+        pruned(match_macs=1.05 * dense).effective_fraction(tiny)
+    m = pruned(match_macs=1.05 * dense, match_clamp=True, weights="original")
+    net = m.build(tiny)
+    row = m.row_metrics(net, tiny)
+    assert row["prune_fraction_effective"] == 0 and row["match_clamped"]
+    assert row["match_gap_macs"] == pytest.approx(-0.05 * dense)
+    m = pruned(match_macs=0.9 * dense, match_clamp=True, weights="original")
+    row = m.row_metrics(m.build(tiny), tiny)
+    assert not row["match_clamped"] and abs(row["match_gap_macs"]) <= macs_per_pruned_neuron(tiny.var.cfg, [4, 5, 6]) / 2
+
+
 def test_bad_inputs(tiny, cache):
     for kw, msg in [(dict(fraction=1.0), "fraction=1.0 is out of range"), (dict(fraction=-0.1), "out of range"),
                     (dict(match_macs=1e6, match_fraction=0.8), "not both"), (dict(scales=[6, 6]), "twice"),
