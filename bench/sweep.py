@@ -873,11 +873,21 @@ class SweepRunner:
                 self.seen = set()
 
             def on_trial_result(self, iteration, trials, trial, result, **info):
-                pid = trial.config["job"]["point_id"]
+                self.record(trial.config["job"]["point_id"], result)
+
+            def on_trial_error(self, iteration, trials, trial, **info):
+                self.record(trial.config["job"]["point_id"], None)
+
+            def record(self, pid, result):
+                """One finished trial (result None: its worker died), once."""
                 if pid in self.seen:
                     return
                 self.seen.add(pid)
                 counter["done"] += 1
+                if result is None:
+                    runner.failed[pid] = "the trial's worker died"
+                    runner.log(f"[{counter['done']}/{total}] {pid}: FAILED: the trial's worker died (see Ray's log)")
+                    return
                 if result.get("status") != "ok":
                     runner.failed[pid] = result.get("error", "")
                 else:
@@ -885,14 +895,6 @@ class SweepRunner:
                 runner.log(trial_line(counter["done"], total, by_id[pid], result))
                 if result.get("traceback"):
                     runner.log(result["traceback"].rstrip())
-
-            def on_trial_error(self, iteration, trials, trial, **info):
-                pid = trial.config["job"]["point_id"]
-                if pid not in self.seen:
-                    self.seen.add(pid)
-                    counter["done"] += 1
-                    runner.failed[pid] = "the trial's worker died"
-                    runner.log(f"[{counter['done']}/{total}] {pid}: FAILED: the trial's worker died (see Ray's log)")
 
             def on_step_end(self, iteration, trials, **info):
                 if time.time() - self.last >= runner.status_every_s:
@@ -919,7 +921,13 @@ class SweepRunner:
                 run_config=tune.RunConfig(name=self.sweep_id, storage_path=storage, verbose=0,
                                           callbacks=[progress], failure_config=tune.FailureConfig(max_failures=0),
                                           log_to_file=False))
-            tuner.fit()
+            grid = tuner.fit()
+            # Through Ray Client (ray://) the Tune loop and its callbacks run on the cluster, so the trials'
+            # results reach this process only here, with the result grid: record those the callback did not see
+            for r in grid:
+                pid = ((r.config or {}).get("job") or {}).get("point_id")
+                if pid in by_id and pid not in progress.seen and (r.metrics or r.error is not None):
+                    progress.record(pid, r.metrics if r.metrics and "status" in r.metrics else None)
             if any(pid not in progress.seen for pid in by_id):    # stopped before every trial reported
                 self.interrupted = True
         finally:

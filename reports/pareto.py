@@ -75,7 +75,10 @@ def pareto_figures(ctx: Context) -> List[str]:
         scatter_by_series(ax, df, xs, fids, ctx, front)
         ax.set_xlabel(xlabel)
         ax.set_ylabel(fid_label(df))
-        ax.legend(loc="best", handlelength=1.2)
+        if len(ax.get_legend_handles_labels()[1]) > 5:   # many series: beside the axes, off the data
+            ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), handlelength=1.2)
+        else:
+            ax.legend(loc="best", handlelength=1.2)
         what = "FLOPs" if "flops" in stem else "wall-clock time"
         files += S.save_figure(fig, ctx.out_dir, stem, f"FID against {what} per method; the dotted staircase is "
                                f"the Pareto front (circled points), the black star the dense model, bars are FID "

@@ -229,13 +229,14 @@ def ray_head(tmp_path_factory):
     # its own short temp dir: `ray start` records the head there (not in /tmp/ray, where a stale record would
     # make other programs' ray.init() try to join a stopped cluster); short because Ray's socket paths live in it
     temp_dir = tempfile.mkdtemp(prefix="vbray", dir="/tmp")
-    port = _free_port()
+    port, client_port = _free_port(), _free_port()
     env = dict(os.environ, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(32), PYTHONPATH=ROOT,
                RAY_USAGE_STATS_ENABLED="0")
     ray_bin = os.path.join(os.path.dirname(sys.executable), "ray")
     log = open(d / "head.log", "w")
     p = subprocess.Popen([ray_bin, "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={port}",
-                          f"--num-cpus={os.cpu_count()}", "--include-dashboard=false", "--disable-usage-stats",
+                          f"--ray-client-server-port={client_port}", f"--num-cpus={os.cpu_count()}",
+                          "--include-dashboard=false", "--disable-usage-stats",
                           f"--temp-dir={temp_dir}"],
                          env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=str(d))
     try:
@@ -252,7 +253,8 @@ def ray_head(tmp_path_factory):
             tail = (d / "head.log").read_text()[-500:].replace("\n", " | ")
             pytest.skip(f"Ray cannot start a head node here (`ray start --head` exited {p.poll()} or did not open "
                         f"its port in 120 s): {tail}")
-        yield f"127.0.0.1:{port}", {k: env[k] for k in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN")}
+        yield ({"gcs": f"127.0.0.1:{port}", "client": f"ray://127.0.0.1:{client_port}"},
+               {k: env[k] for k in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN")})
     finally:
         if p.poll() is None:
             os.killpg(p.pid, signal.SIGTERM)      # `ray start --block` stops every process it started ...
@@ -273,17 +275,21 @@ def ray_head(tmp_path_factory):
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 
-def test_sweep_on_a_ray_cluster(ray_head, tiny_sweep, tmp_path):
-    address, auth = ray_head
+@pytest.mark.parametrize("kind", ["gcs", "client"])
+def test_sweep_on_a_ray_cluster(ray_head, tiny_sweep, tmp_path, kind):
+    """HOST:PORT joins the cluster as a driver; ray://HOST:PORT goes through Ray Client, where the Tune loop runs on
+    the cluster: every trial, the twin included, must still be reported here and stored once."""
+    addresses, auth = ray_head
+    address = addresses[kind]
     yaml_path, env = tiny_sweep
     res = tmp_path / "res"
-    r = run_cli("sweep", yaml_path, "--quick", "--results", str(res), "--address", address,
-                "--set", "points.budget.enabled=false", env=dict(env, **auth))
+    r = run_cli("sweep", yaml_path, "--quick", "--results", str(res), "--address", address, env=dict(env, **auth))
     assert r.returncode == 0, r.stdout + r.stderr
-    assert f"ray " in r.stdout and address in r.stdout and "[1/1] tiny/dense: FID" in r.stdout
+    assert f"ray " in r.stdout and address in r.stdout and "[1/3] tiny/dense: FID" in r.stdout
+    assert "[3/3] tiny/budget/keep=0.5/static: FID" in r.stdout and "3/3 trials have rows (3 reported now" in r.stdout
     df = _rows(str(res))
-    assert len(df) == 1 and df["ray_address"].iloc[0] == address and df["samples"].iloc[0] == 2
-    assert bool(df["sweep_quick"].iloc[0]) and df["ray_nodes"].iloc[0] == 1
+    assert len(df) == 3 and set(df["ray_address"]) == {address} and set(df["samples"]) == {2}
+    assert df["sweep_quick"].all() and set(df["ray_nodes"]) == {1}
 
 
 def test_driver_stores_a_row_written_on_another_node(tmp_path):

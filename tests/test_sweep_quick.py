@@ -1,6 +1,6 @@
 """Each shipped sweep's `--quick` form, end to end on the embedded default with its shipped artifacts, exactly as a
 user runs it: `python -m bench sweep NAME --quick`. One row per expanded trial, every row measured (MACs by fvcore
-and by formula, FID), sparse points cheaper than dense, and FLOP-matched twins at their parent's MACs.
+and by formula agreeing within 2%, FID within its interval), and FLOP-matched twins at their parent's MACs.
 
 The reference statistics and the dense outputs are cached in one directory shared by the five runs, as they are
 for a user (so only the first run builds them)."""
@@ -35,12 +35,15 @@ def test_quick_form_runs_on_the_embedded_default(name, cache, tmp_path):
     assert (df["samples"] == spec["samples"]).all() and df["sweep_quick"].all()
     for _, row in df.iterrows():
         assert math.isfinite(row["fid"]) and row["fid_ci_low"] <= row["fid"] <= row["fid_ci_high"], row["trial_key"]
-        assert row["macs_fvcore"] > 0 and row["macs_analytic"] > 0
+        assert row["macs_fvcore"] > 0 and abs(row["macs_fvcore_over_analytic"] - 1) <= 0.02, row["trial_key"]
     for model, g in df.groupby("model"):
         dense = g[g["method"] == "dense"]
         assert len(dense) == 1, model
         for _, row in g[g["method"] != "dense"].iterrows():
-            assert row["macs_analytic_all"] < dense["macs_analytic_all"].iloc[0], row["trial_key"]
+            # every method changes the computation (a DMoE point may cost more than dense: its router), except a
+            # FLOP-matched twin whose target was out of reach (the unpruned model)
+            if not row.get("match_clamped"):
+                assert row["macs_analytic_all"] != dense["macs_analytic_all"].iloc[0], row["trial_key"]
             assert 0 <= row["fidelity_token_agreement"] <= 1
     by_point = {k.split("/", 1)[1]: row for k, row in zip(df["trial_key"], df.to_dict("records"))}
     for t in trials:
