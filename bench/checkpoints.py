@@ -104,3 +104,17 @@ def atomic_write_text(path: str, text: str) -> None:
     with os.fdopen(fd, "w") as f:
         f.write(text)
     os.replace(tmp, path)
+
+
+def check_writable_dir(path: str, what: str) -> None:
+    """Fail (one line) if directory `path` could not be created or written; creates nothing."""
+    probe = os.path.abspath(path)
+    while not os.path.exists(probe):
+        parent = os.path.dirname(probe)
+        if parent == probe:
+            break
+        probe = parent
+    if not os.path.isdir(probe):
+        raise BenchError(f"{what} {path!r} cannot be created: {probe} is not a directory")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise BenchError(f"{what} {path!r} is not writable ({probe})")

@@ -83,20 +83,6 @@ def _check_int(name: str, value, low: int, high: Optional[int] = None) -> int:
     return value
 
 
-def check_writable_dir(path: str, what: str) -> None:
-    """Fail (one line) if `path` could not be created or written; creates nothing."""
-    probe = os.path.abspath(path)
-    while not os.path.exists(probe):
-        parent = os.path.dirname(probe)
-        if parent == probe:
-            break
-        probe = parent
-    if not os.path.isdir(probe):
-        raise BenchError(f"{what} {path!r} cannot be created: {probe} is not a directory")
-    if not os.access(probe, os.W_OK | os.X_OK):
-        raise BenchError(f"{what} {path!r} is not writable ({probe})")
-
-
 def dense_cache_dir(cache_dir: Optional[str]) -> str:
     from bench.artifacts import cache_root
     return os.path.join(cache_dir or cache_root(), "dense-outputs")
@@ -105,6 +91,7 @@ def dense_cache_dir(cache_dir: Optional[str]) -> str:
 def validate(bundle, method, *, samples, seed, sampling, batch_size, flop_images, warmup_batches, results_dir,
              reference, inception_weights, metrics, cache_dir, classifier=None, reference_count=None):
     """Every check that can fail, before anything is generated or written. Returns normalised values."""
+    from bench.checkpoints import check_writable_dir
     from bench.commands._common import validate_sampling
     from bench.quality import check_reference
     from bench.results import check_results_dir

@@ -45,6 +45,8 @@ class Param:
     def describe(self) -> str:
         if self.choices is not None:
             return "one of " + ", ".join(map(str, self.choices))
+        if self.type is bool:
+            return "true or false"
         if self.low is not None or self.high is not None:
             lo = "(" if self.low_open else "["
             hi = ")" if self.high_open else "]"
@@ -135,6 +137,19 @@ class Method:
 
     def __repr__(self):
         return f"{type(self).__name__}({self.config})"
+
+
+def resolve_scales(method: str, value, num_scales: int, default_last: int, what: str = "scale") -> List[int]:
+    """A method's scale-index parameter as a list (None: the last `default_last` scales), checked against the
+    model's scale count; one-line error naming the valid range."""
+    if value is None:
+        return list(range(max(0, num_scales - default_last), num_scales))
+    scales = [value] if isinstance(value, int) else list(value)
+    bad = [s for s in scales if not 0 <= s < num_scales]
+    if bad:
+        raise BenchError(f"method {method}: {what} index {bad[0]} out of range; valid: 0..{num_scales - 1} "
+                         f"(the model has {num_scales} scales)")
+    return scales
 
 
 def clone_structure(module):

@@ -139,6 +139,22 @@ def new_run_id() -> str:
     return datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6]
 
 
+def json_value(v):
+    """A stored cell as a Python value: list parameters and JSON columns are stored as JSON strings, numpy scalars
+    become Python numbers."""
+    if isinstance(v, str) and v[:1] in "[{":
+        try:
+            return json.loads(v)
+        except ValueError:
+            return v
+    if hasattr(v, "item") and not isinstance(v, (list, str, dict)):
+        try:
+            return v.item()
+        except (ValueError, AttributeError):
+            return v
+    return v
+
+
 def row_filename(row: dict) -> str:
     if row.get("trial_key"):
         return f"trial-{hashlib.sha1(str(row['trial_key']).encode()).hexdigest()[:16]}.parquet"
@@ -151,17 +167,9 @@ def row_filename(row: dict) -> str:
 # ---------------------------------------------------------------------------------------------- validation
 def check_results_dir(results_dir: str) -> None:
     """Fail before any work if rows could not be written there; creates nothing."""
+    from bench.checkpoints import check_writable_dir
+    check_writable_dir(results_dir, "results directory")
     path = os.path.abspath(results_dir)
-    probe = path
-    while not os.path.exists(probe):
-        parent = os.path.dirname(probe)
-        if parent == probe:
-            break
-        probe = parent
-    if not os.path.isdir(probe):
-        raise BenchError(f"results directory {results_dir!r} cannot be created: {probe} is not a directory")
-    if not os.access(probe, os.W_OK | os.X_OK):
-        raise BenchError(f"results directory {results_dir!r} is not writable ({probe})")
     rows = os.path.join(path, ROWS)
     if os.path.exists(rows) and not (os.path.isdir(rows) and os.access(rows, os.W_OK | os.X_OK)):
         raise BenchError(f"results directory {results_dir!r} is not writable ({rows})")

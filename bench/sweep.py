@@ -187,20 +187,10 @@ def normalize(raw: dict, where: str) -> dict:
         raise BenchError(f"{where}: points is empty; a sweep needs at least one entry")
     for name, e in points.items():
         w = f"{where}: points.{name}"
-        if not isinstance(name, str) or "/" in name or "=" in name:
-            raise BenchError(f"{w}: entry names must be strings without '/' or '='")
-        e = _check_type(w, e if e is not None else {}, dict)
-        bad = sorted(set(e) - set(ENTRY_KEYS))
-        if bad:
-            raise BenchError(f"{w}: unknown key {bad[0]!r}; valid: {', '.join(ENTRY_KEYS)}")
-        if "method" not in e:
-            raise BenchError(f"{w}: no method given")
-        e.setdefault("params", {})
+        e = _check_method_section(w, "entry", name, e, ENTRY_KEYS)
         e.setdefault("grid", {})
         e.setdefault("twins", {})
         e.setdefault("enabled", True)
-        e["method"] = _check_type(f"{w}.method", e["method"], str)
-        e["params"] = _check_type(f"{w}.params", e["params"] or {}, dict)
         if isinstance(e["grid"], list):   # explicit points: one trial per mapping (no product)
             for i, pt in enumerate(e["grid"]):
                 pt = _check_type(f"{w}.grid[{i}]", pt, dict)
@@ -227,18 +217,8 @@ def normalize(raw: dict, where: str) -> dict:
                 raise BenchError(f"{w}: {p} is both a fixed parameter and a grid axis; keep one")
         for tname, t in e["twins"].items():
             tw = f"{w}.twins.{tname}"
-            if not isinstance(tname, str) or "/" in tname or "=" in tname:
-                raise BenchError(f"{tw}: twin names must be strings without '/' or '='")
-            t = _check_type(tw, t if t is not None else {}, dict)
-            bad = sorted(set(t) - set(TWIN_KEYS))
-            if bad:
-                raise BenchError(f"{tw}: unknown key {bad[0]!r}; valid: {', '.join(TWIN_KEYS)}")
-            if "method" not in t:
-                raise BenchError(f"{tw}: no method given")
-            t.setdefault("params", {})
+            t = _check_method_section(tw, "twin", tname, t, TWIN_KEYS)
             t.setdefault("from_parent", {})
-            t["method"] = _check_type(f"{tw}.method", t["method"], str)
-            t["params"] = _check_type(f"{tw}.params", t["params"] or {}, dict)
             t["from_parent"] = _check_type(f"{tw}.from_parent", t["from_parent"] or {}, dict)
             for p, col in t["from_parent"].items():
                 _check_type(f"{tw}.from_parent.{p}", col, str)
@@ -249,6 +229,21 @@ def normalize(raw: dict, where: str) -> dict:
     if not any(e["enabled"] for e in points.values()):
         raise BenchError(f"{where}: every entry of points is disabled; enable at least one")
     return spec
+
+
+def _check_method_section(w: str, what: str, name, section, allowed: Sequence[str]) -> dict:
+    """What a point entry and a twin share: a name usable in trial keys, known keys, a method and its params."""
+    if not isinstance(name, str) or "/" in name or "=" in name:
+        raise BenchError(f"{w}: {what} names must be strings without '/' or '='")
+    section = _check_type(w, section if section is not None else {}, dict)
+    bad = sorted(set(section) - set(allowed))
+    if bad:
+        raise BenchError(f"{w}: unknown key {bad[0]!r}; valid: {', '.join(allowed)}")
+    if "method" not in section:
+        raise BenchError(f"{w}: no method given")
+    section["method"] = _check_type(f"{w}.method", section["method"], str)
+    section["params"] = _check_type(f"{w}.params", section.get("params") or {}, dict)
+    return section
 
 
 def valid_keys(spec: dict) -> List[str]:
@@ -590,24 +585,13 @@ def stored_rows(results_dir: str, sweep_id: str):
     return {r["trial_key"]: r for r in df.to_dict("records")}
 
 
-def _json_value(v):
-    """Row values as stored: list parameters are JSON strings."""
-    if isinstance(v, str) and v[:1] in "[{":
-        try:
-            return json.loads(v)
-        except ValueError:
-            return v
-    if hasattr(v, "item") and not isinstance(v, (list, str)):
-        return v.item()
-    return v
-
-
 def derive_twin_params(trial: Trial, parent_row: dict) -> Dict[str, Any]:
     params = dict(trial.params)
     for p, col in trial.from_parent.items():
         if col not in parent_row:
             raise BenchError(f"twin {trial.point_id}: the parent's row has no column {col!r}")
-        v = _json_value(parent_row[col])
+        from bench.results import json_value
+        v = json_value(parent_row[col])
         if isinstance(v, float) and v != v:
             v = None
         if v is None and not col.startswith("param_"):   # a parameter may be null (its default); a metric not

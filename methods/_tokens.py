@@ -29,8 +29,8 @@ from typing import Callable, Dict, List, Optional
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
+from bench import registry
 from bench.errors import BenchError
 
 DEFAULT_LAST_SCALES = 2          # ActVAR acts on the last two scales (paper Table 6)
@@ -69,14 +69,7 @@ def check_scales_and_rates(method: str, scales, rates, what: str) -> None:
 
 def resolve_scales(method: str, value, num_scales: int, default_last: int = DEFAULT_LAST_SCALES) -> List[int]:
     """Sorted scale indices (None: the last `default_last`), checked against the model."""
-    if value is None:
-        return list(range(max(0, num_scales - default_last), num_scales))
-    scales = [value] if isinstance(value, int) else list(value)
-    bad = [s for s in scales if not 0 <= s < num_scales]
-    if bad:
-        raise BenchError(f"method {method}: scale index {bad[0]} out of range; valid: 0..{num_scales - 1} "
-                         f"(the model has {num_scales} scales)")
-    return sorted(scales)
+    return sorted(registry.resolve_scales(method, value, num_scales, default_last))
 
 
 def rates_by_scale(method: str, scales_value, rates, num_scales: int, what: str) -> Dict[int, float]:

@@ -23,6 +23,7 @@ from typing import Any, Dict, List, Optional
 
 import torch
 
+from bench import registry
 from bench.errors import BenchError
 from bench.registry import Method, Param, clone_structure, register_method
 from methods import _moe
@@ -34,14 +35,7 @@ DEFAULT_LAST_SCALES = 3
 
 def resolve_scales(value, num_scales: int, what: str, method: str) -> List[int]:
     """A method's scale list (None = the last three), checked against the model's scale count."""
-    if value is None:
-        return list(range(max(0, num_scales - DEFAULT_LAST_SCALES), num_scales))
-    scales = [value] if isinstance(value, int) else list(value)
-    bad = [s for s in scales if not 0 <= s < num_scales]
-    if bad:
-        raise BenchError(f"method {method}: {what} index {bad[0]} out of range; valid: 0..{num_scales - 1} "
-                         f"(the model has {num_scales} scales)")
-    return scales
+    return registry.resolve_scales(method, value, num_scales, DEFAULT_LAST_SCALES, what)
 
 
 def check_scale_list(value, what: str, method: str) -> None:

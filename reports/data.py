@@ -1,9 +1,10 @@
 """Reading the results table for reports: which rows, which columns, Pareto fronts. No model is ever loaded."""
 from __future__ import annotations
 
-import json
 import math
 from typing import List, Optional, Sequence, Tuple
+
+from bench.results import json_value  # noqa: F401  (reports read cells through D.json_value)
 
 FLOPS_COLUMNS = {  # --flops choice -> (column, axis description)
     "analytic_all": ("macs_analytic_all", "analytic, mean over all samples"),
@@ -28,21 +29,6 @@ def is_missing(v) -> bool:
         return isinstance(v, float) and math.isnan(v)
     except TypeError:
         return False
-
-
-def json_value(v):
-    """param_* list columns and JSON columns are stored as JSON strings."""
-    if isinstance(v, str) and v[:1] in "[{":
-        try:
-            return json.loads(v)
-        except ValueError:
-            return v
-    if hasattr(v, "item") and not isinstance(v, (list, str, dict)):
-        try:
-            return v.item()
-        except (ValueError, AttributeError):
-            return v
-    return v
 
 
 def col(df, name: str) -> list:

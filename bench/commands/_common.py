@@ -38,6 +38,18 @@ def bundle_from_args(a):
     return load_model(a.model, a.var_ckpt, a.vae_ckpt, a.depth, check_device(a.device), a.patch_nums)
 
 
+def check_flags(a, **ranges) -> None:
+    """One line per bad integer flag, first bad one wins: check_flags(a, samples=(1,), seed=(0, MAX)) checks
+    a.samples >= 1 and 0 <= a.seed <= MAX; a flag left as None is not checked; a third item explains the bound."""
+    for name, (low, *rest) in ranges.items():
+        v = getattr(a, name)
+        high = rest[0] if rest else None
+        note = rest[1] if len(rest) > 1 else ""
+        if v is not None and (v < low or (high is not None and v > high)):
+            bound = f">= {low}" if high is None else f"in {low}..{high}"
+            raise BenchError(f"--{name.replace('_', '-')} must be {bound}{note}, got {v}")
+
+
 def sampling_from_args(a, bundle):
     from dataclasses import replace
     s = bundle.sampling

@@ -56,25 +56,16 @@ def raw_generation_s(bundle, labels, seed, sampling, batch_size) -> float:
 
 def run(a):
     import json
-    import os
     import shutil
     import tempfile
     import time
     import torch
-    from bench.commands._common import bundle_from_args, sampling_from_args
+    from bench.commands._common import bundle_from_args, check_flags, sampling_from_args
     from bench.env import describe, environment
-    from bench.errors import BenchError
     from bench.measure import MAX_SEED, measure, sample_labels
     from bench.registry import create_method
     from bench.results import check_results_dir
-    if a.samples < 1:
-        raise BenchError(f"--samples must be >= 1, got {a.samples}")
-    if a.batch_size < 1:
-        raise BenchError(f"--batch-size must be >= 1, got {a.batch_size}")
-    if not 0 <= a.seed <= MAX_SEED:
-        raise BenchError(f"--seed must be in 0..{MAX_SEED}, got {a.seed}")
-    if a.threads is not None and a.threads < 1:
-        raise BenchError(f"--threads must be >= 1, got {a.threads}")
+    check_flags(a, samples=(1,), batch_size=(1,), seed=(0, MAX_SEED), threads=(1,))
     if a.results is not None:
         check_results_dir(a.results)
     if a.threads is not None:
@@ -110,7 +101,7 @@ def run(a):
             shutil.rmtree(results, ignore_errors=True)
     raw = (raw1 + raw2) / 2
     phases = json.loads(row["phase_s"])
-    print(f"harness phases (s): " + ", ".join(f"{k} {v:.2f}" for k, v in phases.items())
+    print("harness phases (s): " + ", ".join(f"{k} {v:.2f}" for k, v in phases.items())
           + f"; reference statistics {'from cache' if row['reference_cached'] else 'computed (cold cache)'}, "
             f"dense outputs {row['dense_cache']}")
     print(f"{'':<26}{'seconds':>10}{'images/s':>11}")

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import sys
 
-from bench.commands._common import (add_model_args, add_sampling_args, bundle_from_args, check_writable_file,
-                                    sampling_from_args)
+from bench.commands._common import (add_model_args, add_sampling_args, bundle_from_args, check_flags,
+                                    check_writable_file, sampling_from_args)
 from bench.errors import BenchError
 
 ORDER = 35
@@ -90,14 +90,7 @@ def run(a):
     from bench.models.var import VAR
 
     # ---- validate everything before generating anything
-    if a.samples < 2:
-        raise BenchError(f"--samples must be >= 2 (FID needs a covariance), got {a.samples}")
-    if a.seed < 0:
-        raise BenchError(f"--seed must be >= 0, got {a.seed}")
-    if a.batch_size < 1:
-        raise BenchError(f"--batch-size must be >= 1, got {a.batch_size}")
-    if a.bootstrap < 0:
-        raise BenchError(f"--bootstrap must be >= 0, got {a.bootstrap}")
+    check_flags(a, samples=(2, None, " (FID needs a covariance)"), seed=(0,), batch_size=(1,), bootstrap=(0,))
     if a.out:
         check_writable_file(a.out, (".json",))
     bundle = bundle_from_args(a)

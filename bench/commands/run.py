@@ -45,26 +45,14 @@ def register(sub):
 
 def run(a):
     import torch
-    from bench.commands._common import bundle_from_args, check_device, sampling_from_args
-    from bench.errors import BenchError
-    from bench.measure import MAX_SEED, check_writable_dir, dense_cache_dir, measure
+    from bench.commands._common import bundle_from_args, check_device, check_flags, sampling_from_args
+    from bench.checkpoints import check_writable_dir
+    from bench.measure import MAX_SEED, dense_cache_dir, measure
     from bench.registry import create_method, parse_overrides
     from bench.results import check_results_dir
     # cheap checks first, in the order a user fixes them; nothing is written before measure() has validated all
-    if a.samples < 1:
-        raise BenchError(f"--samples must be >= 1, got {a.samples}")
-    if not 0 <= a.seed <= MAX_SEED:
-        raise BenchError(f"--seed must be in 0..{MAX_SEED}, got {a.seed}")
-    if a.batch_size < 1:
-        raise BenchError(f"--batch-size must be >= 1, got {a.batch_size}")
-    if a.flop_images < 0:
-        raise BenchError(f"--flop-images must be >= 0, got {a.flop_images}")
-    if a.warmup_batches < 0:
-        raise BenchError(f"--warmup-batches must be >= 0, got {a.warmup_batches}")
-    if a.threads is not None and a.threads < 1:
-        raise BenchError(f"--threads must be >= 1, got {a.threads}")
-    if a.bootstrap < 0:
-        raise BenchError(f"--bootstrap must be >= 0, got {a.bootstrap}")
+    check_flags(a, samples=(1,), seed=(0, MAX_SEED), batch_size=(1,), flop_images=(0,), warmup_batches=(0,),
+                threads=(1,), bootstrap=(0,))
     metrics = tuple(m.strip() for m in a.metrics.split(",") if m.strip())
     method = create_method(a.method, **parse_overrides(a.set))
     check_results_dir(a.results)
