@@ -85,6 +85,25 @@ def _sdpa_macs(inputs, outputs) -> int:
     return rows * q[-2] * k[-2] * (q[-1] + v[-1])
 
 
+# CPU SDPA kernels that torch's FlopCounterMode has no formula for in some releases (2.14 counts them as 0)
+_TORCH_SDPA_OPS = ("_scaled_dot_product_flash_attention_for_cpu", "_scaled_dot_product_attention_math",
+                   "_scaled_dot_product_fused_attention_overrideable")
+
+
+def _torch_sdpa_flops(query, key, value, *args, out_shape=None, **kwargs) -> int:
+    """FLOPs (2 per MAC) of one SDPA call from its shapes, as `_sdpa_macs` counts them."""
+    rows = prod(torch.broadcast_shapes(tuple(query[:-2]), tuple(key[:-2]), tuple(value[:-2])))
+    return 2 * rows * query[-2] * key[-2] * (query[-1] + value[-1])
+
+
+def torch_flop_counter():
+    """torch's dispatch-level FlopCounterMode with every SDPA kernel given the attention formula, so that it is an
+    independent cross-check of fvcore and the analytic count on every torch release (FLOPs = 2 x MACs)."""
+    from torch.utils.flop_counter import FlopCounterMode
+    mapping = {getattr(torch.ops.aten, n): _torch_sdpa_flops for n in _TORCH_SDPA_OPS if hasattr(torch.ops.aten, n)}
+    return FlopCounterMode(display=False, custom_mapping=mapping)
+
+
 def _fvcore():
     with warnings.catch_warnings():  # fvcore's import calls the deprecated torch.jit.script
         warnings.simplefilter("ignore")

@@ -624,9 +624,11 @@ def check_address(address: str) -> str:
     address to connect to ('auto' resolved the way Ray does: RAY_ADDRESS, else the last `ray start` here)."""
     if address == "auto":
         _quiet_ray_env()
-        from ray._private.services import get_ray_address_from_environment
-        try:
+        try:   # ray's own resolution of 'auto' (a private API: pyproject bounds ray below 3)
+            from ray._private.services import get_ray_address_from_environment
             found = get_ray_address_from_environment("auto", None)
+        except ImportError:
+            found = os.environ.get("RAY_ADDRESS")
         except Exception:   # ray raises ConnectionError when several or none are found
             found = None
         if not found or found == "auto":
@@ -644,8 +646,8 @@ def check_address(address: str) -> str:
         raise BenchError(f"--address {address!r} is not valid; valid: auto, HOST:PORT (a head's GCS address), "
                          f"ray://HOST:PORT (Ray Client)")
     if address.startswith("ray://"):
-        from ray._private.utils import get_ray_client_dependency_error
-        if get_ray_client_dependency_error() is not None:
+        import importlib.util
+        if importlib.util.find_spec("grpc") is None:   # what ray[client] adds to ray
             raise BenchError(f"--address {address}: Ray Client is not installed here (pip install 'ray[client]'); "
                              f"valid instead: auto or the head's GCS address HOST:PORT")
     err = _probe(host.strip("[]"), int(port))

@@ -36,12 +36,12 @@ def reset(net):
 
 def counted_generate(net, vqvae, labels, seed=0):
     """Generate with FlopCounterMode around every scale: (Generation, MACs per scale = FLOPs / 2)."""
-    from torch.utils.flop_counter import FlopCounterMode
+    from bench.flops import torch_flop_counter
     reset(net)
     per = []
 
     def fn(si, x_in, lab, caches):
-        with FlopCounterMode(display=False) as fc:
+        with torch_flop_counter() as fc:
             out = net.scale_forward(si, x_in, lab, caches)
         per.append(fc.get_total_flops() / 2)
         return out

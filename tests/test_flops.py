@@ -50,11 +50,11 @@ def test_tiny_counts_match_analytic_per_scale_and_generation_is_unchanged(tiny):
 def test_decoder_is_counted_separately_and_matches_torch_flop_counter(tiny):
     """count_generation's scales exclude the decoder (test above: they equal the transformer formula); the
     decoder's own count is checked against torch's dispatch-level FlopCounterMode on the same call."""
-    from torch.utils.flop_counter import FlopCounterMode
+    from bench.flops import torch_flop_counter
     f_hat = torch.randn(2, tiny.vqvae.Cvae, 8, 8)
     with torch.no_grad():
         imgs, c = count_decoder(tiny.vqvae, f_hat)
-        with FlopCounterMode(display=False) as fc:
+        with torch_flop_counter() as fc:
             ref = tiny.vqvae.fhat_to_img(f_hat).add(1).mul(0.5)
     assert torch.allclose(imgs, ref)
     assert c.macs > 0 and _close(c.macs, fc.get_total_flops() / 2)  # torch counts 2 FLOPs per MAC
@@ -111,3 +111,14 @@ def test_default_model_counts_match_analytic():
     for si, (a, want) in enumerate(zip(m.per_scale, analytic)):
         assert _close(a, want), (si, a, want)
     assert _close(m.transformer, sum(analytic))
+
+
+def test_torch_flop_counter_counts_cpu_attention():
+    """The cross-check counter gives SDPA its formula on every torch release (2.14 counts CPU SDPA as 0 alone)."""
+    from bench.flops import torch_flop_counter
+    q, k, v = torch.randn(2, 3, 5, 8), torch.randn(2, 3, 7, 8), torch.randn(2, 3, 7, 4)
+    mask = torch.ones(5, 7, dtype=torch.bool).tril()
+    with torch_flop_counter() as fc:
+        torch.nn.functional.scaled_dot_product_attention(q, k, v)
+        torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    assert fc.get_total_flops() == 2 * 2 * (2 * 3 * 5 * 7 * (8 + 4))
