@@ -10,11 +10,15 @@ What happens, in order (nothing is written before step 1 has passed):
      counted separately; the analytic count (method.analytic_macs, or the dense formula of bench/analytic.py)
      uses the statistics of that same generation;
   4. the N samples, in batches of B: labels[i] = i mod num_classes, batch b seeded with batch_seed(seed, b)
-     (SEED_SCHEME). These batches are also the timing (the first `warmup_batches` excluded) and the peak memory
-     measurement; the method's statistics (reset_stats protocol) cover all of them (row_metrics, macs_analytic_all);
-  5. quality (bench.quality.quality_metrics) of the N images;
-  6. same-seed fidelity against dense outputs with the same labels and seeds, from the dense cache (keyed by
-     everything they depend on) or generated once and cached; a dense run stores its own outputs there;
+     (SEED_SCHEME). These batches are also the absolute timing (the first `warmup_batches` excluded) and the peak
+     memory measurement; the method's statistics (reset_stats protocol) cover all of them (row_metrics,
+     macs_analytic_all). The first `timing_rounds` full batches after the warm-up are paired rounds: dense runs
+     the same batch right before or after (ABBA, bench.timing.PAIRED_PROTOCOL), giving `speedup` with its
+     interval; too few batches are made up by extra rounds whose outputs are discarded;
+  5. dense outputs with the same labels and seeds, from the dense cache (keyed by everything they depend on) or
+     generated once and cached (a dense run stores its own): same-seed fidelity;
+  6. quality (bench.quality.quality_metrics) of the N images, and paired with dense's images of step 5:
+     `fid_delta` with a paired class-stratified bootstrap interval;
   7. append the row atomically (bench/results.py).
 """
 from __future__ import annotations
@@ -37,6 +41,7 @@ MAX_SEED = 2 ** 40          # batch seeds stay far below 2**63
 DENSE_CACHE_VERSION = 1
 DEFAULT_BATCH_SIZE = 50
 DEFAULT_FLOP_IMAGES = 1
+DEFAULT_TIMING_ROUNDS = 6    # paired ABBA rounds against dense (bench.timing.PAIRED_PROTOCOL)
 QUALITY_METRICS = ("fid", "isc", "prc", "kid")
 
 
@@ -165,8 +170,11 @@ def _to_uint8(images: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def generate_all(net, bundle, labels, seed, sampling, batch_size, *, timer=None, probe=None, log=print,
-                 what="generating"):
-    """The N samples batch by batch (SEED_SCHEME). Returns (tokens per scale, uint8 images, laps, peaks, sizes)."""
+                 what="generating", paired=None, dense_net=None):
+    """The N samples batch by batch (SEED_SCHEME). Returns (tokens per scale, uint8 images, laps, peaks, sizes).
+
+    With `paired` (bench.timing.PairedRounds) and `dense_net`, the batches it wants are paired rounds: dense runs
+    the same batch (same labels and seeds) right before or after the method's, on the same timer."""
     from bench.sampling import generate
     device = bundle.device
     ranges = batch_ranges(len(labels), batch_size)
@@ -174,15 +182,16 @@ def generate_all(net, bundle, labels, seed, sampling, batch_size, *, timer=None,
     images, laps, peaks, sizes = [], [], [], []
     t0, last = time.perf_counter(), time.perf_counter()
     for b, (s, e) in enumerate(ranges):
-        if probe is not None:
-            probe.start()
+        run_method = timed_batch(net, bundle, labels[s:e], batch_seed(seed, b), sampling, timer, probe)
+        if paired is not None and paired.wants(b, e - s):
+            (gen, peak), lap = paired.run(b, run_method, dense_batch(dense_net, bundle, labels[s:e],
+                                                                     batch_seed(seed, b), sampling, timer))
+        else:
+            (gen, peak), lap = run_method()
         if timer is not None:
-            timer.start()
-        gen = generate(net, bundle.vqvae, labels[s:e].to(device), batch_seed(seed, b), sampling, timer=timer)
-        if timer is not None:
-            laps.append(timer.stop())
+            laps.append(lap)
         if probe is not None:
-            peaks.append(probe.stop())
+            peaks.append(peak)
         sizes.append(e - s)
         tokens.append([t.cpu() for t in gen.tokens])
         images.append(_to_uint8(gen.images))
@@ -193,9 +202,75 @@ def generate_all(net, bundle, labels, seed, sampling, batch_size, *, timer=None,
     return per_scale, torch.cat(images), laps, peaks, sizes
 
 
-def analytic_per_scale(method, net, bundle, batch: int) -> List[float]:
+def timed_batch(net, bundle, labels, seed: int, sampling, timer=None, probe=None):
+    """A callable generating one batch: () -> ((Generation, peak memory or None), laps or None)."""
+    from bench.sampling import generate
+
+    def run():
+        if probe is not None:
+            probe.start()
+        if timer is not None:
+            timer.start()
+        gen = generate(net, bundle.vqvae, labels.to(bundle.device), seed, sampling, timer=timer)
+        lap = timer.stop() if timer is not None else None
+        return (gen, probe.stop() if probe is not None else None), lap
+    return run
+
+
+def dense_batch(dense_net, bundle, labels, seed: int, sampling, timer):
+    """A callable timing dense on one batch (outputs discarded): () -> laps."""
+    run = timed_batch(dense_net, bundle, labels, seed, sampling, timer)
+    return lambda: run()[1]
+
+
+@torch.no_grad()
+def finish_rounds(paired, net, dense_net, bundle, labels, seed, sampling, batch_size, timer) -> int:
+    """Paired rounds the N samples did not provide (N/B too small), on the post-warm-up full batches in turn
+    (else the last batch); their outputs are discarded (read the method's statistics before). Returns the
+    method's images run."""
+    ranges = batch_ranges(len(labels), batch_size)
+    full = [b for b, (s, e) in enumerate(ranges) if b >= paired.warmup and e - s == paired.full_size]
+    cycle = full or [len(ranges) - 1]
+    images = 0
+    while not paired.complete:
+        b = cycle[len(paired.done) % len(cycle)]
+        s, e = ranges[b]
+        if not full:
+            paired.full_size = e - s
+        paired.run(b, timed_batch(net, bundle, labels[s:e], batch_seed(seed, b), sampling, timer),
+                   dense_batch(dense_net, bundle, labels[s:e], batch_seed(seed, b), sampling, timer))
+        images += e - s
+    return images
+
+
+def time_paired(method, net, bundle, labels, seed: int, sampling, batch_size: int, rounds: int = DEFAULT_TIMING_ROUNDS,
+                warmup_batches: int = 1, self_paired: bool = False) -> dict:
+    """The paired timing of measure() alone (no FLOPs, quality or row): `net` (method.build's) against the
+    bundle's dense VAR on
+    the N = len(labels) samples. Returns paired_summary's columns, with the method's statistics over the N samples
+    in `macs_ratio` and its absolute median batch time in `time_median_s`."""
     from bench.analytic import dense_scale_macs
-    m = method.analytic_macs(net, bundle, batch)
+    from bench.timing import BatchTimer, MachineWatch, PairedRounds, paired_summary, summarize
+    timer = BatchTimer(bundle.device)
+    dense_net = net if self_paired else bundle.var
+    paired = PairedRounds(rounds, warmup_batches, min(batch_size, len(labels)))
+    watch = MachineWatch().start()
+    reset_stats(net)
+    _, _, laps, _, sizes = generate_all(net, bundle, labels, seed, sampling, batch_size, timer=timer,
+                                        paired=paired, dense_net=dense_net, log=lambda *_: None)
+    S = len(bundle.var.patch_nums)
+    macs = sum(analytic_per_scale(method, net, bundle, sum(sizes)))
+    finish_rounds(paired, net, dense_net, bundle, labels, seed, sampling, batch_size, timer)
+    out = paired_summary(paired.done, S, watch.stop(), cuda=timer.cuda, self_paired=self_paired, seed=seed)
+    dense = sum(s.total for s in dense_scale_macs(bundle.var.cfg, sum(sizes)))
+    out.update(macs_ratio=macs / dense, time_median_s=summarize(laps, sizes, warmup_batches, S)["time_median_s"])
+    return out
+
+
+def analytic_per_scale(method, net, bundle, batch: int) -> List[float]:
+    """The method's analytic MACs per scale (None or no formula: the dense formula)."""
+    from bench.analytic import dense_scale_macs
+    m = method.analytic_macs(net, bundle, batch) if method is not None else None
     if m is None:
         m = [s.total for s in dense_scale_macs(bundle.var.cfg, batch)]
     return [float(x) for x in m]
@@ -211,7 +286,8 @@ def measure(bundle, method, *, samples: int, seed: int = 0, sampling=None, batch
             flop_images: int = DEFAULT_FLOP_IMAGES, warmup_batches: int = 1, sweep: str = "", sweep_id: str = "",
             trial_key: Optional[str] = None, extra: Optional[Dict[str, Any]] = None, cache_dir: Optional[str] = None,
             metrics: Sequence[str] = QUALITY_METRICS, bootstrap: int = 100, classifier: Optional[str] = None,
-            reference_count: Optional[int] = None, log: Callable = print) -> dict:
+            reference_count: Optional[int] = None, timing_rounds: int = DEFAULT_TIMING_ROUNDS,
+            log: Callable = print) -> dict:
     """Measure `method` (a bench.registry.Method or a registered name) on `bundle`; append and return the row.
 
     FLOPs on `flop_images` images, time and memory on the N-sample batches themselves, quality of the N
@@ -223,7 +299,10 @@ def measure(bundle, method, *, samples: int, seed: int = 0, sampling=None, batch
     from bench.quality import quality_metrics, same_seed_fidelity
     from bench.registry import Method, create_method
     from bench.results import append_row, new_run_id
-    from bench.timing import BatchTimer, summarize
+    from bench.analytic import dense_scale_macs
+    from bench.quality import PAIRED_QUALITY_PREFIXES
+    from bench.timing import (NOISY_RULE, BatchTimer, MachineWatch, PairedRounds, paired_summary, summarize,
+                              time_flop_efficiency)
 
     t_start, started_at = time.perf_counter(), _now()
     if not isinstance(method, Method):
@@ -234,6 +313,7 @@ def measure(bundle, method, *, samples: int, seed: int = 0, sampling=None, batch
         flop_images=flop_images, warmup_batches=warmup_batches, results_dir=results_dir, reference=reference,
         inception_weights=inception_weights, metrics=metrics, cache_dir=cache_dir, classifier=classifier,
         reference_count=reference_count)
+    timing_rounds = _check_int("timing rounds", timing_rounds, 0)
     device = bundle.device
     S = len(bundle.var.patch_nums)
     phases: Dict[str, float] = {}
@@ -271,48 +351,56 @@ def measure(bundle, method, *, samples: int, seed: int = 0, sampling=None, batch
             f"{mc.decoder / flop_images / 1e9:.4g} GMACs/image, {flop_images} image(s) counted")
     phase("flops", t)
 
-    # -- the N samples: timing, memory, method statistics
+    # -- the N samples: timing (absolute, and paired ABBA rounds against dense), memory, method statistics
     t = time.perf_counter()
     reset_stats(net)
     timer, probe = BatchTimer(device), PeakMemory(device)
+    self_paired = method.name == "dense"
+    dense_net = net if self_paired else bundle.var
+    full_size = min(batch_size, samples)
+    paired = PairedRounds(timing_rounds, warmup_batches, full_size) if timing_rounds > 0 else None
+    watch = MachineWatch().start()
     tokens, images, laps, peaks, sizes = generate_all(net, bundle, labels, seed, sampling, batch_size, timer=timer,
-                                                      probe=probe, log=log)
+                                                      probe=probe, log=log, paired=paired, dense_net=dense_net)
     extra_timing = 0
     last = len(batch_ranges(samples, batch_size)) - 1
     s, e = batch_ranges(samples, batch_size)[-1]
     while len(laps) <= warmup_batches:  # too few batches to time after warm-up: repeat the last batch
-        from bench.sampling import generate
-        probe.start()
-        timer.start()
-        generate(net, bundle.vqvae, labels[s:e].to(device), batch_seed(seed, last), sampling, timer=timer)
-        laps.append(timer.stop())
-        peaks.append(probe.stop())
+        (_, peak), lap = timed_batch(net, bundle, labels[s:e], batch_seed(seed, last), sampling, timer, probe)()
+        laps.append(lap)
+        peaks.append(peak)
         sizes.append(e - s)
         extra_timing += 1
+    method_extras = dict(method.row_metrics(net, bundle) or {})   # statistics of the N samples (+ repeats)
+    n_all = sum(sizes)
+    ana_all = [m / n_all for m in analytic_per_scale(method, net, bundle, n_all)]
+    if paired is not None:   # rounds the N samples did not provide; after the statistics were read
+        rounds_before = len(paired.done)
+        finish_rounds(paired, net, dense_net, bundle, labels, seed, sampling, batch_size, timer)
+        extra_timing += 2 * (len(paired.done) - rounds_before)
+    machine = watch.stop()
     if extra_timing:
-        log(f"timing: {extra_timing} repeat(s) of the last batch after {warmup_batches} warm-up batch(es)")
+        log(f"timing: {extra_timing} extra batch(es) for timing (outputs discarded)")
     timing = summarize(laps, sizes, warmup_batches, S)
     mem = [p for p in peaks if p is not None]
-    method_extras = dict(method.row_metrics(net, bundle) or {})
-    n_all = sum(sizes)  # every image the statistics saw (repeats for timing included)
-    ana_all = [m / n_all for m in analytic_per_scale(method, net, bundle, n_all)]
+    dense_macs = sum(s.total for s in dense_scale_macs(bundle.var.cfg, 1))
+    macs_ratio = sum(ana_all) / dense_macs if dense_macs else None
+    pairing: Dict[str, Any] = dict(speedup=None, timing_rounds=0)
+    if paired is not None:
+        pairing = paired_summary(paired.done, S, machine, cuda=timer.cuda, self_paired=self_paired, seed=seed)
+    pairing.update(macs_ratio=macs_ratio,
+                   time_flop_efficiency=time_flop_efficiency(pairing.get("speedup"), macs_ratio))
     phase("generate", t)
     log(f"time: median {timing['time_median_s']:.4g} s/batch, {timing['images_per_s']:.4g} images/s "
         f"({timing['timing_batches']} timed batches, {timer.kind}); peak memory "
         f"{(max(mem) / 2**20) if mem else float('nan'):.1f} MiB ({probe.kind})")
+    if paired is not None:
+        sp = "speedup_aa" if self_paired else "speedup"
+        log(f"paired timing ({len(paired.done)} ABBA rounds): {sp} {pairing[sp]:.3f} "
+            f"[{pairing[sp + '_ci_low']:.3f}, {pairing[sp + '_ci_high']:.3f}], MACs ratio {macs_ratio:.3f}"
+            + (f"; noisy: {pairing['timing_noisy_reason']}" if pairing["timing_noisy"] else ""))
 
-    # -- quality
-    t = time.perf_counter()
-    quality_cache = None if cache_dir is None else os.path.join(cache_dir, "quality")
-    q = quality_metrics(images.to(device), bundle, labels=labels[:len(images)], reference=reference,
-                        inception_weights=inception_weights, metrics=metrics, bootstrap=bootstrap, seed=seed, cache_dir=quality_cache, log=log,
-                        reference_count=reference_count, classifier=classifier)
-    phase("quality", t)
-    log(f"quality: fid {q.get('fid', float('nan')):.4g} [{q.get('fid_ci_low', float('nan')):.4g}, "
-        f"{q.get('fid_ci_high', float('nan')):.4g}] vs {q.get('reference')} (reference "
-        f"{'from cache' if q.get('reference_cached') else 'computed and cached'})")
-
-    # -- same-seed fidelity against dense
+    # -- dense outputs with the same labels and seeds (same-seed fidelity, paired quality)
     t = time.perf_counter()
     key = dense_cache_key(bundle, sampling, seed, samples, batch_size, device)
     path = dense_cache_path(key, cache_dir)
@@ -333,6 +421,20 @@ def measure(bundle, method, *, samples: int, seed: int = 0, sampling=None, batch
     fid_ = same_seed_fidelity(tokens, ref[0], images.float().div(255), ref[1].float().div(255))
     phase("dense_reference", t)
 
+    # -- quality, and quality paired with dense on the same seeds
+    t = time.perf_counter()
+    quality_cache = None if cache_dir is None else os.path.join(cache_dir, "quality")
+    q = quality_metrics(images.to(device), bundle, labels=labels[:len(images)], reference=reference,
+                        inception_weights=inception_weights, metrics=metrics, bootstrap=bootstrap, seed=seed,
+                        cache_dir=quality_cache, log=log, reference_count=reference_count, classifier=classifier,
+                        paired_images=images if self_paired else ref[1].to(device), paired_key=path)
+    phase("quality", t)
+    log(f"quality: fid {q.get('fid', float('nan')):.4g} [{q.get('fid_ci_low', float('nan')):.4g}, "
+        f"{q.get('fid_ci_high', float('nan')):.4g}] vs {q.get('reference')} (reference "
+        f"{'from cache' if q.get('reference_cached') else 'computed and cached'}); paired with dense: fid_delta "
+        f"{q.get('fid_delta', float('nan')):+.4g} [{q.get('fid_delta_ci_low', float('nan')):+.4g}, "
+        f"{q.get('fid_delta_ci_high', float('nan')):+.4g}]")
+
     # -- the row
     cfg_json = json.dumps(method.config, sort_keys=True, default=str)
     params = {f"param_{k}": (json.dumps(v) if isinstance(v, (list, tuple, dict)) else v)
@@ -352,12 +454,13 @@ def measure(bundle, method, *, samples: int, seed: int = 0, sampling=None, batch
         time_median_s=timing["time_median_s"], time_p10_s=timing["time_p10_s"], time_p90_s=timing["time_p90_s"],
         time_per_scale_median_s=timing["time_per_scale_median_s"], time_decode_median_s=timing["time_decode_median_s"],
         images_per_s=timing["images_per_s"], timing_batches=timing["timing_batches"], warmup_batches=warmup_batches,
-        timing_extra_batches=extra_timing, timer=timer.kind,
+        timing_extra_batches=extra_timing, timer=timer.kind, **pairing, timing_noisy_rule=NOISY_RULE,
         mem_peak_bytes=max(mem) if mem else None, mem_kind=probe.kind,
         **{k: q.get(k) for k in ("fid", "fid_ci_low", "fid_ci_high", "isc_mean", "isc_std", "precision", "recall",
                                  "kid_mean", "kid_std", "extractor", "reference", "reference_count",
                                  "reference_cached")},
         **{k: v for k, v in q.items() if k.startswith("quality_")},
+        **{k: v for k, v in q.items() if k.startswith(PAIRED_QUALITY_PREFIXES)},
         fidelity_token_agreement=fid_["fidelity_token_agreement"],
         fidelity_token_agreement_per_scale=fid_["fidelity_token_agreement_per_scale"],
         fidelity_psnr_db=fid_["fidelity_psnr_db"], dense_cache=status,

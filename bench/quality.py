@@ -44,6 +44,8 @@ PRC_NEIGHBORHOOD = 3                       # k of the k-NN manifold (Kynkäänni
 PSNR_CAP_DB = 100.0                        # PSNR of identical images (infinite) is reported as this value
 CACHE_VERSION = 1                          # bump when the extraction or the cached content changes
 IMAGE_EXTS = "png,jpg,jpeg,bmp,webp"
+PAIRED_QUALITY_PREFIXES = ("fid_delta", "precision_delta", "recall_delta", "isc_delta")
+FID_DELTA_TARGET = 0.01                    # the sample-size guidance: ΔFID interval half-width at 1% of dense FID
 
 
 # ---------------------------------------------------------------------------------------------- extractor
@@ -482,14 +484,7 @@ def fid_bootstrap(features: torch.Tensor, ref_stats: dict, fid: float, resamples
       that offset, [FID + q_lo - mean, FID + q_hi - mean]: the spread of FID at this N, centred on the estimate.
     The reference statistics are held fixed."""
     f = features.double().cpu()
-    n = len(f)
-    if labels is not None:
-        lab = np.asarray(torch.as_tensor(labels).cpu()).reshape(-1)
-        if len(lab) != n:
-            raise BenchError(f"labels ({len(lab)}) and images ({n}) differ in count")
-        groups = [np.flatnonzero(lab == c) for c in np.unique(lab)]
-    else:
-        groups = [np.arange(n)]
+    groups = _strata(labels, len(f))
     fid_of = FIDAgainst(ref_stats)
     rng = np.random.default_rng(seed)
     boot = np.array([fid_of(f[torch.from_numpy(np.concatenate([g[rng.integers(0, len(g), len(g))] for g in groups]))])
@@ -497,6 +492,49 @@ def fid_bootstrap(features: torch.Tensor, ref_stats: dict, fid: float, resamples
     lo_q, hi_q = np.quantile(boot, [(1 - level) / 2, 1 - (1 - level) / 2])
     shift = fid - float(boot.mean())
     return max(0.0, float(lo_q) + shift), float(hi_q) + shift, boot
+
+
+def _strata(labels: Optional[torch.Tensor], n: int) -> List[np.ndarray]:
+    if labels is None:
+        return [np.arange(n)]
+    lab = np.asarray(torch.as_tensor(labels).cpu()).reshape(-1)
+    if len(lab) != n:
+        raise BenchError(f"labels ({len(lab)}) and images ({n}) differ in count")
+    return [np.flatnonzero(lab == c) for c in np.unique(lab)]
+
+
+def paired_fid_bootstrap(features: torch.Tensor, dense_features: torch.Tensor, ref_stats: dict, resamples: int,
+                         seed: int, labels: Optional[torch.Tensor] = None,
+                         level: float = 0.95) -> Tuple[float, float, float, np.ndarray]:
+    """FID(method) - FID(dense) and its 95% interval, from a paired bootstrap: sample i of the method and of
+    dense share label and seed, so each resample draws the SAME indices (class-stratified, as fid_bootstrap) from
+    both feature sets and takes the difference of their FIDs. What the two share (which classes and seeds were
+    drawn, the reference) cancels, leaving the spread of the difference itself. The interval is centred on the
+    estimate as in fid_bootstrap. Returns (delta, low, high, resampled deltas)."""
+    f, g = features.double().cpu(), dense_features.double().cpu()
+    if f.shape != g.shape:
+        raise BenchError(f"paired features differ in shape: {tuple(f.shape)} vs {tuple(g.shape)}")
+    groups = _strata(labels, len(f))
+    fid_of = FIDAgainst(ref_stats)
+    delta = fid_from_statistics(fid_statistics(f), ref_stats) - fid_from_statistics(fid_statistics(g), ref_stats)
+    if torch.equal(f, g):   # identical sets: every resample differs by exactly 0
+        return 0.0, 0.0, 0.0, np.zeros(resamples)
+    rng = np.random.default_rng(seed)
+    boot = np.empty(resamples)
+    for r in range(resamples):
+        idx = torch.from_numpy(np.concatenate([grp[rng.integers(0, len(grp), len(grp))] for grp in groups]))
+        boot[r] = fid_of(f[idx]) - fid_of(g[idx])
+    lo_q, hi_q = np.quantile(boot, [(1 - level) / 2, 1 - (1 - level) / 2])
+    shift = delta - float(boot.mean())
+    return delta, float(lo_q) + shift, float(hi_q) + shift, boot
+
+
+def samples_for_halfwidth(n: int, halfwidth: float, target: float) -> Optional[int]:
+    """Sample count at which an interval of `halfwidth` at n samples shrinks to `target`, assuming the 1/sqrt(N)
+    scaling of a mean (an estimate: FID's finite-N bias is not a mean). None when either is not positive."""
+    if not (halfwidth > 0 and target > 0) or not math.isfinite(halfwidth):
+        return None
+    return int(math.ceil(n * (halfwidth / target) ** 2))
 
 
 def kid_features(features_1: torch.Tensor, features_2: torch.Tensor, subsets: int = KID_SUBSETS,
@@ -626,12 +664,17 @@ def quality_metrics(images: torch.Tensor, bundle, *, labels: Optional[torch.Tens
                     inception_weights: Optional[str] = None, metrics: Sequence[str] = METRICS, bootstrap: int = 100,
                     seed: int = 0, cache_dir: Optional[str] = None, log: Callable = print,
                     reference_count: Optional[int] = None, classifier: Optional[str] = None,
-                    batch_size: Optional[int] = None) -> dict:
+                    batch_size: Optional[int] = None, paired_images: Optional[torch.Tensor] = None,
+                    paired_key: Optional[str] = None) -> dict:
     """FID (+ bootstrap 95% interval), IS, precision/recall, KID of generated images against a reference set.
 
     images: uint8 (N,3,H,W) (float [0,1] is converted); features are extracted on images.device. labels: the
     conditioning classes of the images (stratify the FID bootstrap; see fid_bootstrap). `seed` drives the
-    bootstrap, KID subsets and IS split shuffle. Metrics not requested come back NaN."""
+    bootstrap, KID subsets and IS split shuffle. Metrics not requested come back NaN.
+
+    paired_images: dense's images with the same labels and seeds (sample i of both shares them): adds fid_delta
+    (paired bootstrap interval, paired_fid_bootstrap), fid_delta_pct, the sample-size guidance, and the
+    differences of precision, recall and IS. paired_key names them for the feature cache (None: no caching)."""
     t0 = time.time()
     if not torch.is_tensor(images) or images.dim() != 4 or images.shape[1] != 3:
         raise BenchError(f"images must be a (N,3,H,W) tensor, got {getattr(images, 'shape', type(images))}")
@@ -666,6 +709,9 @@ def quality_metrics(images: torch.Tensor, bundle, *, labels: Optional[torch.Tens
     if ref_feats is not None and "prc" in metrics:
         dev = images.device  # pairwise distances on the GPU when there is one
         out["precision"], out["recall"] = prc_features(feats.to(dev), ref_feats.to(dev), PRC_NEIGHBORHOOD, ref_radii)
+    if paired_images is not None:
+        out.update(paired_quality(images, feats, gen, to_uint8(paired_images), extractor, metrics, ref_feats, ref_stats,
+                                  ref_radii, out, labels, bootstrap, seed, paired_key, cache_dir, batch_size))
     out.update(extractor=extractor.tag, reference=ref.desc, reference_count=ref.count, reference_cached=cached,
                quality_samples=n, quality_metrics=",".join(metrics),
                quality_bootstrap=bootstrap if "fid" in metrics else 0,
@@ -675,6 +721,57 @@ def quality_metrics(images: torch.Tensor, bundle, *, labels: Optional[torch.Tens
                quality_prc_neighborhood=PRC_NEIGHBORHOOD if "prc" in metrics else None,
                quality_cache_key=key, quality_notes="; ".join(notes), quality_s=round(time.time() - t0, 3))
     return out
+
+
+def _paired_features(images: torch.Tensor, extractor: Extractor, key: Optional[str], cache_dir: Optional[str],
+                     batch_size: Optional[int]) -> Dict[str, torch.Tensor]:
+    """Features of dense's same-seed images, cached on disk by (dense outputs entry, extractor)."""
+    path = None
+    if key is not None:
+        h = hashlib.sha256(json.dumps([CACHE_VERSION, key, extractor.tag, tuple(images.shape)]).encode()).hexdigest()
+        path = os.path.join(cache_dir or default_cache_dir(), f"paired-features-{h[:20]}.npz")
+        if os.path.isfile(path):
+            try:
+                with np.load(path, allow_pickle=False) as z:
+                    return {k: torch.from_numpy(z[k]) for k in z.files}
+            except (OSError, ValueError, zipfile.BadZipFile):
+                pass   # a damaged entry is recomputed
+    got = extractor.extract(images, batch_size=batch_size)
+    if path is not None:
+        _atomic_savez(path, **{k: v.cpu().numpy() for k, v in got.items()})
+    return got
+
+
+def paired_quality(images, feats, gen, dense_images, extractor, metrics, ref_feats, ref_stats, ref_radii, own: dict,
+                   labels, bootstrap: int, seed: int, key, cache_dir, batch_size) -> dict:
+    """The quality columns paired with dense on the same seeds (see quality_metrics)."""
+    nan = float("nan")
+    n = len(feats)
+    if len(dense_images) != n:
+        raise BenchError(f"paired images ({len(dense_images)}) and images ({n}) differ in count")
+    if torch.equal(dense_images.cpu(), images.cpu()):   # dense itself (or a method identical to it)
+        dense = gen
+    else:
+        dense = _paired_features(dense_images, extractor, key, cache_dir, batch_size)
+    out = dict(fid_delta=nan, fid_delta_ci_low=nan, fid_delta_ci_high=nan, fid_delta_pct=nan,
+               fid_delta_samples_for_1pct=None, precision_delta=nan, recall_delta=nan, isc_delta=nan)
+    dfeats = dense[extractor.feature_layer]
+    if "fid" in metrics:
+        with single_threaded(feats.shape[1] <= 512):
+            delta, lo, hi, _ = paired_fid_bootstrap(feats, dfeats, ref_stats, max(bootstrap, 1), seed, labels)
+        fid_dense = own["fid"] - delta
+        out.update(fid_delta=delta, fid_delta_ci_low=lo, fid_delta_ci_high=hi,
+                   fid_delta_pct=100 * delta / fid_dense if fid_dense > 0 else nan,
+                   fid_delta_samples_for_1pct=samples_for_halfwidth(n, (hi - lo) / 2, FID_DELTA_TARGET * fid_dense))
+    if "isc" in metrics:
+        from torch_fidelity.metric_isc import KEY_METRIC_ISC_MEAN, isc_features_to_metric
+        out["isc_delta"] = own["isc_mean"] - isc_features_to_metric(dense[extractor.isc_layer], ISC_SPLITS, True,
+                                                                    seed)[KEY_METRIC_ISC_MEAN]
+    if ref_feats is not None and "prc" in metrics:
+        dev = feats.device
+        p, r = prc_features(dfeats.to(dev), ref_feats.to(dev), PRC_NEIGHBORHOOD, ref_radii)
+        out.update(precision_delta=own["precision"] - p, recall_delta=own["recall"] - r)
+    return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in out.items()}
 
 
 def classifier_logits(images: torch.Tensor, bundle=None, classifier: Optional[str] = None,

@@ -83,6 +83,29 @@ SCHEMA: Dict[str, tuple] = {
     "timing_extra_batches": ("int64", "repeats of the last batch added for timing when N/B <= warmup_batches "
                                       "(their outputs are discarded)"),
     "timer": ("string", "perf_counter (CPU) | cuda_events (GPU, synchronised per batch)"),
+    # time, paired with dense inside the trial (bench.timing.PAIRED_PROTOCOL): comparable across trials
+    "speedup": ("float64", "median over paired rounds of t_dense / t_method, same labels and seeds, ABBA order "
+                           "(1 by definition for dense)"),
+    "speedup_ci_low": ("float64", "percentile-bootstrap 95% interval of the speedup over rounds, low end"),
+    "speedup_ci_high": ("float64", "the same, high end"),
+    "speedup_per_scale": ("list<float64>", "median over rounds of t_dense / t_method of each scale"),
+    "speedup_aa": ("float64", "dense rows: dense timed against itself (A/A), the protocol's noise floor"),
+    "speedup_aa_ci_low": ("float64", "A/A interval, low end"),
+    "speedup_aa_ci_high": ("float64", "A/A interval, high end"),
+    "timing_rounds": ("int64", "paired rounds (0: paired timing off)"),
+    "timing_protocol": ("string", "the paired timing protocol, in words"),
+    "time_paired_method_median_s": ("float64", "median seconds of the method's batches in the rounds"),
+    "time_paired_dense_median_s": ("float64", "median seconds of dense's batches in the rounds"),
+    "macs_ratio": ("float64", "macs_analytic_all / dense transformer MACs per image"),
+    "time_flop_efficiency": ("float64", "time saved / FLOPs saved = (1 - 1/speedup) / (1 - macs_ratio); 1.0 is the "
+                                        "physical limit (null when the MACs change by < 1%)"),
+    "timing_cv": ("float64", "coefficient of variation of the round laps (the larger of method's and dense's)"),
+    "load_avg_before": ("float64", "1-min load average before the timing"),
+    "load_avg_after": ("float64", "1-min load average after the timing"),
+    "cpu_utilization": ("float64", "process CPU time / (wall x threads) over the timing"),
+    "timing_noisy": ("bool", "the machine was busy or the laps erratic while timing (timing_noisy_rule)"),
+    "timing_noisy_reason": ("string", "which clauses of the rule fired ('' if none)"),
+    "timing_noisy_rule": ("string", "the rule of timing_noisy, in words"),
     # memory
     "mem_peak_bytes": ("int64", "peak memory of a generation batch (max over batches), see mem_kind"),
     "mem_kind": ("string", "cuda_max_allocated | cpu_rss_growth_hwm | cpu_rss_growth_sampled | unavailable"),
@@ -100,6 +123,17 @@ SCHEMA: Dict[str, tuple] = {
     "reference": ("string", "reference set the metrics compare against"),
     "reference_count": ("int64", "images in the reference set"),
     "reference_cached": ("bool", "reference statistics came from the disk cache"),
+    # quality paired with dense on the same labels and seeds (bench.quality.paired_fid_bootstrap)
+    "fid_delta": ("float64", "FID(method) - FID(dense), same seeds, same reference (0 for dense)"),
+    "fid_delta_ci_low": ("float64", "paired class-stratified bootstrap 95% interval (same resample indices for "
+                                    "both), low end"),
+    "fid_delta_ci_high": ("float64", "the same, high end"),
+    "fid_delta_pct": ("float64", "100 x fid_delta / FID(dense)"),
+    "fid_delta_samples_for_1pct": ("int64", "estimated N at which the fid_delta interval half-width reaches 1% of "
+                                            "dense FID (1/sqrt(N) scaling; null when the interval is 0)"),
+    "precision_delta": ("float64", "precision(method) - precision(dense), same seeds"),
+    "recall_delta": ("float64", "recall(method) - recall(dense), same seeds"),
+    "isc_delta": ("float64", "IS(method) - IS(dense), same seeds"),
     # same-seed fidelity against dense
     "fidelity_token_agreement": ("float64", "fraction of tokens equal to the dense run with the same seeds"),
     "fidelity_token_agreement_per_scale": ("list<float64>", "the same, per scale"),
@@ -118,6 +152,14 @@ SCHEMA: Dict[str, tuple] = {
     "finished_at": ("string", "UTC end, ISO 8601"),
     "wall_s": ("float64", "wall seconds of measure(): validation, FLOP count, generation, quality, dense reference"),
     "phase_s": ("json", "wall seconds per phase of the measurement: {phase: seconds}"),
+}
+
+# columns that are null where they do not apply (every other SCHEMA column always holds a finite value)
+NULLABLE = {
+    "speedup_aa": "dense rows only", "speedup_aa_ci_low": "dense rows only", "speedup_aa_ci_high": "dense rows only",
+    "time_flop_efficiency": "null when the MACs change by less than 1% (dense; DMoE where its router costs what "
+                            "its experts save)",
+    "fid_delta_samples_for_1pct": "null when the ΔFID interval has zero width (dense)",
 }
 
 ROWS = "rows"

@@ -23,7 +23,7 @@ YAML schema (every key optional except `points`; sweeps/tau.yaml is a commented 
     seed: 0
     sampling: {}               # cfg, top_k, top_p, more_smooth: overrides of the model's own settings
     reference: null            # quality reference (null: the model's held-out set)
-    measure: {}                # further measure() options: flop_images, warmup_batches, metrics, bootstrap,
+    measure: {}                # further measure() options: flop_images, warmup_batches, timing_rounds, metrics, bootstrap,
                                #   classifier, reference_count, inception_weights, cache_dir
     modules: []                # extra Python modules that register methods (imported by driver and trials)
     points:                    # named entries; each expands to the product of its grid axes
@@ -78,7 +78,7 @@ TOP_DEFAULTS: Dict[str, Any] = dict(description="", figure="", models=["default"
                                     points={}, quick={})
 SAMPLING_KEYS = {"cfg": float, "top_k": int, "top_p": float, "more_smooth": bool}
 # measure() options a sweep may set (bench/measure.py); types for validation of --set values
-MEASURE_KEYS = {"flop_images": int, "warmup_batches": int, "metrics": list, "bootstrap": int, "classifier": str,
+MEASURE_KEYS = {"flop_images": int, "warmup_batches": int, "timing_rounds": int, "metrics": list, "bootstrap": int, "classifier": str,
                 "reference_count": int, "inception_weights": str, "cache_dir": str}
 ENTRY_KEYS = ("method", "params", "grid", "twins", "enabled")
 TWIN_KEYS = ("method", "params", "from_parent")
@@ -729,7 +729,8 @@ def run_trial(job: dict, log: Callable = print) -> dict:
                       sweep=job["sweep"], sweep_id=job["sweep_id"], trial_key=job["trial_key"],
                       extra=dict(job["extra"], ray_node=socket.gethostname()), log=log, **job["measure"])
         keep = ("fid", "fid_ci_low", "fid_ci_high", "macs_analytic_all", "macs_analytic", "macs_fvcore",
-                "time_median_s", "images_per_s", "method_label", "run_id")
+                "time_median_s", "images_per_s", "method_label", "run_id", "speedup", "speedup_ci_low",
+                "speedup_ci_high", "fid_delta", "fid_delta_ci_low", "fid_delta_ci_high", "timing_noisy")
         out = {k: row.get(k) for k in keep}
         # the whole row travels back too: on a multi-node cluster the worker's disk may not be the driver's
         out.update(status="ok", trial_s=round(time.time() - t0, 2), row_json=json.dumps(row, default=str))
@@ -765,8 +766,15 @@ def trial_line(done: int, total: int, trial: Trial, res: dict) -> str:
     if res.get("status") != "ok":
         return f"{head}: FAILED ({res.get('trial_s', 0):.0f} s): {res.get('error', 'no result')}"
     ci = f" [{_fmt(res.get('fid_ci_low'))}, {_fmt(res.get('fid_ci_high'))}]"
+    paired = ""
+    if res.get("speedup") is not None:
+        paired = (f" | speedup {_fmt(res.get('speedup'), '.3f')}x [{_fmt(res.get('speedup_ci_low'), '.3f')}, "
+                  f"{_fmt(res.get('speedup_ci_high'), '.3f')}]{' (noisy)' if res.get('timing_noisy') else ''}")
+    if res.get("fid_delta") is not None:
+        paired += (f" | ΔFID {_fmt(res.get('fid_delta'), '+.3g')} [{_fmt(res.get('fid_delta_ci_low'), '+.3g')}, "
+                   f"{_fmt(res.get('fid_delta_ci_high'), '+.3g')}]")
     return (f"{head}: FID {_fmt(res.get('fid'))}{ci} | {_fmt_macs(res.get('macs_analytic_all'))}/image | "
-            f"{_fmt(res.get('time_median_s'))} s/batch | {res.get('trial_s', 0):.0f} s")
+            f"{_fmt(res.get('time_median_s'))} s/batch{paired} | {res.get('trial_s', 0):.0f} s")
 
 
 class SweepRunner:

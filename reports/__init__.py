@@ -12,14 +12,17 @@ and <out_root>/all/ (every method of every sweep on one Pareto figure).
 from __future__ import annotations
 
 import os
-from typing import Callable, List, Optional, Tuple
+from typing import Callable, List, Optional, Sequence, Tuple
 
 from bench.errors import BenchError
-from reports import actvar, dmoe, pareto
+from reports import actvar, dmoe, paired, pareto
+from reports import data as D
 from reports.context import Context, Skip
 
 # (name, generator, what it draws) in the order of the index
 GENERATORS: List[Tuple[str, Callable, str]] = [
+    ("paired", paired.paired_tradeoff, "speedup vs ΔFID against dense, paired, with what is resolved (headline)"),
+    ("paired_table", paired.paired_table, "every point in paired terms: speedup, ΔFID, intervals, status"),
     ("pareto", pareto.pareto_figures, "FID vs FLOPs and vs wall-clock, Pareto front, dense highlighted (DMoE fig. 3)"),
     ("front", pareto.front_table, "the Pareto front as Markdown + LaTeX table"),
     ("twins", pareto.twins, "dynamic methods vs their static twins at equal FLOPs"),
@@ -71,13 +74,20 @@ def build_reports(results_dir: str, sweep: Optional[str] = None, out_root: str =
     elif sweep_id is not None:
         raise BenchError("--sweep-id needs --sweep")
     written, notes = [], []
+    planned = manifest_trials(results_dir)
+    all_warnings = []
     for name, part in runs.items():
         out_dir = os.path.join(out_root, name)
-        files, skipped = run_generators(Context(part, out_dir, flops), GENERATORS)
+        ids = set(D.col(part, "sweep_id")) if name != "runs" else set()
+        warnings = D.run_warnings(part, planned.get(next(iter(ids))) if len(ids) == 1 else None)
+        all_warnings += [f"{name}: {w}" for w in warnings]
+        for w in warnings:
+            log(f"  WARNING ({name}): {w}")
+        files, skipped = run_generators(Context(part, out_dir, flops, warnings=warnings), GENERATORS)
         notes += [f"{name}: {s}" for s in skipped]
         written += files
         if files:
-            written.append(write_index(out_dir, name, part, files, skipped))
+            written.append(write_index(out_dir, name, part, files, skipped, warnings))
         log(f"report {name}: {len(files)} files in {out_dir}")
         if skipped:
             log(f"  not drawn for {name}: {'; '.join(skipped)}")
@@ -91,11 +101,12 @@ def build_reports(results_dir: str, sweep: Optional[str] = None, out_root: str =
         import pandas as pd
         allrows = pd.concat(list(runs.values()), ignore_index=True)
         out_dir = os.path.join(out_root, OVERVIEW)
-        files, skipped = run_generators(Context(allrows, out_dir, flops, by_method=True), GENERATORS[:2])
+        files, skipped = run_generators(Context(allrows, out_dir, flops, by_method=True, warnings=all_warnings),
+                                        GENERATORS[:4])
         notes += [f"{OVERVIEW}: {s}" for s in skipped]
         if files:
             written += files
-            written.append(write_index(out_dir, "every sweep and run", allrows, files, skipped))
+            written.append(write_index(out_dir, "every sweep and run", allrows, files, skipped, all_warnings))
         log(f"report {OVERVIEW}: {len(files)} files in {out_dir}")
         if skipped:
             log(f"  not drawn for {OVERVIEW}: {'; '.join(skipped)}")
@@ -113,10 +124,19 @@ def run_generators(ctx: Context, generators) -> Tuple[List[str], List[str]]:
     return files, skipped
 
 
-def write_index(out_dir: str, title: str, df, files: List[str], skipped: List[str]) -> str:
+def manifest_trials(results_dir: str) -> dict:
+    """{sweep_id: trials its manifest lists} of the store's sweeps."""
+    from bench.sweep import read_manifests
+    return {m.get("sweep_id"): len(m.get("trials") or []) for m in read_manifests(results_dir)}
+
+
+def write_index(out_dir: str, title: str, df, files: List[str], skipped: List[str],
+                warnings: Sequence[str] = ()) -> str:
     from reports.data import caption_facts
     from reports.style import write_text
-    lines = [f"# Report: {title}", "", caption_facts(df), "", "## Files", ""]
+    lines = [f"# Report: {title}", ""]
+    lines += [f"> **WARNING:** {w}." for w in warnings] + ([""] if warnings else [])
+    lines += [caption_facts(df), "", "## Files", ""]
     lines += [f"- {os.path.basename(f)}" for f in files]
     if skipped:
         what = {name: w for name, _, w in GENERATORS}

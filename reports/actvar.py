@@ -8,7 +8,7 @@ from reports import data as D
 from reports import style as S
 from reports.context import Context, Skip
 
-HEADER = ["FLOPs saving", "Time saving", "FID [95% CI]", "IS"]
+HEADER = ["FLOPs saving", "Speedup [95% CI]", "FID [95% CI]", "ΔFID [95% CI]", "IS"]
 
 
 def _rate(v) -> str:
@@ -26,12 +26,11 @@ def rates_text(token_rate, weight_rate, n_scales: int = 2) -> str:
     return f"({toks}; {_rate(weight_rate) if D.json_value(weight_rate) is not None else '100%'})"
 
 
-def _metrics(df, i, column, fids, lo, hi, isc, macs, ms, models) -> List[str]:
+def _metrics(df, i, column, fids, lo, hi, isc, macs, models, sp, dq) -> List[str]:
     dm = D.dense_value(df, models[i], column)
-    dt = D.dense_value(df, models[i], "images_per_s")
     save = f"{100 * (1 - macs[i] / dm):.1f}%" if dm and macs[i] is not None else "-"
-    tsave = f"{100 * (1 - ms[i] / (1000.0 / dt)):.1f}%" if dt and ms[i] is not None else "-"
-    return [save, tsave, S.fid_text(fids[i], lo[i], hi[i]), S.fmt(isc[i], ".4g")]
+    return [save, D.speedup_text(*sp[i]), S.fid_text(fids[i], lo[i], hi[i]), D.delta_text(*dq[i]),
+            S.fmt(isc[i], ".4g")]
 
 
 def method_table(ctx: Context, stem: str, methods: Sequence[str], first_cols: Sequence[str],
@@ -50,7 +49,8 @@ def method_table(ctx: Context, stem: str, methods: Sequence[str], first_cols: Se
     if sort_key:
         idx = sorted(idx, key=lambda i: sort_key(i))
     cols = dict(fids=D.col(df, "fid"), lo=D.col(df, "fid_ci_low"), hi=D.col(df, "fid_ci_high"),
-                isc=D.col(df, "isc_mean"), macs=D.col(df, column), ms=D.ms_per_image(df), models=D.col(df, "model"))
+                isc=D.col(df, "isc_mean"), macs=D.col(df, column), models=D.col(df, "model"))
+    cols["sp"], cols["dq"] = D.paired_intervals(df)
     rows = []
     dense = [i for i, m in enumerate(meth) if m == "dense"]
     for i in dense[-1:]:

@@ -16,13 +16,15 @@ class Context:
     flops: str = "analytic_all"  # reports.data.FLOPS_COLUMNS key
     notes: List[str] = field(default_factory=list)
     by_method: bool = False      # one series per method (the every-sweep overview), not per sweep entry
+    warnings: List[str] = field(default_factory=list)   # stated at the top of the index and in every caption
 
     def note(self, text: str) -> None:
         self.notes.append(text)
 
     def caption(self, flops_desc: str = "") -> str:
         from reports.data import caption_facts
-        return caption_facts(self.df, flops_desc)
+        warn = "".join(f" WARNING: {w}." for w in self.warnings)
+        return caption_facts(self.df, flops_desc) + warn
 
     def subset(self, mask) -> "Context":
-        return Context(self.df[mask], self.out_dir, self.flops, self.notes, self.by_method)
+        return Context(self.df[mask], self.out_dir, self.flops, self.notes, self.by_method, self.warnings)

@@ -23,7 +23,7 @@ def nice_method(name: str) -> str:
 
 
 def is_missing(v) -> bool:
-    if v is None:
+    if v is None or type(v).__name__ in ("NAType", "NaTType"):   # pandas' missing markers of nullable dtypes
         return True
     try:
         return isinstance(v, float) and math.isnan(v)
@@ -80,6 +80,98 @@ def pareto_front(xs: Sequence[Optional[float]], ys: Sequence[Optional[float]]) -
             on[i] = True
             best = y
     return on
+
+
+# ---------------------------------------------------------------------------------------------- paired terms
+RESOLUTION_RULE = (
+    "point A dominates point B only when the evidence separates them on both axes: A's speedup interval lies "
+    "wholly above B's and A's ΔFID interval wholly below B's (95% intervals). 'front': on the Pareto front of the "
+    "point estimates and dominated by no point; 'not resolved': off that front, but no point separates it; "
+    "'dominated': some point separates it on both axes")
+PAIRED_CI_TEXT = ("speedup = median over paired ABBA rounds of t_dense / t_method within each trial (same labels "
+                  "and seeds), percentile-bootstrap 95% over rounds; ΔFID = FID(method) - FID(dense) on the same "
+                  "seeds, paired class-stratified bootstrap 95% (same resample indices for both)")
+
+
+def has_paired(df) -> bool:
+    return has_values(df, "speedup") and has_values(df, "fid_delta")
+
+
+def paired_intervals(df):
+    """Per row: (speedup, low, high) and (ΔFID, low, high); dense rows sit at (1, 0) by definition."""
+    sp = list(zip(col(df, "speedup"), col(df, "speedup_ci_low"), col(df, "speedup_ci_high")))
+    dq = list(zip(col(df, "fid_delta"), col(df, "fid_delta_ci_low"), col(df, "fid_delta_ci_high")))
+    return sp, dq
+
+
+def _complete(t) -> bool:
+    return all(v is not None and not (isinstance(v, float) and math.isnan(v)) for v in t)
+
+
+def resolution(df) -> List[Optional[str]]:
+    """'front' | 'not resolved' | 'dominated' per row by RESOLUTION_RULE (None: the row has no paired values).
+    Speed is maximised, ΔFID minimised."""
+    sp, dq = paired_intervals(df)
+    ok = [_complete(a) and _complete(b) for a, b in zip(sp, dq)]
+    xs = [-a[0] if o else None for a, o in zip(sp, ok)]          # pareto_front minimises both
+    ys = [b[0] if o else None for b, o in zip(dq, ok)]
+    front = pareto_front(xs, ys)
+    out: List[Optional[str]] = []
+    for i in range(len(sp)):
+        if not ok[i]:
+            out.append(None)
+            continue
+        beaten = any(ok[j] and j != i and sp[j][1] > sp[i][2] and dq[j][2] < dq[i][1] for j in range(len(sp)))
+        out.append("dominated" if beaten else ("front" if front[i] else "not resolved"))
+    return out
+
+
+def relative_time(df, all_rows=None) -> Tuple[List[Optional[float]], str]:
+    """Time per image relative to dense, and what it is: 1 / paired speedup where the rows have it (comparable
+    across trials), else absolute times over the dense row's (different trials: not comparable). all_rows: where
+    to find the dense rows when `df` is a subset."""
+    if has_values(df, "speedup"):
+        return [None if s is None or s <= 0 else 1.0 / s for s in col(df, "speedup")], "paired"
+    ms, models = ms_per_image(df), col(df, "model")
+    out = []
+    for m, model in zip(ms, models):
+        dt = dense_value(df if all_rows is None else all_rows, model, "images_per_s")
+        out.append(None if m is None or not dt else m / (1000.0 / dt))
+    return out, "unpaired"
+
+
+def speedup_text(s, lo, hi) -> str:
+    if s is None:
+        return "-"
+    if lo is None or hi is None:
+        return f"{s:.3f}x"
+    return f"{s:.3f}x [{lo:.3f}, {hi:.3f}]"
+
+
+def delta_text(d, lo, hi, spec: str = "+.3g") -> str:
+    if d is None:
+        return "-"
+    if lo is None or hi is None:
+        return format(d, spec)
+    return f"{format(d, spec)} [{format(lo, spec)}, {format(hi, spec)}]"
+
+
+def run_warnings(df, manifest_trials: Optional[int] = None) -> List[str]:
+    """What a reader must know before trusting the figures of these rows."""
+    out = []
+    if manifest_trials is not None and manifest_trials > len(df):
+        out.append(f"incomplete sweep: its manifest lists {manifest_trials} trials, {len(df)} have rows "
+                   f"(finish it with `python -m bench sweep NAME --resume`)")
+    noisy = [p for p, n in zip(col(df, "sweep_point") if "sweep_point" in df.columns else col(df, "run_id"),
+                                col(df, "timing_noisy")) if n]
+    if noisy:
+        out.append(f"{len(noisy)} of {len(df)} rows timed on a noisy machine (timing_noisy: "
+                   f"{', '.join(map(str, noisy[:4]))}{' ...' if len(noisy) > 4 else ''}); their paired speedups "
+                   f"stand, their absolute times do not")
+    if not has_values(df, "speedup"):
+        out.append("no paired timing in these rows: wall-clock comparisons use times of different trials, which "
+                   "a busy machine can distort")
+    return out
 
 
 def select_runs(df, sweep: Optional[str] = None, sweep_id: Optional[str] = None):
@@ -179,9 +271,12 @@ def caption_facts(df, flops_desc: str = "") -> str:
     parts = [f"{len(df)} runs", f"model {uniq('model')} (depth {uniq('model_depth')})",
              f"{uniq('samples')} samples per run (seed {uniq('seed')}, batch {uniq('batch_size')})",
              f"cfg {uniq('cfg')}, top-k {uniq('top_k')}, top-p {uniq('top_p')}",
-             f"FID with {uniq('extractor')} against {uniq('reference')}; intervals: bootstrap 95%",
+             f"FID with {uniq('extractor')} against {uniq('reference')}; FID intervals: class-stratified "
+             f"bootstrap 95%",
              f"machine: {uniq('env_device_name')} ({uniq('device')}, {uniq('env_threads')} threads, "
              f"host {uniq('env_host')})", f"sweep {uniq('sweep_id')}"]
+    if has_paired(df):
+        parts.append(f"{PAIRED_CI_TEXT} ({uniq('timing_rounds')} rounds per trial)")
     if flops_desc:
         parts.append(f"MACs: {flops_desc}, transformer only (decoder excluded), CFG rows included")
     return "; ".join(parts) + "."

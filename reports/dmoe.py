@@ -36,7 +36,8 @@ def tau_curve(ctx: Context) -> List[str]:
                     D.col(d, "param_expert_size")))
     groups = list(dict.fromkeys(keys))
     fids, lo, hi = D.col(d, "fid"), D.col(d, "fid_ci_low"), D.col(d, "fid_ci_high")
-    macs, ms = D.col(d, column), D.ms_per_image(d)
+    macs = D.col(d, column)
+    rel, kind = D.relative_time(d, ctx.df)
     plt = S.setup()
     fig, (a1, a2) = plt.subplots(2, 1, figsize=(S.SINGLE, 3.6), sharex=True)
     for gi, g in enumerate(groups):
@@ -46,12 +47,12 @@ def tau_curve(ctx: Context) -> List[str]:
         c = S.color(gi)
         a1.plot([taus[i] for i in idx], [fids[i] for i in idx], marker=S.marker(gi), color=c, label=label)
         _intervals(a1, [taus[i] for i in idx], [lo[i] for i in idx], [hi[i] for i in idx], c)
-        dm, dt = D.dense_value(ctx.df, model, column), D.dense_value(ctx.df, model, "images_per_s")
+        dm = D.dense_value(ctx.df, model, column)
         a2.plot([taus[i] for i in idx], _rel([macs[i] for i in idx], dm), marker=S.marker(gi), color=c,
                 label=f"MACs ({label})" if len(groups) > 1 else "MACs")
-        if dt:
-            a2.plot([taus[i] for i in idx], _rel([ms[i] for i in idx], 1000.0 / dt), marker=S.marker(gi), color=c,
-                    ls="--", label=f"time ({label})" if len(groups) > 1 else "time")
+        tname = "time (paired)" if kind == "paired" else "time (UNPAIRED)"
+        a2.plot([taus[i] for i in idx], _rel([rel[i] for i in idx], 1.0), marker=S.marker(gi), color=c,
+                ls="--", label=f"{tname} ({label})" if len(groups) > 1 else tname)
     for model in sorted({k[0] for k in groups}):
         f = D.dense_value(ctx.df, model, "fid")
         if f is not None:
@@ -64,7 +65,8 @@ def tau_curve(ctx: Context) -> List[str]:
     a2.legend(loc="best")
     fig.align_ylabels()
     return S.save_figure(fig, ctx.out_dir, "tau_tradeoff", "DMoE-VAR threshold τ: FID with bootstrap intervals (top) "
-                         f"and MACs ({desc}) and median wall-clock per image relative to the dense model (bottom). "
+                         f"and MACs ({desc}) and time per image relative to the dense model (bottom; "
+                         f"{'1 / paired speedup' if kind == 'paired' else 'absolute times of different trials'}). "
                          f"{ctx.caption(desc)}")
 
 
@@ -179,8 +181,9 @@ def expert_size(ctx: Context) -> List[str]:
     taus = [D.tau_text(t) for t in D.col(d, "param_tau")]
     models = D.col(d, "model")
     keys = list(dict.fromkeys(zip(models, taus)))
+    rel, kind = D.relative_time(d, ctx.df)
     panels = (("fid", fid_label(ctx.df), D.col(d, "fid")), ("macs", f"GMACs / image", D.gmacs(d, column)),
-              ("time", "ms / image", D.ms_per_image(d)))
+              ("time", "time / dense" + (" (paired)" if kind == "paired" else " (UNPAIRED)"), rel))
     lo, hi = D.col(d, "fid_ci_low"), D.col(d, "fid_ci_high")
     plt = S.setup()
     fig, axes = plt.subplots(1, 3, figsize=(S.DOUBLE, 2.2))
@@ -197,8 +200,7 @@ def expert_size(ctx: Context) -> List[str]:
         for ax, (name, _, _) in zip(axes, panels):
             ref = {"fid": D.dense_value(ctx.df, model, "fid"),
                    "macs": (D.dense_value(ctx.df, model, column) or 0) / 1e9 or None,
-                   "time": (1000.0 / D.dense_value(ctx.df, model, "images_per_s"))
-                   if D.dense_value(ctx.df, model, "images_per_s") else None}[name]
+                   "time": 1.0}[name]
             if ref is not None:
                 ax.axhline(ref, color=S.DENSE_COLOR, ls=":", lw=0.8, label="dense")
     for ax, (_, ylabel, _) in zip(axes, panels):
@@ -207,8 +209,9 @@ def expert_size(ctx: Context) -> List[str]:
         ax.set_ylabel(ylabel)
     axes[0].legend(loc="best")
     fig.tight_layout()
+    how = "1 / paired speedup" if kind == "paired" else "absolute times of different trials"
     return S.save_figure(fig, ctx.out_dir, "expert_size", f"DMoE-VAR expert granularity: FID, MACs ({desc}) and "
-                         f"wall-clock against expert size; dotted: dense. {ctx.caption(desc)}")
+                         f"time relative to dense ({how}) against expert size; dotted: dense. {ctx.caption(desc)}")
 
 
 def scale_sensitivity(ctx: Context) -> List[str]:

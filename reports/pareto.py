@@ -64,8 +64,11 @@ def pareto_figures(ctx: Context) -> List[str]:
         raise Skip("no MAC column (macs_analytic_all / macs_analytic / macs_fvcore)")
     files = []
     fids = D.col(df, "fid")
+    rel, kind = D.relative_time(df)
+    time_label = ("time / dense (1 / paired speedup)" if kind == "paired" else
+                  "time / dense (UNPAIRED: different trials)")
     for stem, xs, xlabel in (("pareto_fid_vs_flops", D.gmacs(df, column), f"GMACs / image ({desc})"),
-                             ("pareto_fid_vs_time", D.ms_per_image(df), "Wall-clock (ms / image, median batch)")):
+                             ("pareto_fid_vs_time", rel, time_label)):
         if all(x is None for x in xs):
             ctx.note(f"{stem}: no values for the x axis")
             continue
@@ -79,10 +82,13 @@ def pareto_figures(ctx: Context) -> List[str]:
             ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), handlelength=1.2)
         else:
             ax.legend(loc="best", handlelength=1.2)
-        what = "FLOPs" if "flops" in stem else "wall-clock time"
+        what = "FLOPs" if "flops" in stem else (
+            "time relative to dense, measured paired with dense inside each trial" if kind == "paired" else
+            "time relative to dense from absolute times of different trials (not comparable on a shared machine)")
         files += S.save_figure(fig, ctx.out_dir, stem, f"FID against {what} per method; the dotted staircase is "
-                               f"the Pareto front (circled points), the black star the dense model, bars are FID "
-                               f"bootstrap intervals. {ctx.caption(desc)}")
+                               f"the Pareto front of the point estimates (circled points; intervals ignored: "
+                               f"paired_tradeoff says what is resolved), the black star the dense model, bars are "
+                               f"FID bootstrap intervals. {ctx.caption(desc)}")
     return files
 
 
@@ -101,19 +107,21 @@ def front_table(ctx: Context) -> List[str]:
     labels, models = D.col(df, "method_label"), D.col(df, "model")
     lo, hi, ms = D.col(df, "fid_ci_low"), D.col(df, "fid_ci_high"), D.ms_per_image(df)
     isc = D.col(df, "isc_mean")
-    header = ["Method", "Model", "GMACs/img", "ΔMACs vs dense", "ms/img", "Δtime vs dense", "FID [95% CI]", "IS",
-              "on front"]
+    sp, dq = D.paired_intervals(df)
+    status = D.resolution(df)
+    header = ["Method", "Model", "GMACs/img", "ΔMACs vs dense", "ms/img", "Speedup [95% CI]", "FID [95% CI]",
+              "ΔFID [95% CI]", "IS", "resolved", "on front"]
     rows = []
     for i in idx:
         dm = D.dense_value(df, models[i], column)
-        dt = D.dense_value(df, models[i], "images_per_s")
         dmacs = f"{100 * (xs[i] * 1e9 / dm - 1):+.1f}%" if dm and xs[i] is not None else "-"
-        dtime = f"{100 * (ms[i] / (1000 / dt) - 1):+.1f}%" if dt and ms[i] is not None else "-"
         rows.append([labels[i] or D.col(df, "method")[i], models[i], S.fmt(xs[i], ".4g"), dmacs, S.fmt(ms[i], ".3g"),
-                     dtime, S.fid_text(fids[i], lo[i], hi[i]), S.fmt(isc[i], ".3g"), "yes" if front[i] else "no"])
+                     D.speedup_text(*sp[i]), S.fid_text(fids[i], lo[i], hi[i]), D.delta_text(*dq[i]),
+                     S.fmt(isc[i], ".3g"), status[i] or "-", "yes" if front[i] else "no"])
     return S.save_table(ctx.out_dir, "pareto_front", header, rows,
-                        f"Pareto front of FID against MACs ({desc}), the dense baseline always listed. "
-                        f"{ctx.caption(desc)}")
+                        f"Pareto front of FID against MACs ({desc}) by point estimates, the dense baseline always "
+                        f"listed; 'resolved' applies the paired rule ({D.RESOLUTION_RULE}). ms/img is this trial's "
+                        f"absolute time (not comparable across trials); Speedup is paired. {ctx.caption(desc)}")
 
 
 def twins(ctx: Context) -> List[str]:
@@ -133,16 +141,19 @@ def twins(ctx: Context) -> List[str]:
         ctx.note(f"twins: {len(missing)} twin(s) without their parent's row: {', '.join(missing[:3])}")
     if not pairs:
         raise Skip("no twin has its parent's row")
-    header = ["Dynamic", "Static twin", "GMACs/img (dyn / twin)", "ms/img (dyn / twin)", "FID dynamic [95% CI]",
-              "FID twin [95% CI]", "ΔFID", "IS (dyn / twin)"]
+    header = ["Dynamic", "Static twin", "GMACs/img (dyn / twin)", "Speedup vs dense (dyn / twin)",
+              "FID dynamic [95% CI]", "FID twin [95% CI]", "FID twin - dynamic", "ΔFID vs dense (dyn / twin)",
+              "IS (dyn / twin)"]
     rows = []
     clamped = D.col(df, "match_clamped")
+    sp, dq = D.paired_intervals(df)
     for p, t in pairs:
         dfid = f"{fids[t] - fids[p]:+.3g}" if fids[t] is not None and fids[p] is not None else "-"
         twin = labels[t] + (" (target out of reach: nearest end)" if clamped[t] else "")
         rows.append([labels[p], twin, f"{S.fmt(xs[p], '.4g')} / {S.fmt(xs[t], '.4g')}",
-                     f"{S.fmt(ms[p])} / {S.fmt(ms[t])}", S.fid_text(fids[p], lo[p], hi[p]),
-                     S.fid_text(fids[t], lo[t], hi[t]), dfid, f"{S.fmt(isc[p])} / {S.fmt(isc[t])}"])
+                     f"{D.speedup_text(*sp[p])} / {D.speedup_text(*sp[t])}", S.fid_text(fids[p], lo[p], hi[p]),
+                     S.fid_text(fids[t], lo[t], hi[t]), dfid, f"{D.delta_text(*dq[p])} / {D.delta_text(*dq[t])}",
+                     f"{S.fmt(isc[p])} / {S.fmt(isc[t])}"])
     files = S.save_table(ctx.out_dir, "dynamic_vs_static", header, rows,
                          f"Each dynamic point against its static twin at equal FLOPs (the twin's parameters are "
                          f"derived from the dynamic point's measured MACs; a dynamic point costing more than dense gets the "

@@ -214,3 +214,56 @@ def test_report_missing_columns_are_reported(tmp_path):
     r = run_cli("report", "--results", d, "--out", str(tmp_path / "o"))
     assert r.returncode == 0, r.stderr
     assert "pareto" in r.stdout and "no FID values" in r.stdout
+
+
+# ---------------------------------------------------------------------------------------------- paired terms
+def _paired(row, sp, dq, noisy=False):
+    row.update(speedup=sp[0], speedup_ci_low=sp[1], speedup_ci_high=sp[2], fid_delta=dq[0], fid_delta_ci_low=dq[1],
+               fid_delta_ci_high=dq[2], timing_noisy=noisy, timing_rounds=6, macs_ratio=1.0, fid_delta_pct=0.0)
+    return row
+
+
+# (speedup, its interval), (ΔFID, its interval) -> the status the rule must give
+PAIRED_POINTS = {
+    "m/a": ((1.50, 1.40, 1.60), (-1.0, -2.0, 0.3), "front"),           # separated from c on both axes
+    "m/b": ((1.20, 1.00, 1.45), (-2.5, -6.0, 1.0), "front"),           # best ΔFID estimate: on the front
+    "m/c": ((1.10, 1.05, 1.15), (1.0, 0.5, 1.5), "dominated"),         # a beats it on both, intervals apart
+    "m/d": ((1.30, 1.10, 1.70), (0.0, -1.5, 2.5), "not resolved"),     # a is better, but the intervals overlap
+}
+
+
+def test_paired_report_marks_what_is_resolved_and_warns(tmp_path):
+    from bench.results import append_row
+    from bench.sweep import write_manifest
+    from reports import build_reports
+    from reports.data import resolution
+    d = str(tmp_path / "s")
+    rows = [_paired(_row("pr", "pr-1", "m/dense", "dense", DENSE_MACS, 10.0), (1.0, 1.0, 1.0), (0.0, 0.0, 0.0))]
+    for point, (sp, dq, _) in PAIRED_POINTS.items():
+        rows.append(_paired(_row("pr", "pr-1", point, "dmoe", 0.8e9, 10.0 + dq[0], params=dict(tau=0.5)), sp, dq,
+                            noisy=point == "m/d"))
+    for r in rows:
+        append_row(d, r)
+    import pandas as pd
+    got = resolution(pd.DataFrame(rows))
+    # dense (1, 0): a's estimates beat it, but a's ΔFID interval reaches above 0: not resolved
+    assert got == ["not resolved"] + [v[2] for v in PAIRED_POINTS.values()]
+    # complete, quiet-but-one store: the noisy row is named; then the manifest lists one trial more
+    out = str(tmp_path / "out")
+    build_reports(d, "pr", out, log=lambda *a: None)
+    index = open(os.path.join(out, "pr", "README.md")).read()
+    assert "1 of 5 rows timed on a noisy machine" in index and "m/d" in index and "incomplete" not in index
+    table = open(os.path.join(out, "pr", "paired_summary.md")).read()
+    for point, (sp, dq, status) in PAIRED_POINTS.items():
+        line = next(ln for ln in table.splitlines() if f"{sp[0]:.3f}x [{sp[1]:.3f}, {sp[2]:.3f}]" in ln)
+        assert f"| {status} |" in line, (point, line)
+    assert os.path.getsize(os.path.join(out, "pr", "paired_tradeoff.png")) > 0
+    write_manifest(d, dict(sweep="pr", sweep_id="pr-1", created_at="2026-01-01T00:00:00+00:00",
+                           trials=[dict(key=f"pr-1/{i}") for i in range(6)]))
+    build_reports(d, "pr", out, log=lambda *a: None)
+    index = open(os.path.join(out, "pr", "README.md")).read()
+    assert index.index("WARNING:** incomplete sweep: its manifest lists 6 trials, 5 have rows") < index.index("##")
+    for stem in ("paired_tradeoff", "paired_summary", "pareto_fid_vs_flops"):
+        assert "WARNING: incomplete sweep" in open(os.path.join(out, "pr", f"{stem}.md")).read(), stem
+    cap = open(os.path.join(out, "pr", "paired_tradeoff.md")).read()
+    assert "64 samples" in cap and "ABBA" in cap and "paired class-stratified bootstrap" in cap

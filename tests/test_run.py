@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from bench.errors import BenchError
-from bench.results import SCHEMA, load_results
+from bench.results import NULLABLE, SCHEMA, load_results
 from tests.conftest import run_cli
 
 
@@ -29,6 +29,8 @@ def _check_contract_types(row, num_scales):
             continue
         assert col in row, f"missing column {col}"
         v = row[col]
+        if col in NULLABLE and (v is None or (isinstance(v, float) and math.isnan(v))):
+            continue
         if dtype == "string":
             assert isinstance(v, str), (col, v)
         elif dtype == "json":
@@ -65,6 +67,11 @@ def test_cli_run_fills_every_column_then_reuses_the_caches(tmp_path, classifier)
     assert row["fidelity_token_agreement"] == 1.0 and row["dense_cache"] == "stored"  # dense is its own reference
     assert row["reference_cached"] == False and row["reference_count"] == 64  # noqa: E712 (numpy bool)
     assert "i % num_classes" in row["seed_scheme"]
+    # paired with itself: speedup 1 by definition, the A/A ratio measured; the same images: ΔFID exactly 0
+    assert (row["speedup"], row["speedup_ci_low"], row["speedup_ci_high"]) == (1.0, 1.0, 1.0)
+    assert row["timing_rounds"] == 6 and row["speedup_aa_ci_low"] <= row["speedup_aa"] <= row["speedup_aa_ci_high"]
+    assert (row["fid_delta"], row["fid_delta_ci_low"], row["fid_delta_ci_high"]) == (0.0, 0.0, 0.0)
+    assert row["macs_ratio"] == pytest.approx(1.0, rel=1e-9) and math.isnan(row["time_flop_efficiency"])
 
     second = run_cli(*args, env=env)
     assert second.returncode == 0, second.stderr[-2000:]
@@ -144,13 +151,24 @@ def test_measure_dynamic_method_fidelity_stats_and_trial_key(tmp_path, monkeypat
     dense = [s.total for s in __import__("bench.analytic").analytic.dense_scale_macs(tiny.var.cfg, 1)]
     assert row["macs_fvcore"] < sum(dense)               # the trace saw the skipped FFN
     assert abs(row["macs_fvcore"] / row["macs_analytic"] - 1) < 0.02   # and the method's formula agrees
-    # statistics were reset before the N-sample run: 2 batches x 4 images x 2 CFG rows x 64 tokens
+    # statistics were reset before the N-sample run: 2 batches x 4 images x 2 CFG rows x 64 tokens (the extra
+    # paired-timing rounds run after the statistics were read)
     assert row["skipped_tokens"] == 8 * 2 * 64
+    assert row["timing_rounds"] == 6 and row["speedup_ci_low"] <= row["speedup"] <= row["speedup_ci_high"]
+    assert row["macs_ratio"] == pytest.approx(row["macs_analytic_all"] / sum(dense))
+    assert row["fid_delta_ci_low"] <= row["fid_delta"] <= row["fid_delta_ci_high"]
+    assert row["fid"] - row["fid_delta"] == pytest.approx(row2_fid_dense(tmp_path, tiny, classifier, kw))
     row2 = measure(tiny, create_method(skip_ffn_method), **kw)
     assert row2["dense_cache"] == "reused" and any("reused cached outputs" in m for m in logs)
     assert row2["fidelity_token_agreement"] == row["fidelity_token_agreement"]
     df = load_results(str(tmp_path / "res"))
     assert len(df) == 1 and df["run_id"][0] == row2["run_id"]   # the trial's row was replaced, not duplicated
+
+
+def row2_fid_dense(tmp_path, tiny, classifier, kw):
+    """FID of dense's own run with the same seeds: what fid - fid_delta must equal."""
+    from bench.measure import measure
+    return measure(tiny, "dense", **dict(kw, trial_key="dense", results_dir=str(tmp_path / "dense-res")))["fid"]
 
 
 # ---------------------------------------------------------------------------------------------- bad input

@@ -7,7 +7,8 @@ ORDER = 20
 
 
 def register(sub):
-    from bench.measure import DEFAULT_BATCH_SIZE, DEFAULT_FLOP_IMAGES, QUALITY_METRICS, SEED_SCHEME
+    from bench.measure import (DEFAULT_BATCH_SIZE, DEFAULT_FLOP_IMAGES, DEFAULT_TIMING_ROUNDS, QUALITY_METRICS,
+                               SEED_SCHEME)
     p = sub.add_parser("run", help="measure a method: FLOPs, time, memory, quality, fidelity -> one results row",
                        description="Generate N samples with a method and append one tidy row (FLOPs by fvcore and by "
                                    "formula, time, peak memory, FID/IS/PR/KID, same-seed fidelity vs dense) to the "
@@ -24,6 +25,8 @@ def register(sub):
     p.add_argument("--flop-images", type=int, default=DEFAULT_FLOP_IMAGES,
                    help="images of the fvcore-counted generation (default %(default)s)")
     p.add_argument("--warmup-batches", type=int, default=1, help="leading batches left out of the time statistics")
+    p.add_argument("--timing-rounds", type=int, default=DEFAULT_TIMING_ROUNDS,
+                   help="paired ABBA rounds against dense for `speedup` (0: off; default %(default)s)")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's; recorded)")
     p.add_argument("--results", default="results", help="results directory (default ./results)")
     p.add_argument("--cache-dir", default=None, help="cache root for dense outputs and reference statistics "
@@ -52,6 +55,7 @@ def run(a):
     from bench.results import check_results_dir
     # cheap checks first, in the order a user fixes them; nothing is written before measure() has validated all
     check_flags(a, samples=(1,), seed=(0, MAX_SEED), batch_size=(1,), flop_images=(0,), warmup_batches=(0,),
+                timing_rounds=(0,),
                 threads=(1,), bootstrap=(0,))
     metrics = tuple(m.strip() for m in a.metrics.split(",") if m.strip())
     method = create_method(a.method, **parse_overrides(a.set))
@@ -66,10 +70,18 @@ def run(a):
                   results_dir=a.results, reference=a.reference, inception_weights=a.inception_weights,
                   flop_images=a.flop_images, warmup_batches=a.warmup_batches, sweep=a.sweep,
                   trial_key=a.trial_key, cache_dir=a.cache_dir, metrics=metrics, bootstrap=a.bootstrap,
-                  classifier=a.classifier, reference_count=a.reference_count)
+                  classifier=a.classifier, reference_count=a.reference_count, timing_rounds=a.timing_rounds)
     giga = lambda v: v / 1e9 if v else float("nan")  # noqa: E731  (no FLOP count with --flop-images 0)
     print(f"{row['method_label']} on {row['model']}: {giga(row['macs_total']):.4g} GMACs/image (transformer "
           f"{giga(row['macs_fvcore']):.4g}), "
-          f"{row['images_per_s']:.4g} images/s, FID {row['fid']:.4g}, token agreement vs dense "
+          f"{row['images_per_s']:.4g} images/s, speedup vs dense {_num(row.get('speedup'), '.3f')} "
+          f"[{_num(row.get('speedup_ci_low'), '.3f')}, {_num(row.get('speedup_ci_high'), '.3f')}], FID "
+          f"{row['fid']:.4g}, ΔFID vs dense {_num(row.get('fid_delta'), '+.3g')} "
+          f"[{_num(row.get('fid_delta_ci_low'), '+.3g')}, {_num(row.get('fid_delta_ci_high'), '+.3g')}], "
+          f"token agreement vs dense "
           f"{row['fidelity_token_agreement']:.4f}; row appended to {a.results}")
     return 0
+
+
+def _num(v, spec: str) -> str:
+    return "-" if v is None else format(v, spec)

@@ -1,0 +1,98 @@
+"""The headline figures in paired terms: speedup (x, with interval) against ΔFID (with interval), dense at (1, 0),
+each point marked front / not resolved / dominated by reports.data.RESOLUTION_RULE, and the same as a table."""
+from __future__ import annotations
+
+from typing import List
+
+from reports import data as D
+from reports import style as S
+from reports.context import Context, Skip
+
+STATUS_STYLE = {  # status -> (filled, alpha, legend text)
+    "front": (True, 1.0, "front"),
+    "not resolved": (True, 0.35, "not resolved"),
+    "dominated": (False, 1.0, "dominated (resolved)"),
+}
+
+
+def _need_paired(ctx: Context):
+    if not D.has_paired(ctx.df):
+        raise Skip("no paired columns (speedup, fid_delta): rows from before paired measurement")
+
+
+def _caption_rule(ctx: Context) -> str:
+    return f"Resolution rule: {D.RESOLUTION_RULE}. {ctx.caption()}"
+
+
+def paired_tradeoff(ctx: Context) -> List[str]:
+    _need_paired(ctx)
+    df = ctx.df
+    sp, dq = D.paired_intervals(df)
+    status = D.resolution(df)
+    keys = [(k[0], "", "") for k in D.series_keys(df)] if ctx.by_method else D.series_keys(df)
+    order = list(dict.fromkeys(keys))
+    aa = list(zip(D.col(df, "speedup_aa_ci_low"), D.col(df, "speedup_aa_ci_high")))
+    plt = S.setup()
+    fig, ax = plt.subplots(figsize=(S.SINGLE, S.HEIGHT + 0.3))
+    ax.axvline(1.0, color="#888888", lw=0.6, ls=":")
+    ax.axhline(0.0, color="#888888", lw=0.6, ls=":")
+    i_color = 0
+    for key in order:
+        idx = [i for i, k in enumerate(keys) if k == key and status[i] is not None]
+        if not idx:
+            continue
+        if key[0] == "dense":
+            for i in idx:
+                lo, hi = aa[i]
+                if lo is not None and hi is not None:   # the protocol's noise floor: dense timed against itself
+                    ax.plot([lo, hi], [0, 0], color=S.DENSE_COLOR, lw=2.5, alpha=0.3, solid_capstyle="butt",
+                            label="dense A/A interval")
+            ax.scatter([1.0], [0.0], marker="*", s=70, color=S.DENSE_COLOR, zorder=5,
+                       label=D.series_label(key, order))
+            continue
+        c, m = S.color(i_color), S.marker(i_color)
+        i_color += 1
+        for i in idx:
+            (s, slo, shi), (d, dlo, dhi) = sp[i], dq[i]
+            filled, alpha, _ = STATUS_STYLE[status[i]]
+            ax.errorbar([s], [d], xerr=[[s - slo], [shi - s]], yerr=[[d - dlo], [dhi - d]], fmt="none",
+                        ecolor=c, elinewidth=0.7, alpha=max(alpha, 0.5), zorder=2)
+            ax.scatter([s], [d], marker=m, s=22, zorder=3, alpha=alpha,
+                       facecolors=c if filled else "none", edgecolors=c, linewidths=0.9)
+        ax.scatter([], [], marker=m, color=c, s=22, label=D.series_label(key, order))
+    for st, (filled, alpha, text) in STATUS_STYLE.items():   # legend entries for the marking
+        if st in status:
+            ax.scatter([], [], marker="o", s=22, alpha=alpha, facecolors="#555555" if filled else "none",
+                       edgecolors="#555555", label=text)
+    ax.set_xlabel("speedup over dense (×, paired, 95% CI)")
+    ax.set_ylabel(f"ΔFID vs dense (paired, 95% CI)")
+    ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), handlelength=1.2)
+    return S.save_figure(fig, ctx.out_dir, "paired_tradeoff",
+                         "Speedup against ΔFID, both paired with dense inside each trial; dense sits at (1, 0) "
+                         "(grey band: dense timed against itself, the timing noise floor). Filled points are on the "
+                         "front, faded ones are not resolved, hollow ones are dominated with separated intervals. "
+                         + _caption_rule(ctx))
+
+
+def paired_table(ctx: Context) -> List[str]:
+    _need_paired(ctx)
+    df = ctx.df
+    sp, dq = D.paired_intervals(df)
+    status = D.resolution(df)
+    labels, methods = D.col(df, "method_label"), D.col(df, "method")
+    ratio, eff = D.col(df, "macs_ratio"), D.col(df, "time_flop_efficiency")
+    pct, need, noisy = D.col(df, "fid_delta_pct"), D.col(df, "fid_delta_samples_for_1pct"), D.col(df, "timing_noisy")
+    models = D.col(df, "model")
+    header = ["Method", "Model", "MACs / dense", "Speedup [95% CI]", "Time saved / FLOPs saved",
+              "ΔFID [95% CI]", "ΔFID %", "N for ±1% ΔFID (est.)", "Status", "Timing"]
+    idx = sorted((i for i, s in enumerate(status) if s is not None),
+                 key=lambda i: (methods[i] != "dense", -(sp[i][0] or 0)))
+    rows = []
+    for i in idx:
+        rows.append([labels[i] or methods[i], models[i], S.fmt(ratio[i], ".3f"), D.speedup_text(*sp[i]),
+                     S.fmt(eff[i], ".2f"), D.delta_text(*dq[i]), S.fmt(pct[i], "+.1f"),
+                     "-" if need[i] is None else f"{int(need[i]):,}", status[i], "noisy" if noisy[i] else "ok"])
+    return S.save_table(ctx.out_dir, "paired_summary", header, rows,
+                        "Every point in paired terms against dense. 'N for ±1% ΔFID' estimates the samples per "
+                        "point at which the ΔFID interval's half-width would reach 1% of dense FID (1/√N scaling "
+                        "of this run's paired bootstrap; an estimate). " + _caption_rule(ctx))
