@@ -3,41 +3,31 @@
     from reports import build_reports
     written, notes = build_reports("results", sweep="tau", out_root="reports/out")
 
-Each generator takes a reports.context.Context (the rows of one sweep invocation) and returns the files it wrote,
-or raises reports.context.Skip with the reason it does not apply (a missing column, a single τ ...). Generators
-are chosen by what the rows contain, not by the sweep's name, so a custom sweep gets every figure its columns
-support. Output: <out_root>/<sweep>/ (PNG + PDF + caption .md per figure, .md + .tex per table, README.md index)
-and <out_root>/all/ (every method of every sweep on one Pareto figure).
+To add a figure, write one function in any module of reports/ and decorate it with
+reports.registry.register_report (name, one-line description, index order, overview=True to also draw it in
+<out_root>/all/); every module of the package is imported, so nothing else is edited. A generator takes a
+reports.context.Context (the rows of one sweep invocation) and returns the files it wrote, or raises
+reports.context.Skip with the reason it does not apply (a missing column, a single τ ...). Generators are chosen by
+what the rows contain, not by the sweep's name, so a custom sweep gets every figure its columns support.
+Output: <out_root>/<sweep>/ (PNG + PDF + caption .md per figure, .md + .tex per table, README.md index) and
+<out_root>/all/ (the overview reports over every method of every sweep).
 """
 from __future__ import annotations
 
+import importlib
 import os
+import pkgutil
 from typing import Callable, List, Optional, Sequence, Tuple
 
 from bench.errors import BenchError
-from reports import actvar, dmoe, paired, pareto
 from reports import data as D
 from reports.context import Context, Skip
+from reports.registry import Report, list_reports
 
-# (name, generator, what it draws) in the order of the index
-GENERATORS: List[Tuple[str, Callable, str]] = [
-    ("paired", paired.paired_tradeoff, "speedup vs ΔFID against dense, paired, with what is resolved (headline)"),
-    ("paired_table", paired.paired_table, "every point in paired terms: speedup, ΔFID, intervals, status"),
-    ("pareto", pareto.pareto_figures, "FID vs FLOPs and vs wall-clock, Pareto front, dense highlighted (DMoE fig. 3)"),
-    ("front", pareto.front_table, "the Pareto front as Markdown + LaTeX table"),
-    ("twins", pareto.twins, "dynamic methods vs their static twins at equal FLOPs"),
-    ("tau", dmoe.tau_curve, "τ trade-off curve with FID intervals"),
-    ("active_experts", dmoe.active_experts, "active experts per token per scale (DMoE fig. 2b)"),
-    ("expert_maps", dmoe.expert_maps, "expert allocation maps per scale (DMoE fig. 12)"),
-    ("expert_size", dmoe.expert_size, "FID / FLOPs / time against expert size (DMoE fig. 8a)"),
-    ("scale_sensitivity", dmoe.scale_sensitivity, "per-scale sensitivity curves (DMoE fig. 4)"),
-    ("depth", dmoe.depth, "the same grid at two depths (DMoE fig. 5)"),
-    ("activation_rates", actvar.activation_rates, "ActVAR activation rates (table 2)"),
-    ("components", actvar.components, "ActVAR components (table 3)"),
-    ("tokens_vs_fixed", actvar.token_comparison, "dynamic vs fixed tokens (ActVAR table 4)"),
-    ("weights_vs_static", actvar.weight_comparison, "dynamic vs static weights (ActVAR table 5)"),
-    ("actvar_scales", actvar.scales_table, "ActVAR scales (table 6)"),
-]
+for _module in pkgutil.iter_modules(__path__):
+    if not _module.name.startswith("_"):       # importing runs each module's @register_report decorators
+        importlib.import_module(f"{__name__}.{_module.name}")
+
 OVERVIEW = "all"
 
 
@@ -83,7 +73,7 @@ def build_reports(results_dir: str, sweep: Optional[str] = None, out_root: str =
         all_warnings += [f"{name}: {w}" for w in warnings]
         for w in warnings:
             log(f"  WARNING ({name}): {w}")
-        files, skipped = run_generators(Context(part, out_dir, flops, warnings=warnings), GENERATORS)
+        files, skipped = run_generators(Context(part, out_dir, flops, warnings=warnings), list_reports())
         notes += [f"{name}: {s}" for s in skipped]
         written += files
         if files:
@@ -102,7 +92,7 @@ def build_reports(results_dir: str, sweep: Optional[str] = None, out_root: str =
         allrows = pd.concat(list(runs.values()), ignore_index=True)
         out_dir = os.path.join(out_root, OVERVIEW)
         files, skipped = run_generators(Context(allrows, out_dir, flops, by_method=True, warnings=all_warnings),
-                                        GENERATORS[:4])
+                                        list_reports(overview=True))
         notes += [f"{OVERVIEW}: {s}" for s in skipped]
         if files:
             written += files
@@ -113,13 +103,13 @@ def build_reports(results_dir: str, sweep: Optional[str] = None, out_root: str =
     return written, notes
 
 
-def run_generators(ctx: Context, generators) -> Tuple[List[str], List[str]]:
+def run_generators(ctx: Context, reports: Sequence[Report]) -> Tuple[List[str], List[str]]:
     files, skipped = [], []
-    for name, gen, what in generators:
+    for report in reports:
         try:
-            files += gen(ctx)
+            files += report.generate(ctx)
         except Skip as s:
-            skipped.append(f"{name}: {s}")
+            skipped.append(f"{report.name}: {s}")
     skipped += ctx.notes
     return files, skipped
 
@@ -139,6 +129,6 @@ def write_index(out_dir: str, title: str, df, files: List[str], skipped: List[st
     lines += [caption_facts(df), "", "## Files", ""]
     lines += [f"- {os.path.basename(f)}" for f in files]
     if skipped:
-        what = {name: w for name, _, w in GENERATORS}
+        what = {r.name: r.what for r in list_reports()}
         lines += ["", "## Not drawn", ""] + [f"- {s} ({what.get(s.split(':')[0], '')})" for s in skipped]
     return write_text(os.path.join(out_dir, "README.md"), "\n".join(lines) + "\n")

@@ -7,6 +7,7 @@ from typing import Callable, List, Sequence
 from reports import data as D
 from reports import style as S
 from reports.context import Context, Skip
+from reports.registry import register_report
 
 HEADER = ["FLOPs saving", "Speedup [95% CI]", "FID [95% CI]", "ΔFID [95% CI]", "IS"]
 
@@ -66,6 +67,7 @@ def training_text(steps2) -> str:
     return "-" if s is None else ("stages 1+2" if int(s) > 0 else "stage 1 only")
 
 
+@register_report("activation_rates", "ActVAR activation rates (table 2)", order=120)
 def activation_rates(ctx: Context) -> List[str]:
     df = ctx.df
     tr, wr, sc = D.col(df, "param_token_rate"), D.col(df, "param_weight_rate"), D.col(df, "param_scales")
@@ -79,6 +81,7 @@ def activation_rates(ctx: Context) -> List[str]:
                         need=["actvar"], sort_key=lambda i: -(macs[i] or 0))
 
 
+@register_report("components", "ActVAR components (table 3)", order=130)
 def components(ctx: Context) -> List[str]:
     df = ctx.df
     tr, wr, st = D.col(df, "param_token_rate"), D.col(df, "param_weight_rate"), D.col(df, "param_steps2")
@@ -93,6 +96,7 @@ def components(ctx: Context) -> List[str]:
                         "(cf. ActVAR table 3).", sort_key=lambda i: (order.get(D.col(df, "method")[i], 9), i))
 
 
+@register_report("tokens_vs_fixed", "dynamic vs fixed tokens (ActVAR table 4)", order=140)
 def token_comparison(ctx: Context) -> List[str]:
     df = ctx.df
     tr, crit = D.col(df, "param_token_rate"), D.col(df, "param_criterion")
@@ -105,6 +109,7 @@ def token_comparison(ctx: Context) -> List[str]:
                         "(cf. ActVAR table 4).", need=["fixed-tokens"])
 
 
+@register_report("weights_vs_static", "dynamic vs static weights (ActVAR table 5)", order=150)
 def weight_comparison(ctx: Context) -> List[str]:
     df = ctx.df
     wr, frac = D.col(df, "param_weight_rate"), D.col(df, "prune_fraction_effective")
@@ -120,6 +125,7 @@ def weight_comparison(ctx: Context) -> List[str]:
                         "(cf. ActVAR table 5).")
 
 
+@register_report("actvar_scales", "ActVAR scales (table 6)", order=160)
 def scales_table(ctx: Context) -> List[str]:
     df = ctx.df
     meth = D.col(df, "method")

@@ -9,6 +9,7 @@ from typing import List
 from reports import data as D
 from reports import style as S
 from reports.context import Context, Skip
+from reports.registry import register_report
 from reports.pareto import _intervals, fid_label
 
 
@@ -26,6 +27,7 @@ def _rel(values, ref):
     return [None if v is None or not ref else 100.0 * v / ref for v in values]
 
 
+@register_report("tau", "τ trade-off curve with FID intervals", order=60)
 def tau_curve(ctx: Context) -> List[str]:
     d = _dmoe(ctx)
     taus = [D.tau_scalar(v) for v in D.col(d, "param_tau")]
@@ -77,6 +79,7 @@ def _main_scale_set(d):
     return d[[s == common for s in sets]]
 
 
+@register_report("active_experts", "active experts per token per scale (DMoE fig. 2b)", order=70)
 def active_experts(ctx: Context) -> List[str]:
     d = _dmoe(ctx)
     if not D.has_values(d, "active_experts_per_scale"):
@@ -120,6 +123,7 @@ def _maps(v):
         return None
 
 
+@register_report("expert_maps", "expert allocation maps per scale (DMoE fig. 12)", order=80)
 def expert_maps(ctx: Context) -> List[str]:
     d = _dmoe(ctx)
     if not D.has_values(d, "expert_maps"):
@@ -172,6 +176,7 @@ def expert_maps(ctx: Context) -> List[str]:
     return files
 
 
+@register_report("expert_size", "FID / FLOPs / time against expert size (DMoE fig. 8a)", order=90)
 def expert_size(ctx: Context) -> List[str]:
     d = _dmoe(ctx)
     sizes = D.col(d, "param_expert_size")
@@ -214,6 +219,7 @@ def expert_size(ctx: Context) -> List[str]:
                          f"time relative to dense ({how}) against expert size; dotted: dense. {ctx.caption(desc)}")
 
 
+@register_report("scale_sensitivity", "per-scale sensitivity curves (DMoE fig. 4)", order=100)
 def scale_sensitivity(ctx: Context) -> List[str]:
     d = _dmoe(ctx)
     sets = [D.scales_text(v) for v in D.col(d, "param_moe_scales")]
@@ -240,6 +246,7 @@ def scale_sensitivity(ctx: Context) -> List[str]:
                          f"DMoE-VAR applied to the given scale(s) only, τ varied along each curve. {ctx.caption(desc)}")
 
 
+@register_report("depth", "the same grid at two depths (DMoE fig. 5)", order=110)
 def depth(ctx: Context) -> List[str]:
     df = ctx.df
     depths = D.col(df, "model_depth")

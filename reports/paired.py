@@ -7,6 +7,7 @@ from typing import List
 from reports import data as D
 from reports import style as S
 from reports.context import Context, Skip
+from reports.registry import register_report
 
 STATUS_STYLE = {  # status -> (filled, alpha, legend text)
     "front": (True, 1.0, "front"),
@@ -24,6 +25,8 @@ def _caption_rule(ctx: Context) -> str:
     return f"Resolution rule: {D.RESOLUTION_RULE}. {ctx.caption()}"
 
 
+@register_report("paired", "speedup vs ΔFID against dense, paired, with what is resolved (headline)",
+                 order=10, overview=True)
 def paired_tradeoff(ctx: Context) -> List[str]:
     _need_paired(ctx)
     df = ctx.df
@@ -74,6 +77,8 @@ def paired_tradeoff(ctx: Context) -> List[str]:
                          + _caption_rule(ctx))
 
 
+@register_report("paired_table", "every point in paired terms: speedup, ΔFID, intervals, status",
+                 order=20, overview=True)
 def paired_table(ctx: Context) -> List[str]:
     _need_paired(ctx)
     df = ctx.df

@@ -7,6 +7,7 @@ from typing import List
 from reports import data as D
 from reports import style as S
 from reports.context import Context, Skip
+from reports.registry import register_report
 
 
 def _intervals(ax, xs, los, his, c):
@@ -55,6 +56,8 @@ def fid_label(df) -> str:
     return f"FID ({', '.join(ex)})" if ex else "FID"
 
 
+@register_report("pareto", "FID vs FLOPs and vs wall-clock, Pareto front, dense highlighted (DMoE fig. 3)",
+                 order=30, overview=True)
 def pareto_figures(ctx: Context) -> List[str]:
     df = ctx.df
     if not D.has_values(df, "fid"):
@@ -92,6 +95,7 @@ def pareto_figures(ctx: Context) -> List[str]:
     return files
 
 
+@register_report("front", "the Pareto front as Markdown + LaTeX table", order=40, overview=True)
 def front_table(ctx: Context) -> List[str]:
     df = ctx.df
     column, desc = D.flops_column(df, ctx.flops)
@@ -124,6 +128,7 @@ def front_table(ctx: Context) -> List[str]:
                         f"absolute time (not comparable across trials); Speedup is paired. {ctx.caption(desc)}")
 
 
+@register_report("twins", "dynamic methods vs their static twins at equal FLOPs", order=50)
 def twins(ctx: Context) -> List[str]:
     """Every trial with a parent (e.g. the FLOP-matched Pruned-FFN of a DMoE point) against that parent."""
     df = ctx.df

@@ -216,6 +216,43 @@ def test_report_missing_columns_are_reported(tmp_path):
     assert "pareto" in r.stdout and "no FID values" in r.stdout
 
 
+# the index order of the shipped reports; the first four are also drawn over every sweep (OUT/all/)
+SHIPPED_REPORTS = ["paired", "paired_table", "pareto", "front", "twins", "tau", "active_experts", "expert_maps",
+                   "expert_size", "scale_sensitivity", "depth", "activation_rates", "components", "tokens_vs_fixed",
+                   "weights_vs_static", "actvar_scales"]
+
+
+def test_report_registry_order_and_a_registered_figure_is_drawn(store, tmp_path):
+    """Adding a figure is one decorated function: it is run and listed in the index with no other edit."""
+    from reports import build_reports
+    from reports.registry import list_reports, register_report, unregister_report
+    from reports.style import write_text
+    names = [r.name for r in list_reports()]
+    assert len(names) == len(set(names))
+    assert [n for n in names if n in SHIPPED_REPORTS] == SHIPPED_REPORTS
+    assert [r.order for r in list_reports()] == sorted(r.order for r in list_reports())
+    assert [r.name for r in list_reports(overview=True)] == SHIPPED_REPORTS[:4]
+    with pytest.raises(RuntimeError, match="registered twice"):
+        register_report("paired", "a second paired figure", order=1)(lambda ctx: [])
+    assert [r.name for r in list_reports()] == names
+
+    def test_extra(ctx):
+        return [write_text(os.path.join(ctx.out_dir, "test_extra.md"), f"rows: {len(ctx.df)}\n")]
+
+    register_report("test_extra", "a test figure", order=999)(test_extra)
+    try:
+        assert list_reports()[-1].name == "test_extra"
+        out = str(tmp_path / "out")
+        written, _ = build_reports(store, "tau", out, log=lambda *a: None)
+        extra = os.path.join(out, "tau", "test_extra.md")
+        assert extra in written and open(extra).read() == "rows: 9\n"     # dense + 4 DMoE points + 4 twins
+        index = open(os.path.join(out, "tau", "README.md")).read()
+        assert "- test_extra.md" in index.split("## Files")[1]
+    finally:
+        unregister_report("test_extra")
+    assert "test_extra" not in [r.name for r in list_reports()]
+
+
 # ---------------------------------------------------------------------------------------------- paired terms
 def _paired(row, sp, dq, noisy=False):
     row.update(speedup=sp[0], speedup_ci_low=sp[1], speedup_ci_high=sp[2], fid_delta=dq[0], fid_delta_ci_low=dq[1],
