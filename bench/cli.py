@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import pkgutil
 import sys
 
@@ -17,10 +18,18 @@ class OneLineParser(argparse.ArgumentParser):
         sys.exit(2)
 
 
+def program_name() -> str:
+    """How the user started us: `var-bench` (the console script) or `python -m bench`."""
+    base = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else ""
+    return "python -m bench" if base in ("__main__.py", "-m", "-c", "") or base.startswith("python") else base
+
+
 def build_parser() -> argparse.ArgumentParser:
     import bench.commands as commands
-    parser = OneLineParser(prog="python -m bench", description="var-bench: benchmark & ablation harness for "
+    from bench import __version__
+    parser = OneLineParser(prog=program_name(), description="var-bench: benchmark & ablation harness for "
                            "efficiency methods on Visual AutoRegressive (VAR) image models.")
+    parser.add_argument("--version", action="version", version=f"var-bench {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=OneLineParser)
     mods = [importlib.import_module(f"bench.commands.{m.name}") for m in pkgutil.iter_modules(commands.__path__)
             if not m.name.startswith("_")]

@@ -22,10 +22,23 @@ def device_name(device) -> str:
     return platform.processor() or platform.machine()
 
 
+def package_version(name: str) -> str:
+    from importlib.metadata import PackageNotFoundError, version
+    try:
+        return version(name)
+    except PackageNotFoundError:
+        return "not installed"
+
+
 def environment(device="cpu") -> dict:
+    from bench import __version__
     from bench.train import code_commit
     return dict(
+        env_harness=__version__,
         env_torch=torch.__version__,
+        env_torch_fidelity=package_version("torch-fidelity"),
+        env_fvcore=package_version("fvcore"),
+        env_ray=package_version("ray"),
         env_python=platform.python_version(),
         env_platform=platform.platform(),
         env_device_name=device_name(device),

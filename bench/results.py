@@ -141,7 +141,11 @@ SCHEMA: Dict[str, tuple] = {
     "dense_cache": ("string", "dense reference outputs: reused (from the cache) | stored (this dense run) | "
                               "generated (for this run, then cached)"),
     # environment
+    "env_harness": ("string", "var-bench version"),
     "env_torch": ("string", "torch version"),
+    "env_torch_fidelity": ("string", "torch-fidelity version"),
+    "env_fvcore": ("string", "fvcore version"),
+    "env_ray": ("string", "ray version"),
     "env_python": ("string", "python version"),
     "env_platform": ("string", "OS / platform string"),
     "env_device_name": ("string", "CPU model or GPU name"),

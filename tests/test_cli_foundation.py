@@ -14,6 +14,23 @@ def test_help_lists_subcommands():
         assert cmd in r.stdout
 
 
+def test_version_and_program_name():
+    import shutil
+    import subprocess
+    import sys
+    from bench import __version__
+    r = run_cli("--version")
+    assert r.returncode == 0 and r.stdout.strip() == f"var-bench {__version__}" and __version__ != "0+unknown"
+    assert run_cli("--help").stdout.startswith("usage: python -m bench ")
+    script = shutil.which("var-bench", path=os.path.dirname(sys.executable))
+    if script is None:
+        pytest.fail("the var-bench console script is not installed beside this python (pip install -e .)")
+    p = subprocess.run([script, "--help"], capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0 and p.stdout.startswith("usage: var-bench ")
+    p = subprocess.run([script, "run", "--bogus"], capture_output=True, text=True, timeout=300)
+    assert p.returncode == 2 and p.stderr.startswith("error: var-bench: unrecognized arguments: --bogus")
+
+
 def test_sample_writes_a_grid(tmp_path):
     out = tmp_path / "grid.png"
     r = run_cli("sample", "--model", "tiny", "--classes", "0,1,2", "--per-class", "2", "--seed", "0", "--out", out)

@@ -6,6 +6,8 @@ Side by side on the same machine, same N samples, same batches, labels and seeds
   harness  `measure(bundle, dense, ...)`: fvcore FLOP count, the same generation timed batch by batch with memory
            probes, quality metrics, same-seed fidelity + dense cache, the atomic row write
 ratio = harness / raw (target <= 1.2). The row goes to a temporary results directory unless --results is given.
+The paired timing rounds against dense (bench.timing.PAIRED_PROTOCOL) are measurement, not overhead: they are off
+here unless --timing-rounds asks for them (their cost on a sweep is stated in the README, "Sweeps").
 """
 from __future__ import annotations
 
@@ -23,6 +25,8 @@ def register(sub):
     p.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--flop-images", type=int, default=DEFAULT_FLOP_IMAGES)
+    p.add_argument("--timing-rounds", type=int, default=0,
+                   help="paired rounds against dense inside the harness (default 0: overhead only)")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     p.add_argument("--results", default=None, help="keep the harness row here (default: a temporary directory)")
     p.add_argument("--cache-dir", default=None, help="cache root (default VARBENCH_CACHE or ~/.cache/var-bench)")
@@ -65,7 +69,7 @@ def run(a):
     from bench.measure import MAX_SEED, measure, sample_labels
     from bench.registry import create_method
     from bench.results import check_results_dir
-    check_flags(a, samples=(1,), batch_size=(1,), seed=(0, MAX_SEED), threads=(1,))
+    check_flags(a, samples=(1,), batch_size=(1,), seed=(0, MAX_SEED), threads=(1,), timing_rounds=(0,))
     if a.results is not None:
         check_results_dir(a.results)
     if a.threads is not None:
@@ -92,7 +96,7 @@ def run(a):
         row = measure(bundle, create_method("dense"), samples=a.samples, seed=a.seed, sampling=sampling,
                       batch_size=a.batch_size, results_dir=results, flop_images=a.flop_images,
                       cache_dir=a.cache_dir, classifier=a.classifier, reference_count=a.reference_count,
-                      log=lambda m: print(f"  | {m}"))
+                      timing_rounds=a.timing_rounds, log=lambda m: print(f"  | {m}"))
         harness = time.perf_counter() - t
         raw2 = raw_generation_s(bundle, labels, a.seed, sampling, a.batch_size)
         print(f"raw generation (after): {raw2:.3f} s")
@@ -109,7 +113,8 @@ def run(a):
     print(f"{'harness (measure dense)':<26}{harness:>10.3f}{a.samples / harness:>11.2f}")
     ratio = harness / raw
     print(f"ratio harness / raw = {ratio:.3f} (target <= 1.2: {'met' if ratio <= 1.2 else 'NOT met'}); "
-          f"N={a.samples}, {env['env_threads']} threads, {bundle.device}, {env['env_device_name']}")
+          f"N={a.samples}, {env['env_threads']} threads, {bundle.device}, {env['env_device_name']}, paired timing "
+          f"rounds {a.timing_rounds}")
     if not row["reference_cached"]:
         print("note: the reference statistics were computed in this run; a second run reads them from the cache")
     return 0
