@@ -8,6 +8,16 @@ import sys
 import torch
 
 
+def check_device(device: str) -> str:
+    """The device string if this machine has it, else one line (BenchError) with the valid choices."""
+    from bench.errors import BenchError
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise BenchError(f"device {device!r} is not available here; valid: cpu")
+    if not (device == "cpu" or device.startswith("cuda")):
+        raise BenchError(f"unknown device {device!r}; valid: cpu, cuda, cuda:N")
+    return device
+
+
 def device_name(device) -> str:
     device = torch.device(device)
     if device.type == "cuda":

@@ -97,7 +97,7 @@ def validate(bundle, method, *, samples, seed, sampling, batch_size, flop_images
              reference, inception_weights, metrics, cache_dir, classifier=None, reference_count=None):
     """Every check that can fail, before anything is generated or written. Returns normalised values."""
     from bench.checkpoints import check_writable_dir
-    from bench.commands._common import validate_sampling
+    from bench.sampling import validate_sampling
     from bench.quality import check_reference
     from bench.results import check_results_dir
     samples = _check_int("samples", samples, 1)

@@ -25,6 +25,17 @@ class SamplingConfig:
         return asdict(self)
 
 
+def validate_sampling(s: SamplingConfig, vocab: int) -> None:
+    """One line (BenchError) on settings the sampler cannot use with a vocabulary of `vocab` tokens."""
+    from bench.errors import BenchError
+    if not s.cfg >= 0:
+        raise BenchError(f"--cfg must be >= 0, got {s.cfg}")
+    if not 0 <= s.top_k <= vocab:
+        raise BenchError(f"--top-k must be in [0, {vocab}] (0 disables it), got {s.top_k}")
+    if not 0 <= s.top_p <= 1:
+        raise BenchError(f"--top-p must be in [0, 1] (0 disables it), got {s.top_p}")
+
+
 @dataclass
 class Generation:
     images: torch.Tensor          # (B, 3, H, W) in [0, 1]

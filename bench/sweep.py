@@ -456,7 +456,7 @@ def validate_trials(spec: dict, trials: List[Trial], models: str = "load") -> Di
     and runs each method's check_model (official weights are only checked to exist), "names" checks that they are
     available, "skip" leaves them out. Returns {model key: info}."""
     from bench.registry import create_method
-    from bench.commands._common import check_device
+    from bench.env import check_device
     for t in trials:
         try:
             create_method(t.method, **t.params)
@@ -507,7 +507,7 @@ def _check_model(spec: dict, m, trials: List[Trial], load: bool) -> dict:
         except BenchError as e:
             raise BenchError(f"sweep {spec['name']}: point {t.point_id}: {e}") from None
     sampling = sampling_for(spec, bundle)
-    from bench.commands._common import validate_sampling
+    from bench.sampling import validate_sampling
     validate_sampling(sampling, bundle.var.V)
     return dict(model_id=bundle.model_id, source=bundle.source, depth=int(bundle.var.cfg.depth))
 

@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import os
 
+from bench.env import check_device  # noqa: F401  (the library's checks, used by commands through here)
 from bench.errors import BenchError
+from bench.sampling import validate_sampling
 
 
 def add_model_args(p):
@@ -22,15 +24,6 @@ def add_sampling_args(p):
     g.add_argument("--top-k", type=int, default=None)
     g.add_argument("--top-p", type=float, default=None)
     g.add_argument("--more-smooth", action="store_true", help="Gumbel-softmax smoothing (visualisation only)")
-
-
-def check_device(device: str) -> str:
-    import torch
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise BenchError(f"device {device!r} is not available here; valid: cpu")
-    if not (device == "cpu" or device.startswith("cuda")):
-        raise BenchError(f"unknown device {device!r}; valid: cpu, cuda, cuda:N")
-    return device
 
 
 def bundle_from_args(a):
@@ -63,15 +56,6 @@ def sampling_from_args(a, bundle):
         s = replace(s, more_smooth=True)
     validate_sampling(s, bundle.var.V)
     return s
-
-
-def validate_sampling(s, vocab: int):
-    if not s.cfg >= 0:
-        raise BenchError(f"--cfg must be >= 0, got {s.cfg}")
-    if not 0 <= s.top_k <= vocab:
-        raise BenchError(f"--top-k must be in [0, {vocab}] (0 disables it), got {s.top_k}")
-    if not 0 <= s.top_p <= 1:
-        raise BenchError(f"--top-p must be in [0, 1] (0 disables it), got {s.top_p}")
 
 
 def parse_classes(text: str, num_classes: int):
