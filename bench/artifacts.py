@@ -44,7 +44,7 @@ def artifact_dir_for_writing(kind: str, model_id: str, config: dict, out_root: O
 
 def mark_done(directory: str, meta: dict) -> None:
     """Written last: an artifact without DONE is incomplete (a killed `prepare`) and is ignored."""
-    from bench.checkpoints import atomic_write_text
+    from bench.atomic import atomic_write_text
     atomic_write_text(os.path.join(directory, "DONE"), json.dumps(meta, indent=1, default=str))
 
 

@@ -8,12 +8,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from typing import Dict, Mapping
 
 import torch
 import torch.nn as nn
 
+from bench.atomic import atomic_path
 from bench.errors import BenchError
 
 _WRAPPER_KEYS = ("state_dict", "model", "var_wo_ddp", "module")
@@ -79,15 +79,8 @@ def save_state_dict(model_or_sd, path: str, metadata: dict | None = None) -> Non
     sd = model_or_sd.state_dict() if isinstance(model_or_sd, nn.Module) else model_or_sd
     sd = {k: v.detach().contiguous().cpu() for k, v in sd.items()}
     meta = {k: json.dumps(v) for k, v in (metadata or {}).items()}
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), suffix=".tmp")
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         save_file(sd, tmp, metadata=meta)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def file_sha256(path: str) -> str:
@@ -96,14 +89,6 @@ def file_sha256(path: str) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
-
-
-def atomic_write_text(path: str, text: str) -> None:
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
 
 
 def check_writable_dir(path: str, what: str) -> None:

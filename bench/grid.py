@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import os
-import tempfile
 
 import numpy as np
 
@@ -24,12 +23,6 @@ def save_grid(images, rows: int, row_labels, path: str, title: str = "", cell: i
         for c in range(cols):
             im = Image.fromarray(arr[r * cols + c]).resize((cell, cell), Image.NEAREST)
             canvas.paste(im, (label_w + c * (cell + 2), top + r * (cell + 2)))
-    d = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=d, suffix=os.path.splitext(path)[1])
-    os.close(fd)
-    try:
+    from bench.atomic import atomic_path
+    with atomic_path(path) as tmp:
         canvas.save(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)

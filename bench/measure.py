@@ -146,21 +146,13 @@ def load_dense_outputs(path: str):
 
 
 def store_dense_outputs(path: str, key: dict, tokens: List[torch.Tensor], images: torch.Tensor) -> None:
-    """Atomic: written to a temp name in the same directory, then renamed."""
-    import tempfile
+    """Atomic (bench.atomic): a reader never sees a partial entry."""
     from safetensors.torch import save_file
-    os.makedirs(os.path.dirname(path), exist_ok=True)
+    from bench.atomic import atomic_path
     tensors = {f"tokens.{si}": t.to(torch.int32).contiguous() for si, t in enumerate(tokens)}
     tensors["images"] = images.contiguous()
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-", suffix=".safetensors")
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         save_file(tensors, tmp, metadata={"key": json.dumps(key, sort_keys=True), "created_at": _now()})
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
 
 
 def _to_uint8(images: torch.Tensor) -> torch.Tensor:

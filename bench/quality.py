@@ -23,7 +23,6 @@ import hashlib
 import json
 import math
 import os
-import tempfile
 import time
 import zipfile
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
@@ -359,15 +358,10 @@ def reference_key(extractor: Extractor, ref: Reference) -> str:
 
 
 def _atomic_savez(path: str, **arrays) -> None:
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
+    from bench.atomic import atomic_path
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as f:
             np.savez(f, **arrays)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def reference_features(extractor: Extractor, ref: Reference, *, device="cpu", cache_dir: Optional[str] = None,

@@ -25,6 +25,7 @@ import sys
 import uuid
 from typing import Any, Dict, Optional
 
+from bench.atomic import TMP_PREFIX, atomic_path
 from bench.errors import BenchError
 
 # column -> (dtype, meaning). dtypes: string, int64, float64, bool, list<float64>, list<int64>, json (a string).
@@ -167,7 +168,6 @@ NULLABLE = {
 }
 
 ROWS = "rows"
-TMP_PREFIX = ".tmp-"
 _ARROW = {"string": "string", "json": "string", "int64": "int64", "float64": "float64", "bool": "bool",
           "list<float64>": "list<float64>", "list<int64>": "list<int64>"}
 
@@ -268,27 +268,9 @@ def append_row(results_dir: str, row: Dict[str, Any]) -> str:
     """Write one row atomically; returns the final path. A row with a trial_key replaces that trial's row."""
     import pyarrow.parquet as pq
     table = row_table(row)  # type errors surface before anything is written
-    d = os.path.join(results_dir, ROWS)
-    os.makedirs(d, exist_ok=True)
-    final = os.path.join(d, row_filename(row))
-    tmp = os.path.join(d, f"{TMP_PREFIX}{os.getpid()}-{uuid.uuid4().hex[:8]}.parquet")
-    try:
+    final = os.path.join(results_dir, ROWS, row_filename(row))
+    with atomic_path(final) as tmp:   # temp names carry the writer's pid: clean_temp_files
         pq.write_table(table, tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, final)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-    try:  # make the rename itself durable
-        fd = os.open(d, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    except OSError:
-        pass
     return final
 
 
@@ -387,7 +369,7 @@ def _coerce(s, t: str):
 def to_csv(df, path: str) -> None:
     """CSV export: list columns as JSON text; written atomically."""
     import io
-    from bench.checkpoints import atomic_write_text
+    from bench.atomic import atomic_write_text
     out = df.copy()
     for c in out.columns:
         if out[c].map(lambda v: isinstance(v, (list, tuple))).any():

@@ -547,7 +547,7 @@ def new_sweep_id(name: str) -> str:
 
 
 def write_manifest(results_dir: str, manifest: dict) -> str:
-    from bench.checkpoints import atomic_write_text
+    from bench.atomic import atomic_write_text
     d = manifest_dir(results_dir)
     os.makedirs(d, exist_ok=True)
     path = os.path.join(d, manifest["sweep_id"] + ".json")

@@ -18,7 +18,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from bench.checkpoints import atomic_write_text, file_sha256, read_state_dict, save_state_dict
+from bench.atomic import atomic_path, atomic_write_text
+from bench.checkpoints import file_sha256, read_state_dict, save_state_dict
 from bench.data import SHAPES_CLASSES, SPLIT_SEEDS, ShapesDataset, image_folder, to_model_range
 from bench.errors import BenchError
 from bench.models.classifier import ShapesClassifier
@@ -85,10 +86,9 @@ class _Trainer:
         return int(st["step"])
 
     def checkpoint(self, model, opt, step: int):
-        tmp = self.state_path + ".tmp"
-        torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "step": torch.tensor(step),
-                    "rng": torch.get_rng_state(), "history": json.dumps(self.history)}, tmp)
-        os.replace(tmp, self.state_path)
+        with atomic_path(self.state_path) as tmp:
+            torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "step": torch.tensor(step),
+                        "rng": torch.get_rng_state(), "history": json.dumps(self.history)}, tmp)
 
     def finish(self, model, config: dict, extra: dict):
         weights = os.path.join(self.out, f"{self.kind}.safetensors")

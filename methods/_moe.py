@@ -524,7 +524,8 @@ def write_artifact(kind: str, model_id: str, key: dict, out_root: Optional[str],
     write_files(tmp_dir) writes the files and returns the metadata (saved as meta.json). If the directory
     appeared meanwhile (a parallel trial), the existing one wins unless force."""
     from bench.artifacts import artifact_dir_for_writing, mark_done
-    from bench.checkpoints import atomic_write_text, file_sha256
+    from bench.atomic import atomic_write_text
+    from bench.checkpoints import file_sha256
     final = artifact_dir_for_writing(kind, model_id, key, out_root)
     parent = os.path.dirname(final)
     os.makedirs(parent, exist_ok=True)

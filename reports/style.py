@@ -3,8 +3,9 @@ caption sidecar, and Markdown/LaTeX tables."""
 from __future__ import annotations
 
 import os
-import tempfile
 from typing import List, Optional, Sequence
+
+from bench.atomic import atomic_path, atomic_write_text
 
 # Okabe & Ito (2008): distinguishable with every common colour-vision deficiency; black is kept for dense
 PALETTE = ["#0072B2", "#D55E00", "#009E73", "#CC79A7", "#E69F00", "#56B4E9", "#F0E442", "#999999"]
@@ -36,25 +37,8 @@ def marker(i: int) -> str:
     return MARKERS[i % len(MARKERS)]
 
 
-def _atomic(path: str, write) -> None:
-    d = os.path.dirname(os.path.abspath(path))
-    os.makedirs(d, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-", suffix=os.path.splitext(path)[1])
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
 def write_text(path: str, text: str) -> str:
-    def w(tmp):
-        with open(tmp, "w") as f:
-            f.write(text)
-    _atomic(path, w)
-    return path
+    return atomic_write_text(path, text)
 
 
 def save_figure(fig, out_dir: str, stem: str, caption: str) -> List[str]:
@@ -63,7 +47,8 @@ def save_figure(fig, out_dir: str, stem: str, caption: str) -> List[str]:
     paths = []
     for ext in ("png", "pdf"):
         p = os.path.join(out_dir, f"{stem}.{ext}")
-        _atomic(p, lambda tmp, ext=ext: fig.savefig(tmp, format=ext, bbox_inches="tight"))
+        with atomic_path(p) as tmp:
+            fig.savefig(tmp, format=ext, bbox_inches="tight")
         paths.append(p)
     plt.close(fig)
     paths.append(write_text(os.path.join(out_dir, f"{stem}.md"), f"**{stem}** — {caption}\n"))

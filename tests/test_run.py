@@ -69,7 +69,7 @@ def test_cli_run_fills_every_column_then_reuses_the_caches(tmp_path, classifier)
     assert "i % num_classes" in row["seed_scheme"]
     # paired with itself: speedup 1 by definition, the A/A ratio measured; the same images: ΔFID exactly 0
     assert (row["speedup"], row["speedup_ci_low"], row["speedup_ci_high"]) == (1.0, 1.0, 1.0)
-    assert row["timing_rounds"] == 6 and row["speedup_aa_ci_low"] <= row["speedup_aa"] <= row["speedup_aa_ci_high"]
+    assert 6 <= row["timing_rounds"] <= 24 and row["speedup_aa_ci_low"] <= row["speedup_aa"] <= row["speedup_aa_ci_high"]
     assert (row["fid_delta"], row["fid_delta_ci_low"], row["fid_delta_ci_high"]) == (0.0, 0.0, 0.0)
     assert row["macs_ratio"] == pytest.approx(1.0, rel=1e-9) and math.isnan(row["time_flop_efficiency"])
 
@@ -154,7 +154,7 @@ def test_measure_dynamic_method_fidelity_stats_and_trial_key(tmp_path, monkeypat
     # statistics were reset before the N-sample run: 2 batches x 4 images x 2 CFG rows x 64 tokens (the extra
     # paired-timing rounds run after the statistics were read)
     assert row["skipped_tokens"] == 8 * 2 * 64
-    assert row["timing_rounds"] == 6 and row["speedup_ci_low"] <= row["speedup"] <= row["speedup_ci_high"]
+    assert 6 <= row["timing_rounds"] <= 24 and row["speedup_ci_low"] <= row["speedup"] <= row["speedup_ci_high"]
     assert row["macs_ratio"] == pytest.approx(row["macs_analytic_all"] / sum(dense))
     assert row["fid_delta_ci_low"] <= row["fid_delta"] <= row["fid_delta_ci_high"]
     assert row["fid"] - row["fid_delta"] == pytest.approx(row2_fid_dense(tmp_path, tiny, classifier, kw))

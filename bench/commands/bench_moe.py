@@ -189,7 +189,7 @@ def run(a):
             rs = [r["ratio"] for r in results if r["shape"] == name and r["expert_size"] == e]
             print(f"  {name} e={e}: mean ratio {sum(rs) / len(rs):.2f} over {len(rs)} configurations")
     if a.json:
-        from bench.checkpoints import atomic_write_text
+        from bench.atomic import atomic_write_text
         atomic_write_text(a.json, json.dumps(dict(env=env, results=results), indent=1))
         print(f"wrote {a.json}")
     return 0

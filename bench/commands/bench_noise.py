@@ -66,7 +66,7 @@ def run(a):
     import json
     import os
     import torch
-    from bench.checkpoints import atomic_write_text
+    from bench.atomic import atomic_write_text
     from bench.commands._common import bundle_from_args, check_flags, check_writable_file, sampling_from_args
     from bench.env import describe, environment
     from bench.measure import MAX_SEED, sample_labels, time_paired

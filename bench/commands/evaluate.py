@@ -85,7 +85,7 @@ def run(a):
 
     import torch
     from bench import quality
-    from bench.checkpoints import atomic_write_text
+    from bench.atomic import atomic_write_text
     from bench.data import shapes_images
     from bench.models.var import VAR
 
