@@ -35,12 +35,24 @@ def build_parser() -> argparse.ArgumentParser:
             if not m.name.startswith("_")]
     for mod in sorted(mods, key=lambda m: (getattr(m, "ORDER", 100), m.__name__)):
         mod.register(sub)
+    for p in [parser, *sub.choices.values()]:   # -v / -q before or after the command
+        add_verbosity_args(p)
     return parser
 
 
+def add_verbosity_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("messages")
+    g.add_argument("-v", "--verbose", action="count", default=argparse.SUPPRESS,
+                   help="more messages (debug detail, timestamps)")
+    g.add_argument("-q", "--quiet", action="count", default=argparse.SUPPRESS,
+                   help="fewer messages: warnings only (-qq: errors only)")
+
+
 def main(argv=None):
+    from bench.log import setup_logging
     parser = build_parser()
     args = parser.parse_args(argv)
+    setup_logging(getattr(args, "verbose", 0) - getattr(args, "quiet", 0))
     if not getattr(args, "func", None):
         parser.print_help()
         sys.exit(2 if argv is None and len(sys.argv) <= 1 else 0)

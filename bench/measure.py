@@ -28,11 +28,14 @@ import hashlib
 import json
 import os
 import time
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 
 from bench.errors import BenchError
+from bench.log import get_logger
+
+logger = get_logger(__name__)
 
 SEED_SCHEME = ("labels[i] = i % num_classes; batch b holds images b*B .. b*B+B-1 and is sampled with "
                "torch.Generator(device).manual_seed(seed * 1000003 + b)")
@@ -161,19 +164,17 @@ def _to_uint8(images: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def generate_all(net, bundle, labels, seed, sampling, batch_size, *, timer=None, probe=None, log=print,
-                 what="generating", paired=None, dense_net=None):
+def generate_all(net, bundle, labels, seed, sampling, batch_size, *, timer=None, probe=None, what="generating",
+                 paired=None, dense_net=None):
     """The N samples batch by batch (SEED_SCHEME). Returns (tokens per scale, uint8 images, laps, peaks, sizes).
 
     With `paired` (bench.timing.PairedRounds) and `dense_net`, the batches it wants are paired rounds: dense runs
     the same batch (same labels and seeds) right before or after the method's, on the same timer."""
-    from bench.sampling import generate
-    device = bundle.device
+    from bench.log import progress
     ranges = batch_ranges(len(labels), batch_size)
     tokens: List[List[torch.Tensor]] = []
     images, laps, peaks, sizes = [], [], [], []
-    t0, last = time.perf_counter(), time.perf_counter()
-    for b, (s, e) in enumerate(ranges):
+    for b, (s, e) in progress(list(enumerate(ranges)), desc=what, unit="batch", logger=logger):
         run_method = timed_batch(net, bundle, labels[s:e], batch_seed(seed, b), sampling, timer, probe)
         if paired is not None and paired.wants(b, e - s):
             (gen, peak), lap = paired.run(b, run_method, dense_batch(dense_net, bundle, labels[s:e],
@@ -187,9 +188,6 @@ def generate_all(net, bundle, labels, seed, sampling, batch_size, *, timer=None,
         sizes.append(e - s)
         tokens.append([t.cpu() for t in gen.tokens])
         images.append(_to_uint8(gen.images))
-        if time.perf_counter() - last > 10 or b == len(ranges) - 1:
-            last = time.perf_counter()
-            log(f"{what}: {e}/{len(labels)} images ({last - t0:.1f} s)")
     per_scale = [torch.cat([t[si] for t in tokens]) for si in range(len(tokens[0]))]
     return per_scale, torch.cat(images), laps, peaks, sizes
 
@@ -249,7 +247,7 @@ def time_paired(method, net, bundle, labels, seed: int, sampling, batch_size: in
     watch = MachineWatch().start()
     reset_stats(net)
     _, _, laps, _, sizes = generate_all(net, bundle, labels, seed, sampling, batch_size, timer=timer,
-                                        paired=paired, dense_net=dense_net, log=lambda *_: None)
+                                        paired=paired, dense_net=dense_net, what="paired timing")
     S = len(bundle.var.patch_nums)
     macs = sum(analytic_per_scale(method, net, bundle, sum(sizes)))
     finish_rounds(paired, net, dense_net, bundle, labels, seed, sampling, batch_size, timer)
@@ -278,8 +276,7 @@ def measure(bundle, method, *, samples: int, seed: int = 0, sampling=None, batch
             flop_images: int = DEFAULT_FLOP_IMAGES, warmup_batches: int = 1, sweep: str = "", sweep_id: str = "",
             trial_key: Optional[str] = None, extra: Optional[Dict[str, Any]] = None, cache_dir: Optional[str] = None,
             metrics: Sequence[str] = QUALITY_METRICS, bootstrap: int = 100, classifier: Optional[str] = None,
-            reference_count: Optional[int] = None, timing_rounds: int = DEFAULT_TIMING_ROUNDS,
-            log: Callable = print) -> dict:
+            reference_count: Optional[int] = None, timing_rounds: int = DEFAULT_TIMING_ROUNDS) -> dict:
     """Measure `method` (a bench.registry.Method or a registered name) on `bundle`; append and return the row.
 
     FLOPs on `flop_images` images, time and memory on the N-sample batches themselves, quality of the N
@@ -313,10 +310,10 @@ def measure(bundle, method, *, samples: int, seed: int = 0, sampling=None, batch
     def phase(name, t):
         phases[name] = round(phases.get(name, 0.0) + time.perf_counter() - t, 4)
 
-    log(f"measure {method.label} on {bundle.name} ({bundle.model_id}): {samples} samples, batch {batch_size}, "
+    logger.info(f"measure {method.label} on {bundle.name} ({bundle.model_id}): {samples} samples, batch {batch_size}, "
         f"seed {seed}, {device}, {torch.get_num_threads()} threads")
     for note in qcheck.get("notes", []):
-        log(f"quality: {note}")
+        logger.info(f"quality: {note}")
     t = time.perf_counter()
     net = method.build(bundle)
     if isinstance(net, torch.nn.Module):
@@ -338,7 +335,7 @@ def measure(bundle, method, *, samples: int, seed: int = 0, sampling=None, batch
                      macs_analytic_per_scale=an, macs_fvcore_over_analytic=sum(fv) / sum(an) if sum(an) else None,
                      macs_uncounted_ops=json.dumps(dict(sorted(mc.uncounted.items()))),
                      macs_dynamic_ops=json.dumps(dict(sorted(mc.dynamic.items()))))
-        log(f"flops: {sum(fv) / 1e9:.4g} GMACs/image transformer (fvcore), {sum(an) / 1e9:.4g} analytic "
+        logger.info(f"flops: {sum(fv) / 1e9:.4g} GMACs/image transformer (fvcore), {sum(an) / 1e9:.4g} analytic "
             f"(ratio {flops['macs_fvcore_over_analytic'] or float('nan'):.4f}), decoder "
             f"{mc.decoder / flop_images / 1e9:.4g} GMACs/image, {flop_images} image(s) counted")
     phase("flops", t)
@@ -353,7 +350,7 @@ def measure(bundle, method, *, samples: int, seed: int = 0, sampling=None, batch
     paired = PairedRounds(timing_rounds, warmup_batches, full_size) if timing_rounds > 0 else None
     watch = MachineWatch().start()
     tokens, images, laps, peaks, sizes = generate_all(net, bundle, labels, seed, sampling, batch_size, timer=timer,
-                                                      probe=probe, log=log, paired=paired, dense_net=dense_net)
+                                                      probe=probe, paired=paired, dense_net=dense_net)
     extra_timing = 0
     last = len(batch_ranges(samples, batch_size)) - 1
     s, e = batch_ranges(samples, batch_size)[-1]
@@ -372,7 +369,7 @@ def measure(bundle, method, *, samples: int, seed: int = 0, sampling=None, batch
         extra_timing += 2 * (len(paired.done) - rounds_before)
     machine = watch.stop()
     if extra_timing:
-        log(f"timing: {extra_timing} extra batch(es) for timing (outputs discarded)")
+        logger.info(f"timing: {extra_timing} extra batch(es) for timing (outputs discarded)")
     timing = summarize(laps, sizes, warmup_batches, S)
     mem = [p for p in peaks if p is not None]
     dense_macs = sum(s.total for s in dense_scale_macs(bundle.var.cfg, 1))
@@ -383,12 +380,12 @@ def measure(bundle, method, *, samples: int, seed: int = 0, sampling=None, batch
     pairing.update(macs_ratio=macs_ratio,
                    time_flop_efficiency=time_flop_efficiency(pairing.get("speedup"), macs_ratio))
     phase("generate", t)
-    log(f"time: median {timing['time_median_s']:.4g} s/batch, {timing['images_per_s']:.4g} images/s "
+    logger.info(f"time: median {timing['time_median_s']:.4g} s/batch, {timing['images_per_s']:.4g} images/s "
         f"({timing['timing_batches']} timed batches, {timer.kind}); peak memory "
         f"{(max(mem) / 2**20) if mem else float('nan'):.1f} MiB ({probe.kind})")
     if paired is not None:
         sp = "speedup_aa" if self_paired else "speedup"
-        log(f"paired timing ({len(paired.done)} ABBA rounds): {sp} {pairing[sp]:.3f} "
+        logger.info(f"paired timing ({len(paired.done)} ABBA rounds): {sp} {pairing[sp]:.3f} "
             f"[{pairing[sp + '_ci_low']:.3f}, {pairing[sp + '_ci_high']:.3f}], MACs ratio {macs_ratio:.3f}"
             + (f"; noisy: {pairing['timing_noisy_reason']}" if pairing["timing_noisy"] else ""))
 
@@ -405,11 +402,11 @@ def measure(bundle, method, *, samples: int, seed: int = 0, sampling=None, batch
     elif cached is not None:
         ref, status = cached, "reused"
     else:
-        log("dense reference: generating the same samples with the dense model")
-        ref = generate_all(bundle.var, bundle, labels, seed, sampling, batch_size, log=log, what="dense reference")[:2]
+        logger.info("dense reference: generating the same samples with the dense model")
+        ref = generate_all(bundle.var, bundle, labels, seed, sampling, batch_size, what="dense reference")[:2]
         store_dense_outputs(path, key, *ref)
         status = "generated"
-    log(f"dense reference: {'reused cached outputs' if status == 'reused' else 'stored in the cache'} ({path})")
+    logger.info(f"dense reference: {'reused cached outputs' if status == 'reused' else 'stored in the cache'} ({path})")
     fid_ = same_seed_fidelity(tokens, ref[0], images.float().div(255), ref[1].float().div(255))
     phase("dense_reference", t)
 
@@ -418,10 +415,10 @@ def measure(bundle, method, *, samples: int, seed: int = 0, sampling=None, batch
     quality_cache = None if cache_dir is None else os.path.join(cache_dir, "quality")
     q = quality_metrics(images.to(device), bundle, labels=labels[:len(images)], reference=reference,
                         inception_weights=inception_weights, metrics=metrics, bootstrap=bootstrap, seed=seed,
-                        cache_dir=quality_cache, log=log, reference_count=reference_count, classifier=classifier,
+                        cache_dir=quality_cache, reference_count=reference_count, classifier=classifier,
                         paired_images=images if self_paired else ref[1].to(device), paired_key=path)
     phase("quality", t)
-    log(f"quality: fid {q.get('fid', float('nan')):.4g} [{q.get('fid_ci_low', float('nan')):.4g}, "
+    logger.info(f"quality: fid {q.get('fid', float('nan')):.4g} [{q.get('fid_ci_low', float('nan')):.4g}, "
         f"{q.get('fid_ci_high', float('nan')):.4g}] vs {q.get('reference')} (reference "
         f"{'from cache' if q.get('reference_cached') else 'computed and cached'}); paired with dense: fid_delta "
         f"{q.get('fid_delta', float('nan')):+.4g} [{q.get('fid_delta_ci_low', float('nan')):+.4g}, "
@@ -465,5 +462,5 @@ def measure(bundle, method, *, samples: int, seed: int = 0, sampling=None, batch
     row.update(started_at=started_at, finished_at=_now(), wall_s=round(time.perf_counter() - t_start, 4))
     row["phase_s"] = json.dumps(phases)
     path = append_row(results_dir, row)
-    log(f"row {row['run_id']} -> {path} ({row['wall_s']:.1f} s)")
+    logger.info(f"row {row['run_id']} -> {path} ({row['wall_s']:.1f} s)")
     return row

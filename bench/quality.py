@@ -25,12 +25,15 @@ import math
 import os
 import time
 import zipfile
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 
 from bench.errors import BenchError
+from bench.log import get_logger, progress
+
+logger = get_logger(__name__)
 
 EXTRACTOR_NAME = "var-bench-classifier"    # our classifier, as registered with torch-fidelity
 INCEPTION_NAME = "inception-v3-compat"     # torch-fidelity's TF-compatible Inception-v3
@@ -198,7 +201,7 @@ class Extractor:
         batch_size = batch_size or (64 if self.name == INCEPTION_NAME else 250)  # Inception works at 299px
         fe = self.module(device)
         parts: Dict[str, List[torch.Tensor]] = {}
-        for batch in images.split(batch_size):
+        for batch in progress(images.split(batch_size), desc=f"{self.name} features", unit="batch", logger=logger):
             out = fe.convert_features_tuple_to_dict(fe(batch.to(device, non_blocking=True)))
             for k, v in out.items():
                 parts.setdefault(k, []).append(v.float().cpu())
@@ -317,11 +320,11 @@ def parse_reference(bundle, reference: Optional[str] = None, reference_count: Op
     raise BenchError(f"cannot use {path} as a reference; {valid}")
 
 
-def _load_reference_images(ref: Reference, log: Callable) -> torch.Tensor:
+def _load_reference_images(ref: Reference) -> torch.Tensor:
     """uint8 (N,3,H,W) on CPU."""
     if ref.kind == "shapes":
         from bench.data import shapes_images
-        log(f"rendering {ref.count} reference images ({ref.desc})")
+        logger.info(f"rendering {ref.count} reference images ({ref.desc})")
         imgs, _ = shapes_images(ref.info["split"], ref.count, ref.info["size"], num_classes=ref.info["num_classes"])
         return torch.from_numpy(imgs).permute(0, 3, 1, 2).contiguous()
     if ref.kind == "folder":
@@ -335,7 +338,7 @@ def _load_reference_images(ref: Reference, log: Callable) -> torch.Tensor:
                                              torchvision.transforms.CenterCrop(ref.info["size"]),
                                              TransformPILtoRGBTensor()])
         ds = ImagesPathDataset(files, tf)
-        log(f"reading {len(files)} reference images from {ref.desc}")
+        logger.info(f"reading {len(files)} reference images from {ref.desc}")
         try:
             return torch.stack([ds[i] for i in range(len(ds))])
         except OSError as e:
@@ -364,8 +367,8 @@ def _atomic_savez(path: str, **arrays) -> None:
             np.savez(f, **arrays)
 
 
-def reference_features(extractor: Extractor, ref: Reference, *, device="cpu", cache_dir: Optional[str] = None,
-                       log: Callable = print) -> Tuple[Optional[torch.Tensor], dict, Optional[torch.Tensor], bool, str]:
+def reference_features(extractor: Extractor, ref: Reference, *, device="cpu", cache_dir: Optional[str] = None
+                       ) -> Tuple[Optional[torch.Tensor], dict, Optional[torch.Tensor], bool, str]:
     """(features (N,D) or None, FID statistics {mu, sigma} float64, k-NN radii for precision (N,) or None,
     came from the cache, cache key)."""
     key = reference_key(extractor, ref)
@@ -376,19 +379,19 @@ def reference_features(extractor: Extractor, ref: Reference, *, device="cpu", ca
                 feats = torch.from_numpy(z["features"]) if "features" in z.files else None
                 radii = torch.from_numpy(z["prc_radii"]) if "prc_radii" in z.files else None
                 stats = dict(mu=z["mu"].astype(np.float64), sigma=z["sigma"].astype(np.float64))
-            log(f"reusing cached reference features {key}")
+            logger.info(f"reusing cached reference features {key}")
             return feats, stats, radii, True, key
         except (OSError, ValueError, KeyError, zipfile.BadZipFile):
-            log(f"cache file {path} is unreadable; recomputing")
+            logger.info(f"cache file {path} is unreadable; recomputing")
     feats, stats, radii = None, None, None
     if ref.kind == "npz" and ref.info["has_stats"]:
         with np.load(ref.info["path"], allow_pickle=False) as z:  # the published statistics define the FID
             stats = dict(mu=z["mu"].astype(np.float64), sigma=z["sigma"].astype(np.float64))
     if ref.has_images:
         t0 = time.time()
-        images = _load_reference_images(ref, log)
+        images = _load_reference_images(ref)
         feats = extractor.extract(images, device)[extractor.feature_layer]
-        log(f"extracted {extractor.tag} features of {len(feats)} reference images in {time.time() - t0:.1f}s")
+        logger.info(f"extracted {extractor.tag} features of {len(feats)} reference images in {time.time() - t0:.1f}s")
     if stats is None:
         stats = fid_statistics(feats)
     arrays = dict(mu=stats["mu"], sigma=stats["sigma"],
@@ -400,7 +403,7 @@ def reference_features(extractor: Extractor, ref: Reference, *, device="cpu", ca
         if radii is not None:
             arrays["prc_radii"] = radii.numpy()
     _atomic_savez(path, **arrays)
-    log(f"cached reference features {key}")
+    logger.info(f"cached reference features {key}")
     return feats, stats, radii, False, key
 
 
@@ -656,7 +659,7 @@ def to_uint8(images: torch.Tensor) -> torch.Tensor:
 def quality_metrics(images: torch.Tensor, bundle, *, labels: Optional[torch.Tensor] = None,
                     reference: Optional[str] = None,
                     inception_weights: Optional[str] = None, metrics: Sequence[str] = METRICS, bootstrap: int = 100,
-                    seed: int = 0, cache_dir: Optional[str] = None, log: Callable = print,
+                    seed: int = 0, cache_dir: Optional[str] = None,
                     reference_count: Optional[int] = None, classifier: Optional[str] = None,
                     batch_size: Optional[int] = None, paired_images: Optional[torch.Tensor] = None,
                     paired_key: Optional[str] = None) -> dict:
@@ -681,7 +684,7 @@ def quality_metrics(images: torch.Tensor, bundle, *, labels: Optional[torch.Tens
     metrics, extractor, ref, notes = _prepare(bundle, n, reference, inception_weights, metrics, reference_count,
                                               classifier)
     ref_feats, ref_stats, ref_radii, cached, key = reference_features(extractor, ref, device=images.device,
-                                                                      cache_dir=cache_dir, log=log)
+                                                                      cache_dir=cache_dir)
     gen = extractor.extract(images, batch_size=batch_size)
     feats = gen[extractor.feature_layer]
     nan = float("nan")

@@ -66,9 +66,12 @@ import socket
 import sys
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from bench.errors import BenchError
+from bench.log import counter_bar, get_logger
+
+logger = get_logger(__name__)
 
 MANIFEST_DIR = "sweeps"           # under the results directory, next to rows/
 SPEC_VERSION = 1
@@ -566,7 +569,7 @@ def read_manifests(results_dir: str, name: Optional[str] = None) -> List[dict]:
                     with open(os.path.join(d, f)) as fh:
                         m = json.load(fh)
                 except (OSError, ValueError) as e:
-                    print(f"warning: skipping unreadable sweep manifest {f}: {e}", file=sys.stderr)
+                    logger.warning(f"skipping unreadable sweep manifest {f}: {e}")
                     continue
                 if name is None or m.get("sweep") == name:
                     out.append(m)
@@ -710,7 +713,7 @@ def resources(ray_info: dict, device: str, cpus: Optional[float], gpus: Optional
 
 
 # ================================================================================================ one trial (worker)
-def run_trial(job: dict, log: Callable = print) -> dict:
+def run_trial(job: dict) -> dict:
     """Measure one trial (called inside a Ray worker, or directly); returns a short summary, never raises."""
     import traceback
     t0 = time.time()
@@ -727,7 +730,7 @@ def run_trial(job: dict, log: Callable = print) -> dict:
         row = measure(bundle, method, samples=job["samples"], seed=job["seed"], sampling=sampling,
                       batch_size=job["batch_size"], results_dir=job["results_dir"], reference=job["reference"],
                       sweep=job["sweep"], sweep_id=job["sweep_id"], trial_key=job["trial_key"],
-                      extra=dict(job["extra"], ray_node=socket.gethostname()), log=log, **job["measure"])
+                      extra=dict(job["extra"], ray_node=socket.gethostname()), **job["measure"])
         keep = ("fid", "fid_ci_low", "fid_ci_high", "macs_analytic_all", "macs_analytic", "macs_fvcore",
                 "time_median_s", "images_per_s", "method_label", "run_id", "speedup", "speedup_ci_low",
                 "speedup_ci_high", "fid_delta", "fid_delta_ci_low", "fid_delta_ci_high", "timing_noisy")
@@ -745,8 +748,10 @@ def run_trial(job: dict, log: Callable = print) -> dict:
 def _trainable(config):
     from ray import tune
     job = config["job"]
-    log = (lambda *a: print(f"[{job['point_id']}]", *a, flush=True)) if job.get("verbose") else (lambda *a: None)
-    tune.report(run_trial(job, log=log))
+    from bench.log import setup_logging
+    # the worker's messages: only with -v (then prefixed with the trial), else warnings only
+    setup_logging(0 if job.get("verbose") else -1, stream=sys.stdout, prefix=f"[{job['point_id']}] ")
+    tune.report(run_trial(job))
 
 
 # ================================================================================================ the driver
@@ -781,12 +786,12 @@ class SweepRunner:
     """Runs the pending trials of one sweep invocation, phase by phase, through Ray Tune."""
 
     def __init__(self, spec: dict, trials: List[Trial], sweep_id: str, results_dir: str, ray_info: dict,
-                 cpus: float, gpus: float, concurrent: int = 1, verbose: bool = False, log: Callable = print,
+                 cpus: float, gpus: float, concurrent: int = 1, verbose: bool = False,
                  status_every_s: float = 60.0):
         self.spec, self.trials, self.sweep_id = spec, trials, sweep_id
         self.results_dir = os.path.abspath(results_dir)
         self.ray_info, self.cpus, self.gpus, self.concurrent = ray_info, cpus, gpus, concurrent
-        self.verbose, self.log, self.status_every_s = verbose, log, status_every_s
+        self.verbose, self.status_every_s = verbose, status_every_s
         self.failed: Dict[str, str] = {}
         self.skipped: Dict[str, str] = {}
         self.interrupted = False     # Ctrl-C: Ray Tune stops the phase; later phases are not started
@@ -814,10 +819,17 @@ class SweepRunner:
         row = json.loads(row_json)
         if not os.path.exists(os.path.join(self.results_dir, ROWS, row_filename(row))):
             append_row(self.results_dir, row)
-            self.log(f"  (row of {row.get('trial_key')} written here: the trial ran on {row.get('ray_node')})")
+            logger.info(f"  (row of {row.get('trial_key')} written here: the trial ran on {row.get('ray_node')})")
 
     def run(self) -> Tuple[int, int]:
-        """Returns (trials that reported now, trials failed or skipped)."""
+        """Returns (trials that reported now, trials failed or skipped). On a terminal a bar with ETA counts the
+        trials; every finished trial is one log line either way."""
+        rows = stored_rows(self.results_dir, self.sweep_id)
+        before = len([t for t in self.trials if t.key(self.sweep_id) in rows])
+        with counter_bar(len(self.trials), f"sweep {self.spec['name']}", "trial", initial=before) as self.bar:
+            return self._run_phases()
+
+    def _run_phases(self) -> Tuple[int, int]:
         total = len(self.trials)
         ran = 0
         for phase in sorted({t.phase for t in self.trials}):
@@ -832,7 +844,8 @@ class SweepRunner:
                     prow = rows.get(f"{self.sweep_id}/{t.parent}")
                     if prow is None:
                         self.skipped[t.point_id] = f"its parent {t.parent} has no row"
-                        self.log(f"[skip] {t.point_id}: its parent {t.parent} has no row")
+                        logger.info(f"[skip] {t.point_id}: its parent {t.parent} has no row")
+                        self.bar.update(1)
                         continue
                     try:
                         params = derive_twin_params(t, prow)
@@ -840,7 +853,8 @@ class SweepRunner:
                         create_method(t.method, **params)
                     except BenchError as e:
                         self.failed[t.point_id] = str(e)
-                        self.log(f"[{done}/{total}] {t.point_id}: FAILED: {e}")
+                        logger.info(f"[{done}/{total}] {t.point_id}: FAILED: {e}")
+                        self.bar.update(1)
                         continue
                 jobs.append((t, self.job(t, params)))
             if jobs:
@@ -878,17 +892,18 @@ class SweepRunner:
                     return
                 self.seen.add(pid)
                 counter["done"] += 1
+                runner.bar.update(1)
                 if result is None:
                     runner.failed[pid] = "the trial's worker died"
-                    runner.log(f"[{counter['done']}/{total}] {pid}: FAILED: the trial's worker died (see Ray's log)")
+                    logger.info(f"[{counter['done']}/{total}] {pid}: FAILED: the trial's worker died (see Ray's log)")
                     return
                 if result.get("status") != "ok":
                     runner.failed[pid] = result.get("error", "")
                 else:
                     runner.ensure_row(result.get("row_json"))
-                runner.log(trial_line(counter["done"], total, by_id[pid], result))
+                logger.info(trial_line(counter["done"], total, by_id[pid], result))
                 if result.get("traceback"):
-                    runner.log(result["traceback"].rstrip())
+                    logger.info(result["traceback"].rstrip())
 
             def on_step_end(self, iteration, trials, **info):
                 if time.time() - self.last >= runner.status_every_s:
@@ -896,7 +911,7 @@ class SweepRunner:
                     from collections import Counter
                     c = Counter(t.status for t in trials)
                     running = [t.config["job"]["point_id"] for t in trials if t.status == "RUNNING"]
-                    runner.log(f"ray: {', '.join(f'{n} {s}' for s, n in sorted(c.items()))} | "
+                    logger.info(f"ray: {', '.join(f'{n} {s}' for s, n in sorted(c.items()))} | "
                                f"{counter['done']}/{total} done | {time.time() - t_start:.0f} s"
                                + (f" | running {', '.join(running)}" if running else ""))
 

@@ -22,9 +22,12 @@ from bench.atomic import atomic_path, atomic_write_text
 from bench.checkpoints import file_sha256, read_state_dict, save_state_dict
 from bench.data import SHAPES_CLASSES, SPLIT_SEEDS, ShapesDataset, image_folder, to_model_range
 from bench.errors import BenchError
+from bench.log import get_logger, progress
 from bench.models.classifier import ShapesClassifier
 from bench.models.var import VAR, VARConfig
 from bench.models.vqvae import VQVAE
+
+logger = get_logger(__name__)
 
 DEFAULT_VQVAE = dict(vocab_size=512, z_channels=16, ch=32, ch_mult=(1, 2, 4), num_res_blocks=1, share_quant_resi=4,
                      v_patch_nums=(1, 2, 3, 4, 5, 6, 8))
@@ -49,7 +52,7 @@ def lr_at(step: int, total: int, base: float, warmup: int, final_ratio: float = 
 
 
 def _log(msg: str):
-    print(time.strftime("%H:%M:%S"), msg, flush=True)
+    logger.info(f"{time.strftime('%H:%M:%S')} {msg}")
 
 
 def load_images(data: str, count: int, image_size: int, split: str = "train"):
@@ -122,7 +125,7 @@ def train_vqvae(out: str, steps: int = 3000, batch: int = 32, lr: float = 5e-4, 
     gen = torch.Generator().manual_seed(seed + start)
     model.train()
     t0 = time.time()
-    for step in range(start, steps):
+    for step in progress(range(start, steps), desc="train vqvae", unit="step", logger=logger):
         for g in opt.param_groups:
             g["lr"] = lr_at(step, steps, lr, warmup=min(200, steps // 10 + 1))
         x = images[torch.randint(0, len(images), (batch,), generator=gen)]
@@ -233,7 +236,7 @@ def train_var(out: str, vqvae_path: str, depth: int = 4, steps: int = 4000, batc
     model.train()
     L, last = model.L, vq.v_patch_nums[-1] ** 2
     t0 = time.time()
-    for step in range(start, steps):
+    for step in progress(range(start, steps), desc=f"train var-d{depth}", unit="step", logger=logger):
         for g in opt.param_groups:
             g["lr"] = lr_at(step, steps, lr, warmup=min(300, steps // 10 + 1))
         pick = torch.randint(0, len(labels2), (batch,), generator=gen)
@@ -288,7 +291,7 @@ def train_classifier(out: str, vqvae_path: Optional[str] = None, steps: int = 30
     start = tr.resume(model, opt)
     gen = torch.Generator().manual_seed(seed + start)
     model.train()
-    for step in range(start, steps):
+    for step in progress(range(start, steps), desc="train classifier", unit="step", logger=logger):
         for g in opt.param_groups:
             g["lr"] = lr_at(step, steps, lr, warmup=100)
         pick = torch.randint(0, len(images), (batch,), generator=gen)

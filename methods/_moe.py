@@ -23,7 +23,6 @@ import json
 import math
 import os
 import shutil
-import sys
 import time
 import uuid
 from collections import OrderedDict
@@ -35,6 +34,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from bench.errors import BenchError
+from bench.log import get_logger
+from bench.log import progress as progress_iter
+
+logger = get_logger("methods")
 
 ROUTER_WIDTH = 128
 # Fine-tune recipe (the paper: Adam, wd 0.05, clip 1.0, warm-up then decay; ~0.2 epoch suffices). Sized so the
@@ -49,7 +52,8 @@ RECIPE_VERSION = 1
 
 
 def log(msg: str) -> None:
-    print(time.strftime("%H:%M:%S"), msg, file=sys.stderr, flush=True)
+    """Preparation progress (var_bench.methods logger)."""
+    logger.info(f"{time.strftime('%H:%M:%S')} {msg}")
 
 
 # ------------------------------------------------------------------------------------------------ data
@@ -186,7 +190,8 @@ def finetune_relu_hoyer(bundle, steps: int, hoyer_weight: float, batch: int, lr:
         model.train()  # also turns on the release's label dropout (unconditional rows for CFG)
         t_train = time.time()
         with FFNActivations(model) as cap:
-            for step in range(steps):
+            for step in (progress_iter(range(steps), desc="dmoe fine-tune", unit="step", logger=logger)
+                         if progress else range(steps)):
                 for g in opt.param_groups:
                     g["lr"] = lr_at(step, steps, lr, warmup=max(1, steps // 10))
                 pick = torch.randint(0, labels.shape[0], (batch,), generator=gen).to(labels.device)
@@ -390,7 +395,8 @@ def train_routers(xs: List[torch.Tensor], ys: List[torch.Tensor], steps: int, ba
                     idx = val if n_val else tr
                     return F.mse_loss(r(x[idx]), y[idx]).item()
             before = val_loss()
-            for step in range(steps):
+            for step in (progress_iter(range(steps), desc=f"router block {li}", unit="step", logger=logger)
+                         if progress else range(steps)):
                 for g in opt.param_groups:
                     g["lr"] = lr_at(step, steps, lr, warmup=max(1, steps // 20))
                 b = tr[torch.randint(0, tr.shape[0], (min(batch, tr.shape[0]),), generator=gen).to(x.device)]

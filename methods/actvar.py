@@ -61,6 +61,7 @@ import torch.nn.functional as F
 
 from bench.errors import BenchError
 from bench.registry import Method, Param, clone_structure, register_method
+from bench.log import progress as progress_iter
 from methods import _moe, _tokens
 from methods._tokens import LearnedGate, TokenGatedBlock, kept_count
 
@@ -735,7 +736,8 @@ def _lr_loop(name, net, params, steps, lr, batch, seed, toks, labels, vqvae, unc
         return history, 0.0
     opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), weight_decay=0.05)
     gen = torch.Generator().manual_seed(seed)
-    for step in range(steps):
+    for step in (progress_iter(range(steps), desc=f"actvar {name}", unit="step", logger=_moe.logger)
+                 if progress else range(steps)):
         for g in opt.param_groups:
             g["lr"] = lr_at(step, steps, lr, warmup=max(1, steps // 10))
         pick = torch.randint(0, labels.shape[0], (batch,), generator=gen).to(labels.device)

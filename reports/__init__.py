@@ -17,9 +17,10 @@ from __future__ import annotations
 import importlib
 import os
 import pkgutil
-from typing import Callable, List, Optional, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 from bench.errors import BenchError
+from bench.log import get_logger
 from reports import data as D
 from reports.context import Context, Skip
 from reports.registry import Report, list_reports
@@ -28,6 +29,7 @@ for _module in pkgutil.iter_modules(__path__):
     if not _module.name.startswith("_"):       # importing runs each module's @register_report decorators
         importlib.import_module(f"{__name__}.{_module.name}")
 
+logger = get_logger(__name__)
 OVERVIEW = "all"
 
 
@@ -37,8 +39,7 @@ def available_sweeps(df) -> List[str]:
 
 
 def build_reports(results_dir: str, sweep: Optional[str] = None, out_root: str = os.path.join("reports", "out"),
-                  sweep_id: Optional[str] = None, flops: str = "analytic_all",
-                  log: Callable = print) -> Tuple[List[str], List[str]]:
+                  sweep_id: Optional[str] = None, flops: str = "analytic_all") -> Tuple[List[str], List[str]]:
     """Draw everything the store supports (or one sweep). Returns (files written, notes on what was skipped).
     Raises BenchError (nothing written) on an empty store, an unknown sweep, or a bad option."""
     from bench.results import load_results
@@ -72,21 +73,21 @@ def build_reports(results_dir: str, sweep: Optional[str] = None, out_root: str =
         warnings = D.run_warnings(part, planned.get(next(iter(ids))) if len(ids) == 1 else None)
         all_warnings += [f"{name}: {w}" for w in warnings]
         for w in warnings:
-            log(f"  WARNING ({name}): {w}")
+            logger.warning(f"  WARNING ({name}): {w}")
         files, skipped = run_generators(Context(part, out_dir, flops, warnings=warnings), list_reports())
         notes += [f"{name}: {s}" for s in skipped]
         written += files
         if files:
             written.append(write_index(out_dir, name, part, files, skipped, warnings))
-        log(f"report {name}: {len(files)} files in {out_dir}")
+        logger.info(f"report {name}: {len(files)} files in {out_dir}")
         if skipped:
-            log(f"  not drawn for {name}: {'; '.join(skipped)}")
+            logger.info(f"  not drawn for {name}: {'; '.join(skipped)}")
     if sweep is None:
         from bench.sweep import list_sweeps
         absent = [n for n in list_sweeps() if n not in runs]
         if absent:
             notes.append(f"no rows of the shipped sweeps {', '.join(absent)}")
-            log(f"no rows yet of the shipped sweeps {', '.join(absent)} (python -m bench sweep NAME)")
+            logger.info(f"no rows yet of the shipped sweeps {', '.join(absent)} (python -m bench sweep NAME)")
     if sweep is None and len(df):
         import pandas as pd
         allrows = pd.concat(list(runs.values()), ignore_index=True)
@@ -97,9 +98,9 @@ def build_reports(results_dir: str, sweep: Optional[str] = None, out_root: str =
         if files:
             written += files
             written.append(write_index(out_dir, "every sweep and run", allrows, files, skipped, all_warnings))
-        log(f"report {OVERVIEW}: {len(files)} files in {out_dir}")
+        logger.info(f"report {OVERVIEW}: {len(files)} files in {out_dir}")
         if skipped:
-            log(f"  not drawn for {OVERVIEW}: {'; '.join(skipped)}")
+            logger.info(f"  not drawn for {OVERVIEW}: {'; '.join(skipped)}")
     return written, notes
 
 

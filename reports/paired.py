@@ -68,7 +68,7 @@ def paired_tradeoff(ctx: Context) -> List[str]:
             ax.scatter([], [], marker="o", s=22, alpha=alpha, facecolors="#555555" if filled else "none",
                        edgecolors="#555555", label=text)
     ax.set_xlabel("speedup over dense (×, paired, 95% CI)")
-    ax.set_ylabel(f"ΔFID vs dense (paired, 95% CI)")
+    ax.set_ylabel("ΔFID vs dense (paired, 95% CI)")
     ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), handlelength=1.2)
     return S.save_figure(fig, ctx.out_dir, "paired_tradeoff",
                          "Speedup against ΔFID, both paired with dense inside each trial; dense sits at (1, 0) "

@@ -139,7 +139,7 @@ def twins(ctx: Context) -> List[str]:
     points = D.col(df, "sweep_point")
     by_point = {p: i for i, p in enumerate(points) if p}
     xs, fids, lo, hi = D.gmacs(df, column), D.col(df, "fid"), D.col(df, "fid_ci_low"), D.col(df, "fid_ci_high")
-    labels, ms, isc = D.col(df, "method_label"), D.ms_per_image(df), D.col(df, "isc_mean")
+    labels, isc = D.col(df, "method_label"), D.col(df, "isc_mean")
     pairs = [(by_point[p], i) for i, p in enumerate(parents) if p and p in by_point]
     missing = [points[i] for i, p in enumerate(parents) if p and p not in by_point]
     if missing:

@@ -1,6 +1,7 @@
 """Quality path (bench/quality.py, `bench evaluate`): real extractor, real data, small sets."""
 import dataclasses
 import json
+import logging
 import math
 import os
 
@@ -74,7 +75,7 @@ def real_sets():
 
 def _q(images, bundle, cache, **kw):
     kw.setdefault("reference_count", R)
-    return Q.quality_metrics(images, bundle, cache_dir=cache, log=lambda m: None, **kw)
+    return Q.quality_metrics(images, bundle, cache_dir=cache, **kw)
 
 
 class _Images(torch.utils.data.Dataset):
@@ -147,15 +148,15 @@ def test_fid_real_vs_real_is_within_noise_and_far_below_uniform_noise(bundle, ca
     assert qn["kid_mean"] > qa["kid_mean"] + 2 * qa["kid_std"]  # kid_std: spread over KID subsets
 
 
-def test_reference_cache_is_reused_with_identical_numbers(bundle, tmp_path, real_sets):
+def test_reference_cache_is_reused_with_identical_numbers(bundle, tmp_path, real_sets, caplog):
     (a, la), _, _ = real_sets
-    logs = []
-    kw = dict(labels=la, bootstrap=20, cache_dir=str(tmp_path), log=logs.append)
+    caplog.set_level(logging.INFO, logger="var_bench")
+    kw = dict(labels=la, bootstrap=20, cache_dir=str(tmp_path))
     first = Q.quality_metrics(a, bundle, reference_count=100, **kw)
     second = Q.quality_metrics(a, bundle, reference_count=100, **kw)
     assert (first["reference_cached"], second["reference_cached"]) == (False, True)
     key = first["quality_cache_key"]
-    assert f"reusing cached reference features {key}" in logs
+    assert f"reusing cached reference features {key}" in caplog.messages
     assert sorted(os.listdir(tmp_path)) == [f"ref-{key}.npz"]  # atomic write: no temp files left
     skip = {"reference_cached", "quality_s"}
     assert {k: v for k, v in first.items() if k not in skip} == {k: v for k, v in second.items() if k not in skip}
@@ -169,7 +170,7 @@ def test_npz_references_stats_only_and_with_images(bundle, cache, tmp_path, real
     (a, la), _, ref = real_sets
     base = _q(a, bundle, cache, labels=la)
     _, stats, _, _, _ = Q.reference_features(Q.resolve_extractor(bundle), Q.parse_reference(bundle, None, R),
-                                             cache_dir=cache, log=lambda m: None)
+                                             cache_dir=cache)
     np.savez(tmp_path / "stats.npz", mu=stats["mu"], sigma=stats["sigma"])
     only = _q(a, bundle, cache, labels=la, reference=str(tmp_path / "stats.npz"))
     assert only["fid"] == pytest.approx(base["fid"], rel=1e-9) and only["fid_ci_high"] == base["fid_ci_high"]

@@ -166,7 +166,7 @@ def test_report_writes_every_expected_file(report_out):
 def test_front_table_lists_the_known_front(store, report_out, tmp_path):
     from reports import build_reports
     one = str(tmp_path / "one")
-    build_reports(store, "tau", one, log=lambda *a: None)
+    build_reports(store, "tau", one)
     assert sorted(os.listdir(one)) == ["tau"]          # one sweep asked: one directory
     out = report_out[0]
     md = open(os.path.join(out, "tau", "pareto_front.md")).read()
@@ -213,7 +213,7 @@ def test_report_missing_columns_are_reported(tmp_path):
     append_row(d, row)
     r = run_cli("report", "--results", d, "--out", str(tmp_path / "o"))
     assert r.returncode == 0, r.stderr
-    assert "pareto" in r.stdout and "no FID values" in r.stdout
+    assert "pareto" in r.stderr and "no FID values" in r.stderr        # the log (stderr)
 
 
 # the index order of the shipped reports; the first four are also drawn over every sweep (OUT/all/)
@@ -243,7 +243,7 @@ def test_report_registry_order_and_a_registered_figure_is_drawn(store, tmp_path)
     try:
         assert list_reports()[-1].name == "test_extra"
         out = str(tmp_path / "out")
-        written, _ = build_reports(store, "tau", out, log=lambda *a: None)
+        written, _ = build_reports(store, "tau", out)
         extra = os.path.join(out, "tau", "test_extra.md")
         assert extra in written and open(extra).read() == "rows: 9\n"     # dense + 4 DMoE points + 4 twins
         index = open(os.path.join(out, "tau", "README.md")).read()
@@ -287,7 +287,7 @@ def test_paired_report_marks_what_is_resolved_and_warns(tmp_path):
     assert got == ["not resolved"] + [v[2] for v in PAIRED_POINTS.values()]
     # complete, quiet-but-one store: the noisy row is named; then the manifest lists one trial more
     out = str(tmp_path / "out")
-    build_reports(d, "pr", out, log=lambda *a: None)
+    build_reports(d, "pr", out)
     index = open(os.path.join(out, "pr", "README.md")).read()
     assert "1 of 5 rows timed on a noisy machine" in index and "m/d" in index and "incomplete" not in index
     table = open(os.path.join(out, "pr", "paired_summary.md")).read()
@@ -297,7 +297,7 @@ def test_paired_report_marks_what_is_resolved_and_warns(tmp_path):
     assert os.path.getsize(os.path.join(out, "pr", "paired_tradeoff.png")) > 0
     write_manifest(d, dict(sweep="pr", sweep_id="pr-1", created_at="2026-01-01T00:00:00+00:00",
                            trials=[dict(key=f"pr-1/{i}") for i in range(6)]))
-    build_reports(d, "pr", out, log=lambda *a: None)
+    build_reports(d, "pr", out)
     index = open(os.path.join(out, "pr", "README.md")).read()
     assert index.index("WARNING:** incomplete sweep: its manifest lists 6 trials, 5 have rows") < index.index("##")
     for stem in ("paired_tradeoff", "paired_summary", "pareto_fid_vs_flops"):

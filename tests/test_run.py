@@ -1,5 +1,6 @@
 """`python -m bench run` / bench.measure.measure on the tiny model: the row contract, caches, bad input."""
 import json
+import logging
 import math
 import os
 
@@ -136,13 +137,13 @@ def skip_ffn_method():
 
 
 def test_measure_dynamic_method_fidelity_stats_and_trial_key(tmp_path, monkeypatch, tiny, classifier,
-                                                             skip_ffn_method):
+                                                             skip_ffn_method, caplog):
     from bench.measure import measure
     from bench.registry import create_method
     monkeypatch.setenv("VARBENCH_CACHE", str(tmp_path / "cache"))
-    logs = []
+    caplog.set_level(logging.INFO, logger="var_bench")
     kw = dict(samples=8, batch_size=4, results_dir=str(tmp_path / "res"), classifier=classifier,
-              reference_count=32, metrics=("fid", "kid"), trial_key="skip", sweep="t", log=logs.append)
+              reference_count=32, metrics=("fid", "kid"), trial_key="skip", sweep="t")
     row = measure(tiny, create_method(skip_ffn_method), **kw)
     assert row["dense_cache"] == "generated"            # dense outputs made for the comparison, then cached
     assert 0 < row["fidelity_token_agreement"] < 1     # the method changes the last scale's tokens...
@@ -159,7 +160,7 @@ def test_measure_dynamic_method_fidelity_stats_and_trial_key(tmp_path, monkeypat
     assert row["fid_delta_ci_low"] <= row["fid_delta"] <= row["fid_delta_ci_high"]
     assert row["fid"] - row["fid_delta"] == pytest.approx(row2_fid_dense(tmp_path, tiny, classifier, kw))
     row2 = measure(tiny, create_method(skip_ffn_method), **kw)
-    assert row2["dense_cache"] == "reused" and any("reused cached outputs" in m for m in logs)
+    assert row2["dense_cache"] == "reused" and any("reused cached outputs" in m for m in caplog.messages)
     assert row2["fidelity_token_agreement"] == row["fidelity_token_agreement"]
     df = load_results(str(tmp_path / "res"))
     assert len(df) == 1 and df["run_id"][0] == row2["run_id"]   # the trial's row was replaced, not duplicated

@@ -285,8 +285,8 @@ def test_sweep_on_a_ray_cluster(ray_head, tiny_sweep, tmp_path, kind):
     res = tmp_path / "res"
     r = run_cli("sweep", yaml_path, "--quick", "--results", str(res), "--address", address, env=dict(env, **auth))
     assert r.returncode == 0, r.stdout + r.stderr
-    assert f"ray " in r.stdout and address in r.stdout and "[1/3] tiny/dense: FID" in r.stdout
-    assert "[3/3] tiny/budget/keep=0.5/static: FID" in r.stdout and "3/3 trials have rows (3 reported now" in r.stdout
+    assert "ray " in r.stdout and address in r.stdout and "[1/3] tiny/dense: FID" in r.stderr   # trial lines: the log
+    assert "[3/3] tiny/budget/keep=0.5/static: FID" in r.stderr and "3/3 trials have rows (3 reported now" in r.stdout
     df = _rows(str(res))
     assert len(df) == 3 and set(df["ray_address"]) == {address} and set(df["samples"]) == {2}
     assert df["sweep_quick"].all() and set(df["ray_nodes"]) == {1}
@@ -297,7 +297,7 @@ def test_driver_stores_a_row_written_on_another_node(tmp_path):
     another machine without shared storage) and never twice."""
     from bench.results import load_results
     from bench.sweep import SweepRunner
-    runner = SweepRunner({"name": "x"}, [], "x-1", str(tmp_path), {}, 1, 0, log=lambda *a: None)
+    runner = SweepRunner({"name": "x"}, [], "x-1", str(tmp_path), {}, 1, 0)
     row = dict(run_id="r1", sweep="x", sweep_id="x-1", trial_key="x-1/m/dense", method="dense", fid=1.5,
                macs_analytic_per_scale=[1.0, 2.0], started_at="2026-01-01T00:00:00+00:00")
     for _ in range(2):

@@ -96,7 +96,7 @@ def run(a):
         row = measure(bundle, create_method("dense"), samples=a.samples, seed=a.seed, sampling=sampling,
                       batch_size=a.batch_size, results_dir=results, flop_images=a.flop_images,
                       cache_dir=a.cache_dir, classifier=a.classifier, reference_count=a.reference_count,
-                      timing_rounds=a.timing_rounds, log=lambda m: print(f"  | {m}"))
+                      timing_rounds=a.timing_rounds)
         harness = time.perf_counter() - t
         raw2 = raw_generation_s(bundle, labels, a.seed, sampling, a.batch_size)
         print(f"raw generation (after): {raw2:.3f} s")

@@ -9,7 +9,6 @@ at recognising the conditioning class.
 """
 from __future__ import annotations
 
-import sys
 
 from bench.commands._common import (add_model_args, add_sampling_args, bundle_from_args, check_flags,
                                     check_writable_file, sampling_from_args)
@@ -103,8 +102,8 @@ def run(a):
     check = quality.check_reference(bundle, a.samples, None, None, metrics, reference_count=a.reference_count,
                                     classifier=a.classifier)
 
-    def log(msg):
-        print(msg, file=sys.stderr, flush=True)
+    from bench.log import get_logger
+    log = get_logger("evaluate").info
 
     started, t0 = time.strftime("%Y-%m-%dT%H:%M:%S%z"), time.time()
     n, C = a.samples, bundle.num_classes
@@ -130,7 +129,7 @@ def run(a):
         images, labels, gen_s = sets[key]
         q = quality.quality_metrics(images.to(bundle.device), bundle, labels=labels, metrics=metrics,
                                     bootstrap=a.bootstrap, seed=a.seed, reference_count=a.reference_count,
-                                    classifier=a.classifier, log=log)
+                                    classifier=a.classifier)
         logits = quality.classifier_logits(images.to(bundle.device), bundle, a.classifier)
         acc = (logits.argmax(1).cpu() == labels).float().mean().item()
         rows[key] = dict(set=titles[key], images=len(images), classifier_accuracy=acc, generate_s=round(gen_s, 3), **q)

@@ -44,7 +44,6 @@ def register(sub):
                         "distort each other's timings)")
     g.add_argument("--status-every", type=float, default=60.0, metavar="S",
                    help="seconds between Ray status lines while trials run (default 60)")
-    p.add_argument("--verbose", action="store_true", help="show each trial's measurement log and Ray worker output")
     p.set_defaults(func=run)
 
 
@@ -170,7 +169,8 @@ def run(a):
         return 0
 
     t0 = time.time()
-    info = S.connect_ray(address, a.verbose)
+    verbose = getattr(a, "verbose", 0) > 0     # -v: each trial's measurement log and Ray worker output
+    info = S.connect_ray(address, verbose)
     try:
         cpus, gpus = S.resources(info, spec["device"], a.cpus_per_trial, a.gpus_per_trial)
         print(f"ray {info['version']} {info['address']}: {info['nodes']} node(s), {info['num_cpus']:g} CPUs "
@@ -178,7 +178,7 @@ def run(a):
               f"trial, {a.concurrent} at a time")
         if not resumed or m_models is None:   # new, or resumed from rows alone: record it now
             S.write_manifest(a.results, S.manifest_for(spec, trials, sweep_id, models))
-        runner = S.SweepRunner(spec, trials, sweep_id, a.results, info, cpus, gpus, a.concurrent, a.verbose,
+        runner = S.SweepRunner(spec, trials, sweep_id, a.results, info, cpus, gpus, a.concurrent, verbose,
                                status_every_s=a.status_every)
         ran, bad = runner.run()
     finally:
