@@ -21,7 +21,7 @@ import pkgutil
 from dataclasses import dataclass
 from typing import Any, ClassVar, Dict, List, Optional, Sequence, Tuple
 
-from bench.errors import BenchError
+from bench.errors import BenchError, choices_error
 
 _REGISTRY: Dict[str, type] = {}
 _DISCOVERED = False
@@ -152,6 +152,12 @@ def resolve_scales(method: str, value, num_scales: int, default_last: int, what:
     return scales
 
 
+def check_distinct_scales(method: str, value, what: str = "scales") -> None:
+    """Model-free check of a scale-list parameter: no scale listed twice."""
+    if isinstance(value, list) and len(set(value)) != len(value):
+        raise BenchError(f"method {method}: {what} lists a scale twice: {value}")
+
+
 def clone_structure(module):
     """A copy of `module` whose submodules are new objects but whose parameters and buffers are shared.
 
@@ -201,7 +207,7 @@ def list_methods(filter: str = "*", kind: Optional[str] = None, needs_artifacts:
 def method_class(name: str) -> type:
     _discover()
     if name not in _REGISTRY:
-        raise BenchError(f"unknown method {name!r}; valid: {', '.join(sorted(_REGISTRY))}")
+        raise choices_error("method", name, sorted(_REGISTRY))
     return _REGISTRY[name]
 
 

@@ -60,8 +60,7 @@ def kept_count(rate: float, n: int) -> int:
 
 def check_scales_and_rates(method: str, scales, rates, what: str) -> None:
     """Model-free checks: no scale twice; a per-scale rate list has one value per listed scale."""
-    if isinstance(scales, list) and len(set(scales)) != len(scales):
-        raise BenchError(f"method {method}: scales lists a scale twice: {scales}")
+    registry.check_distinct_scales(method, scales)
     if isinstance(rates, list) and isinstance(scales, list) and len(rates) != len(scales):
         raise BenchError(f"method {method}: {what} has {len(rates)} values but scales has {len(scales)}; "
                          f"give one value or one per scale")

@@ -38,11 +38,6 @@ def resolve_scales(value, num_scales: int, what: str, method: str) -> List[int]:
     return registry.resolve_scales(method, value, num_scales, DEFAULT_LAST_SCALES, what)
 
 
-def check_scale_list(value, what: str, method: str) -> None:
-    if isinstance(value, list) and len(set(value)) != len(value):
-        raise BenchError(f"method {method}: {what} lists a scale twice: {value}")
-
-
 def divisors(n: int) -> List[int]:
     return [d for d in range(1, n + 1) if n % d == 0]
 
@@ -71,7 +66,7 @@ class DMoE(Method):
     # ------------------------------------------------------------------ validation
     def check(self):
         c = self.config
-        check_scale_list(c["moe_scales"], "moe_scales", self.name)
+        registry.check_distinct_scales(self.name, c["moe_scales"], "moe_scales")
         if isinstance(c["tau"], list) and isinstance(c["moe_scales"], list) and len(c["tau"]) != len(c["moe_scales"]):
             raise BenchError(f"method dmoe: tau has {len(c['tau'])} values but moe_scales has {len(c['moe_scales'])} "
                              f"scales; give one tau or one per MoE scale")

@@ -30,10 +30,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from bench.errors import BenchError
-from bench.registry import Method, Param, clone_structure, register_method
+from bench.registry import Method, Param, check_distinct_scales, clone_structure, register_method
 from methods import _moe
 from methods._moe import CALIB_DEFAULTS, FINETUNE_DEFAULTS, finetune_key, prepare_command
-from methods.dmoe import check_scale_list, resolve_scales
+from methods.dmoe import resolve_scales
 
 
 # ------------------------------------------------------------------------------------------------ FLOP matching
@@ -155,7 +155,7 @@ class PrunedFFNMethod(Method):
 
     def check(self):
         c = self.config
-        check_scale_list(c["scales"], "scales", self.name)
+        check_distinct_scales(self.name, c["scales"])
         if c["match_macs"] is not None and c["match_fraction"] is not None:
             raise BenchError("method pruned-ffn: give match_macs or match_fraction, not both")
 

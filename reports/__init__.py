@@ -19,7 +19,7 @@ import os
 import pkgutil
 from typing import List, Optional, Sequence, Tuple
 
-from bench.errors import BenchError
+from bench.errors import BenchError, choices_error
 from bench.log import get_logger
 from reports import data as D
 from reports.context import Context, Skip
@@ -45,7 +45,7 @@ def build_reports(results_dir: str, sweep: Optional[str] = None, out_root: str =
     from bench.results import load_results
     from reports.data import FLOPS_COLUMNS, select_runs
     if flops not in FLOPS_COLUMNS:
-        raise BenchError(f"unknown --flops {flops!r}; valid: {', '.join(FLOPS_COLUMNS)}")
+        raise choices_error("--flops", flops, FLOPS_COLUMNS)
     if not os.path.isdir(results_dir):
         raise BenchError(f"no results directory {results_dir!r}; `python -m bench sweep NAME` writes one")
     df = load_results(results_dir)
