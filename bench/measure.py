@@ -23,11 +23,13 @@ What happens, in order (nothing is written before step 1 has passed):
 """
 from __future__ import annotations
 
+import contextlib
 import datetime
 import hashlib
 import json
 import os
 import time
+from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Sequence
 
 import torch
@@ -270,84 +272,52 @@ def _finite_or_none(x):
     return None if x is None else float(x)
 
 
-# ---------------------------------------------------------------------------------------------- the call
-def measure(bundle, method, *, samples: int, seed: int = 0, sampling=None, batch_size: int = DEFAULT_BATCH_SIZE,
-            results_dir: str = "results", reference: Optional[str] = None, inception_weights: Optional[str] = None,
-            flop_images: int = DEFAULT_FLOP_IMAGES, warmup_batches: int = 1, sweep: str = "", sweep_id: str = "",
-            trial_key: Optional[str] = None, extra: Optional[Dict[str, Any]] = None, cache_dir: Optional[str] = None,
-            metrics: Sequence[str] = QUALITY_METRICS, bootstrap: int = 100, classifier: Optional[str] = None,
-            reference_count: Optional[int] = None, timing_rounds: int = DEFAULT_TIMING_ROUNDS) -> dict:
-    """Measure `method` (a bench.registry.Method or a registered name) on `bundle`; append and return the row.
-
-    FLOPs on `flop_images` images, time and memory on the N-sample batches themselves, quality of the N
-    images, same-seed fidelity against dense. With `trial_key`, the stored row replaces that trial's earlier row.
-    `extra` columns are added to the row as given. Raises BenchError (nothing written) on bad input."""
-    from bench.env import environment
+# ---------------------------------------------------------------------------------------------- the phases
+def count_flops(method, net, bundle, labels, seed: int, sampling, flop_images: int):
+    """FLOPs phase: a traced generation of the first flop_images images (fvcore) beside the analytic count."""
     from bench.flops import count_generation
-    from bench.memory import PeakMemory
-    from bench.quality import quality_metrics, same_seed_fidelity
-    from bench.registry import Method, create_method
-    from bench.results import append_row, new_run_id
-    from bench.analytic import dense_scale_macs
-    from bench.quality import PAIRED_QUALITY_PREFIXES
-    from bench.timing import (NOISY_RULE, BatchTimer, MachineWatch, PairedRounds, paired_summary, summarize,
-                              time_flop_efficiency)
-
-    t_start, started_at = time.perf_counter(), _now()
-    if not isinstance(method, Method):
-        method = create_method(str(method))
-    sampling = sampling or bundle.sampling
-    samples, seed, batch_size, flop_images, warmup_batches, qcheck = validate(
-        bundle, method, samples=samples, seed=seed, sampling=sampling, batch_size=batch_size,
-        flop_images=flop_images, warmup_batches=warmup_batches, results_dir=results_dir, reference=reference,
-        inception_weights=inception_weights, metrics=metrics, cache_dir=cache_dir, classifier=classifier,
-        reference_count=reference_count)
-    timing_rounds = _check_int("timing rounds", timing_rounds, 0)
-    device = bundle.device
-    S = len(bundle.var.patch_nums)
-    phases: Dict[str, float] = {}
-
-    def phase(name, t):
-        phases[name] = round(phases.get(name, 0.0) + time.perf_counter() - t, 4)
-
-    logger.info(f"measure {method.label} on {bundle.name} ({bundle.model_id}): {samples} samples, batch {batch_size}, "
-        f"seed {seed}, {device}, {torch.get_num_threads()} threads")
-    for note in qcheck.get("notes", []):
-        logger.info(f"quality: {note}")
-    t = time.perf_counter()
-    net = method.build(bundle)
-    if isinstance(net, torch.nn.Module):
-        net.eval()
-    phase("build", t)
-    labels = sample_labels(samples, bundle.num_classes)
-
-    # -- FLOPs: a traced generation of the first flop_images images
-    t = time.perf_counter()
-    flops: Dict[str, Any] = dict(flop_images=flop_images)
+    from bench.records import FlopsRecord
+    rec = FlopsRecord(flop_images=flop_images)
     if flop_images > 0:
         reset_stats(net)
-        mc = count_generation(net, bundle.vqvae, labels[:flop_images].to(device), batch_seed(seed, 0), sampling)
-        ana = analytic_per_scale(method, net, bundle, flop_images)
+        mc = count_generation(net, bundle.vqvae, labels[:flop_images].to(bundle.device), batch_seed(seed, 0),
+                              sampling)
         fv = [m / flop_images for m in mc.per_scale]
-        an = [m / flop_images for m in ana]
-        flops.update(macs_fvcore=sum(fv), macs_fvcore_per_scale=fv, macs_decoder=mc.decoder / flop_images,
-                     macs_total=sum(fv) + mc.decoder / flop_images, macs_analytic=sum(an),
-                     macs_analytic_per_scale=an, macs_fvcore_over_analytic=sum(fv) / sum(an) if sum(an) else None,
-                     macs_uncounted_ops=json.dumps(dict(sorted(mc.uncounted.items()))),
-                     macs_dynamic_ops=json.dumps(dict(sorted(mc.dynamic.items()))))
-        logger.info(f"flops: {sum(fv) / 1e9:.4g} GMACs/image transformer (fvcore), {sum(an) / 1e9:.4g} analytic "
-            f"(ratio {flops['macs_fvcore_over_analytic'] or float('nan'):.4f}), decoder "
-            f"{mc.decoder / flop_images / 1e9:.4g} GMACs/image, {flop_images} image(s) counted")
-    phase("flops", t)
+        an = [m / flop_images for m in analytic_per_scale(method, net, bundle, flop_images)]
+        rec = FlopsRecord(macs_fvcore=sum(fv), macs_fvcore_per_scale=fv, macs_decoder=mc.decoder / flop_images,
+                          macs_total=sum(fv) + mc.decoder / flop_images, macs_analytic=sum(an),
+                          macs_analytic_per_scale=an,
+                          macs_fvcore_over_analytic=sum(fv) / sum(an) if sum(an) else None,
+                          macs_uncounted_ops=json.dumps(dict(sorted(mc.uncounted.items()))),
+                          macs_dynamic_ops=json.dumps(dict(sorted(mc.dynamic.items()))), flop_images=flop_images)
+    return rec
 
-    # -- the N samples: timing (absolute, and paired ABBA rounds against dense), memory, method statistics
-    t = time.perf_counter()
+
+@dataclass
+class Generated:
+    """What the generation phase produced besides its records."""
+    tokens: List[torch.Tensor]             # per scale, (N, pn²)
+    images: torch.Tensor                   # uint8 (N, 3, H, W)
+    macs_all_per_scale: List[float]        # analytic MACs per image over every image the statistics saw
+    method_extras: Dict[str, Any]          # method.row_metrics of the N samples
+
+
+def generate_and_time(method, net, bundle, labels, seed: int, sampling, batch_size: int, warmup_batches: int,
+                      timing_rounds: int):
+    """Generation phase: the N samples, timed batch by batch with memory probes, the first `timing_rounds` full
+    batches after the warm-up paired with dense (ABBA). Returns (Generated, TimingRecord, PairedTimingRecord,
+    MemoryRecord)."""
+    from bench.analytic import dense_scale_macs
+    from bench.memory import PeakMemory
+    from bench.records import MemoryRecord, PairedTimingRecord, TimingRecord
+    from bench.timing import (NOISY_RULE, BatchTimer, MachineWatch, PairedRounds, paired_summary, summarize,
+                              time_flop_efficiency)
+    samples, S = len(labels), len(bundle.var.patch_nums)
     reset_stats(net)
-    timer, probe = BatchTimer(device), PeakMemory(device)
+    timer, probe = BatchTimer(bundle.device), PeakMemory(bundle.device)
     self_paired = method.name == "dense"
     dense_net = net if self_paired else bundle.var
-    full_size = min(batch_size, samples)
-    paired = PairedRounds(timing_rounds, warmup_batches, full_size) if timing_rounds > 0 else None
+    paired = PairedRounds(timing_rounds, warmup_batches, min(batch_size, samples)) if timing_rounds > 0 else None
     watch = MachineWatch().start()
     tokens, images, laps, peaks, sizes = generate_all(net, bundle, labels, seed, sampling, batch_size, timer=timer,
                                                       probe=probe, paired=paired, dense_net=dense_net)
@@ -362,7 +332,7 @@ def measure(bundle, method, *, samples: int, seed: int = 0, sampling=None, batch
         extra_timing += 1
     method_extras = dict(method.row_metrics(net, bundle) or {})   # statistics of the N samples (+ repeats)
     n_all = sum(sizes)
-    ana_all = [m / n_all for m in analytic_per_scale(method, net, bundle, n_all)]
+    macs_all = [m / n_all for m in analytic_per_scale(method, net, bundle, n_all)]
     if paired is not None:   # rounds the N samples did not provide; after the statistics were read
         rounds_before = len(paired.done)
         finish_rounds(paired, net, dense_net, bundle, labels, seed, sampling, batch_size, timer)
@@ -370,35 +340,37 @@ def measure(bundle, method, *, samples: int, seed: int = 0, sampling=None, batch
     machine = watch.stop()
     if extra_timing:
         logger.info(f"timing: {extra_timing} extra batch(es) for timing (outputs discarded)")
-    timing = summarize(laps, sizes, warmup_batches, S)
-    mem = [p for p in peaks if p is not None]
-    dense_macs = sum(s.total for s in dense_scale_macs(bundle.var.cfg, 1))
-    macs_ratio = sum(ana_all) / dense_macs if dense_macs else None
-    pairing: Dict[str, Any] = dict(speedup=None, timing_rounds=0)
+    t = summarize(laps, sizes, warmup_batches, S)
+    timing = TimingRecord(time_median_s=t["time_median_s"], time_p10_s=t["time_p10_s"], time_p90_s=t["time_p90_s"],
+                          time_per_scale_median_s=t["time_per_scale_median_s"],
+                          time_decode_median_s=t["time_decode_median_s"], images_per_s=t["images_per_s"],
+                          timing_batches=t["timing_batches"], warmup_batches=warmup_batches,
+                          timing_extra_batches=extra_timing, timer=timer.kind)
+    dense_macs = sum(x.total for x in dense_scale_macs(bundle.var.cfg, 1))
+    macs_ratio = sum(macs_all) / dense_macs if dense_macs else None
+    pairing: Dict[str, Any] = dict(timing_rounds=0)
     if paired is not None:
         pairing = paired_summary(paired.done, S, machine, cuda=timer.cuda, self_paired=self_paired, seed=seed)
-    pairing.update(macs_ratio=macs_ratio,
+    pairing.update(macs_ratio=macs_ratio, timing_noisy_rule=NOISY_RULE,
                    time_flop_efficiency=time_flop_efficiency(pairing.get("speedup"), macs_ratio))
-    phase("generate", t)
-    logger.info(f"time: median {timing['time_median_s']:.4g} s/batch, {timing['images_per_s']:.4g} images/s "
-        f"({timing['timing_batches']} timed batches, {timer.kind}); peak memory "
-        f"{(max(mem) / 2**20) if mem else float('nan'):.1f} MiB ({probe.kind})")
-    if paired is not None:
-        sp = "speedup_aa" if self_paired else "speedup"
-        logger.info(f"paired timing ({len(paired.done)} ABBA rounds): {sp} {pairing[sp]:.3f} "
-            f"[{pairing[sp + '_ci_low']:.3f}, {pairing[sp + '_ci_high']:.3f}], MACs ratio {macs_ratio:.3f}"
-            + (f"; noisy: {pairing['timing_noisy_reason']}" if pairing["timing_noisy"] else ""))
+    mem = [p for p in peaks if p is not None]
+    memory = MemoryRecord(mem_peak_bytes=max(mem) if mem else None, mem_kind=probe.kind)
+    return Generated(tokens, images, macs_all, method_extras), timing, PairedTimingRecord(**pairing), memory
 
-    # -- dense outputs with the same labels and seeds (same-seed fidelity, paired quality)
-    t = time.perf_counter()
-    key = dense_cache_key(bundle, sampling, seed, samples, batch_size, device)
+
+def dense_reference(method, bundle, labels, seed: int, sampling, batch_size: int, cache_dir, gen: Generated):
+    """Dense outputs with the same labels and seeds (cached), and the same-seed fidelity against them.
+    Returns (dense uint8 images, FidelityRecord, the cache entry's path)."""
+    from bench.quality import same_seed_fidelity
+    from bench.records import FidelityRecord
+    key = dense_cache_key(bundle, sampling, seed, len(labels), batch_size, bundle.device)
     path = dense_cache_path(key, cache_dir)
     cached = load_dense_outputs(path)
     if method.name == "dense":
-        ref = cached if cached is not None else (tokens, images)
+        ref = cached if cached is not None else (gen.tokens, gen.images)
         status = "reused" if cached is not None else "stored"
         if cached is None:
-            store_dense_outputs(path, key, tokens, images)
+            store_dense_outputs(path, key, gen.tokens, gen.images)
     elif cached is not None:
         ref, status = cached, "reused"
     else:
@@ -407,60 +379,107 @@ def measure(bundle, method, *, samples: int, seed: int = 0, sampling=None, batch
         store_dense_outputs(path, key, *ref)
         status = "generated"
     logger.info(f"dense reference: {'reused cached outputs' if status == 'reused' else 'stored in the cache'} ({path})")
-    fid_ = same_seed_fidelity(tokens, ref[0], images.float().div(255), ref[1].float().div(255))
-    phase("dense_reference", t)
+    f = same_seed_fidelity(gen.tokens, ref[0], gen.images.float().div(255), ref[1].float().div(255))
+    return ref[1], FidelityRecord(dense_cache=status, **f), path
 
-    # -- quality, and quality paired with dense on the same seeds
-    t = time.perf_counter()
-    quality_cache = None if cache_dir is None else os.path.join(cache_dir, "quality")
-    q = quality_metrics(images.to(device), bundle, labels=labels[:len(images)], reference=reference,
-                        inception_weights=inception_weights, metrics=metrics, bootstrap=bootstrap, seed=seed,
-                        cache_dir=quality_cache, reference_count=reference_count, classifier=classifier,
-                        paired_images=images if self_paired else ref[1].to(device), paired_key=path)
-    phase("quality", t)
-    logger.info(f"quality: fid {q.get('fid', float('nan')):.4g} [{q.get('fid_ci_low', float('nan')):.4g}, "
-        f"{q.get('fid_ci_high', float('nan')):.4g}] vs {q.get('reference')} (reference "
-        f"{'from cache' if q.get('reference_cached') else 'computed and cached'}); paired with dense: fid_delta "
-        f"{q.get('fid_delta', float('nan')):+.4g} [{q.get('fid_delta_ci_low', float('nan')):+.4g}, "
-        f"{q.get('fid_delta_ci_high', float('nan')):+.4g}]")
 
-    # -- the row
-    cfg_json = json.dumps(method.config, sort_keys=True, default=str)
+def quality_records(q: dict):
+    """QualityRecord and PairedQualityRecord from bench.quality.quality_metrics' flat dict; the rest of its
+    quality_* keys go to the row as they are."""
+    from bench.records import PairedQualityRecord, QualityRecord
+    pick = lambda rec: rec(**{k: q.get(k) for k in rec.schema()})   # noqa: E731
+    return pick(QualityRecord), pick(PairedQualityRecord), {k: v for k, v in q.items() if k.startswith("quality_")}
+
+
+# ---------------------------------------------------------------------------------------------- the call
+def measure(bundle, method, *, samples: int, seed: int = 0, sampling=None, batch_size: int = DEFAULT_BATCH_SIZE,
+            results_dir: str = "results", reference: Optional[str] = None, inception_weights: Optional[str] = None,
+            flop_images: int = DEFAULT_FLOP_IMAGES, warmup_batches: int = 1, sweep: str = "", sweep_id: str = "",
+            trial_key: Optional[str] = None, extra: Optional[Dict[str, Any]] = None, cache_dir: Optional[str] = None,
+            metrics: Sequence[str] = QUALITY_METRICS, bootstrap: int = 100, classifier: Optional[str] = None,
+            reference_count: Optional[int] = None, timing_rounds: int = DEFAULT_TIMING_ROUNDS) -> dict:
+    """Measure `method` (a bench.registry.Method or a registered name) on `bundle`; append and return the row.
+
+    Each phase returns typed records (bench/records.py) that log themselves; the row is their columns, the
+    method's parameters (param_*) and statistics (row_metrics), then `extra` as given. With `trial_key`, the
+    stored row replaces that trial's earlier row. Raises BenchError (nothing written) on bad input."""
+    from bench.env import environment
+    from bench.quality import quality_metrics
+    from bench.records import EnvironmentRecord, MethodSetup, RunIdentity, RunSetup, RunTimes
+    from bench.registry import Method, create_method
+    from bench.results import append_row, new_run_id
+
+    t_start, started_at = time.perf_counter(), _now()
+    if not isinstance(method, Method):
+        method = create_method(str(method))
+    sampling = sampling or bundle.sampling
+    samples, seed, batch_size, flop_images, warmup_batches, qcheck = validate(
+        bundle, method, samples=samples, seed=seed, sampling=sampling, batch_size=batch_size,
+        flop_images=flop_images, warmup_batches=warmup_batches, results_dir=results_dir, reference=reference,
+        inception_weights=inception_weights, metrics=metrics, cache_dir=cache_dir, classifier=classifier,
+        reference_count=reference_count)
+    timing_rounds = _check_int("timing rounds", timing_rounds, 0)
+    device = bundle.device
+    phases: Dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def phase(name):
+        t = time.perf_counter()
+        yield
+        phases[name] = round(phases.get(name, 0.0) + time.perf_counter() - t, 4)
+
+    logger.info(f"measure {method.label} on {bundle.name} ({bundle.model_id}): {samples} samples, batch "
+                f"{batch_size}, seed {seed}, {device}, {torch.get_num_threads()} threads")
+    for note in qcheck.get("notes", []):
+        logger.info(f"quality: {note}")
+    with phase("build"):
+        net = method.build(bundle)
+        if isinstance(net, torch.nn.Module):
+            net.eval()
+    labels = sample_labels(samples, bundle.num_classes)
+    with phase("flops"):
+        flops = count_flops(method, net, bundle, labels, seed, sampling, flop_images)
+        flops.log()
+    with phase("generate"):
+        gen, timing, paired, memory = generate_and_time(method, net, bundle, labels, seed, sampling, batch_size,
+                                                        warmup_batches, timing_rounds)
+        flops.macs_analytic_all, flops.macs_analytic_all_per_scale = sum(gen.macs_all_per_scale), gen.macs_all_per_scale
+        for rec in (timing, memory, paired):
+            rec.log()
+    with phase("dense_reference"):
+        dense_images, fidelity, dense_path = dense_reference(method, bundle, labels, seed, sampling, batch_size,
+                                                             cache_dir, gen)
+    with phase("quality"):
+        q = quality_metrics(gen.images.to(device), bundle, labels=labels[:len(gen.images)], reference=reference,
+                            inception_weights=inception_weights, metrics=metrics, bootstrap=bootstrap, seed=seed,
+                            cache_dir=None if cache_dir is None else os.path.join(cache_dir, "quality"),
+                            reference_count=reference_count, classifier=classifier,
+                            paired_images=(gen.images if method.name == "dense" else dense_images).to(device),
+                            paired_key=dense_path)
+        quality, paired_quality, quality_extras = quality_records(q)
+        quality.log()
+        paired_quality.log()
+
+    identity = RunIdentity(run_id=new_run_id(), sweep=sweep or "", sweep_id=sweep_id or "", trial_key=trial_key or "")
+    setup = MethodSetup(method=method.name, method_kind=method.kind, method_label=method.label,
+                        method_config=json.dumps(method.config, sort_keys=True, default=str))
     params = {f"param_{k}": (json.dumps(v) if isinstance(v, (list, tuple, dict)) else v)
               for k, v in method.config.items()}
-    row: Dict[str, Any] = dict(
-        run_id=new_run_id(), sweep=sweep or "", sweep_id=sweep_id or "", trial_key=trial_key or "",
-        method=method.name, method_kind=method.kind, method_label=method.label, method_config=cfg_json, **params,
-        model=bundle.name, model_id=bundle.model_id, model_depth=int(bundle.var.cfg.depth),
-        model_source=bundle.source, samples=samples, seed=seed, seed_scheme=SEED_SCHEME, batch_size=batch_size,
-        cfg=float(sampling.cfg), top_k=int(sampling.top_k), top_p=float(sampling.top_p),
-        more_smooth=bool(sampling.more_smooth), device=str(device),
-        **{k: flops.get(k) for k in ("macs_fvcore", "macs_fvcore_per_scale", "macs_decoder", "macs_total",
-                                     "macs_analytic", "macs_analytic_per_scale", "macs_fvcore_over_analytic")},
-        macs_analytic_all=sum(ana_all), macs_analytic_all_per_scale=ana_all,
-        macs_uncounted_ops=flops.get("macs_uncounted_ops"), macs_dynamic_ops=flops.get("macs_dynamic_ops"),
-        flop_images=flop_images,
-        time_median_s=timing["time_median_s"], time_p10_s=timing["time_p10_s"], time_p90_s=timing["time_p90_s"],
-        time_per_scale_median_s=timing["time_per_scale_median_s"], time_decode_median_s=timing["time_decode_median_s"],
-        images_per_s=timing["images_per_s"], timing_batches=timing["timing_batches"], warmup_batches=warmup_batches,
-        timing_extra_batches=extra_timing, timer=timer.kind, **pairing, timing_noisy_rule=NOISY_RULE,
-        mem_peak_bytes=max(mem) if mem else None, mem_kind=probe.kind,
-        **{k: q.get(k) for k in ("fid", "fid_ci_low", "fid_ci_high", "isc_mean", "isc_std", "precision", "recall",
-                                 "kid_mean", "kid_std", "extractor", "reference", "reference_count",
-                                 "reference_cached")},
-        **{k: v for k, v in q.items() if k.startswith("quality_")},
-        **{k: v for k, v in q.items() if k.startswith(PAIRED_QUALITY_PREFIXES)},
-        fidelity_token_agreement=fid_["fidelity_token_agreement"],
-        fidelity_token_agreement_per_scale=fid_["fidelity_token_agreement_per_scale"],
-        fidelity_psnr_db=fid_["fidelity_psnr_db"], dense_cache=status,
-        **environment(device),
-    )
-    for k, v in method_extras.items():
+    run = RunSetup(model=bundle.name, model_id=bundle.model_id, model_depth=int(bundle.var.cfg.depth),
+                   model_source=bundle.source, samples=samples, seed=seed, seed_scheme=SEED_SCHEME,
+                   batch_size=batch_size, cfg=float(sampling.cfg), top_k=int(sampling.top_k),
+                   top_p=float(sampling.top_p), more_smooth=bool(sampling.more_smooth), device=str(device))
+    row: Dict[str, Any] = {**identity.row(), **setup.row(), **params}
+    for rec in (run, flops, timing, paired, memory, quality, paired_quality, fidelity,
+                EnvironmentRecord(**environment(device))):
+        row.update(rec.row())
+    row.update(quality_extras)
+    for k, v in gen.method_extras.items():
         row[f"method_{k}" if k in row else k] = v  # a method cannot overwrite a harness column
     for k, v in (extra or {}).items():
         row[k] = v
-    row.update(started_at=started_at, finished_at=_now(), wall_s=round(time.perf_counter() - t_start, 4))
-    row["phase_s"] = json.dumps(phases)
+    row.update(RunTimes(started_at=started_at, finished_at=_now(), wall_s=round(time.perf_counter() - t_start, 4),
+                        phase_s=json.dumps(phases)).row())
     path = append_row(results_dir, row)
     logger.info(f"row {row['run_id']} -> {path} ({row['wall_s']:.1f} s)")
     return row

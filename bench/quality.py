@@ -46,7 +46,6 @@ PRC_NEIGHBORHOOD = 3                       # k of the k-NN manifold (Kynkäänni
 PSNR_CAP_DB = 100.0                        # PSNR of identical images (infinite) is reported as this value
 CACHE_VERSION = 1                          # bump when the extraction or the cached content changes
 IMAGE_EXTS = "png,jpg,jpeg,bmp,webp"
-PAIRED_QUALITY_PREFIXES = ("fid_delta", "precision_delta", "recall_delta", "isc_delta")
 FID_DELTA_TARGET = 0.01                    # the sample-size guidance: ΔFID interval half-width at 1% of dense FID
 
 

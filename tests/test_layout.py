@@ -32,3 +32,21 @@ def test_library_never_imports_the_cli():
                 offenders += [f"{os.path.relpath(path, ROOT)}: {m}" for m in _imports(path)
                               if m.startswith(CLI)]
     assert not offenders, offenders
+
+
+def test_schema_is_generated_from_the_typed_records():
+    """results.SCHEMA is not kept in sync by hand: it is the records' fields, in row order."""
+    from dataclasses import fields
+    from bench.records import PARAM_COLUMN, RECORDS, FlopsRecord, PairedTimingRecord
+    from bench.results import NULLABLE, SCHEMA
+    expected = []
+    for rec in RECORDS:
+        expected += [f.name for f in fields(rec)]
+        if rec.__name__ == "MethodSetup":
+            expected.append(PARAM_COLUMN[0])
+    assert list(SCHEMA) == expected and len(SCHEMA) == len(set(SCHEMA))
+    assert set(NULLABLE) <= set(SCHEMA) and "time_flop_efficiency" in NULLABLE
+    assert SCHEMA["speedup"][0] == "float64" and "t_dense / t_method" in SCHEMA["speedup"][1]
+    assert "GMACs/image" in FlopsRecord(macs_fvcore=2e9, macs_analytic=2e9, macs_fvcore_over_analytic=1.0,
+                                        macs_decoder=1e9, flop_images=1).summary()
+    assert PairedTimingRecord(timing_rounds=0).summary() == "paired timing: off (timing_rounds 0)"
