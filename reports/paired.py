@@ -16,9 +16,12 @@ STATUS_STYLE = {  # status -> (filled, alpha, legend text)
 }
 
 
-def _need_paired(ctx: Context):
+def _paired(ctx: Context):
+    """(rows, speedup intervals, ΔFID intervals, resolution status) of the context; Skip without paired columns."""
     if not D.has_paired(ctx.df):
         raise Skip("no paired columns (speedup, fid_delta): rows from before paired measurement")
+    sp, dq = D.paired_intervals(ctx.df)
+    return ctx.df, sp, dq, D.resolution(ctx.df)
 
 
 def _caption_rule(ctx: Context) -> str:
@@ -28,10 +31,7 @@ def _caption_rule(ctx: Context) -> str:
 @register_report("paired", "speedup vs ΔFID against dense, paired, with what is resolved (headline)",
                  order=10, overview=True)
 def paired_tradeoff(ctx: Context) -> List[str]:
-    _need_paired(ctx)
-    df = ctx.df
-    sp, dq = D.paired_intervals(df)
-    status = D.resolution(df)
+    df, sp, dq, status = _paired(ctx)
     keys = [(k[0], "", "") for k in D.series_keys(df)] if ctx.by_method else D.series_keys(df)
     order = list(dict.fromkeys(keys))
     aa = list(zip(D.col(df, "speedup_aa_ci_low"), D.col(df, "speedup_aa_ci_high")))
@@ -80,10 +80,7 @@ def paired_tradeoff(ctx: Context) -> List[str]:
 @register_report("paired_table", "every point in paired terms: speedup, ΔFID, intervals, status",
                  order=20, overview=True)
 def paired_table(ctx: Context) -> List[str]:
-    _need_paired(ctx)
-    df = ctx.df
-    sp, dq = D.paired_intervals(df)
-    status = D.resolution(df)
+    df, sp, dq, status = _paired(ctx)
     labels, methods = D.col(df, "method_label"), D.col(df, "method")
     ratio, eff = D.col(df, "macs_ratio"), D.col(df, "time_flop_efficiency")
     pct, need, noisy = D.col(df, "fid_delta_pct"), D.col(df, "fid_delta_samples_for_1pct"), D.col(df, "timing_noisy")
