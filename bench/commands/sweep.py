@@ -1,7 +1,6 @@
 """`python -m bench sweep NAME`: run a sweep (sweeps/NAME.yaml) as a Ray Tune grid, one results row per trial."""
 from __future__ import annotations
 
-import os
 import time
 
 from bench.errors import BenchError
@@ -15,7 +14,8 @@ def register(sub):
         description="Run a sweep: every point of the YAML grid is one Ray Tune trial that measures the method "
                     "(bench.measure) and appends one row to the results store. Ray starts locally by default. "
                     "By default each trial gets a whole machine and trials run one at a time, because concurrent "
-                    "trials on one machine would distort each other's timings. Schema and trial keys: bench/sweep.py.")
+                    "trials on one machine would distort each other's timings. "
+                    "Schema and trial keys: bench/sweep/spec.py.")
     p.add_argument("name", nargs="?", help="sweep name (see --list) or a path to a .yaml file")
     p.add_argument("--list", action="store_true", help="list the shipped sweeps and exit")
     p.add_argument("--quick", action="store_true", help="the smoke-sized form the YAML declares (few points/samples)")
@@ -62,41 +62,6 @@ def print_list():
     return 0
 
 
-def _absolutize(spec: dict) -> None:
-    """Paths in the spec are relative to where the command runs; trials may run elsewhere (Ray workers)."""
-    for sect, key in (("measure", "classifier"), ("measure", "inception_weights"), ("measure", "cache_dir")):
-        v = spec[sect].get(key)
-        if isinstance(v, str) and v:
-            spec[sect][key] = os.path.abspath(v)
-    r = spec.get("reference")
-    if isinstance(r, str) and os.path.exists(r):
-        spec["reference"] = os.path.abspath(r)
-    for m in spec["models"]:
-        if isinstance(m, dict):
-            for k in ("var_ckpt", "vae_ckpt"):
-                if m.get(k):
-                    m[k] = os.path.abspath(m[k])
-
-
-def latest_sweep_id_in_rows(results: str, spec: dict):
-    """The latest invocation of this sweep found in the rows themselves, if its rows match the settings."""
-    import os
-    from bench.results import load_results
-    if not os.path.isdir(results):
-        return None
-    df = load_results(results, sweep=spec["name"])
-    if df.empty or "sweep_id" not in df.columns:
-        return None
-    last = df.sort_values("started_at").iloc[-1]
-    rows = df[df["sweep_id"] == last["sweep_id"]]
-    for col in ("samples", "seed", "batch_size"):
-        if set(rows[col].dropna().astype(int)) - {int(spec[col])}:
-            raise BenchError(f"--resume: sweep {last['sweep_id']} (rows only, no manifest) has {col}="
-                             f"{sorted(set(rows[col].dropna().astype(int)))}, not {spec[col]}; give the same "
-                             f"--quick/--set, or start a new sweep without --resume")
-    return str(last["sweep_id"])
-
-
 def run(a):
     from bench import sweep as S
     from bench.results import check_results_dir
@@ -117,42 +82,14 @@ def run(a):
     if a.device:
         sets.append(f"device={a.device}")
     spec = S.load_spec(a.name, quick=a.quick, sets=sets)
-    _absolutize(spec)
+    S.absolutize_paths(spec)
     check_results_dir(a.results)
     address = S.check_address(a.address) if a.address is not None else None
-
-    # -- which sweep invocation: a new one, or the latest of this name (--resume)
-    sweep_id, resumed, m_models = None, False, None
-    if a.resume:
-        previous = S.read_manifests(a.results, spec["name"])
-        if previous:
-            m = previous[-1]
-            if (a.quick or sets) and S.spec_fingerprint(spec) != S.spec_fingerprint(m["spec"]):
-                raise BenchError(f"--resume: sweep {m['sweep_id']} was run with other settings "
-                                 f"(quick={m['spec'].get('quick_applied')}, set={m['spec'].get('sets')}); resume "
-                                 f"it without --quick/--set, or start a new sweep without --resume")
-            spec, sweep_id, resumed = m["spec"], m["sweep_id"], True
-            trials = [S.Trial(**{k: v for k, v in t.items() if k != "key"}) for t in m["trials"]]
-            m_models = m["models"]
-        else:
-            sweep_id = latest_sweep_id_in_rows(a.results, spec)
-            if sweep_id:   # rows without their manifest (e.g. a copied store): the current settings must match
-                resumed = True
-                trials = S.expand(spec)
-                print(f"no manifest of {sweep_id} in {a.results}; resuming it with the current settings")
-            else:
-                print(f"no earlier {spec['name']} sweep in {a.results}; starting a new one")
-    if not resumed:
-        trials = S.expand(spec)
-        sweep_id = S.new_sweep_id(spec["name"])
-    S.import_modules(spec["modules"])
-    models = S.validate_trials(spec, trials)
-    if resumed:
-        for k, info in models.items():
-            before = (m_models if m_models is not None else {}).get(k, {}).get("model_id")
-            if before and info.get("model_id") and before != info["model_id"]:
-                raise BenchError(f"--resume: model {k} changed since sweep {sweep_id} started ({before} -> "
-                                 f"{info['model_id']}); start a new sweep without --resume")
+    invocation = S.resolve_invocation(spec, a.results, a.resume, quick=a.quick, sets=sets)
+    if invocation.note:
+        print(invocation.note)
+    spec, trials, sweep_id, resumed = invocation.spec, invocation.trials, invocation.sweep_id, invocation.resumed
+    models = S.validate_invocation(invocation)
     pending = S.plan(spec, trials, sweep_id, a.results)
     quick = " (quick form)" if spec.get("quick_applied") else ""
     print(f"sweep {spec['name']}{quick}: {sweep_id}{' (resumed)' if resumed else ''}: {len(trials)} trials, "
@@ -162,7 +99,7 @@ def run(a):
         for t in trials:
             state = "to run" if t in pending else "has a row"
             extra = f"  params from {t.parent}: {t.from_parent}" if t.parent else ""
-            print(f"  {t.key(sweep_id)}  [{state}]  {t.method} {S._value_text(t.params)}{extra}")
+            print(f"  {t.key(sweep_id)}  [{state}]  {t.method} {S.value_text(t.params)}{extra}")
         return 0
     if not pending:
         print(f"sweep {sweep_id} is complete ({len(trials)}/{len(trials)} rows); nothing to do")
@@ -176,8 +113,7 @@ def run(a):
         print(f"ray {info['version']} {info['address']}: {info['nodes']} node(s), {info['num_cpus']:g} CPUs "
               f"(started in {info['start_s']:.1f} s); {cpus:g} CPU(s){f', {gpus:g} GPU(s)' if gpus else ''} per "
               f"trial, {a.concurrent} at a time")
-        if not resumed or m_models is None:   # new, or resumed from rows alone: record it now
-            S.write_manifest(a.results, S.manifest_for(spec, trials, sweep_id, models))
+        S.ensure_manifest(a.results, invocation, models)
         runner = S.SweepRunner(spec, trials, sweep_id, a.results, info, cpus, gpus, a.concurrent, verbose,
                                status_every_s=a.status_every)
         ran, bad = runner.run()

@@ -1,0 +1,169 @@
+"""The sweep store and resume: each invocation's manifest (`<results>/sweeps/<sweep_id>.json`) and rows, and
+which invocation a run is: a new one, or the one `--resume` continues."""
+from __future__ import annotations
+
+import datetime
+import hashlib
+import json
+import os
+import secrets
+from dataclasses import asdict, dataclass
+from typing import Dict, List, Optional, Sequence
+
+from bench.errors import BenchError
+from bench.log import get_logger
+from bench.sweep.spec import import_modules
+from bench.sweep.trials import Trial, expand, validate_trials
+
+logger = get_logger(__package__)    # var_bench.sweep: one logger for the whole package
+
+MANIFEST_DIR = "sweeps"           # under the results directory, next to rows/
+SPEC_VERSION = 1
+
+
+def manifest_dir(results_dir: str) -> str:
+    return os.path.join(results_dir, MANIFEST_DIR)
+
+
+def new_sweep_id(name: str) -> str:
+    """A new invocation's id: `<sweep>-<UTC time>-<4 hex>`."""
+    ts = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%S")
+    return f"{name}-{ts}-{secrets.token_hex(2)}"
+
+
+def write_manifest(results_dir: str, manifest: dict) -> str:
+    from bench.atomic import atomic_write_text
+    d = manifest_dir(results_dir)
+    os.makedirs(d, exist_ok=True)
+    path = os.path.join(d, manifest["sweep_id"] + ".json")
+    atomic_write_text(path, json.dumps(manifest, indent=1, sort_keys=True, default=str))
+    return path
+
+
+def read_manifests(results_dir: str, name: Optional[str] = None) -> List[dict]:
+    """Sweep manifests of the store, oldest first (by creation time)."""
+    d = manifest_dir(results_dir)
+    out = []
+    if os.path.isdir(d):
+        for f in sorted(os.listdir(d)):
+            if f.endswith(".json") and not f.startswith("."):
+                try:
+                    with open(os.path.join(d, f)) as fh:
+                        m = json.load(fh)
+                except (OSError, ValueError) as e:
+                    logger.warning(f"skipping unreadable sweep manifest {f}: {e}")
+                    continue
+                if name is None or m.get("sweep") == name:
+                    out.append(m)
+    return sorted(out, key=lambda m: (m.get("created_at", ""), m.get("sweep_id", "")))
+
+
+def stored_rows(results_dir: str, sweep_id: str):
+    """{trial_key: row dict} of a sweep invocation."""
+    from bench.results import load_results
+    if not os.path.isdir(results_dir):
+        return {}
+    df = load_results(results_dir)
+    if df.empty or "sweep_id" not in df.columns:
+        return {}
+    df = df[df["sweep_id"] == sweep_id]
+    return {r["trial_key"]: r for r in df.to_dict("records")}
+
+
+def plan(spec: dict, trials: List[Trial], sweep_id: str, results_dir: str) -> List[Trial]:
+    rows = stored_rows(results_dir, sweep_id)
+    return [t for t in trials if t.key(sweep_id) not in rows]
+
+
+def manifest_for(spec: dict, trials: List[Trial], sweep_id: str, models: Dict[str, dict]) -> dict:
+    return dict(version=SPEC_VERSION, sweep=spec["name"], sweep_id=sweep_id,
+                created_at=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                spec={k: v for k, v in spec.items()}, models=models,
+                trials=[dict(asdict(t), key=t.key(sweep_id)) for t in trials])
+
+
+def spec_fingerprint(spec: dict) -> str:
+    """What makes two invocations the same sweep (not description or where the file lives)."""
+    keep = {k: spec[k] for k in ("models", "device", "samples", "batch_size", "seed", "sampling", "reference",
+                                 "measure", "modules", "points")}
+    return hashlib.sha256(json.dumps(keep, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+# ================================================================================================ resume
+def latest_sweep_id_in_rows(results: str, spec: dict):
+    """The latest invocation of this sweep found in the rows themselves, if its rows match the settings."""
+    from bench.results import load_results
+    if not os.path.isdir(results):
+        return None
+    df = load_results(results, sweep=spec["name"])
+    if df.empty or "sweep_id" not in df.columns:
+        return None
+    last = df.sort_values("started_at").iloc[-1]
+    rows = df[df["sweep_id"] == last["sweep_id"]]
+    for col in ("samples", "seed", "batch_size"):
+        if set(rows[col].dropna().astype(int)) - {int(spec[col])}:
+            raise BenchError(f"--resume: sweep {last['sweep_id']} (rows only, no manifest) has {col}="
+                             f"{sorted(set(rows[col].dropna().astype(int)))}, not {spec[col]}; give the same "
+                             f"--quick/--set, or start a new sweep without --resume")
+    return str(last["sweep_id"])
+
+
+@dataclass
+class Invocation:
+    """One run of a sweep: a new invocation, or the earlier one that --resume continues."""
+    spec: dict
+    trials: List[Trial]
+    sweep_id: str
+    resumed: bool = False
+    models_before: Optional[Dict[str, dict]] = None   # the models its manifest recorded; None: no manifest yet
+    note: str = ""                                     # how --resume decided, for the user
+
+    @property
+    def needs_manifest(self) -> bool:
+        return self.models_before is None
+
+
+def resolve_invocation(spec: dict, results_dir: str, resume: bool, quick: bool = False,
+                       sets: Sequence[str] = ()) -> Invocation:
+    """Without resume a new invocation of `spec`. With it the latest invocation of this sweep in the store: from its
+    manifest (its own spec and trials; refused if --quick/--set give other settings), else from its rows alone
+    (the current settings must match them), else a new one."""
+    note = ""
+    if resume:
+        previous = read_manifests(results_dir, spec["name"])
+        if previous:
+            m = previous[-1]
+            if (quick or sets) and spec_fingerprint(spec) != spec_fingerprint(m["spec"]):
+                raise BenchError(f"--resume: sweep {m['sweep_id']} was run with other settings "
+                                 f"(quick={m['spec'].get('quick_applied')}, set={m['spec'].get('sets')}); resume "
+                                 f"it without --quick/--set, or start a new sweep without --resume")
+            trials = [Trial(**{k: v for k, v in t.items() if k != "key"}) for t in m["trials"]]
+            return Invocation(m["spec"], trials, m["sweep_id"], resumed=True, models_before=m["models"])
+        sweep_id = latest_sweep_id_in_rows(results_dir, spec)
+        if sweep_id:   # rows without their manifest (e.g. a copied store): the current settings must match
+            return Invocation(spec, expand(spec), sweep_id, resumed=True,
+                              note=f"no manifest of {sweep_id} in {results_dir}; resuming it with the current settings")
+        note = f"no earlier {spec['name']} sweep in {results_dir}; starting a new one"
+    return Invocation(spec, expand(spec), new_sweep_id(spec["name"]), note=note)
+
+
+def validate_invocation(invocation: Invocation) -> Dict[str, dict]:
+    """Every check before the first trial: the sweep's modules imported, its trials and models validated
+    (validate_trials), and for a resumed sweep the models unchanged since it started. Returns {model key: info}."""
+    spec, sweep_id = invocation.spec, invocation.sweep_id
+    import_modules(spec["modules"])
+    models = validate_trials(spec, invocation.trials)
+    if invocation.resumed:
+        for k, info in models.items():
+            before = (invocation.models_before or {}).get(k, {}).get("model_id")
+            if before and info.get("model_id") and before != info["model_id"]:
+                raise BenchError(f"--resume: model {k} changed since sweep {sweep_id} started ({before} -> "
+                                 f"{info['model_id']}); start a new sweep without --resume")
+    return models
+
+
+def ensure_manifest(results_dir: str, invocation: Invocation, models: Dict[str, dict]) -> None:
+    """Record the invocation before its first trial runs, unless it has a manifest already (a new invocation, or one
+    resumed from its rows alone, has none)."""
+    if invocation.needs_manifest:
+        write_manifest(results_dir, manifest_for(invocation.spec, invocation.trials, invocation.sweep_id, models))

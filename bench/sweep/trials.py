@@ -1,0 +1,175 @@
+"""Trial expansion: a sweep spec as its trials in run order (twins after their parents), the checks a trial
+needs before it runs (method configs, models), and what a trial takes from its model and its parent's row."""
+from __future__ import annotations
+
+import itertools
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Any, Dict, List
+
+from bench.errors import BenchError
+from bench.sweep.spec import method_params
+
+
+@dataclass
+class Trial:
+    point_id: str                     # <model>/<entry>[/<axis>=<v>,...][/<twin>]
+    model: Any                        # the spec's model entry (name or mapping)
+    entry: str
+    method: str
+    params: Dict[str, Any]            # fixed + axis values (twins: fixed only; derived ones at run time)
+    axes: Dict[str, Any] = field(default_factory=dict)
+    twin: str = ""
+    parent: str = ""                  # point_id of the trial a twin derives parameters from
+    from_parent: Dict[str, str] = field(default_factory=dict)
+    phase: int = 0
+
+    def key(self, sweep_id: str) -> str:
+        return f"{sweep_id}/{self.point_id}"
+
+
+def value_text(v) -> str:
+    """A parameter value as point ids and the dry-run listing show it."""
+    return v if isinstance(v, str) else json.dumps(v, separators=(",", ":"), sort_keys=True)
+
+
+def _axes_text(axes: Dict[str, Any]) -> str:
+    return ",".join(f"{k}={value_text(v)}" for k, v in axes.items())
+
+
+def model_key(m) -> str:
+    if isinstance(m, str):
+        return m
+    if m.get("name"):
+        return str(m["name"])
+    base = os.path.splitext(os.path.basename(str(m.get("var_ckpt", "official"))))[0]
+    return base + (f"-d{m['depth']}" if m.get("depth") else "")
+
+
+def expand(spec: dict) -> List[Trial]:
+    """The sweep's trials in run order: per model, per entry, the product of its axes; twins after parents."""
+    trials: List[Trial] = []
+    for m in spec["models"]:
+        mk = model_key(m)
+        for name, e in spec["points"].items():
+            if not e["enabled"]:
+                continue
+            if isinstance(e["grid"], list):
+                points = [dict(pt) for pt in e["grid"]]
+            else:
+                axes = list(e["grid"].items())
+                points = [{k: v for (k, _), v in zip(axes, combo)}
+                          for combo in (itertools.product(*[v for _, v in axes]) if axes else [()])]
+            for ax in points:
+                pid = f"{mk}/{name}" + (f"/{_axes_text(ax)}" if ax else "")
+                trials.append(Trial(pid, m, name, e["method"], {**e["params"], **ax}, ax))
+                for tname, t in e["twins"].items():
+                    trials.append(Trial(f"{pid}/{tname}", m, name, t["method"], dict(t["params"]), ax, tname,
+                                        pid, dict(t["from_parent"]), phase=1))
+    ids = [t.point_id for t in trials]
+    dup = sorted({i for i in ids if ids.count(i) > 1})
+    if dup:
+        raise BenchError(f"sweep {spec.get('name', '')}: two trials share the point id {dup[0]!r}; list each model once")
+    return trials
+
+
+def validate_trials(spec: dict, trials: List[Trial], models: str = "load") -> Dict[str, dict]:
+    """Every check that needs no measurement: method configs, then the models: models="load" loads embedded ones
+    and runs each method's check_model (official weights are only checked to exist), "names" checks that they are
+    available, "skip" leaves them out. Returns {model key: info}."""
+    from bench.registry import create_method
+    from bench.env import check_device
+    for t in trials:
+        try:
+            create_method(t.method, **t.params)
+        except BenchError as e:
+            raise BenchError(f"sweep {spec['name']}: point {t.point_id}: {e}") from None
+        unknown = sorted(set(t.from_parent) - set(method_params(t.method)))
+        if unknown:
+            raise BenchError(f"sweep {spec['name']}: point {t.point_id}: from_parent sets unknown parameter "
+                             f"{unknown[0]!r} of {t.method}; valid: {', '.join(method_params(t.method))}")
+    if not spec["device"].startswith("cuda"):
+        check_device(spec["device"])
+    elif spec["device"] != "cuda" and not spec["device"][5:].lstrip(":").isdigit():
+        raise BenchError(f"unknown device {spec['device']!r}; valid: cpu, cuda, cuda:N")
+    for k in ("top_k",):
+        if k in spec["sampling"] and spec["sampling"][k] is not None and spec["sampling"][k] < 0:
+            raise BenchError(f"sampling.{k} must be >= 0, got {spec['sampling'][k]}")
+    if models == "skip":
+        return {model_key(m): {} for m in spec["models"]}
+    for m in spec["models"]:          # every name first: a missing model is reported before any is loaded
+        _check_model(spec, m, [], load=False)
+    return {model_key(m): _check_model(spec, m, [t for t in trials if t.model == m], models == "load")
+            for m in spec["models"]}
+
+
+def _check_model(spec: dict, m, trials: List[Trial], load: bool) -> dict:
+    from bench.zoo import list_models, resolve_name
+    if isinstance(m, dict):
+        for k in ("var_ckpt", "vae_ckpt"):
+            if not m.get(k) or not os.path.isfile(str(m[k])):
+                raise BenchError(f"sweep {spec['name']}: model {model_key(m)}: {k} {m.get(k)!r} is not a file")
+        return dict(model_id=None, source="official")
+    try:
+        resolve_name(m)
+    except BenchError:
+        listed = ", ".join(map(str, spec["models"]))
+        raise BenchError(f"sweep {spec['name']}: model {m!r} is not available (the sweep lists {listed}); valid: "
+                         f"{', '.join(list_models())}; run the others with --set models=NAME[,NAME]") from None
+    if not load:
+        return dict(model_id=None, source="embedded")
+    bundle = load_bundle(m, "cpu")
+    from bench.registry import create_method
+    for t in trials:
+        if t.parent:   # derived parameters are unknown until the parent has run; check the rest
+            continue
+        meth = create_method(t.method, **t.params)
+        try:
+            meth.check_model(bundle)
+        except BenchError as e:
+            raise BenchError(f"sweep {spec['name']}: point {t.point_id}: {e}") from None
+    sampling = sampling_for(spec, bundle)
+    from bench.sampling import validate_sampling
+    validate_sampling(sampling, bundle.var.V)
+    return dict(model_id=bundle.model_id, source=bundle.source, depth=int(bundle.var.cfg.depth))
+
+
+_BUNDLES: Dict[str, Any] = {}
+
+
+def load_bundle(m, device: str):
+    """Model of a trial, cached per process (Ray reuses a trial's worker process for the next trial)."""
+    from bench.zoo import load_model
+    key = json.dumps([m, device], sort_keys=True)
+    if key not in _BUNDLES:
+        _BUNDLES.clear()   # one model at a time: official weights are large
+        if isinstance(m, str):
+            _BUNDLES[key] = load_model(m, device=device)
+        else:
+            _BUNDLES[key] = load_model(m.get("name", "default"), m.get("var_ckpt"), m.get("vae_ckpt"), m.get("depth"),
+                                       device, m.get("patch_nums"))
+    return _BUNDLES[key]
+
+
+def sampling_for(spec: dict, bundle):
+    from dataclasses import replace
+    s = bundle.sampling
+    over = {k: v for k, v in spec["sampling"].items() if v is not None}
+    return replace(s, **over) if over else s
+
+
+def derive_twin_params(trial: Trial, parent_row: dict) -> Dict[str, Any]:
+    """A twin's parameters: its fixed ones, and those its from_parent takes from columns of the parent's row."""
+    params = dict(trial.params)
+    for p, col in trial.from_parent.items():
+        if col not in parent_row:
+            raise BenchError(f"twin {trial.point_id}: the parent's row has no column {col!r}")
+        from bench.results import json_value
+        v = json_value(parent_row[col])
+        if isinstance(v, float) and v != v:
+            v = None
+        if v is None and not col.startswith("param_"):   # a parameter may be null (its default); a metric not
+            raise BenchError(f"twin {trial.point_id}: the parent's {col} is empty")
+        params[p] = v
+    return params
