@@ -163,6 +163,7 @@ def _rows(results):
     return load_results(results)
 
 
+@pytest.mark.slow
 def test_killed_sweep_resumes_to_the_full_grid_without_duplicates(tiny_sweep, tmp_path):
     yaml_path, env = tiny_sweep
     res = tmp_path / "res"
@@ -275,6 +276,7 @@ def ray_head(tmp_path_factory):
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["gcs", "client"])
 def test_sweep_on_a_ray_cluster(ray_head, tiny_sweep, tmp_path, kind):
     """HOST:PORT joins the cluster as a driver; ray://HOST:PORT goes through Ray Client, where the Tune loop runs on

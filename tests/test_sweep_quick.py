@@ -10,6 +10,8 @@ import pytest
 
 from tests.conftest import run_cli
 
+pytestmark = pytest.mark.slow    # each run takes 15-30 s (minutes on a busy 2-core machine)
+
 SHIPPED = ["tau", "activation", "scales", "experts", "depth"]
 
 
