@@ -109,7 +109,8 @@ def test_cli_bad_input_one_line_exit_2_nothing_written(tmp_path, capsys):
     cases = [("sweep", "nope"), ("sweep", "tau", "--set", "nope=1"), ("sweep", "tau", "--set", "samples=x"),
              ("sweep", "tau", "--address", "127.0.0.1:1"), ("sweep", "tau", "--address", "nohostport"),
              ("sweep", "depth", "--set", "models=tiny,shapes-d99"), ("sweep", "tau", "--cpus-per-trial", "-1"),
-             ("sweep", "tau", "--quick", "--set", "points.dmoe.params.expert_size=0")]
+             ("sweep", "tau", "--quick", "--set", "points.dmoe.params.expert_size=0"),
+             ("sweep", "tau", "--set", "measure.timing_rounds=-1"), ("sweep", "tau", "--set", "measure.bootstrap=-2")]
     for args in cases:
         code, out, err = _cli(capsys, *args, "--results", res)
         err = err.strip()

@@ -69,8 +69,9 @@ TOP_DEFAULTS: Dict[str, Any] = dict(description="", figure="", models=["default"
                                     points={}, quick={})
 SAMPLING_KEYS = {"cfg": float, "top_k": int, "top_p": float, "more_smooth": bool}
 # measure() options a sweep may set (bench/measure.py); types for validation of --set values
-MEASURE_KEYS = {"flop_images": int, "warmup_batches": int, "timing_rounds": int, "metrics": list, "bootstrap": int, "classifier": str,
-                "reference_count": int, "inception_weights": str, "cache_dir": str}
+MEASURE_KEYS = {"flop_images": int, "warmup_batches": int, "timing_rounds": int, "metrics": list, "bootstrap": int,
+                "classifier": str, "reference_count": int, "inception_weights": str, "cache_dir": str}
+MEASURE_MINIMA = {"flop_images": 0, "warmup_batches": 0, "timing_rounds": 0, "bootstrap": 0, "reference_count": 1}
 ENTRY_KEYS = ("method", "params", "grid", "twins", "enabled")
 TWIN_KEYS = ("method", "params", "from_parent")
 MODEL_KEYS = ("name", "var_ckpt", "vae_ckpt", "depth", "patch_nums")
@@ -172,6 +173,9 @@ def normalize(raw: dict, where: str) -> dict:
             if keys[k] is list and isinstance(v, str):
                 v = [x.strip() for x in v.split(",") if x.strip()]
             spec[sect][k] = _check_type(f"{where}: {sect}.{k}", v, keys[k], nullable=True)
+            low = MEASURE_MINIMA.get(k) if sect == "measure" else None
+            if low is not None and spec[sect][k] is not None and spec[sect][k] < low:
+                raise BenchError(f"{where}: {sect}.{k} must be >= {low}, got {spec[sect][k]}")
     spec["modules"] = _check_type(f"{where}: modules", spec["modules"] or [], list)
     spec["quick"] = _check_type(f"{where}: quick", spec["quick"] or {}, dict)
     points = _check_type(f"{where}: points", spec["points"], dict)
