@@ -236,27 +236,13 @@ def finish_rounds(paired, net, dense_net, bundle, labels, seed, sampling, batch_
 
 
 def time_paired(method, net, bundle, labels, seed: int, sampling, batch_size: int, rounds: int = DEFAULT_TIMING_ROUNDS,
-                warmup_batches: int = 1, self_paired: bool = False) -> dict:
-    """The paired timing of measure() alone (no FLOPs, quality or row): `net` (method.build's) against the
-    bundle's dense VAR on
-    the N = len(labels) samples. Returns paired_summary's columns, with the method's statistics over the N samples
-    in `macs_ratio` and its absolute median batch time in `time_median_s`."""
-    from bench.analytic import dense_scale_macs
-    from bench.timing import BatchTimer, MachineWatch, PairedRounds, paired_summary, summarize
-    timer = BatchTimer(bundle.device)
-    dense_net = net if self_paired else bundle.var
-    paired = PairedRounds(rounds, warmup_batches, min(batch_size, len(labels)))
-    watch = MachineWatch().start()
-    reset_stats(net)
-    _, _, laps, _, sizes = generate_all(net, bundle, labels, seed, sampling, batch_size, timer=timer,
-                                        paired=paired, dense_net=dense_net, what="paired timing")
-    S = len(bundle.var.patch_nums)
-    macs = sum(analytic_per_scale(method, net, bundle, sum(sizes)))
-    finish_rounds(paired, net, dense_net, bundle, labels, seed, sampling, batch_size, timer)
-    out = paired_summary(paired.done, S, watch.stop(), cuda=timer.cuda, self_paired=self_paired, seed=seed)
-    dense = sum(s.total for s in dense_scale_macs(bundle.var.cfg, sum(sizes)))
-    out.update(macs_ratio=macs / dense, time_median_s=summarize(laps, sizes, warmup_batches, S)["time_median_s"])
-    return out
+                warmup_batches: int = 1) -> dict:
+    """The paired timing of measure() alone (no FLOPs, quality or row): the generation phase of `net`
+    (method.build's) on the N = len(labels) samples. Returns the PairedTimingRecord's columns (with the method's
+    statistics in `macs_ratio`) and the absolute median batch time in `time_median_s`."""
+    _, timing, paired, _ = generate_and_time(method, net, bundle, labels, seed, sampling, batch_size, warmup_batches,
+                                             rounds)
+    return dict(paired.row(), time_median_s=timing.time_median_s)
 
 
 def analytic_per_scale(method, net, bundle, batch: int) -> List[float]:

@@ -97,8 +97,7 @@ def run(a):
     def one_pass(label):
         out = {}
         for name, m in points.items():
-            r = time_paired(m, nets[name], bundle, labels, a.seed, sampling, a.batch_size, a.rounds,
-                            self_paired=m.name == "dense")
+            r = time_paired(m, nets[name], bundle, labels, a.seed, sampling, a.batch_size, a.rounds)
             out[name] = point_result(r, m.name == "dense")
             p = out[name]
             print(f"  [{label}] {name}: speedup {p['speedup']:.3f} [{p['speedup_ci_low']:.3f}, "
