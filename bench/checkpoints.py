@@ -6,9 +6,12 @@ refuses arbitrary objects. Mismatches are reported in one line: missing keys, un
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
-from typing import Dict, Mapping
+import re
+import warnings
+from typing import Dict, Mapping, Optional
 
 import torch
 import torch.nn as nn
@@ -17,20 +20,59 @@ from bench.atomic import atomic_path
 from bench.errors import BenchError
 
 _WRAPPER_KEYS = ("state_dict", "model", "var_wo_ddp", "module")
+MASK_BUFFERS = ("attn_bias_for_masking",)
 
 
-def read_state_dict(path: str, what: str = "checkpoint") -> Dict[str, torch.Tensor]:
-    if not path or not os.path.isfile(path):
+def _unreadable(path: str, what: str, err: Exception, size: Optional[int] = None) -> BenchError:
+    """Our own one-line words for why a weights file could not be read (torch's text is long and suggests
+    `weights_only=False`, which we never do)."""
+    text = str(err)
+    if (os.path.getsize(path) if size is None else size) == 0:
+        why = "the file is empty (0 bytes)"
+    elif "Unsupported global" in text:
+        name = re.search(r"GLOBAL ([\w.]+)", text)
+        why = (f"it contains pickled Python objects{' (' + name.group(1) + ')' if name else ''}, not only tensors; "
+               "refused without running them. Re-save it as a state dict of tensors or as .safetensors")
+    elif isinstance(err, (EOFError,)) or "central directory" in text or "truncated" in text or "too small" in text:
+        why = "the file is truncated or corrupt"
+    else:
+        why = "the file is corrupt or not a PyTorch/safetensors weights file"
+    return BenchError(f"cannot read {what} {path}: {why}")
+
+
+def load_tensors(path: str, what: str = "checkpoint", data: Optional[bytes] = None):
+    """The file's tensors (safetensors, or torch.load with weights_only=True: no pickled code ever runs).
+    `data`: the file's bytes, already read (then the path only names it and picks the format)."""
+    if data is None and (not path or not os.path.isfile(path)):
         raise BenchError(f"{what} not found: {path}")
     try:
         if path.endswith(".safetensors"):
-            from safetensors.torch import load_file
-            sd = load_file(path, device="cpu")
-        else:
-            sd = torch.load(path, map_location="cpu", weights_only=True)
+            from safetensors.torch import load, load_file
+            return load_file(path, device="cpu") if data is None else load(data)
+        with warnings.catch_warnings():  # torch warns about pickle protocols before refusing; our line says it
+            warnings.simplefilter("ignore")
+            return torch.load(path if data is None else io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as e:  # corrupt, truncated, or containing pickled objects that weights_only refuses
-        reason = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
-        raise BenchError(f"cannot read {what} {path}: {reason}") from None
+        raise _unreadable(path, what, e, None if data is None else len(data)) from None
+
+
+def check_finite(sd: Mapping[str, torch.Tensor], what: str) -> None:
+    """Refuse weights holding NaN/Inf: they would crash sampling or silently decode black images."""
+    def ok(k, v):
+        if not v.is_floating_point():
+            return True
+        if k.endswith(MASK_BUFFERS):  # an additive attention mask is -inf where masked, by design
+            return not bool((v.isnan() | (v == float("inf"))).any())
+        return bool(torch.isfinite(v).all())
+    bad = [k for k, v in sd.items() if not ok(k, v)]
+    if bad:
+        raise BenchError(f"{what} contains non-finite values (NaN or Inf) in {len(bad)} tensor(s): {_short(bad)}; "
+                         "refusing to use it")
+
+
+def read_state_dict(path: str, what: str = "checkpoint", data: Optional[bytes] = None) -> Dict[str, torch.Tensor]:
+    """A state dict of finite tensors from a weights file (or from its bytes `data`), never running pickled code."""
+    sd = load_tensors(path, what, data)
     for key in _WRAPPER_KEYS:  # training checkpoints nest the weights one level down
         if isinstance(sd, Mapping) and key in sd and isinstance(sd[key], Mapping):
             sd = sd[key]
@@ -38,6 +80,7 @@ def read_state_dict(path: str, what: str = "checkpoint") -> Dict[str, torch.Tens
         sd = sd["trainer"].get("var_wo_ddp", sd)
     if not isinstance(sd, Mapping) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
         raise BenchError(f"cannot read {what} {path}: not a state dict of tensors")
+    check_finite(sd, f"{what} {path}")
     return dict(sd)
 
 

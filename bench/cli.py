@@ -59,6 +59,8 @@ def main(argv=None):
     try:
         rc = args.func(args)
     except BenchError as e:
+        if getattr(e, "row_json", None):   # a finished measurement that could not be stored: never lose it
+            print(e.row_json, flush=True)
         print(f"error: {e}", file=sys.stderr)
         sys.exit(e.exit_code)
     except KeyboardInterrupt:

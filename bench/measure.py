@@ -34,7 +34,7 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 
-from bench.errors import BenchError
+from bench.errors import BenchError, RowNotStored
 from bench.log import get_logger
 
 logger = get_logger(__name__)
@@ -117,6 +117,31 @@ def validate(bundle, method, *, samples, seed, sampling, batch_size, flop_images
     quality = check_reference(bundle, samples, reference, inception_weights, metrics,
                               reference_count=reference_count, classifier=classifier)
     return samples, seed, batch_size, flop_images, warmup_batches, quality
+
+
+def bytes_to_write(bundle, samples: int) -> Dict[str, int]:
+    """An upper estimate of what one measurement writes: the row, and in the cache the dense outputs (uint8
+    images, tokens) and the quality features of samples and reference."""
+    side = int(bundle.image_size)
+    tokens = sum(p * p for p in bundle.var.patch_nums)
+    dense = samples * (3 * side * side + 8 * tokens)
+    features = 2 * samples * 4 * 2048 * 2          # samples + reference, features + logits, <= 2048-d float32
+    return {"results": 4 << 20, "cache": dense + features + (16 << 20)}
+
+
+def check_free_space(bundle, samples: int, results_dir: str, cache_dir: Optional[str]) -> None:
+    """Refuse to start a measurement whose outputs cannot fit on disk (rather than lose it after computing)."""
+    import shutil
+    need = bytes_to_write(bundle, samples)
+    for what, path in (("results", results_dir), ("cache", dense_cache_dir(cache_dir))):
+        probe = os.path.abspath(path)
+        while not os.path.exists(probe) and os.path.dirname(probe) != probe:
+            probe = os.path.dirname(probe)
+        free = shutil.disk_usage(probe).free
+        if free < need[what]:
+            raise BenchError(f"not enough free disk space for the {what} ({path}): {free / 2**20:.1f} MiB free, "
+                             f"this run writes up to {need[what] / 2**20:.1f} MiB; free some space or choose another "
+                             f"{'--results' if what == 'results' else '--cache-dir'}")
 
 
 # ---------------------------------------------------------------------------------------------- dense cache
@@ -405,6 +430,7 @@ def measure(bundle, method, *, samples: int, seed: int = 0, sampling=None, batch
         inception_weights=inception_weights, metrics=metrics, cache_dir=cache_dir, classifier=classifier,
         reference_count=reference_count)
     timing_rounds = _check_int("timing rounds", timing_rounds, 0)
+    check_free_space(bundle, samples, results_dir, cache_dir)
     device = bundle.device
     phases: Dict[str, float] = {}
 
@@ -466,6 +492,11 @@ def measure(bundle, method, *, samples: int, seed: int = 0, sampling=None, batch
         row[k] = v
     row.update(RunTimes(started_at=started_at, finished_at=_now(), wall_s=round(time.perf_counter() - t_start, 4),
                         phase_s=json.dumps(phases)).row())
-    path = append_row(results_dir, row)
+    try:
+        path = append_row(results_dir, row)
+    except OSError as e:
+        raise RowNotStored(f"the measurement finished but its row could not be written to {results_dir} "
+                           f"({e.strerror or e}); the row is printed on standard output as one JSON line",
+                           json.dumps(row, default=str)) from None
     logger.info(f"row {row['run_id']} -> {path} ({row['wall_s']:.1f} s)")
     return row

@@ -23,6 +23,7 @@ import hashlib
 import json
 import math
 import os
+import tempfile
 import time
 import zipfile
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -139,7 +140,20 @@ ClassifierFeatureExtractor = _register()
 
 _SHA_MEMO: Dict[tuple, str] = {}
 _EXTRACTORS: Dict[tuple, torch.nn.Module] = {}
-_VALIDATED: set = set()
+_INCEPTION: Dict[str, Dict[str, torch.Tensor]] = {}
+
+
+def _verified_inception(path: str):
+    """(sha256, tensors) of an Inception weights file whose bytes are read exactly once: the hash, the safe load
+    (no pickled code) and the finiteness check all see those bytes, so a file swapped later changes nothing."""
+    from bench.checkpoints import read_state_dict
+    with open(path, "rb") as f:
+        data = f.read()
+    sha = hashlib.sha256(data).hexdigest()
+    if sha not in _INCEPTION:
+        _INCEPTION.clear()   # one set of Inception weights in memory at a time (~100 MB)
+        _INCEPTION[sha] = read_state_dict(path, "Inception weights", data=data)
+    return sha, _INCEPTION[sha]
 
 
 def _weights_sha(path: str) -> str:
@@ -157,7 +171,10 @@ class Extractor:
     def __init__(self, name: str, weights: str, config: Optional[dict] = None):
         from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
         self.name, self.weights, self.config = name, weights, config
-        self.sha256 = _weights_sha(weights)
+        if name == INCEPTION_NAME:
+            self.sha256, self._state = _verified_inception(weights)
+        else:
+            self.sha256 = _weights_sha(weights)
         cls = FEATURE_EXTRACTORS_REGISTRY[name]
         self.layers = {m: cls.get_default_feature_layer_for_metric(m) for m in METRICS}
         # one feature array serves FID, KID and PR (true for both extractors; the cache stores that one)
@@ -180,14 +197,23 @@ class Extractor:
         key = (self.name, self.sha256, str(device))
         if key not in _EXTRACTORS:
             from torch_fidelity.utils import create_feature_extractor
-            kwargs = dict(feature_extractor_weights_path=self.weights, verbose=False)
-            if self.config:
-                kwargs["classifier_config"] = self.config
-            try:
-                fe = create_feature_extractor(self.name, [self.feature_layer, self.isc_layer], cuda=False, **kwargs)
-            except RuntimeError as e:  # load_state_dict: wrong file for this architecture
-                first = str(e).strip().splitlines()[0][:200]
-                raise BenchError(f"weights {self.weights} do not fit torch-fidelity's {self.name}: {first}") from None
+            with tempfile.TemporaryDirectory(prefix="var-bench-inception-") as private:
+                weights = self.weights
+                if self.name == INCEPTION_NAME:
+                    # torch-fidelity unpickles its weights file with weights_only=False: it never sees the user's
+                    # file, only a copy written here (in a directory only we can read) from the verified tensors
+                    weights = os.path.join(private, "inception-verified.pt")
+                    torch.save(self._state, weights)
+                kwargs = dict(feature_extractor_weights_path=weights, verbose=False)
+                if self.config:
+                    kwargs["classifier_config"] = self.config
+                try:
+                    fe = create_feature_extractor(self.name, [self.feature_layer, self.isc_layer], cuda=False,
+                                                  **kwargs)
+                except RuntimeError as e:  # load_state_dict: wrong file for this architecture
+                    first = str(e).strip().splitlines()[0][:200]
+                    raise BenchError(f"weights {self.weights} do not fit torch-fidelity's {self.name}: {first}") \
+                        from None
             if len(_EXTRACTORS) >= 4:
                 _EXTRACTORS.pop(next(iter(_EXTRACTORS)))
             _EXTRACTORS[key] = fe.to(device)
@@ -214,13 +240,7 @@ def resolve_extractor(bundle=None, inception_weights: Optional[str] = None,
         if not os.path.isfile(inception_weights):
             raise BenchError(f"Inception weights not found: {inception_weights} (torch-fidelity's "
                              f"weights-inception-2015-12-05-6726825d.pth; nothing can be downloaded here)")
-        st = os.stat(inception_weights)
-        ident = (os.path.realpath(inception_weights), st.st_size, st.st_mtime_ns)
-        if ident not in _VALIDATED:  # torch-fidelity loads it with weights_only=False: refuse pickled code first
-            from bench.checkpoints import read_state_dict
-            read_state_dict(inception_weights, "Inception weights")
-            _VALIDATED.add(ident)
-        return Extractor(INCEPTION_NAME, inception_weights)
+        return Extractor(INCEPTION_NAME, inception_weights)   # verified as it is read (_verified_inception)
     path = classifier or (bundle.classifier if bundle is not None else None)
     if not path:
         name = getattr(bundle, "name", "this model")

@@ -17,6 +17,7 @@ from __future__ import annotations
 import copy
 import fnmatch
 import importlib
+import math
 import pkgutil
 from dataclasses import dataclass
 from typing import Any, ClassVar, Dict, List, Optional, Sequence, Tuple
@@ -64,9 +65,12 @@ class Param:
                 raise ValueError
             else:
                 v = self.type(v)
-        except (TypeError, ValueError):
-            raise BenchError(f"method {method}: {self.name}={v!r} is not a valid {self.type.__name__}; "
-                             f"valid: {self.describe()}") from None
+            # nan/inf pass float() and every range comparison is False for nan, so reject them explicitly
+            if self.type is float and not math.isfinite(v):
+                raise ValueError
+        except (TypeError, ValueError, OverflowError):
+            raise BenchError(f"method {method}: {self.name}={v!r} is not a valid {self.type.__name__} "
+                             f"(must be finite); valid: {self.describe()}") from None
         if self.choices is not None and v not in self.choices:
             raise BenchError(f"method {method}: {self.name}={v!r} is not allowed; valid: {self.describe()}")
         bad_low = self.low is not None and (v <= self.low if self.low_open else v < self.low)

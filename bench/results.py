@@ -4,9 +4,9 @@
     df = load_results("results", sweep="tau")         # every row, one column per SCHEMA entry (+ extras)
 
 Layout: `<results_dir>/rows/` holds one parquet file per row. A row is written to a hidden temp file
-(`.tmp-<pid>-<random>.parquet`) in the same directory and `os.replace`d onto its final name, so a reader sees
+(`.tmp-<host>-<pid>-<random>.parquet`) in the same directory and `os.replace`d onto its final name, so a reader sees
 the whole row or nothing: a writer killed mid-write leaves only a temp file, which the loader ignores (and
-deletes once its process is gone); concurrent writers never touch the same temp file. Rows of a sweep trial are
+deletes once its process on this host is gone); concurrent writers never touch the same temp file. Rows of a sweep trial are
 stored under their trial key (`trial-<sha1(key)>.parquet`), so re-running a trial replaces its row instead of
 duplicating it; plain runs are stored under their run id (`run-<run_id>.parquet`).
 
@@ -25,7 +25,7 @@ import sys
 import uuid
 from typing import Any, Dict, Optional
 
-from bench.atomic import TMP_PREFIX, atomic_path
+from bench.atomic import TMP_PREFIX, atomic_path, host_tag, temp_owner
 from bench.errors import BenchError
 from bench.records import RECORDS, nullable_of, schema_of
 
@@ -154,11 +154,13 @@ def _pid_alive(pid: int) -> bool:
 
 
 def clean_temp_files(results_dir: str) -> int:
-    """Delete temp files of writers that no longer run (a killed run); returns how many."""
+    """Delete temp files of writers on this host that no longer run (a killed run); returns how many. Another
+    host's temp files are never touched: its pids mean nothing here (a shared results directory of a cluster)."""
     n = 0
+    here = host_tag()
     for p in glob.glob(os.path.join(results_dir, ROWS, TMP_PREFIX + "*")):
-        m = re.match(re.escape(TMP_PREFIX) + r"(\d+)-", os.path.basename(p))
-        if m and not _pid_alive(int(m.group(1))):
+        owner = temp_owner(p)
+        if owner and owner[0] == here and not _pid_alive(owner[1]):
             try:
                 os.remove(p)
                 n += 1

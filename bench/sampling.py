@@ -11,7 +11,8 @@ from dataclasses import asdict, dataclass
 from typing import Callable, List, Optional
 
 import torch
-import torch.nn.functional as F
+
+from bench.errors import NonFiniteOutput
 
 
 @dataclass(frozen=True)
@@ -67,6 +68,13 @@ def _gumbel_soft(logits, tau, rng):
     return ((logits + g) / tau).softmax(-1)
 
 
+def _check_finite(t: torch.Tensor, what: str) -> None:
+    # checked before sampling: multinomial would crash on NaN, and a NaN decoder yields black images silently
+    if not bool(torch.isfinite(t).all()):
+        raise NonFiniteOutput(f"the model produced non-finite {what} (NaN or Inf); its weights or inputs are "
+                              "broken, so no sample or row is produced from them")
+
+
 class _NoTimer:
     def lap(self, name: str):
         pass
@@ -99,6 +107,7 @@ def generate(net, vqvae, labels: Optional[torch.Tensor], seed: Optional[int], sa
         logits = scale_fn(si, x_in, label_2B, caches)
         t = sampling.cfg * ratio
         logits = (1 + t) * logits[:B] - t * logits[B:]
+        _check_finite(logits, f"logits at scale {si}")
         idx = sample_tokens(logits, sampling.top_k, sampling.top_p, rng)
         tokens.append(idx)
         if not sampling.more_smooth:
@@ -112,6 +121,7 @@ def generate(net, vqvae, labels: Optional[torch.Tensor], seed: Optional[int], sa
             x_in = nxt.view(B, quant.Cvae, -1).transpose(1, 2)  # scale_forward doubles it for CFG
         timer.lap(f"scale{si}")
     images = vqvae.fhat_to_img(f_hat).add_(1).mul_(0.5) if decode else f_hat
+    _check_finite(images, "decoded images" if decode else "the final feature map")
     timer.lap("decode")
     return Generation(images=images, tokens=tokens, labels=labels)
 

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from bench.atomic import atomic_path, atomic_write_text
-from bench.checkpoints import file_sha256, read_state_dict, save_state_dict
+from bench.checkpoints import file_sha256, load_tensors, read_state_dict, save_state_dict
 from bench.data import SHAPES_CLASSES, SPLIT_SEEDS, ShapesDataset, image_folder, to_model_range
 from bench.errors import BenchError
 from bench.log import get_logger, progress
@@ -80,7 +80,7 @@ class _Trainer:
     def resume(self, model, opt) -> int:
         if not os.path.isfile(self.state_path):
             return 0
-        st = torch.load(self.state_path, map_location="cpu", weights_only=True)
+        st = load_tensors(self.state_path, "training state (resume file)")
         model.load_state_dict(st["model"])
         opt.load_state_dict(st["opt"])
         torch.set_rng_state(st["rng"])
@@ -219,7 +219,7 @@ def train_var(out: str, vqvae_path: str, depth: int = 4, steps: int = 4000, batc
     cache = os.path.join(out, f"tokens-{file_sha256(vqvae_path)[:8]}-{data.replace('/', '_')}-{count}.pt")
     os.makedirs(out, exist_ok=True)
     if os.path.isfile(cache):
-        toks = torch.load(cache, weights_only=True)
+        toks = load_tensors(cache, "token cache")
     else:
         _log(f"tokenizing {len(images)} images (x2 with mirrors)")
         toks = tokenize(vq, images)

@@ -88,10 +88,16 @@ def tiny_bundle(seed: int = 0, depth: int = 2, embed_dim: int = 32, device="cpu"
             classifier = os.path.join(ASSETS, entry["files"]["classifier"])
             break
     return ModelBundle(name="tiny", model_id=f"tiny-s{seed}-d{depth}-c{embed_dim}", var=var.to(device).eval(),
-                       vqvae=vq.to(device).eval(), sampling=SamplingConfig(cfg=1.5, top_k=0, top_p=0.0),
+                       vqvae=frozen(vq, device), sampling=SamplingConfig(cfg=1.5, top_k=0, top_p=0.0),
                        class_names=list(SHAPES_CLASSES), image_size=32, source="builtin",
                        dataset=dict(name="shapes", classes=list(SHAPES_CLASSES), image_size=32,
                                     reference_split="val"), classifier=classifier)
+
+
+def frozen(vq: VQVAE, device) -> VQVAE:
+    """The VQ-VAE as the release runs it: eval mode and parameters frozen (with trainable ones `more_smooth`
+    images differed from the release's by up to 1e-3)."""
+    return vq.to(device).eval().requires_grad_(False)
 
 
 def resolve_name(name: str) -> str:
@@ -128,7 +134,7 @@ def load_embedded(name: str, device="cpu") -> ModelBundle:
     s = entry.get("sampling", {})
     return ModelBundle(
         name=name, model_id=f"{name}-{entry['sha256']['var'][:8]}", var=var.to(device).eval(),
-        vqvae=vq.to(device).eval(), sampling=SamplingConfig(**s), class_names=list(entry["dataset"]["classes"]),
+        vqvae=frozen(vq, device), sampling=SamplingConfig(**s), class_names=list(entry["dataset"]["classes"]),
         image_size=vq.image_size, source="embedded", dataset=entry["dataset"],
         classifier=paths.get("classifier"), files=paths)
 
@@ -190,7 +196,7 @@ def load_official(var_ckpt: str, vae_ckpt: str, depth: Optional[int] = None, dev
     sha = file_sha256(var_ckpt)[:8]
     return ModelBundle(
         name=f"official-d{depth}", model_id=f"official-d{depth}-{sha}", var=var.to(device).eval(),
-        vqvae=vq.to(device).eval(), sampling=OFFICIAL_SAMPLING, class_names=[str(i) for i in range(cfg.num_classes)],
+        vqvae=frozen(vq, device), sampling=OFFICIAL_SAMPLING, class_names=[str(i) for i in range(cfg.num_classes)],
         image_size=vq.image_size, source="official", files={"var": var_ckpt, "vqvae": vae_ckpt})
 
 

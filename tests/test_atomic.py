@@ -3,7 +3,7 @@ import os
 
 import pytest
 
-from bench.atomic import TMP_PREFIX, atomic_path, atomic_write_text
+from bench.atomic import TMP_PREFIX, atomic_path, atomic_write_text, host_tag, temp_owner
 
 
 def test_replaces_whole_or_not_at_all(tmp_path):
@@ -11,7 +11,8 @@ def test_replaces_whole_or_not_at_all(tmp_path):
     assert atomic_write_text(str(target), "one") == str(target) and target.read_text() == "one"
     with pytest.raises(RuntimeError):
         with atomic_path(str(target)) as tmp:
-            assert os.path.basename(tmp).startswith(f"{TMP_PREFIX}{os.getpid()}-") and tmp.endswith(".json")
+            assert os.path.basename(tmp).startswith(f"{TMP_PREFIX}{host_tag()}-{os.getpid()}-") and tmp.endswith(".json")
+            assert temp_owner(tmp) == (host_tag(), os.getpid())
             open(tmp, "w").write("half")
             raise RuntimeError("killed mid-write")
     assert target.read_text() == "one"                                  # the old file stands

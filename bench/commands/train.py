@@ -5,11 +5,39 @@ ORDER = 50
 
 
 def _kv(text: str) -> dict:
+    from bench.errors import BenchError
     out = {}
     for part in filter(None, text.split(",")):
         k, _, v = part.partition("=")
-        out[k.strip()] = float(v) if "." in v else int(v)
+        try:
+            out[k.strip()] = float(v) if "." in v else int(v)
+        except ValueError:
+            raise BenchError(f"--sampling: {part!r} is not KEY=NUMBER; valid keys: cfg, top_k, top_p "
+                             "(e.g. cfg=2.0,top_k=100,top_p=0.95)") from None
     return out
+
+
+def check_args(a) -> None:
+    """Refuse bad training arguments before any data is loaded or anything is written."""
+    import math
+    import os
+    from bench.checkpoints import check_writable_dir
+    from bench.errors import BenchError
+    for flag in ("steps", "batch", "count"):
+        v = getattr(a, flag, None)
+        if v is not None and v < 1:
+            raise BenchError(f"--{flag} must be a positive integer, got {v}")
+    if getattr(a, "lr", None) is not None and not (math.isfinite(a.lr) and a.lr > 0):
+        raise BenchError(f"--lr must be a finite positive number, got {a.lr}")
+    if getattr(a, "threads", 0) < 0:
+        raise BenchError(f"--threads must be >= 0 (0: torch default), got {a.threads}")
+    if getattr(a, "image_size", 1) < 1:
+        raise BenchError(f"--image-size must be a positive integer, got {a.image_size}")
+    out = getattr(a, "out", None)
+    if out is not None:
+        if os.path.exists(out) and not os.path.isdir(out):
+            raise BenchError(f"--out {out!r} is an existing file; give a directory (new, or one to resume)")
+        check_writable_dir(out, "--out")
 
 
 def register(sub):
@@ -57,6 +85,7 @@ def register(sub):
 def _run(a):
     import torch
     from bench import train
+    check_args(a)
     if getattr(a, "threads", 0):
         torch.set_num_threads(a.threads)
     if a.what == "vqvae":

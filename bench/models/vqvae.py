@@ -203,7 +203,8 @@ class MultiScaleQuantizer(nn.Module):
             z = F.interpolate(f_rest, size=(pn, pn), mode="area") if si != S - 1 else f_rest
             idx = self._nearest(z.permute(0, 2, 3, 1).reshape(-1, C)).view(B, pn, pn)
             h = self.embedding(idx).permute(0, 3, 1, 2)
-            h = F.interpolate(h, size=(H, W), mode="bicubic") if si != S - 1 else h.contiguous()
+            # .contiguous() as released: the conv after it then sees the same memory layout (bitwise parity)
+            h = F.interpolate(h, size=(H, W), mode="bicubic").contiguous() if si != S - 1 else h.contiguous()
             h = self.phi(si)(h)
             f_hat = f_hat + h
             f_rest = f_rest - h

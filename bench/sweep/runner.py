@@ -69,11 +69,28 @@ def check_address(address: str) -> str:
         if importlib.util.find_spec("grpc") is None:   # what ray[client] adds to ray
             raise BenchError(f"--address {address}: Ray Client is not installed here (pip install 'ray[client]'); "
                              f"valid instead: auto or the head's GCS address HOST:PORT")
-    err = _probe(host.strip("[]"), int(port))
+    err = _probe(host.strip("[]"), int(port)) or _probe_grpc(target)
     if err:
         raise BenchError(f"cannot reach a Ray cluster at {address} ({err}); valid: auto, HOST:PORT or ray://HOST:PORT "
                          f"of a running head (`ray start --head`), or no --address for a local Ray")
     return address
+
+
+def _probe_grpc(target: str, timeout: float = 5.0) -> Optional[str]:
+    """Ray's GCS and Ray Client servers speak gRPC: a port that accepts TCP but never completes the gRPC handshake
+    is something else, and ray.init would retry it for minutes, logging a warning every few seconds."""
+    try:
+        import grpc
+    except ImportError:
+        return None
+    channel = grpc.insecure_channel(target)
+    try:
+        grpc.channel_ready_future(channel).result(timeout=timeout)
+        return None
+    except grpc.FutureTimeoutError:
+        return f"the port is open but no Ray (gRPC) server answered within {timeout:g} s"
+    finally:
+        channel.close()
 
 
 def connect_ray(address: Optional[str], verbose: bool) -> dict:
@@ -92,6 +109,7 @@ def connect_ray(address: Optional[str], verbose: bool) -> dict:
             ray.init(address="local", num_cpus=os.cpu_count() or 1,
                      num_gpus=torch.cuda.device_count() if torch.cuda.is_available() else 0, **kw)
         else:
+            os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "error")   # its connect retries are one warning each
             env = {k: v for k, v in os.environ.items() if k.startswith("VARBENCH_")}
             ray.init(address=address, runtime_env={"env_vars": env} if env else None, **kw)
     except Exception as e:   # ConnectionError, RuntimeError, ValueError ... from ray.init: one line
@@ -154,8 +172,9 @@ def run_trial(job: dict) -> dict:
         # the whole row travels back too: on a multi-node cluster the worker's disk may not be the driver's
         out.update(status="ok", trial_s=round(time.time() - t0, 2), row_json=json.dumps(row, default=str))
         return out
-    except BenchError as e:
-        return dict(status="error", error=str(e), traceback="", trial_s=round(time.time() - t0, 2))
+    except BenchError as e:   # RowNotStored carries the finished row: the driver stores it (ensure_row)
+        return dict(status="error", error=str(e), traceback="", trial_s=round(time.time() - t0, 2),
+                    row_json=getattr(e, "row_json", None))
     except Exception as e:  # a bug: keep the traceback for the driver to print
         return dict(status="error", error=f"{type(e).__name__}: {e}", traceback=traceback.format_exc(),
                     trial_s=round(time.time() - t0, 2))
@@ -341,10 +360,15 @@ class TrialProgress:
             runner.failed[pid] = "the trial's worker died"
             logger.info(f"[{self.done}/{self.total}] {pid}: FAILED: the trial's worker died (see Ray's log)")
             return
+        if result.get("row_json"):   # also a trial whose worker could not write its finished row
+            try:
+                runner.ensure_row(result["row_json"])
+                result["status"] = "ok"
+            except OSError as e:
+                logger.error(f"{pid}: the row could not be stored here either ({e.strerror or e}); the row: "
+                             f"{result['row_json']}")
         if result.get("status") != "ok":
             runner.failed[pid] = result.get("error", "")
-        else:
-            runner.ensure_row(result.get("row_json"))
         logger.info(trial_line(self.done, self.total, self.trials_by_id[pid], result))
         if result.get("traceback"):
             logger.info(result["traceback"].rstrip())

@@ -369,20 +369,22 @@ def load_spec(name: str, quick: bool = False, sets: Sequence[str] = ()) -> dict:
 
 
 def _check_methods(raw: dict, where: str) -> None:
-    """Method names first, so that a typo is reported as such (with the valid names)."""
+    """Method names first, so that a typo is reported as such (with the valid names). Nodes of the wrong type
+    are left to normalize(), which names their key path."""
     from bench.registry import method_class
-    for name, e in (raw.get("points") or {}).items():
-        if isinstance(e, dict) and isinstance(e.get("method"), str):
+
+    def check(section, path):
+        if isinstance(section, dict) and isinstance(section.get("method"), str):
             try:
-                method_class(e["method"])
+                method_class(section["method"])
             except BenchError as err:
-                raise BenchError(f"{where}: points.{name}: {err}") from None
-            for tname, t in (e.get("twins") or {}).items():
-                if isinstance(t, dict) and isinstance(t.get("method"), str):
-                    try:
-                        method_class(t["method"])
-                    except BenchError as err:
-                        raise BenchError(f"{where}: points.{name}.twins.{tname}: {err}") from None
+                raise BenchError(f"{where}: {path}: {err}") from None
+    points = raw.get("points")
+    for name, e in (points.items() if isinstance(points, dict) else ()):
+        check(e, f"points.{name}")
+        twins = e.get("twins") if isinstance(e, dict) else None
+        for tname, t in (twins.items() if isinstance(twins, dict) else ()):
+            check(t, f"points.{name}.twins.{tname}")
 
 
 def absolutize_paths(spec: dict) -> None:

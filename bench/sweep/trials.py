@@ -80,6 +80,7 @@ def validate_trials(spec: dict, trials: List[Trial], models: str = "load") -> Di
     available, "skip" leaves them out. Returns {model key: info}."""
     from bench.registry import create_method
     from bench.env import check_device
+    by_id = {t.point_id: t for t in trials}
     for t in trials:
         try:
             create_method(t.method, **t.params)
@@ -89,6 +90,14 @@ def validate_trials(spec: dict, trials: List[Trial], models: str = "load") -> Di
         if unknown:
             raise BenchError(f"sweep {spec['name']}: point {t.point_id}: from_parent sets unknown parameter "
                              f"{unknown[0]!r} of {t.method}; valid: {', '.join(method_params(t.method))}")
+        if t.parent:   # before any trial runs: a column the parent's row cannot have would fail after the parent
+            columns = parent_columns(by_id[t.parent].method)
+            for p, col in t.from_parent.items():
+                if col not in columns:
+                    close = [c for c in columns if c.startswith(("macs_analytic", "param_")) and "<" not in c]
+                    raise BenchError(f"sweep {spec['name']}: point {t.point_id}: from_parent.{p} names column "
+                                     f"{col!r}, which rows of {by_id[t.parent].method} do not have; valid "
+                                     f"(e.g.): {', '.join(close)} (all: python -m bench results schema)")
     if not spec["device"].startswith("cuda"):
         check_device(spec["device"])
     elif spec["device"] != "cuda" and not spec["device"][5:].lstrip(":").isdigit():
@@ -157,6 +166,12 @@ def sampling_for(spec: dict, bundle):
     s = bundle.sampling
     over = {k: v for k, v in spec["sampling"].items() if v is not None}
     return replace(s, **over) if over else s
+
+
+def parent_columns(method: str) -> List[str]:
+    """Columns every row of `method` has: the results schema and its parameters' param_<name> columns."""
+    from bench.results import SCHEMA
+    return [c for c in SCHEMA if "<" not in c] + [f"param_{p}" for p in method_params(method)]
 
 
 def derive_twin_params(trial: Trial, parent_row: dict) -> Dict[str, Any]:

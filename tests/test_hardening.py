@@ -1,0 +1,401 @@
+"""Issue 10, the hostile audit: non-finite parameters and weights, sweep YAML node types, twin columns, the
+Inception code-execution window, training arguments, a full disk, an address that is not Ray, checkpoint errors
+in our words, temp files on a shared results directory, and parity details of the VQ-VAE."""
+import copy
+import json
+import math
+import os
+import re
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+import torch
+import yaml
+
+from bench.errors import BenchError, NonFiniteOutput
+from tests.conftest import run_cli
+
+NON_FINITE = ["nan", "inf", "-inf", "1e999"]
+
+
+def _cli(args, capsys):
+    """In-process `python -m bench ...`: (exit code, stdout, stderr)."""
+    from bench.cli import main
+    with pytest.raises(SystemExit) as e:
+        main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return e.value.code, out, err.strip()
+
+
+# ------------------------------------------------------------------------------------------- 1. parameters
+def _float_params():
+    from bench.registry import list_methods, method_class
+    return [(m, p.name) for m in list_methods() for p in method_class(m).params if p.type is float]
+
+
+@pytest.mark.parametrize("method,param", _float_params())
+def test_every_float_param_rejects_non_finite_values(method, param):
+    from bench.registry import create_method
+    for text in NON_FINITE + [float("nan"), float("inf")]:
+        with pytest.raises(BenchError, match="must be finite") as e:
+            create_method(method, **{param: text})
+        assert "\n" not in str(e.value) and param in str(e.value)
+
+
+def test_run_with_nan_tau_exits_2_and_writes_nothing(tmp_path, capsys):
+    res = tmp_path / "results"
+    for v in ("nan", "inf"):
+        code, out, err = _cli(["run", "--method", "dmoe", "--set", f"tau={v}", "--samples", 4, "--results", res],
+                              capsys)
+        assert code == 2 and err == f"error: method dmoe: tau={v} is not a valid float (must be finite); " \
+                                    "valid: float in [0.0, 1.0] (or a list)"
+    code, _, err = _cli(["run", "--method", "actvar", "--set", "token_rate=nan", "--results", res], capsys)
+    assert code == 2 and "token_rate=nan" in err and "\n" not in err
+    assert not res.exists()
+
+
+# ------------------------------------------------------------------------------------------- 2. weights
+def test_non_finite_weights_are_refused_at_load(tmp_path):
+    from bench.checkpoints import read_state_dict
+    from bench.zoo import load_official
+    from tests.test_models import official_var_state_dict
+    sd = official_var_state_dict(depth=1)
+    good = tmp_path / "var_d1.pth"
+    torch.save(sd, good)
+    for name, value in (("head.weight", float("nan")), ("blocks.0.ffn.fc1.weight", float("inf"))):
+        bad = copy.deepcopy(sd)
+        bad[name].view(-1)[3] = value
+        path = tmp_path / f"bad-{name}.pth"
+        torch.save(bad, path)
+        with pytest.raises(BenchError, match=rf"contains non-finite values \(NaN or Inf\) in 1 tensor\(s\): "
+                                             rf"{name}; refusing") as e:
+            load_official(str(path), str(good))
+        assert "\n" not in str(e.value)
+    # an additive attention mask is -inf by design; NaN in it is not
+    mask = {"attn_bias_for_masking": torch.tensor([[0.0, -math.inf]]), "w": torch.ones(2)}
+    from safetensors.torch import save_file
+    save_file(mask, str(tmp_path / "mask.safetensors"))
+    assert read_state_dict(str(tmp_path / "mask.safetensors"))["w"].sum() == 2
+    mask["attn_bias_for_masking"][0, 0] = math.nan
+    save_file(mask, str(tmp_path / "mask.safetensors"))
+    with pytest.raises(BenchError, match="non-finite"):
+        read_state_dict(str(tmp_path / "mask.safetensors"))
+
+
+def test_non_finite_weights_through_the_cli(tmp_path, capsys):
+    from tests.test_models import official_var_state_dict
+    sd = official_var_state_dict(depth=1)
+    sd["head.bias"][0] = float("nan")
+    torch.save(sd, tmp_path / "var.pth")
+    out = tmp_path / "grid.png"
+    code, _, err = _cli(["sample", "--var-ckpt", tmp_path / "var.pth", "--vae-ckpt", tmp_path / "var.pth",
+                         "--out", out], capsys)
+    assert code == 2 and err.startswith("error: VAR checkpoint") and "head.bias" in err and "\n" not in err
+    assert not out.exists()
+
+
+def _poison(module, prefix, value=float("nan")):
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            if name.startswith(prefix):
+                p.view(-1)[0] = value
+                return name
+    raise AssertionError(f"no parameter {prefix}*")
+
+
+def test_generation_refuses_non_finite_logits_and_images(tiny):
+    from bench.sampling import generate
+    labels = torch.arange(4)
+    ok = generate(tiny.var, tiny.vqvae, labels, 0, tiny.sampling)
+    assert torch.isfinite(ok.images).all()
+    nan_head = copy.deepcopy(tiny.var)
+    _poison(nan_head, "head.weight")
+    with pytest.raises(NonFiniteOutput, match="non-finite logits at scale 0"):
+        generate(nan_head, tiny.vqvae, labels, 0, tiny.sampling)
+    inf_decoder = copy.deepcopy(tiny.vqvae)
+    _poison(inf_decoder, "decoder", float("inf"))
+    with pytest.raises(NonFiniteOutput, match="non-finite decoded images"):
+        generate(tiny.var, inf_decoder, labels, 0, tiny.sampling)
+
+
+def test_a_run_never_stores_a_row_from_non_finite_outputs(tiny, tmp_path):
+    import dataclasses
+    from bench.measure import measure
+    vq = copy.deepcopy(tiny.vqvae)
+    _poison(vq, "decoder")
+    bad = dataclasses.replace(tiny, vqvae=vq, model_id=tiny.model_id + "-nan")
+    res = tmp_path / "results"
+    with pytest.raises(NonFiniteOutput, match="no sample or row is produced"):
+        measure(bad, "dense", samples=8, batch_size=4, results_dir=str(res), metrics=("fid",), bootstrap=0,
+                timing_rounds=0, cache_dir=str(tmp_path / "cache"), classifier=_random_classifier(tmp_path),
+                reference_count=16)
+    assert not (res / "rows").exists() or not os.listdir(res / "rows")
+
+
+def _random_classifier(tmp_path):
+    from safetensors.torch import save_file
+    from bench.models.classifier import ShapesClassifier
+    torch.manual_seed(0)
+    net = ShapesClassifier(num_classes=10, width=8, feature_dim=16, image_size=32)
+    path = tmp_path / "classifier.safetensors"
+    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(path))
+    return str(path)
+
+
+# ------------------------------------------------------------------------------------------- 3, 4. sweep files
+def _write_sweep(tmp_path, data, name="s.yaml"):
+    p = tmp_path / name
+    p.write_text(yaml.safe_dump(data))
+    return str(p)
+
+
+def test_sweep_points_as_a_list_is_one_line(tmp_path, capsys):
+    path = _write_sweep(tmp_path, {"points": ["dense", "dmoe"]})
+    code, _, err = _cli(["sweep", path, "--dry-run", "--results", tmp_path / "res"], capsys)
+    assert code == 2 and err == "error: sweep s: points must be a mapping, got ['dense', 'dmoe']"
+    assert not (tmp_path / "res").exists()
+
+
+def test_every_node_of_a_sweep_file_with_a_wrong_type_is_a_one_line_error(tmp_path):
+    """Replace each node of sweeps/tau.yaml by values of other types: the spec is either accepted or refused
+    with one BenchError line; nothing else is raised."""
+    from bench.sweep.spec import load_spec, read_yaml, sweep_path
+    from bench.sweep.trials import expand
+    raw = read_yaml(sweep_path("tau"))
+
+    def paths(node, pre=()):
+        yield pre
+        children = node.items() if isinstance(node, dict) else enumerate(node) if isinstance(node, list) else ()
+        for k, v in children:
+            yield from paths(v, pre + (k,))
+    others = [[1, 2], "x", 3, None, {"a": 1}, 1.5, True, [], {}, [{"a": 1}], float("nan")]
+    refused = 0
+    for path in list(paths(raw))[1:]:
+        for value in others:
+            data = copy.deepcopy(raw)
+            node = data
+            for k in path[:-1]:
+                node = node[k]
+            node[path[-1]] = value
+            f = _write_sweep(tmp_path, data)
+            for quick in (False, True):
+                try:
+                    expand(load_spec(f, quick=quick))
+                except BenchError as e:
+                    refused += 1
+                    assert "\n" not in str(e)
+    assert refused > 500   # most replacements are wrong; every one was refused in one line
+
+
+def test_twin_column_is_checked_before_any_trial_runs(tmp_path, capsys):
+    res = tmp_path / "res"
+    code, _, err = _cli(["sweep", "tau", "--dry-run", "--results", res,
+                         "--set", "points.dmoe.twins.static.from_parent.match_macs=no_such_column"], capsys)
+    assert code == 2 and "from_parent.match_macs names column 'no_such_column', which rows of dmoe do not have" \
+        in err and "macs_analytic_all" in err and "\n" not in err
+    assert not res.exists()
+    # the parent's parameters are columns too (param_<name>)
+    code, out, err = _cli(["sweep", "activation", "--quick", "--dry-run", "--results", res], capsys)
+    assert code == 0, err
+
+
+# ------------------------------------------------------------------------------------------- 5. Inception
+class _Marker:
+    """Unpickling this creates a file: proof that code ran."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def test_inception_weights_are_read_once_and_never_unpickled_from_the_users_file(tmp_path, monkeypatch):
+    import torch_fidelity.utils
+    from bench import quality as Q
+    weights = {"conv.weight": torch.randn(4, 3), "fc.bias": torch.randn(4)}
+    user_file = tmp_path / "inception.pth"
+    torch.save(weights, user_file)
+    seen = {}
+
+    def fake_create(name, layers, cuda=False, **kw):   # what torch-fidelity does: torch.load(weights_only=False)
+        path = kw["feature_extractor_weights_path"]
+        seen["path"] = path
+        seen["state"] = torch.load(path, weights_only=False)
+        return torch.nn.Identity()
+    monkeypatch.setattr(torch_fidelity.utils, "create_feature_extractor", fake_create)
+    Q._EXTRACTORS.clear()
+    ext = Q.resolve_extractor(inception_weights=str(user_file))
+    marker = tmp_path / "code-ran"
+    torch.save({"conv.weight": _Marker(str(marker))}, user_file)     # swapped after the check
+    ext.module(torch.device("cpu"))
+    assert not marker.exists()
+    assert os.path.realpath(seen["path"]) != os.path.realpath(user_file) and not os.path.exists(seen["path"])
+    assert seen["state"].keys() == weights.keys() and all(torch.equal(seen["state"][k], weights[k]) for k in weights)
+    Q._EXTRACTORS.clear()
+    # the swapped file itself is refused, in one line, without running it
+    with pytest.raises(BenchError, match="contains pickled Python objects") as e:
+        Q.resolve_extractor(inception_weights=str(user_file))
+    assert not marker.exists() and "\n" not in str(e.value)
+
+
+# ------------------------------------------------------------------------------------------- 6. training
+@pytest.mark.parametrize("args,needle", [
+    (["--steps", "-3"], "--steps must be a positive integer, got -3"),
+    (["--steps", "0"], "--steps must be a positive integer, got 0"),
+    (["--lr", "nan"], "--lr must be a finite positive number, got nan"),
+    (["--batch", "0"], "--batch must be a positive integer, got 0"),
+])
+def test_train_rejects_bad_arguments_before_writing(tmp_path, capsys, args, needle):
+    out = tmp_path / "out"
+    code, _, err = _cli(["train", "vqvae", "--out", out, *args], capsys)
+    assert code == 2 and err == f"error: {needle}"
+    assert not out.exists()
+
+
+def test_train_out_must_be_a_directory_and_pickled_state_is_refused(tmp_path, capsys):
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    t = time.time()
+    code, _, err = _cli(["train", "vqvae", "--out", afile], capsys)
+    assert code == 2 and err == f"error: --out '{afile}' is an existing file; give a directory (new, or one to " \
+                                "resume)" and time.time() - t < 10
+    out = tmp_path / "run"
+    out.mkdir()
+    marker = tmp_path / "code-ran"
+    torch.save({"model": _Marker(str(marker))}, out / "vqvae-state.pt")
+    code, _, err = _cli(["train", "vqvae", "--out", out, "--steps", 1, "--count", 8, "--batch", 4, "--threads", 1],
+                        capsys)
+    assert code == 2 and "cannot read training state (resume file)" in err and "contains pickled Python objects" \
+        in err and "refused without running them" in err and "\n" not in err
+    assert not marker.exists() and sorted(os.listdir(out)) == ["vqvae-state.pt"]
+
+
+# ------------------------------------------------------------------------------------------- 7. disk full
+def test_a_full_disk_is_refused_up_front_and_a_failed_write_prints_the_row(tmp_path, capsys, monkeypatch):
+    import shutil
+    from collections import namedtuple
+    clf = _random_classifier(tmp_path)
+    res, cache = tmp_path / "results", tmp_path / "cache"
+    base = ["run", "--model", "tiny", "--samples", 12, "--batch-size", 4, "--results", res, "--classifier", clf,
+            "--reference-count", 16, "--metrics", "fid", "--bootstrap", 0, "--timing-rounds", 0,
+            "--cache-dir", cache, "--threads", 1]
+    real = shutil.disk_usage
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(10 << 20, (10 << 20) - 4096, 4096))
+    code, out, err = _cli(base, capsys)
+    assert code == 2 and err.startswith("error: not enough free disk space for the results") and "\n" not in err
+    assert not res.exists() and not cache.exists()
+    monkeypatch.setattr(shutil, "disk_usage", real)
+
+    import bench.results
+
+    def full(results_dir, row):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(bench.results, "append_row", full)
+    code, out, err = _cli(base, capsys)
+    err = err.splitlines()[-1]   # after the run's log lines
+    assert code == 2 and err.startswith("error: the measurement finished but its row could not be written") \
+        and "No space left on device" in err
+    row = json.loads(out.strip().splitlines()[-1])
+    assert row["model"] == "tiny" and row["samples"] == 12 and math.isfinite(row["fid"])
+    assert not (res / "rows").exists() or not [f for f in os.listdir(res / "rows") if not f.startswith(".")]
+
+
+# ------------------------------------------------------------------------------------------- 8. not a Ray address
+def test_an_address_that_is_not_ray_fails_fast_in_one_line():
+    from bench.sweep.runner import check_address
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(8)
+    port = server.getsockname()[1]
+    held = []
+    stop = threading.Event()
+
+    def accept():   # accept and hold connections, say nothing: not a gRPC server
+        server.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                held.append(server.accept()[0])
+            except OSError:
+                pass
+    th = threading.Thread(target=accept, daemon=True)
+    th.start()
+    try:
+        t = time.time()
+        with pytest.raises(BenchError, match=r"no Ray \(gRPC\) server answered") as e:
+            check_address(f"127.0.0.1:{port}")
+        assert time.time() - t < 20 and "\n" not in str(e.value)
+    finally:
+        stop.set()
+        th.join()
+        for c in held:
+            c.close()
+        server.close()
+
+
+# ------------------------------------------------------------------------------------------- 9. checkpoint errors
+def test_unreadable_checkpoints_are_named_in_our_words(tmp_path):
+    from bench.checkpoints import read_state_dict
+    good = tmp_path / "good.pth"
+    torch.save({"w": torch.ones(1000)}, good)
+    data = good.read_bytes()
+    cases = {"empty.pth": (b"", "the file is empty (0 bytes)"),
+             "empty.safetensors": (b"", "the file is empty (0 bytes)"),
+             "truncated.pth": (data[:len(data) // 2], "the file is truncated or corrupt"),
+             "garbage.pth": (os.urandom(300), "corrupt or not a PyTorch/safetensors weights file"),
+             "garbage.safetensors": (b"\x10" + os.urandom(200), "corrupt")}
+    for name, (content, words) in cases.items():
+        (tmp_path / name).write_bytes(content)
+        with pytest.raises(BenchError) as e:
+            read_state_dict(str(tmp_path / name), "VAR checkpoint")
+        msg = str(e.value)
+        assert msg.startswith(f"cannot read VAR checkpoint {tmp_path / name}: ") and words in msg, msg
+        assert "\n" not in msg and "weights_only" not in msg and "EOFError" not in msg
+    marker = tmp_path / "code-ran"
+    torch.save({"w": _Marker(str(marker))}, tmp_path / "evil.pth")
+    with pytest.raises(BenchError) as e:
+        read_state_dict(str(tmp_path / "evil.pth"), "VAR checkpoint")
+    assert re.fullmatch(re.escape(f"cannot read VAR checkpoint {tmp_path / 'evil.pth'}: it contains pickled Python "
+                                  "objects (") + r"[\w.]*open" + re.escape(
+                                      "), not only tensors; refused without running them. Re-save it as a state "
+                                      "dict of tensors or as .safetensors"), str(e.value)), str(e.value)
+    assert not marker.exists()
+
+
+# ------------------------------------------------------------------------------------------- 10. temp files
+def test_temp_files_are_cleaned_only_for_dead_writers_of_this_host(tmp_path):
+    from bench.atomic import host_tag
+    from bench.results import ROWS, clean_temp_files
+    rows = tmp_path / ROWS
+    rows.mkdir()
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    mine_dead = rows / f".tmp-{host_tag()}-{dead.pid}-0123abcd.parquet"
+    mine_alive = rows / f".tmp-{host_tag()}-{os.getpid()}-0123abcd.parquet"
+    other_host = rows / f".tmp-{host_tag()}-node2-{dead.pid}-0123abcd.parquet"   # a host named like ours, plus more
+    for p in (mine_dead, mine_alive, other_host):
+        p.write_bytes(b"partial")
+    assert clean_temp_files(str(tmp_path)) == 1
+    assert sorted(p.name for p in rows.iterdir()) == sorted([mine_alive.name, other_host.name])
+
+
+# ------------------------------------------------------------------------------------------- 11. parity details
+def test_vqvae_is_frozen_and_its_bicubic_residuals_are_contiguous(tiny):
+    from bench.zoo import load_model
+    for bundle in (tiny, load_model("default")):
+        assert not any(p.requires_grad for p in bundle.vqvae.parameters())
+    quant, pns = tiny.vqvae.quantize, tiny.vqvae.v_patch_nums
+    seen = []
+    hooks = [quant.phi(si).register_forward_pre_hook(lambda m, inp: seen.append(inp[0].is_contiguous()))
+             for si in range(len(pns))]
+    try:
+        quant.quantize(torch.randn(2, quant.Cvae, pns[-1], pns[-1], generator=torch.Generator().manual_seed(0)))
+    finally:
+        for h in hooks:
+            h.remove()
+    assert len(seen) >= len(pns) and all(seen)   # as released: .contiguous() after the bicubic upsample
