@@ -7,6 +7,7 @@ same generation.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 from typing import Callable, List, Optional
 
@@ -29,8 +30,8 @@ class SamplingConfig:
 def validate_sampling(s: SamplingConfig, vocab: int) -> None:
     """One line (BenchError) on settings the sampler cannot use with a vocabulary of `vocab` tokens."""
     from bench.errors import BenchError
-    if not s.cfg >= 0:
-        raise BenchError(f"--cfg must be >= 0, got {s.cfg}")
+    if not (s.cfg >= 0 and math.isfinite(s.cfg)):
+        raise BenchError(f"--cfg must be a finite number >= 0, got {s.cfg}")
     if not 0 <= s.top_k <= vocab:
         raise BenchError(f"--top-k must be in [0, {vocab}] (0 disables it), got {s.top_k}")
     if not 0 <= s.top_p <= 1:

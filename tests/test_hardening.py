@@ -58,6 +58,17 @@ def test_run_with_nan_tau_exits_2_and_writes_nothing(tmp_path, capsys):
     assert not res.exists()
 
 
+def test_non_finite_sampling_settings_are_refused(tmp_path, capsys):
+    res = tmp_path / "results"
+    for flag in ("--cfg", "--top-p"):
+        code, _, err = _cli(["run", "--model", "tiny", flag, "nan", "--results", res], capsys)
+        assert code == 2 and err.startswith(f"error: {flag} must be") and "got nan" in err
+    for key in ("cfg", "top_p"):
+        code, _, err = _cli(["sweep", "tau", "--dry-run", "--results", res, "--set", f"sampling.{key}=.nan"], capsys)
+        assert code == 2 and err == f"error: --set sampling.{key}: sampling.{key} must be a finite number, got nan"
+    assert not res.exists()
+
+
 # ------------------------------------------------------------------------------------------- 2. weights
 def test_non_finite_weights_are_refused_at_load(tmp_path):
     from bench.checkpoints import read_state_dict

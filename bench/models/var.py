@@ -196,6 +196,9 @@ class VAR(nn.Module):
 
     # ------------------------------------------------------------------ training
     def embed_teacher_forced(self, label_B, x_BLCv_wo_first_l):
+        # Labels are dropped (cond_drop_rate) in training mode only. The release drops them in eval mode too, so its
+        # teacher-forced loss on the same weights mixes in ~10% unconditional rows; every teacher-forced loss we
+        # report (training val loss, fine-tune CE) is the purely conditional one.
         if self.training and self.cfg.cond_drop_rate > 0:  # classifier-free guidance needs unconditional rows
             drop = torch.rand(label_B.shape[0], device=label_B.device) < self.cfg.cond_drop_rate
             label_B = torch.where(drop, self.num_classes, label_B)

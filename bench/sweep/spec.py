@@ -59,6 +59,7 @@ from __future__ import annotations
 import copy
 import importlib
 import json
+import math
 import os
 from typing import Any, Dict, List, Sequence, Tuple
 
@@ -173,6 +174,8 @@ def normalize(raw: dict, where: str) -> dict:
             if keys[k] is list and isinstance(v, str):
                 v = [x.strip() for x in v.split(",") if x.strip()]
             spec[sect][k] = _check_type(f"{where}: {sect}.{k}", v, keys[k], nullable=True)
+            if keys[k] is float and spec[sect][k] is not None and not math.isfinite(spec[sect][k]):
+                raise BenchError(f"{where}: {sect}.{k} must be a finite number, got {spec[sect][k]}")
             low = MEASURE_MINIMA.get(k) if sect == "measure" else None
             if low is not None and spec[sect][k] is not None and spec[sect][k] < low:
                 raise BenchError(f"{where}: {sect}.{k} must be >= {low}, got {spec[sect][k]}")
