@@ -349,6 +349,33 @@ def test_an_address_that_is_not_ray_fails_fast_in_one_line():
         server.close()
 
 
+def test_a_grpc_server_that_is_not_a_gcs_is_refused_and_a_gcs_is_accepted():
+    """An HTTP/2 proxy or another gRPC service answers UNIMPLEMENTED: refused at once. A GCS answers GetClusterId."""
+    from concurrent import futures
+    import grpc
+    from bench.sweep.runner import check_address
+
+    class FakeGcs(grpc.GenericRpcHandler):
+        def service(self, details):
+            if details.method == "/ray.rpc.NodeInfoGcsService/GetClusterId":
+                return grpc.unary_unary_rpc_method_handler(lambda req, ctx: b"")
+            return None
+    for handlers, expect in (((), "it is not a Ray cluster's GCS"), ((FakeGcs(),), None)):
+        server = grpc.server(futures.ThreadPoolExecutor(max_workers=2), handlers=handlers)
+        port = server.add_insecure_port("127.0.0.1:0")
+        server.start()
+        try:
+            if expect is None:
+                assert check_address(f"127.0.0.1:{port}") == f"127.0.0.1:{port}"
+            else:
+                t = time.time()
+                with pytest.raises(BenchError, match=expect):
+                    check_address(f"127.0.0.1:{port}")
+                assert time.time() - t < 10
+        finally:
+            server.stop(0)
+
+
 # ------------------------------------------------------------------------------------------- 9. checkpoint errors
 def test_unreadable_checkpoints_are_named_in_our_words(tmp_path):
     from bench.checkpoints import read_state_dict

@@ -69,26 +69,38 @@ def check_address(address: str) -> str:
         if importlib.util.find_spec("grpc") is None:   # what ray[client] adds to ray
             raise BenchError(f"--address {address}: Ray Client is not installed here (pip install 'ray[client]'); "
                              f"valid instead: auto or the head's GCS address HOST:PORT")
-    err = _probe(host.strip("[]"), int(port)) or _probe_grpc(target)
+    err = _probe(host.strip("[]"), int(port)) or _probe_grpc(target, gcs=not address.startswith("ray://"))
     if err:
         raise BenchError(f"cannot reach a Ray cluster at {address} ({err}); valid: auto, HOST:PORT or ray://HOST:PORT "
                          f"of a running head (`ray start --head`), or no --address for a local Ray")
     return address
 
 
-def _probe_grpc(target: str, timeout: float = 5.0) -> Optional[str]:
-    """Ray's GCS and Ray Client servers speak gRPC: a port that accepts TCP but never completes the gRPC handshake
-    is something else, and ray.init would retry it for minutes, logging a warning every few seconds."""
+def _probe_grpc(target: str, gcs: bool, timeout: float = 5.0) -> Optional[str]:
+    """Ray's GCS (and Ray Client) servers speak gRPC. Something else on the port (a web server, an HTTP/2 proxy)
+    would make ray.init retry for a minute or more, logging a warning each time: ask first. A GCS answers its
+    GetClusterId call (possibly with an authentication error: still a GCS); anything else does not."""
     try:
         import grpc
     except ImportError:
         return None
     channel = grpc.insecure_channel(target)
     try:
-        grpc.channel_ready_future(channel).result(timeout=timeout)
+        if not gcs:
+            grpc.channel_ready_future(channel).result(timeout=timeout)
+            return None
+        call = channel.unary_unary("/ray.rpc.NodeInfoGcsService/GetClusterId")
+        call(b"", timeout=timeout)
         return None
     except grpc.FutureTimeoutError:
         return f"the port is open but no Ray (gRPC) server answered within {timeout:g} s"
+    except grpc.RpcError as e:
+        code = e.code()
+        if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+            return f"the port is open but no Ray (gRPC) server answered within {timeout:g} s"
+        if code == grpc.StatusCode.UNIMPLEMENTED:
+            return "something answers there, but it is not a Ray cluster's GCS"
+        return None   # e.g. UNAUTHENTICATED: a GCS that wants a token (ray.init reports that itself)
     finally:
         channel.close()
 
@@ -109,7 +121,6 @@ def connect_ray(address: Optional[str], verbose: bool) -> dict:
             ray.init(address="local", num_cpus=os.cpu_count() or 1,
                      num_gpus=torch.cuda.device_count() if torch.cuda.is_available() else 0, **kw)
         else:
-            os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "error")   # its connect retries are one warning each
             env = {k: v for k, v in os.environ.items() if k.startswith("VARBENCH_")}
             ray.init(address=address, runtime_env={"env_vars": env} if env else None, **kw)
     except Exception as e:   # ConnectionError, RuntimeError, ValueError ... from ray.init: one line
