@@ -4,6 +4,10 @@ Same weights and seed give the same tokens as the release: one seeded generator,
 over all rows, the CFG ramp t = cfg·si/(S-1), top-k then top-p masking, bicubic up / area down through the
 VQ-VAE's Φ. `scale_fn` and `timer` let the measurement path count FLOPs and time each scale of the very
 same generation.
+
+Step skipping: a net may define `scale_rows(si, x_in, B)` -> None (all B images run scale si) or a bool (B,)
+mask. Images outside the mask get tokens -1 at si and nothing added to f_hat there (so the decoder sees the map
+of the scales they ran, already upsampled to full size); when no image runs si, the net is not called at all.
 """
 from __future__ import annotations
 
@@ -12,6 +16,7 @@ from dataclasses import asdict, dataclass
 from typing import Callable, List, Optional
 
 import torch
+import torch.nn.functional as F
 
 from bench.errors import NonFiniteOutput
 
@@ -103,8 +108,16 @@ def generate(net, vqvae, labels: Optional[torch.Tensor], seed: Optional[int], sa
     pns, S = net.patch_nums, len(net.patch_nums)
     f_hat = torch.zeros(B, quant.Cvae, pns[-1], pns[-1], device=device)
     caches, x_in, tokens = net.new_caches(), None, []
+    scale_rows = getattr(net, "scale_rows", None)   # step skipping hook (methods/_steps.py)
     for si, pn in enumerate(pns):
         ratio = si / (S - 1)
+        run = scale_rows(si, x_in, B) if scale_rows is not None else None   # None: every image runs scale si
+        if run is not None and not bool(run.any()):   # nobody runs it: no transformer work, f_hat unchanged
+            tokens.append(torch.full((B, pn * pn), -1, dtype=torch.long, device=device))
+            if si != S - 1:
+                x_in = F.interpolate(f_hat, size=(pns[si + 1],) * 2, mode="area").view(B, quant.Cvae, -1).transpose(1, 2)
+            timer.lap(f"scale{si}")
+            continue
         logits = scale_fn(si, x_in, label_2B, caches)
         t = sampling.cfg * ratio
         logits = (1 + t) * logits[:B] - t * logits[B:]
@@ -117,7 +130,12 @@ def generate(net, vqvae, labels: Optional[torch.Tensor], seed: Optional[int], sa
             tau = max(0.27 * (1 - ratio * 0.95), 0.005)
             h = _gumbel_soft(logits.mul(1 + ratio), tau, rng) @ quant.embedding.weight.unsqueeze(0)
         h = h.transpose_(1, 2).reshape(B, quant.Cvae, pn, pn)
+        f_prev = f_hat.clone() if run is not None else None
         f_hat, nxt = quant.next_input(si, f_hat, h)
+        if run is not None:   # images that skip this scale: token -1, their f_hat keeps the earlier scales only
+            idx.masked_fill_(~run.view(B, 1), -1)
+            f_hat = torch.where(run.view(B, 1, 1, 1), f_hat, f_prev)
+            nxt = f_hat if si == S - 1 else F.interpolate(f_hat, size=(pns[si + 1],) * 2, mode="area")
         if si != S - 1:
             x_in = nxt.view(B, quant.Cvae, -1).transpose(1, 2)  # scale_forward doubles it for CFG
         timer.lap(f"scale{si}")

@@ -1,0 +1,45 @@
+"""Step skipping (SkipVAR, arXiv 2506.08908, §"step redundancy"; code fakerone-li/SkipVAR): the last k scales are
+not run. Their tokens are not generated (recorded as -1) and nothing is added to f_hat there, so the decoder sees
+the sum of the computed scales, each already upsampled to the full token-map size by the VQ-VAE — what the
+release does when it breaks out of its loop (summed codes, then decode). A skipped scale costs 0 transformer MACs;
+the decoder's work is unchanged.
+
+Translation to the embedded default (7 scales, sides 1,2,3,4,5,6,8; 155 tokens): SkipVAR's static strategies skip
+the last 1, 2 or 3 of Infinity's 13 steps (39%, 61%, 76% of its tokens); here the last scale alone is 41% of the
+tokens, so skip=1 is the comparable mild setting and the default (skip=2 drops 65%).
+
+    create_method("skip-scales", skip=1)
+"""
+from __future__ import annotations
+
+from typing import Any, Dict, List, Optional
+
+from bench.registry import Method, Param, register_method
+from methods import _steps
+
+
+@register_method("skip-scales")
+class SkipScales(Method):
+    kind = "token"
+    description = "step skipping: the last k scales are not run; f_hat is the upsampled sum of the computed scales (SkipVAR)"
+    params = (Param("skip", int, 1, "how many of the last scales are not run", low=1),)
+
+    def check_model(self, bundle):
+        _steps.check_last(self.name, "skip", self.config["skip"], len(bundle.var.patch_nums), allow_all=False)
+
+    def build(self, bundle):
+        self.check_model(bundle)
+        S = len(bundle.var.patch_nums)
+        return _steps.StepNet(bundle.var, _steps.FixedPlan(stop=S - self.config["skip"], nocfg=S))
+
+    def analytic_macs(self, net, bundle, batch: int) -> Optional[List[float]]:
+        return net.analytic_macs(bundle, batch)
+
+    def row_metrics(self, net, bundle) -> Dict[str, Any]:
+        S = len(bundle.var.patch_nums)
+        return dict(net.row_metrics(bundle), skipped_scales=list(range(S - self.config["skip"], S)),
+                    macs_saved_fraction=_steps.steps_saved_fraction(self, net, bundle))
+
+    @property
+    def label(self) -> str:
+        return f"skip-scales k={self.config['skip']}"
