@@ -101,7 +101,11 @@ def test_method_contract(name, tiny, classifier, tmp_path, monkeypatch):  # noqa
     except Exception as e:  # noqa: BLE001
         _fail(name, "generate", e)
     assert [tuple(t.shape) for t in gen.tokens] == [(len(LABELS), p * p) for p in tiny.var.patch_nums]
-    assert all(int(t.min()) >= 0 and int(t.max()) < tiny.var.V for t in gen.tokens)
+    # step skipping (the sampler's scale_rows hook) marks the tokens of a scale an image did not run with -1
+    skipped = {si for si, t in enumerate(gen.tokens) if int(t.max()) == -1}
+    assert not skipped or hasattr(net, "scale_rows"), f"{name}: tokens -1 without the scale_rows hook"
+    assert all(int(t.min()) >= (-1 if hasattr(net, "scale_rows") else 0) and int(t.max()) < tiny.var.V
+               for t in gen.tokens)
     assert gen.images.shape == (len(LABELS), 3, tiny.image_size, tiny.image_size)
     assert torch.isfinite(gen.images).all()
 
@@ -113,7 +117,10 @@ def test_method_contract(name, tiny, classifier, tmp_path, monkeypatch):  # noqa
         analytic = [s.total for s in dense_scale_macs(tiny.var.cfg, len(LABELS))]
     assert len(analytic) == len(mc.per_scale) == S
     for si, (a, f) in enumerate(zip(analytic, mc.per_scale)):
-        assert f > 0 and a == pytest.approx(f, rel=REL), (name, si, a, f)
+        if si in skipped:        # a scale no image ran: no transformer work, by count and by formula
+            assert a == f == 0, (name, si, a, f)
+        else:
+            assert f > 0 and a == pytest.approx(f, rel=REL), (name, si, a, f)
 
     # -- one measurement: a row with every SCHEMA column, typed (returned and as stored)
     res = tmp_path / "results"
