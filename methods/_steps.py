@@ -36,6 +36,9 @@ class StepPolicy:
     def decide(self, si: int, x_in, B: int, net: "StepNet") -> None:
         pass
 
+    def reset(self) -> None:
+        """Forget recorded statistics (StepNet.reset_stats)."""
+
 
 class FixedPlan(StepPolicy):
     def __init__(self, stop: int, nocfg: int):
@@ -90,7 +93,7 @@ class StepNet(nn.Module):
         return torch.tensor([s > si for s in self.stop], dtype=torch.bool, device=device)
 
     def scale_forward(self, si: int, x_in, label_2B, caches):
-        B = label_2B.shape[0] // 2
+        B = int(label_2B.shape[0]) // 2   # a python int also inside fvcore's jit trace
         if len(self.stop) != B:          # called without the sampler hook (e.g. teacher-forced by scale)
             self.set_plan(B, len(self.patch_nums), len(self.patch_nums))
         cond = [i for i in range(B) if self.stop[i] > si]
@@ -136,6 +139,7 @@ class StepNet(nn.Module):
 
     # -- statistics ---------------------------------------------------------------------------------------------
     def reset_stats(self):
+        getattr(self.policy, "reset", lambda: None)()
         self.images = 0
         self.query_rows: Dict[int, int] = {}
         self.embed_rows: Dict[int, int] = {}

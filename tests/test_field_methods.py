@@ -27,10 +27,10 @@ def block_rows(net, var):
     return seen
 
 
-def macs_match(method, net, bundle, labels):
+def macs_match(method, net, bundle, labels, seed=0):
     from bench.flops import count_generation
     reset(net)
-    mc = count_generation(net, bundle.vqvae, labels, 0, SAMPLING)
+    mc = count_generation(net, bundle.vqvae, labels, seed, SAMPLING)
     an = method.analytic_macs(net, bundle, len(labels))
     assert len(an) == len(mc.per_scale)
     for a, f in zip(an, mc.per_scale):
@@ -189,3 +189,40 @@ def test_cli_bad_parameter_is_one_line_exit_2(method, setting, needle, tmp_path)
     lines = [ln for ln in r.stderr.strip().splitlines() if ln.strip()]
     assert r.returncode == 2 and len(lines) == 1 and needle in lines[0], r.stderr
     assert not res.exists()
+
+
+# ---------------------------------------------------------------------------------------------- skipvar
+def test_skipvar_chooses_a_strategy_per_sample(tiny):
+    labels = torch.tensor([0, 1, 2, 3, 4, 5])
+    probe = create_method("skipvar", skip_below=0.0, uncond_below=0.0).build(tiny)    # nobody acts: measures only
+    generate(probe, tiny.vqvae, labels, 4, SAMPLING, decode=False)
+    v = probe.policy.values
+    assert len(v) == 6 and len(set(v)) == 6
+    s = sorted(v)
+    m = create_method("skipvar", skip_below=(s[1] + s[2]) / 2, uncond_below=(s[3] + s[4]) / 2)
+    net = m.build(tiny)
+    seen = block_rows(net, tiny.var)
+    reset(net)
+    gen = generate(net, tiny.vqvae, labels, 4, SAMPLING, decode=False)
+    assert net.policy.values == v                                   # same measure: dense up to the decision scale
+    skip = [x < s[2] for x in v]
+    unc = [s[2] <= x < s[4] for x in v]
+    assert (gen.tokens[6] == -1).all(dim=1).tolist() == skip        # skippers: no tokens at the last scale
+    assert (gen.tokens[5] >= 0).all()
+    assert seen[4] == [12] and seen[5] == [6 + 4] and seen[6] == [4 + 2]   # cond rows + the remaining uncond rows
+    an = macs_match(m, net, tiny, labels, seed=4)                  # the same generation, counted
+    row = m.row_metrics(net, tiny)
+    assert (row["skipvar_share_skip"], row["skipvar_share_uncond"], row["skipvar_share_dense"]) == \
+        (pytest.approx(1 / 3, abs=1e-3),) * 3
+    assert sum(unc) == 2 and 0 < row["macs_saved_fraction"] < 1 and an[6] > 0
+
+
+def test_skipvar_bad_parameters(tiny):
+    with pytest.raises(BenchError, match=r"uncond_below=0.1 is below skip_below=0.2"):
+        create_method("skipvar", uncond_below=0.1)
+    with pytest.raises(BenchError, match=r"decision_scale=5 must leave the last 2 scales to the strategies"):
+        create_method("skipvar", decision_scale=5).check_model(tiny)
+    with pytest.raises(BenchError, match=r"measure='fft' is not allowed; valid: one of diff, ratio"):
+        create_method("skipvar", measure="fft")
+    with pytest.raises(BenchError, match=r"skip=7 is out of range"):
+        create_method("skipvar", skip=7).build(tiny)
