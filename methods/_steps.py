@@ -184,3 +184,20 @@ def check_last(method: str, name: str, value: int, num_scales: int, allow_all: b
         what = "" if allow_all else " (skipping every scale leaves no image)"
         raise BenchError(f"method {method}: {name}={value} is out of range for a model with {num_scales} scales"
                          f"{what}; valid: 1..{hi}")
+
+
+def saved_fraction(cfg, stop: int, nocfg: int) -> float:
+    """Share of the dense transformer MACs per image that a fixed plan (stop, nocfg) saves, by formula."""
+    from bench.analytic import dense_scale_macs
+    dense = dense_scale_macs(cfg, 1)
+    run = 0.0
+    for si, sm in enumerate(dense):
+        if si >= stop:
+            continue
+        run += sm.total if si < nocfg else (sm.total - sm.word_embed) / 2 + sm.word_embed
+    return 1 - run / sum(s.total for s in dense)
+
+
+def nearest_k(cfg, target: float, plan, ks) -> int:
+    """The k in ks whose plan(k) = (stop, nocfg) saves the share nearest to target (ties: the smaller k)."""
+    return min(ks, key=lambda k: (abs(saved_fraction(cfg, *plan(k)) - target), k))

@@ -23,24 +23,34 @@ from methods import _steps
 class CfgSkip(Method):
     kind = "token"
     description = "unconditional-branch replacement: the last k scales run the conditional rows only (SkipVAR)"
-    params = (Param("last", int, 2, "how many of the last scales run without the unconditional branch", low=1),)
+    params = (Param("last", int, 2, "how many of the last scales run without the unconditional branch", low=1),
+              Param("match_saved", float, None, "overrides last: the k whose saved share of the dense transformer "
+                    "MACs is nearest to this", low=0.0, high=1.0, high_open=True, nullable=True))
+
+    def last(self, bundle) -> int:
+        S = len(bundle.var.patch_nums)
+        if self.config["match_saved"] is None:
+            return self.config["last"]
+        return _steps.nearest_k(bundle.var.cfg, self.config["match_saved"], lambda k: (S, S - k), range(1, S + 1))
 
     def check_model(self, bundle):
-        _steps.check_last(self.name, "last", self.config["last"], len(bundle.var.patch_nums), allow_all=True)
+        _steps.check_last(self.name, "last", self.last(bundle), len(bundle.var.patch_nums), allow_all=True)
 
     def build(self, bundle):
         self.check_model(bundle)
         S = len(bundle.var.patch_nums)
-        return _steps.StepNet(bundle.var, _steps.FixedPlan(stop=S, nocfg=S - self.config["last"]))
+        return _steps.StepNet(bundle.var, _steps.FixedPlan(stop=S, nocfg=S - self.last(bundle)))
 
     def analytic_macs(self, net, bundle, batch: int) -> Optional[List[float]]:
         return net.analytic_macs(bundle, batch)
 
     def row_metrics(self, net, bundle) -> Dict[str, Any]:
         S = len(bundle.var.patch_nums)
-        return dict(net.row_metrics(bundle), cfg_free_scales=list(range(S - self.config["last"], S)),
+        return dict(net.row_metrics(bundle), cfg_free_scales=list(range(S - self.last(bundle), S)),
                     macs_saved_fraction=_steps.steps_saved_fraction(self, net, bundle))
 
     @property
     def label(self) -> str:
+        if self.config["match_saved"] is not None:
+            return f"cfg-skip match {self.config['match_saved']:g} saved"
         return f"cfg-skip k={self.config['last']}"

@@ -50,6 +50,25 @@ def frequency_score(x: torch.Tensor) -> torch.Tensor:
     return (x - x.mean(dim=1, keepdim=True)).pow(2).sum(dim=-1)
 
 
+def predicted_macs(cfg, kept: Dict[int, int], layers: range) -> List[float]:
+    """Per-scale transformer MACs per image by formula, before generating (FastVAR's counts do not depend on the
+    data): bench/analytic.py with the projections and FFN over the kept tokens of the pruning layers and the scores
+    over the keys each layer has appended so far. Equal to what the blocks record (tests)."""
+    from bench.analytic import dense_scale_macs
+    C, H = cfg.embed_dim, round(cfg.embed_dim * cfg.mlp_ratio)
+    keys = [0] * cfg.depth
+    out = []
+    for si, sm in enumerate(dense_scale_macs(cfg, 1)):
+        n = cfg.patch_nums[si] ** 2
+        per_row = 0.0
+        for l in range(cfg.depth):
+            q = kept[si] if si in kept and l in layers else n
+            keys[l] += q
+            per_row += q * 4 * C * C + q * keys[l] * 2 * C + q * 2 * C * H
+        out.append(2 * per_row + sm.head + sm.adaln + sm.word_embed)
+    return out
+
+
 class FastVARGate(Gate):
     """Which scales are pruned (kept counts), which layers prune, and which scale's outputs restore the rest."""
 
@@ -118,6 +137,9 @@ class FastVAR(Method):
         Param("start_layer", int, None, "first pruning block (default: round(3/32 x depth))", low=0, nullable=True),
         Param("end_layer", int, None, "blocks from here on run dense (default: depth - round(4/32 x depth))", low=1,
               nullable=True),
+        Param("match_saved", float, None, "overrides ratio: one ratio on every pruned scale, chosen so that this "
+              "share of the dense transformer MACs is saved (nearest reachable)", low=0.0, high=1.0, high_open=True,
+              nullable=True),
     )
 
     def check(self):
@@ -143,7 +165,21 @@ class FastVAR(Method):
         if 0 in rates:
             raise BenchError(f"method {self.name}: scale 0 cannot be pruned (no earlier scale to restore it from); "
                              f"valid: 1..{len(pns) - 1}")
+        if c["match_saved"] is not None:
+            r = self.matched_ratio(bundle, sorted(rates))
+            rates = {s: r for s in rates}
         return {s: kept_count(r, pns[s] ** 2) for s, r in rates.items()}
+
+    def matched_ratio(self, bundle, scales: List[int]) -> float:
+        """The one ratio (on a 1/1000 grid) whose predicted saving is nearest to match_saved."""
+        cfg, lay = bundle.var.cfg, self.layers(bundle.var.cfg.depth)
+        dense = sum(predicted_macs(cfg, {}, lay))
+        target = self.config["match_saved"]
+
+        def gap(r):
+            kept = {s: kept_count(r, cfg.patch_nums[s] ** 2) for s in scales}
+            return abs(1 - sum(predicted_macs(cfg, kept, lay)) / dense - target)
+        return min((i / 1000 for i in range(1000)), key=gap)
 
     def check_model(self, bundle):
         self.kept_tokens(bundle)
@@ -175,6 +211,8 @@ class FastVAR(Method):
         kept = self.kept_tokens(bundle)
         lay = self.layers(bundle.var.cfg.depth)
         out = dict(fastvar_kept_per_scale=[kept.get(s) for s in range(S)], sparse_scales=sorted(kept),
+                   fastvar_ratio_per_scale=[None if s not in kept else
+                                            round(1 - kept[s] / bundle.var.patch_nums[s] ** 2, 4) for s in range(S)],
                    fastvar_layers=[lay.start, lay.stop - 1], fastvar_cache_scale=min(kept) - 1)
         out.update(_tokens.token_row_metrics(net, bundle))
         if totals:
@@ -186,4 +224,6 @@ class FastVAR(Method):
     def label(self) -> str:
         r = self.config["ratio"]
         r = ",".join(f"{x:g}" for x in r) if isinstance(r, list) else f"{r:g}"
+        if self.config["match_saved"] is not None:
+            r = f"match {self.config['match_saved']:g} saved"
         return f"fastvar prune={r}"

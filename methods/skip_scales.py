@@ -22,24 +22,34 @@ from methods import _steps
 class SkipScales(Method):
     kind = "token"
     description = "step skipping: the last k scales are not run; f_hat is the upsampled sum of the computed scales (SkipVAR)"
-    params = (Param("skip", int, 1, "how many of the last scales are not run", low=1),)
+    params = (Param("skip", int, 1, "how many of the last scales are not run", low=1),
+              Param("match_saved", float, None, "overrides skip: the k whose saved share of the dense transformer "
+                    "MACs is nearest to this", low=0.0, high=1.0, high_open=True, nullable=True))
+
+    def skip(self, bundle) -> int:
+        S = len(bundle.var.patch_nums)
+        if self.config["match_saved"] is None:
+            return self.config["skip"]
+        return _steps.nearest_k(bundle.var.cfg, self.config["match_saved"], lambda k: (S - k, S), range(1, S))
 
     def check_model(self, bundle):
-        _steps.check_last(self.name, "skip", self.config["skip"], len(bundle.var.patch_nums), allow_all=False)
+        _steps.check_last(self.name, "skip", self.skip(bundle), len(bundle.var.patch_nums), allow_all=False)
 
     def build(self, bundle):
         self.check_model(bundle)
         S = len(bundle.var.patch_nums)
-        return _steps.StepNet(bundle.var, _steps.FixedPlan(stop=S - self.config["skip"], nocfg=S))
+        return _steps.StepNet(bundle.var, _steps.FixedPlan(stop=S - self.skip(bundle), nocfg=S))
 
     def analytic_macs(self, net, bundle, batch: int) -> Optional[List[float]]:
         return net.analytic_macs(bundle, batch)
 
     def row_metrics(self, net, bundle) -> Dict[str, Any]:
         S = len(bundle.var.patch_nums)
-        return dict(net.row_metrics(bundle), skipped_scales=list(range(S - self.config["skip"], S)),
+        return dict(net.row_metrics(bundle), skipped_scales=list(range(S - self.skip(bundle), S)),
                     macs_saved_fraction=_steps.steps_saved_fraction(self, net, bundle))
 
     @property
     def label(self) -> str:
+        if self.config["match_saved"] is not None:
+            return f"skip-scales match {self.config['match_saved']:g} saved"
         return f"skip-scales k={self.config['skip']}"
