@@ -226,3 +226,23 @@ def test_skipvar_bad_parameters(tiny):
         create_method("skipvar", measure="fft")
     with pytest.raises(BenchError, match=r"skip=7 is out of range"):
         create_method("skipvar", skip=7).build(tiny)
+
+
+# ---------------------------------------------------------------------------------------------- the field report
+def test_field_ranking_per_budget():
+    from reports.field import ranking
+
+    def r(method, saved, sp, dq):
+        return dict(method=method, label=method, saved=saved, sp=(sp, sp - 0.1, sp + 0.1), dq=(dq, dq - 1, dq + 1))
+    rows = [r("dense", 0.0, 1.0, 0.0), r("fastvar", 0.11, 1.2, 0.5), r("fastvar", 0.29, 1.5, 2.0),
+            r("skip-scales", 0.43, 1.9, 9.0), r("cfg-skip", 0.22, 1.3, 1.0), r("cfg-skip", 0.33, 1.45, 3.0),
+            r("pruned-ffn", 0.2, 1.1, 0.2)]
+    at20 = {e["family"]: e for e in ranking(rows, 0.20)}
+    assert set(at20) == {"dense", "fastvar", "skip-scales", "cfg-skip", "pruned-ffn"}   # every family listed
+    assert at20["skip-scales"]["row"] is None and at20["skip-scales"]["nearest"] == pytest.approx(0.43)
+    assert at20["fastvar"]["row"] is None                          # 11% and 29% are both outside 20 ± 5
+    assert (at20["cfg-skip"]["rank_speed"], at20["pruned-ffn"]["rank_speed"], at20["dense"]["rank_speed"]) == (1, 2, 3)
+    assert (at20["dense"]["rank_fid"], at20["pruned-ffn"]["rank_fid"], at20["cfg-skip"]["rank_fid"]) == (1, 2, 3)
+    at30 = {e["family"]: e for e in ranking(rows, 0.30)}
+    assert at30["fastvar"]["row"]["saved"] == 0.29 and at30["cfg-skip"]["row"]["saved"] == 0.33
+    assert at30["fastvar"]["rank_speed"] == 1 and at30["cfg-skip"]["rank_speed"] == 2

@@ -2,7 +2,7 @@
 user runs it: `python -m bench sweep NAME --quick`. One row per expanded trial, every row measured (MACs by fvcore
 and by formula agreeing within 2%, FID within its interval), and FLOP-matched twins at their parent's MACs.
 
-The reference statistics and the dense outputs are cached in one directory shared by the five runs, as they are
+The reference statistics and the dense outputs are cached in one directory shared by the runs, as they are
 for a user (so only the first run builds them)."""
 import math
 
@@ -12,7 +12,7 @@ from tests.conftest import run_cli
 
 pytestmark = pytest.mark.slow    # each run takes 15-30 s (minutes on a busy 2-core machine)
 
-SHIPPED = ["tau", "activation", "scales", "experts", "depth"]
+SHIPPED = ["tau", "activation", "scales", "experts", "depth", "field"]
 
 
 @pytest.fixture(scope="module")
