@@ -216,8 +216,8 @@ def test_report_missing_columns_are_reported(tmp_path):
     assert "pareto" in r.stderr and "no FID values" in r.stderr        # the log (stderr)
 
 
-# the index order of the shipped reports; the first four are also drawn over every sweep (OUT/all/)
-SHIPPED_REPORTS = ["paired", "paired_table", "pareto", "front", "twins", "tau", "active_experts", "expert_maps",
+# the index order of the shipped reports; the first five are also drawn over every sweep (OUT/all/)
+SHIPPED_REPORTS = ["paired", "paired_table", "pareto", "field", "front", "twins", "tau", "active_experts", "expert_maps",
                    "expert_size", "scale_sensitivity", "depth", "activation_rates", "components", "tokens_vs_fixed",
                    "weights_vs_static", "actvar_scales"]
 
@@ -231,7 +231,7 @@ def test_report_registry_order_and_a_registered_figure_is_drawn(store, tmp_path)
     assert len(names) == len(set(names))
     assert [n for n in names if n in SHIPPED_REPORTS] == SHIPPED_REPORTS
     assert [r.order for r in list_reports()] == sorted(r.order for r in list_reports())
-    assert [r.name for r in list_reports(overview=True)] == SHIPPED_REPORTS[:4]
+    assert [r.name for r in list_reports(overview=True)] == SHIPPED_REPORTS[:5]
     with pytest.raises(RuntimeError, match="registered twice"):
         register_report("paired", "a second paired figure", order=1)(lambda ctx: [])
     assert [r.name for r in list_reports()] == names
