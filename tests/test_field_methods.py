@@ -246,3 +246,27 @@ def test_field_ranking_per_budget():
     at30 = {e["family"]: e for e in ranking(rows, 0.30)}
     assert at30["fastvar"]["row"]["saved"] == 0.29 and at30["cfg-skip"]["row"]["saved"] == 0.33
     assert at30["fastvar"]["rank_speed"] == 1 and at30["cfg-skip"]["rank_speed"] == 2
+
+
+# ---------------------------------------------------------------------------------------------- budgets
+def test_match_saved_derives_each_setting_from_a_macs_budget(tiny3):
+    from bench.analytic import dense_scale_macs
+    from methods import _steps
+    from methods.fastvar import predicted_macs
+    dense = sum(s.total for s in dense_scale_macs(tiny3.var.cfg, len(LABELS)))
+    m = create_method("fastvar", match_saved=0.3)
+    net = m.build(tiny3)
+    an = macs_match(m, net, tiny3, LABELS)                          # what ran == fvcore
+    pred = predicted_macs(tiny3.var.cfg, m.kept_tokens(tiny3), m.layers(3))
+    assert [a / len(LABELS) for a in an] == pytest.approx(pred, rel=1e-12)   # the formula it matched with
+    assert 1 - sum(an) / dense == pytest.approx(0.3, abs=0.01)
+    S, cfg = 7, tiny3.var.cfg
+    skips = {k: _steps.saved_fraction(cfg, S - k, S) for k in range(1, S)}
+    for target in (0.1, 0.5, 0.9):
+        k = create_method("skip-scales", match_saved=target).skip(tiny3)
+        assert abs(skips[k] - target) == min(abs(v - target) for v in skips.values())
+    last = create_method("cfg-skip", match_saved=0.3).last(tiny3)
+    sk = create_method("cfg-skip", last=last)
+    skn = sk.build(tiny3)
+    got = 1 - sum(macs_match(sk, skn, tiny3, LABELS)) / dense
+    assert got == pytest.approx(_steps.saved_fraction(cfg, S, S - last), abs=1e-12)
