@@ -59,6 +59,22 @@ def sample_labels(n: int, num_classes: int) -> torch.Tensor:
     return torch.arange(n) % num_classes
 
 
+def expert_paths(net) -> Optional[str]:
+    """The stats protocol's expert-execution record (methods/_experts.record: stats[si]['paths'] of each layer)
+    summed over the net, as the expert_paths column; None when no layer ran experts."""
+    mods = list(net.modules()) if isinstance(net, torch.nn.Module) else [net]
+    calls: Dict[str, int] = {}
+    choosers = set()
+    for m in mods:
+        stats = getattr(m, "stats", None)
+        for st in (stats.values() if isinstance(stats, dict) else ()):
+            if isinstance(st, dict) and "paths" in st:
+                for path, n in st["paths"].items():
+                    calls[path] = calls.get(path, 0) + n
+                choosers.add(st.get("chooser", ""))
+    return json.dumps(dict(calls=dict(sorted(calls.items())), chooser=", ".join(sorted(choosers)))) if calls else None
+
+
 def batch_ranges(samples: int, batch_size: int) -> List[tuple]:
     return [(s, min(s + batch_size, samples)) for s in range(0, samples, batch_size)]
 
@@ -456,6 +472,7 @@ def measure(bundle, method, *, samples: int, seed: int = 0, sampling=None, batch
         gen, timing, paired, memory = generate_and_time(method, net, bundle, labels, seed, sampling, batch_size,
                                                         warmup_batches, timing_rounds)
         flops.macs_analytic_all, flops.macs_analytic_all_per_scale = sum(gen.macs_all_per_scale), gen.macs_all_per_scale
+        flops.expert_paths = expert_paths(net)
         for rec in (timing, memory, paired):
             rec.log()
     with phase("dense_reference"):

@@ -112,6 +112,10 @@ class FlopsRecord(Record):
         "occurrences}")
     flop_images: Optional[int] = column("int64",
         "images of the counted generation (labels 0..flop_images-1, seed of batch 0)")
+    expert_paths: Optional[str] = column("json",
+        "expert-FFN execution of the generation (N samples + paired rounds), methods/_experts.py: {\"calls\": "
+        "{grouped|masked-dense: calls}, \"chooser\": auto (cost model) | forced}; masked-dense calls run (and "
+        "count) every expert's MACs", nullable="methods without experts")
 
     def summary(self) -> str:
         if self.macs_fvcore is None:

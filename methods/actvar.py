@@ -13,7 +13,7 @@ Inference, per block m on a sparse scale (eq. 4, 8, 9):
     K_t = round(rate·n) tokens go through attention and FFN, the others are copied unchanged. The kept tokens'
     keys/values are all that block appends to its KV cache (see methods/_tokens.py).
   * FFN split into N equal contiguous experts (neurons [e·H/N, (e+1)·H/N)); router R = Linear(C,N) -> softmax;
-    the top K_w = round(γ·N) experts run (grouped execution, methods/_moe.run_experts), fc2's bias added once.
+    the top K_w = round(γ·N) experts run (methods/_experts.py: grouped or masked-dense), fc2's bias added once.
   Both linears are the sizes eq. 12's overhead term implies (2·L·H selector + 2·(1-η)·L·H·N router FLOPs).
 
 Training (`prepare`), through `VAR.forward_by_scale` (teacher-forced inputs, scale by scale with KV caches,
@@ -62,7 +62,7 @@ import torch.nn.functional as F
 from bench.errors import BenchError
 from bench.registry import Method, Param, clone_structure, register_method
 from bench.log import progress as progress_iter
-from methods import _moe, _tokens
+from methods import _experts, _moe, _tokens
 from methods._tokens import LearnedGate, TokenGatedBlock, kept_count
 
 KIND = "actvar"
@@ -156,6 +156,7 @@ class ActExpertFFN(nn.Module):
         N = self.num_experts
         top = logits.topk(k, dim=1, sorted=False).indices if k < N else \
             torch.arange(N, device=x.device).expand(x2.shape[0], -1)
+        ran = None
         if self.aux is not None or torch.is_grad_enabled():          # training/evaluation: masked dense compute
             gate = torch.zeros_like(logits).scatter_(1, top, 1.0)
             if self.straight_through and torch.is_grad_enabled():
@@ -170,8 +171,11 @@ class ActExpertFFN(nn.Module):
             mask = torch.zeros(logits.shape, dtype=torch.bool, device=x.device).scatter_(
                 1, top, torch.ones_like(top, dtype=torch.bool))
             w1, b1, w2 = self.experts()
-            out = _moe.run_experts(x2, mask, w1, b1, w2, self.act_name) + self.fc2.bias
+            out, ran = _experts.execute(x2, mask, w1, b1, w2, self.act_name)
+            out = out + self.fc2.bias
         self._record(si, x2.shape[0], top)
+        if ran is not None:
+            _experts.record(self.stats[si], ran)
         return out.view(shape)
 
     def _aux(self, x2, h, logits, top, si):
@@ -200,7 +204,8 @@ class ActExpertFFN(nn.Module):
         st = self.stats.get(si)
         if not st or not st["tokens"]:
             raise BenchError(f"no recorded expert statistics at scale {si}; generate before counting FLOPs")
-        return st["pairs"] * 2 * self.dim * self.expert_size + st["tokens"] * self.dim * self.num_experts
+        pairs = st.get("pairs_run", st["pairs"])     # what ran: masked-dense calls run every expert
+        return pairs * 2 * self.dim * self.expert_size + st["tokens"] * self.dim * self.num_experts
 
 
 def expert_layers(net) -> List[ActExpertFFN]:

@@ -1,14 +1,18 @@
-"""`python -m bench bench-moe`: does the expert FFN turn FLOPs saved into time saved? (a benchmark, not a test)
+"""`python -m bench bench-moe`: does expert execution turn FLOPs saved into time saved? (a benchmark, not a test)
 
-Side by side in one run on the current device: the dense FFN fc2(relu(fc1 x)) and the expert execution that
-DMoE-VAR uses (methods/_moe.run_experts: group tokens by expert, two matmuls per expert, scatter-add), at fixed
+Side by side in one run on the current device: the dense FFN fc2(relu(fc1 x)) and both expert-execution paths of
+methods/_experts.py (grouped: selected experts only; masked-dense: every expert, unselected ones zeroed), at fixed
 active fractions (every token keeps round(f·E) random experts) and expert sizes, at the token counts of the
-last scales (CFG: 2 rows per image, times --batch). Prints, per configuration, time saved ÷ FLOPs saved:
-1.0 means the saving is fully realised, 0 means no time saved, negative means slower than dense. The router is
-timed separately (its cost is reported, not part of the ratio). Timing: warm-up runs, then the repeats
-interleaved dense/expert, each sample long enough to time (inner loop of >= --min-sample-ms), median (p10/p90
-reported); time saved = 1 - median of the paired expert/dense ratios, robust to drift of a shared machine;
-CUDA events on GPU.
+last scales (CFG: 2 rows per image, times --batch). Timing: warm-up runs, then the repeats interleaved
+dense/grouped/masked-dense, each sample long enough to time (inner loop of >= --min-sample-ms); time saved =
+1 - median of the paired path/dense ratios, robust to drift of a shared machine; CUDA events on GPU. The router
+is timed separately (its cost is reported, not part of the ratio).
+
+The measurements calibrate the per-machine cost model that picks a path per call (methods/_experts.CostModel;
+merged into the cached calibration of this device/torch/threads/dtype unless --no-calibrate). Each row then
+reports the path the calibrated model picks, its time saved, the FLOPs that path saves (0 for masked-dense: it
+runs every expert) and ratio = time saved ÷ FLOPs the routing saves (1.0: the saving fully realised, 0: no time
+saved, negative: slower than dense).
 """
 from __future__ import annotations
 
@@ -27,6 +31,9 @@ SHAPES = {
 }
 
 
+DTYPES = ("float32", "bfloat16", "float16")
+
+
 def register(sub):
     p = sub.add_parser("bench-moe", help="benchmark: expert FFN vs dense FFN, time saved per FLOP saved")
     p.add_argument("--shapes", default="official-d16,default",
@@ -40,6 +47,9 @@ def register(sub):
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch default)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dtype", default="float32", choices=DTYPES, help="weights and activations")
+    p.add_argument("--no-calibrate", action="store_true",
+                   help="do not update this machine's cached expert cost model (methods/_experts.py)")
     p.add_argument("--json", default=None, help="also write the results (with the environment) to this file")
     p.set_defaults(func=run)
 
@@ -105,7 +115,8 @@ def run(a):
     import torch
     import torch.nn.functional as F
     from bench.commands._common import check_device, check_writable_file
-    from methods._moe import Router, run_experts
+    from methods import _experts
+    from methods._moe import Router
     shapes = parse_shapes(a.shapes)
     sizes = parse_list(a.expert_sizes, int, "--expert-sizes", 0)
     fracs = parse_list(a.fractions, float, "--fractions", 0.0, 1.0)
@@ -116,30 +127,30 @@ def run(a):
     if a.json:
         check_writable_file(a.json, (".json",))
     device = torch.device(check_device(a.device))
+    dtype = getattr(torch, a.dtype)
     if a.threads:
         torch.set_num_threads(a.threads)
     timer = Timer(device)
     g = torch.Generator().manual_seed(a.seed)
-    results = []
+    results, points = [], []
     env = dict(device=str(device), device_name=torch.cuda.get_device_name(device) if device.type == "cuda"
                else platform.processor() or platform.machine(), torch=torch.__version__,
-               threads=torch.get_num_threads(), batch=a.batch, warmup=a.warmup, repeats=a.repeats,
-               min_sample_ms=a.min_sample_ms,
-               started=time.strftime("%Y-%m-%d %H:%M:%S"))
+               threads=torch.get_num_threads(), dtype=a.dtype, batch=a.batch, warmup=a.warmup, repeats=a.repeats,
+               min_sample_ms=a.min_sample_ms, started=time.strftime("%Y-%m-%d %H:%M:%S"))
     print(f"bench-moe on {env['device']} ({env['device_name']}), torch {env['torch']}, {env['threads']} threads, "
-          f"batch {a.batch}, warm-up {a.warmup}, {a.repeats} repeats (median [p10, p90])")
-    hdr = f"{'shape':>13} {'tokens':>6} {'e':>4} {'E':>4} {'active':>7} {'dense ms':>18} {'experts ms':>18} " \
-          f"{'router ms':>9} {'time saved':>10} {'FLOPs saved':>11} {'ratio':>6}"
+          f"{a.dtype}, batch {a.batch}, warm-up {a.warmup}, {a.repeats} repeats (median [p10, p90])")
+    hdr = f"{'shape':>13} {'tokens':>6} {'e':>4} {'E':>4} {'active':>7} {'dense ms':>18} {'grouped ms':>18} " \
+          f"{'masked ms':>9} {'router ms':>9} {'grouped saved':>13} {'FLOPs saved':>11} {'ratio':>6}"
     print(hdr)
     with torch.no_grad():
         for name, C, H, pns in shapes:
-            W1 = (torch.randn(H, C, generator=g) / C ** 0.5).to(device)
-            B1 = (torch.randn(H, generator=g) * 0.1).to(device)
-            W2 = (torch.randn(C, H, generator=g) / H ** 0.5).to(device)
-            B2 = torch.zeros(C).to(device)
+            W1 = (torch.randn(H, C, generator=g) / C ** 0.5).to(device, dtype)
+            B1 = (torch.randn(H, generator=g) * 0.1).to(device, dtype)
+            W2 = (torch.randn(C, H, generator=g) / H ** 0.5).to(device, dtype)
+            B2 = torch.zeros(C).to(device, dtype)
             for pn in pns:
                 T = 2 * pn * pn * a.batch
-                x = torch.randn(T, C, generator=g).to(device)
+                x = torch.randn(T, C, generator=g).to(device, dtype)
 
                 def dense():
                     return F.linear(F.relu(F.linear(x, W1, B1)), W2, B2)
@@ -147,7 +158,7 @@ def run(a):
                     E = H // e
                     w1, b1 = W1.view(E, e, C), B1.view(E, e)      # as methods/_moe.split_ffn
                     w2 = W2.view(C, E, e).permute(1, 0, 2).contiguous()
-                    router = Router(C, E).to(device)
+                    router = Router(C, E).to(device, dtype)
                     done = set()
                     for f in fracs:
                         k = max(1, round(f * E))
@@ -157,39 +168,75 @@ def run(a):
                         pick = torch.rand(T, E, generator=g).argsort(1)[:, :k]
                         mask = torch.zeros(T, E, dtype=torch.bool).scatter_(1, pick, True).to(device)
 
-                        def experts():
-                            return run_experts(x, mask, w1, b1, w2, "relu") + B2
+                        def grouped():
+                            return _experts.grouped(x, mask, w1, b1, w2, "relu") + B2
+
+                        def masked():
+                            return _experts.masked_dense(x, mask, w1, b1, w2, "relu") + B2
                         for _ in range(a.warmup):
-                            dense(), experts(), router(x)
-                        one = min(timer(dense), timer(experts))
+                            dense(), grouped(), masked(), router(x)
+                        one = min(timer(dense), timer(grouped), timer(masked))
                         inner = max(1, min(1000, int(a.min_sample_ms / 1e3 / max(one, 1e-6))))
-                        td, tm, tr = [], [], []
-                        for _ in range(a.repeats):   # interleaved: drift affects both alike
+                        td, tg, tm, tr = [], [], [], []
+                        for _ in range(a.repeats):   # interleaved: drift affects all alike
                             td.append(timer(dense, inner))
-                            tm.append(timer(experts, inner))
+                            tg.append(timer(grouped, inner))
+                            tm.append(timer(masked, inner))
                             tr.append(timer(lambda: router(x), inner))
-                        (d50, d10, d90), (m50, m10, m90) = quantiles(td), quantiles(tm)
-                        r50 = quantiles(tr)[0]
+                        (d50, d10, d90), (g50, g10, g90), (m50, _, _) = quantiles(td), quantiles(tg), quantiles(tm)
+                        saved = lambda ts: 1 - quantiles([t / d for t, d in zip(ts, td)])[0]   # noqa: E731
                         flops_saved = 1 - k / E
-                        time_saved = 1 - quantiles([m / d for m, d in zip(tm, td)])[0]
                         row = dict(shape=name, C=C, ffn=H, pn=pn, tokens=T, expert_size=e, experts=E, active=k,
                                    active_fraction=k / E, dense_median_s=d50, dense_p10_s=d10, dense_p90_s=d90,
-                                   experts_median_s=m50, experts_p10_s=m10, experts_p90_s=m90, router_median_s=r50,
-                                   inner_calls=inner, time_saved=time_saved, flops_saved=flops_saved,
-                                   ratio=time_saved / flops_saved)
+                                   grouped_median_s=g50, grouped_p10_s=g10, grouped_p90_s=g90, masked_median_s=m50,
+                                   router_median_s=quantiles(tr)[0], inner_calls=inner, flops_saved=flops_saved,
+                                   time_saved_grouped=saved(tg), time_saved_masked=saved(tm))
+                        row["ratio_grouped"] = row["time_saved_grouped"] / flops_saved
                         results.append(row)
+                        # the model's per-call unit: seconds of one call without the shared fc2-bias add
+                        points.append(dict(T=T, C=C, E=E, e=e, P=T * k, called=E, grouped_s=g50, masked_s=m50))
                         print(f"{name:>13} {T:>6} {e:>4} {E:>4} {k:>3}/{E:<3} "
                               f"{d50 * 1e3:>7.2f} [{d10 * 1e3:.1f},{d90 * 1e3:.1f}] "
-                              f"{m50 * 1e3:>7.2f} [{m10 * 1e3:.1f},{m90 * 1e3:.1f}] {r50 * 1e3:>9.2f} "
-                              f"{time_saved:>10.1%} {flops_saved:>11.1%} {row['ratio']:>6.2f}", flush=True)
-    print("ratio = time saved ÷ FLOPs saved (expert FFN vs dense FFN, router excluded; time saved = 1 - median paired "
-          "expert/dense time); target >= 0.9 for expert size >= 128")
+                              f"{g50 * 1e3:>7.2f} [{g10 * 1e3:.1f},{g90 * 1e3:.1f}] {m50 * 1e3:>9.2f} "
+                              f"{row['router_median_s'] * 1e3:>9.2f} {row['time_saved_grouped']:>13.1%} "
+                              f"{flops_saved:>11.1%} {row['ratio_grouped']:>6.2f}", flush=True)
+    key = _experts.machine_key(device, dtype)
+    if a.no_calibrate:
+        model = _experts.cost_model(device, dtype)
+        where = "not updated (--no-calibrate)"
+        if model is None:
+            model = _experts.fit(points, "this run")
+    else:
+        path, model = _experts.save_calibration(key, points)
+        where = f"calibrated on this run's {len(points)} configurations (merged with earlier ones), saved to {path}"
+    print(f"cost model {where}")
+    print(f"  grouped ≈ {model.grouped[0]:.3g}·P·C·e + {model.grouped[1]:.3g}·P·C + {model.grouped[2]:.3g}·experts "
+          f"+ {model.grouped[3]:.3g} s; masked-dense ≈ {model.masked[0]:.3g}·T·C·H + {model.masked[1]:.3g}·T·H + "
+          f"{model.masked[2]:.3g} s")
+    print("path the cost model picks per configuration (ratio = time saved ÷ FLOPs the routing saves; FLOPs run "
+          "saved = 0 on masked-dense):")
+    for row, p in zip(results, points):
+        path = model.choose(p["T"], p["C"], p["E"], p["e"], p["P"], p["called"])
+        row["path"] = path
+        row["time_saved"] = row["time_saved_grouped"] if path == _experts.GROUPED else row["time_saved_masked"]
+        row["flops_run_saved"] = row["flops_saved"] if path == _experts.GROUPED else 0.0
+        row["ratio"] = row["time_saved"] / row["flops_saved"]
+    print(f"{'shape':>13} {'tokens':>6} {'e':>4} {'active':>7} {'path':>12} {'time saved':>10} "
+          f"{'FLOPs run saved':>15} {'ratio':>6}")
+    for r in results:
+        print(f"{r['shape']:>13} {r['tokens']:>6} {r['expert_size']:>4} {r['active']:>3}/{r['experts']:<3} "
+              f"{r['path']:>12} {r['time_saved']:>10.1%} {r['flops_run_saved']:>15.1%} {r['ratio']:>6.2f}")
+    print("target: mean ratio >= 0.9 for expert size >= 128, no configuration below 0.7")
     for name, *_ in shapes:
         for e in sorted({r["expert_size"] for r in results if r["shape"] == name}):
-            rs = [r["ratio"] for r in results if r["shape"] == name and r["expert_size"] == e]
-            print(f"  {name} e={e}: mean ratio {sum(rs) / len(rs):.2f} over {len(rs)} configurations")
+            rs = [r for r in results if r["shape"] == name and r["expert_size"] == e]
+            ratios = [r["ratio"] for r in rs]
+            paths = {p: sum(r["path"] == p for r in rs) for p in _experts.PATHS}
+            print(f"  {name} e={e}: mean ratio {sum(ratios) / len(ratios):.2f}, min {min(ratios):.2f} over "
+                  f"{len(rs)} configurations ({', '.join(f'{p} {n}' for p, n in paths.items() if n)})")
     if a.json:
         from bench.atomic import atomic_write_text
+        env["cost_model"] = dict(source=model.source, grouped=model.grouped, masked=model.masked)
         atomic_write_text(a.json, json.dumps(dict(env=env, results=results), indent=1))
         print(f"wrote {a.json}")
     return 0

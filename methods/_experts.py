@@ -1,0 +1,324 @@
+"""Expert-FFN execution: Σ over each token's selected experts of fc2_e(act(fc1_e x)), used by every method with
+experts (DMoE's ExpertFFN, ActVAR's ActExpertFFN, and so every composition of them).
+
+Two paths, chosen per call (`execute`):
+
+  grouped        the (token, expert) pairs sorted once by expert into contiguous segments (one host sync for
+                 the segment sizes); per expert one gather into a preallocated buffer, fc1 with its bias fused
+                 (addmm), the activation in place, fc2 into a preallocated buffer, one index_add_ into the
+                 preallocated output. Only the selected experts' MACs run (2·C·e per pair). On CUDA the segments
+                 are padded to the longest and the two matmuls are single batched calls (baddbmm/bmm), since
+                 per-expert kernel launches dominate there. Per-expert gathers (not one gather of every pair)
+                 keep the gathered rows in cache for their matmul: on this CPU 1.5x faster at d16 shapes.
+  masked-dense   every expert runs (the dense FFN), unselected experts' activations are zeroed: no MACs saved,
+                 but nothing lost either where the grouped path's per-expert overhead costs more than it saves
+                 (small C, small experts, most experts active).
+
+The choice comes from a small cost model (CostModel) in seconds per unit of work: grouped = a·P·C·e + b·P·C
++ c·(experts called) + d, masked-dense = m·T·C·H + n·T·H + p (T tokens, P pairs, C width, e expert width,
+H = E·e). `python -m bench bench-moe` calibrates it per machine (device, torch, threads, dtype) from its paired
+measurements and caches it under <cache root>/expert-cost/ (VARBENCH_CACHE, as bench/artifacts.py); without a
+calibration the BUILTIN coefficients (this project's 2-core CPU, 1 thread) are used on CPU and the grouped path
+elsewhere. Forcing, for tests and experiments: VARBENCH_EXPERT_PATH=auto|grouped|masked-dense (or `forced(path)`
+in-process); VARBENCH_EXPERT_COST=<file>|builtin picks the cost model.
+
+Recording (`record`): the calling layer keeps, per scale in its stats dict, `paths` ({path: calls}), `pairs_run`
+(the (token, expert) pairs whose MACs actually ran: all T·E on masked-dense calls) and `chooser`; FLOP counts use
+pairs_run, and bench/measure.py gathers the path counts of a run into the row's `expert_paths` column.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import platform
+import time
+import weakref
+from dataclasses import dataclass, field
+from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+
+from bench.errors import BenchError
+from bench.log import get_logger
+
+logger = get_logger("methods")
+
+GROUPED, MASKED = "grouped", "masked-dense"
+PATHS = (GROUPED, MASKED)
+CHOICES = ("auto",) + PATHS
+ENV_PATH = "VARBENCH_EXPERT_PATH"
+ENV_COST = "VARBENCH_EXPERT_COST"
+COST_VERSION = 1
+
+# Fitted by `bench-moe --threads 1` at the official-d16 and default shapes on this project's 2-core AMD EPYC CPU
+# (torch 2.14, float32); used on CPU until a machine has its own calibration. Seconds per unit (see CostModel).
+BUILTIN = dict(grouped=(2.0e-11, 8.0e-10, 2.8e-05, 4.0e-05), masked=(2.4e-11, 1.0e-10, 3.0e-05))
+
+
+# ------------------------------------------------------------------------------------------------ the two paths
+def grouped(x2: torch.Tensor, mask: torch.Tensor, w1, b1, w2, act: str = "relu",
+            counts: Optional[List[int]] = None, batched: Optional[bool] = None) -> torch.Tensor:
+    """Selected experts only. x2 (T,C), mask (T,E) bool; weights in nn.Linear layout: w1 (E,e,C), b1 (E,e),
+    w2 (E,C,e) (strided views of fc1/fc2 work). counts: the segment sizes (mask.sum(0)) if already on the host.
+    batched: padded bmm over segments (default: on CUDA)."""
+    if counts is None:
+        counts = mask.sum(0).tolist()                     # the one host sync
+    tok = mask.t().nonzero()[:, 1]                        # pairs sorted by expert: contiguous segments
+    if batched if batched is not None else x2.is_cuda:
+        return _grouped_bmm(x2, mask, tok, counts, w1, b1, w2, act)
+    T, C = x2.shape
+    cmax = max(counts) if counts else 0
+    out = torch.zeros_like(x2)
+    if cmax == 0:
+        return out
+    tracing = torch.jit.is_tracing()                      # fvcore's trace: plain ops (out= variants untraced)
+    e = w1.shape[1]
+    xb, hb, yb = x2.new_empty(cmax, C), x2.new_empty(cmax, e), x2.new_empty(cmax, C)
+    o = 0
+    for j, c in enumerate(counts):
+        if not c:
+            continue
+        idx = tok[o:o + c]
+        o += c
+        if tracing:
+            h = torch.addmm(b1[j], x2.index_select(0, idx), w1[j].t())
+            y = torch.mm(_act(h, act), w2[j].t())
+        else:
+            xg, h, y = xb[:c], hb[:c], yb[:c]
+            torch.index_select(x2, 0, idx, out=xg)
+            torch.addmm(b1[j], xg, w1[j].t(), out=h)
+            torch.mm(_act(h, act), w2[j].t(), out=y)
+        out.index_add_(0, idx, y)
+    return out
+
+
+def _act(h: torch.Tensor, act: str) -> torch.Tensor:
+    return torch.relu_(h) if act == "relu" else F.gelu(h, approximate="tanh")
+
+
+def _grouped_bmm(x2, mask, tok, counts, w1, b1, w2, act):
+    """Segments padded to the longest, the two matmuls as one baddbmm + one bmm; padded slots read and write a
+    spare zero row T (dropped at the end), so they add nothing."""
+    T, C = x2.shape
+    E = mask.shape[1]
+    cmax = max(counts) if counts else 0
+    if cmax == 0:
+        return torch.zeros_like(x2)
+    cnt = torch.tensor(counts, device=x2.device)
+    ex = torch.repeat_interleave(torch.arange(E, device=x2.device), cnt)
+    pos = torch.arange(tok.shape[0], device=x2.device) - (cnt.cumsum(0) - cnt)[ex]
+    idx = torch.full((E, cmax), T, dtype=torch.long, device=x2.device)
+    idx[ex, pos] = tok
+    xp = torch.cat((x2, x2.new_zeros(1, C)))
+    xg = xp.index_select(0, idx.view(-1)).view(E, cmax, C)
+    h = _act(torch.baddbmm(b1.unsqueeze(1), xg, w1.transpose(1, 2)), act)
+    y = torch.bmm(h, w2.transpose(1, 2))
+    out = torch.zeros_like(xp)
+    out.index_add_(0, idx.view(-1), y.view(-1, C))
+    return out[:T]
+
+
+_DENSE_W2: Dict[int, tuple] = {}       # id(w2) -> (weakref to w2, its version, dense copy); dropped with w2
+
+
+def _dense_w2(w2: torch.Tensor) -> torch.Tensor:
+    """fc2's (C, H) weight from the (E, C, e) expert layout: a view for ActVAR's (views of fc2), a copy made once
+    per weight tensor for DMoE's contiguous split."""
+    E, C, e = w2.shape
+    full = w2.permute(1, 0, 2)
+    if full.is_contiguous():
+        return full.reshape(C, E * e)
+    hit = _DENSE_W2.get(id(w2))
+    if hit is None or hit[0]() is not w2 or hit[1] != w2._version:
+        hit = (weakref.ref(w2), w2._version, full.reshape(C, E * e))
+        _DENSE_W2[id(w2)] = hit
+        weakref.finalize(w2, _DENSE_W2.pop, id(w2), None)
+    return hit[2]
+
+
+def masked_dense(x2: torch.Tensor, mask: torch.Tensor, w1, b1, w2, act: str = "relu") -> torch.Tensor:
+    """Every expert runs; unselected experts' activations are zeroed (same contract as `grouped`)."""
+    E, e, C = w1.shape
+    h = _act(torch.addmm(b1.reshape(E * e), x2, w1.reshape(E * e, C).t()), act)
+    h = h.view(-1, E, e).mul_(mask.unsqueeze(-1)) if not torch.jit.is_tracing() else \
+        (h.view(-1, E, e) * mask.unsqueeze(-1))
+    return torch.mm(h.view(-1, E * e), _dense_w2(w2).t())
+
+
+# ------------------------------------------------------------------------------------------------ cost model
+def machine_key(device: torch.device, dtype: torch.dtype) -> dict:
+    """What a calibration is valid for."""
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or
+                                                                              platform.machine())
+    return dict(version=COST_VERSION, device_type=device.type, device_name=name, torch=torch.__version__,
+                threads=torch.get_num_threads() if device.type == "cpu" else 0, dtype=str(dtype).replace("torch.", ""))
+
+
+@dataclass
+class CostModel:
+    """Predicted seconds of one call on each path (coefficients: seconds per unit of work)."""
+    grouped: Tuple[float, float, float, float]     # per P·C·e MAC, per P·C gathered/added element, per expert, per call
+    masked: Tuple[float, float, float]             # per T·C·H MAC, per T·H activation, per call
+    source: str = "builtin"
+
+    @staticmethod
+    def features(T: int, C: int, E: int, e: int, P: int, called: int):
+        return (P * C * e, P * C, called, 1), (T * C * E * e, T * E * e, 1)
+
+    def predict(self, T: int, C: int, E: int, e: int, P: int, called: int) -> Dict[str, float]:
+        fg, fm = self.features(T, C, E, e, P, called)
+        return {GROUPED: sum(a * f for a, f in zip(self.grouped, fg)),
+                MASKED: sum(a * f for a, f in zip(self.masked, fm))}
+
+    def choose(self, T: int, C: int, E: int, e: int, P: int, called: int) -> str:
+        t = self.predict(T, C, E, e, P, called)
+        return GROUPED if t[GROUPED] <= t[MASKED] else MASKED
+
+
+def fit(points: Sequence[dict], source: str) -> CostModel:
+    """Non-negative least squares on relative error. points: dicts with T, C, E, e, P, called, grouped_s,
+    masked_s (measured seconds per call)."""
+    import numpy as np
+    from scipy.optimize import nnls
+    if not points:
+        raise BenchError("no measurements to calibrate the expert cost model from")
+    fg, fm = zip(*(CostModel.features(p["T"], p["C"], p["E"], p["e"], p["P"], p["called"]) for p in points))
+    coefs = []
+    for feats, key in ((fg, "grouped_s"), (fm, "masked_s")):
+        A = np.array(feats, dtype=np.float64)
+        y = np.array([p[key] for p in points], dtype=np.float64)
+        w = 1.0 / y
+        scale = A.max(0)
+        scale[scale == 0] = 1.0
+        sol, _ = nnls(A * w[:, None] / scale, np.ones_like(y))
+        coefs.append(tuple(float(v) for v in sol / scale))
+    return CostModel(grouped=coefs[0], masked=coefs[1], source=source)
+
+
+def cost_dir() -> str:
+    from bench.artifacts import cache_root
+    return os.path.join(cache_root(), "expert-cost")
+
+
+def cost_path(key: dict) -> str:
+    from bench.artifacts import config_hash
+    return os.path.join(cost_dir(), f"cost-{key['device_type']}-{config_hash(key)}.json")
+
+
+def save_calibration(key: dict, points: List[dict], path: Optional[str] = None) -> Tuple[str, CostModel]:
+    """Merge `points` into this machine's calibration (a new point replaces an old one of the same configuration),
+    refit, write atomically. Returns (file, model)."""
+    from bench.atomic import atomic_write_text
+    path = path or cost_path(key)
+    old = read_calibration(path).get("points", []) if os.path.isfile(path) else []
+    ident = lambda p: (p["T"], p["C"], p["E"], p["e"], p["P"])
+    merged = {ident(p): p for p in old}
+    merged.update({ident(p): p for p in points})
+    pts = list(merged.values())
+    model = fit(pts, source=path)
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    atomic_write_text(path, json.dumps(dict(key=key, grouped=model.grouped, masked=model.masked, points=pts,
+                                            fitted=time.strftime("%Y-%m-%d %H:%M:%S")), indent=1))
+    _MODELS.clear()
+    return path, model
+
+
+def read_calibration(path: str) -> dict:
+    try:
+        with open(path) as f:
+            d = json.load(f)
+        CostModel(grouped=tuple(d["grouped"]), masked=tuple(d["masked"]))
+        return d
+    except (OSError, ValueError, KeyError, TypeError) as ex:
+        raise BenchError(f"expert cost model {path} is unreadable ({type(ex).__name__}); delete it or re-run "
+                         f"`python -m bench bench-moe`") from None
+
+
+_MODELS: Dict[str, Optional[CostModel]] = {}
+
+
+def cost_model(device: torch.device, dtype: torch.dtype) -> Optional[CostModel]:
+    """This machine's calibrated model, else BUILTIN on CPU, else None (grouped). VARBENCH_EXPERT_COST overrides:
+    a file, or 'builtin'."""
+    env = os.environ.get(ENV_COST, "")
+    key = machine_key(device, dtype)
+    memo = json.dumps(key, sort_keys=True) + "|" + env
+    if memo in _MODELS:
+        return _MODELS[memo]
+    if env == "builtin":
+        model: Optional[CostModel] = CostModel(**BUILTIN, source="builtin")
+    else:
+        path = env or cost_path(key)
+        if env and not os.path.isfile(env):
+            raise BenchError(f"{ENV_COST}={env!r}: no such file; valid: a cost-model file written by bench-moe, "
+                             f"or 'builtin'")
+        if os.path.isfile(path):
+            d = read_calibration(path)
+            model = CostModel(grouped=tuple(d["grouped"]), masked=tuple(d["masked"]), source=path)
+        else:
+            model = CostModel(**BUILTIN, source="builtin") if device.type == "cpu" else None
+    _MODELS[memo] = model
+    return model
+
+
+_FORCED: List[str] = []
+
+
+@contextlib.contextmanager
+def forced(path: str):
+    """Run every expert call inside on `path` (auto, grouped, masked-dense)."""
+    check_path(path, "forced path")
+    _FORCED.append(path)
+    try:
+        yield
+    finally:
+        _FORCED.pop()
+
+
+def check_path(path: str, what: str) -> str:
+    if path not in CHOICES:
+        raise BenchError(f"{what} must be one of {', '.join(CHOICES)}, got {path!r}")
+    return path
+
+
+def requested_path() -> str:
+    if _FORCED:
+        return _FORCED[-1]
+    return check_path(os.environ.get(ENV_PATH, "") or "auto", ENV_PATH)
+
+
+# ------------------------------------------------------------------------------------------------ one call
+class Ran(NamedTuple):
+    path: str          # grouped | masked-dense
+    pairs: int         # (token, expert) pairs whose MACs ran
+    chooser: str       # 'auto (<cost model source>)' or 'forced'
+
+
+def execute(x2: torch.Tensor, mask: torch.Tensor, w1, b1, w2, act: str = "relu") -> Tuple[torch.Tensor, Ran]:
+    """Σ over selected experts of expert_e(x) per token (no fc2 bias), on the path chosen for this call.
+
+    x2 (T,C), mask (T,E) bool, w1 (E,e,C), b1 (E,e), w2 (E,C,e). Returns (output (T,C), what ran)."""
+    T, C = x2.shape
+    E, e = w1.shape[0], w1.shape[1]
+    want = requested_path()
+    counts = mask.sum(0).tolist()                         # the one host sync (shared by the choice and grouped)
+    P = sum(counts)
+    if want == "auto":
+        model = cost_model(x2.device, x2.dtype)
+        path = GROUPED if model is None else model.choose(T, C, E, e, P, sum(1 for c in counts if c))
+        chooser = f"auto ({'none: grouped' if model is None else os.path.basename(model.source)})"
+    else:
+        path, chooser = want, "forced"
+    if path == GROUPED:
+        return grouped(x2, mask, w1, b1, w2, act, counts=counts), Ran(GROUPED, P, chooser)
+    return masked_dense(x2, mask, w1, b1, w2, act), Ran(MASKED, T * E, chooser)
+
+
+def record(stats: dict, ran: Ran) -> None:
+    """Add one call to a layer's per-scale statistics (see the module docstring)."""
+    paths = stats.setdefault("paths", {})
+    paths[ran.path] = paths.get(ran.path, 0) + 1
+    stats["pairs_run"] = stats.get("pairs_run", 0) + ran.pairs
+    stats["chooser"] = ran.chooser
