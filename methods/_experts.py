@@ -73,7 +73,7 @@ def grouped(x2: torch.Tensor, mask: torch.Tensor, w1, b1, w2, act: str = "relu",
     out = torch.zeros_like(x2)
     if cmax == 0:
         return out
-    tracing = torch.jit.is_tracing()                      # fvcore's trace: plain ops (out= variants untraced)
+    plain = _plain(x2, w1, b1, w2)
     e = w1.shape[1]
     xb, hb, yb = x2.new_empty(cmax, C), x2.new_empty(cmax, e), x2.new_empty(cmax, C)
     o = 0
@@ -82,7 +82,7 @@ def grouped(x2: torch.Tensor, mask: torch.Tensor, w1, b1, w2, act: str = "relu",
             continue
         idx = tok[o:o + c]
         o += c
-        if tracing:
+        if plain:
             h = torch.addmm(b1[j], x2.index_select(0, idx), w1[j].t())
             y = torch.mm(_act(h, act), w2[j].t())
         else:
@@ -92,6 +92,11 @@ def grouped(x2: torch.Tensor, mask: torch.Tensor, w1, b1, w2, act: str = "relu",
             torch.mm(_act(h, act), w2[j].t(), out=y)
         out.index_add_(0, idx, y)
     return out
+
+
+def _plain(*tensors) -> bool:
+    """Allocating ops instead of out=/in-place ones: under fvcore's jit trace, and where autograd records."""
+    return torch.jit.is_tracing() or (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
 
 
 def _act(h: torch.Tensor, act: str) -> torch.Tensor:
@@ -142,8 +147,7 @@ def masked_dense(x2: torch.Tensor, mask: torch.Tensor, w1, b1, w2, act: str = "r
     """Every expert runs; unselected experts' activations are zeroed (same contract as `grouped`)."""
     E, e, C = w1.shape
     h = _act(torch.addmm(b1.reshape(E * e), x2, w1.reshape(E * e, C).t()), act)
-    h = h.view(-1, E, e).mul_(mask.unsqueeze(-1)) if not torch.jit.is_tracing() else \
-        (h.view(-1, E, e) * mask.unsqueeze(-1))
+    h = h.view(-1, E, e) * mask.unsqueeze(-1) if _plain(x2, w1, b1, w2) else h.view(-1, E, e).mul_(mask.unsqueeze(-1))
     return torch.mm(h.view(-1, E * e), _dense_w2(w2).t())
 
 
@@ -300,8 +304,7 @@ def execute(x2: torch.Tensor, mask: torch.Tensor, w1, b1, w2, act: str = "relu")
     """Σ over selected experts of expert_e(x) per token (no fc2 bias), on the path chosen for this call.
 
     x2 (T,C), mask (T,E) bool, w1 (E,e,C), b1 (E,e), w2 (E,C,e). Returns (output (T,C), what ran)."""
-    T, C = x2.shape
-    E, e = w1.shape[0], w1.shape[1]
+    T, C, E, e = (int(v) for v in (*x2.shape, *w1.shape[:2]))   # plain ints, also under jit tracing
     want = requested_path()
     counts = mask.sum(0).tolist()                         # the one host sync (shared by the choice and grouped)
     P = sum(counts)
