@@ -473,6 +473,8 @@ def measure(bundle, method, *, samples: int, seed: int = 0, sampling=None, batch
                                                         warmup_batches, timing_rounds)
         flops.macs_analytic_all, flops.macs_analytic_all_per_scale = sum(gen.macs_all_per_scale), gen.macs_all_per_scale
         flops.expert_paths = expert_paths(net)
+        if flops.expert_paths:
+            logger.info(f"expert execution: {flops.expert_paths}")
         for rec in (timing, memory, paired):
             rec.log()
     with phase("dense_reference"):

@@ -14,10 +14,10 @@ Two paths, chosen per call (`execute`):
                  but nothing lost either where the grouped path's per-expert overhead costs more than it saves
                  (small C, small experts, most experts active).
 
-The choice comes from a small cost model (CostModel) in seconds per unit of work: grouped = a·P·C·e + b·P·C
-+ c·(experts called) + d, masked-dense = m·T·C·H + n·T·H + p (T tokens, P pairs, C width, e expert width,
-H = E·e). `python -m bench bench-moe` calibrates it per machine (device, torch, threads, dtype) from its paired
-measurements and caches it under <cache root>/expert-cost/ (VARBENCH_CACHE, as bench/artifacts.py); without a
+The choice comes from a small cost model (CostModel): the grouped path's time over the masked-dense one, linear
+in four features of the call (its share of the MACs, gathered elements per MAC, per-expert and per-call overhead
+relative to the work). `python -m bench bench-moe` calibrates it per machine (device, torch, threads, dtype) from
+its paired measurements and caches it under <cache root>/expert-cost/ (VARBENCH_CACHE, as bench/artifacts.py); without a
 calibration the BUILTIN coefficients (this project's 2-core CPU, 1 thread) are used on CPU and the grouped path
 elsewhere. Forcing, for tests and experiments: VARBENCH_EXPERT_PATH=auto|grouped|masked-dense (or `forced(path)`
 in-process); VARBENCH_EXPERT_COST=<file>|builtin picks the cost model.
@@ -50,13 +50,13 @@ PATHS = (GROUPED, MASKED)
 CHOICES = ("auto",) + PATHS
 ENV_PATH = "VARBENCH_EXPERT_PATH"
 ENV_COST = "VARBENCH_EXPERT_COST"
-COST_VERSION = 1
+COST_VERSION = 2
 
-# Fitted by `bench-moe --threads 1` (default shapes and expert sizes: official-d16 and the embedded default's, 44
-# configurations) on this project's 2-core AMD EPYC (torch 2.14, float32, a busy machine: load 3.5-5.5); on those
-# points it picks the faster path in 41 of 44, costing 0.7% on average over always picking the faster. Used on CPU
-# until a machine has its own calibration. Seconds per unit (see CostModel).
-BUILTIN = dict(grouped=(9.77e-11, 1.36e-10, 1.09e-4, 3.65e-5), masked=(7.63e-11, 0.0, 6.33e-4))
+# Fitted by `bench-moe --threads 1` (official-d16 and the embedded default's shapes, expert sizes 32-256, 25/50/75%
+# active) on this project's 2-core AMD EPYC (torch 2.14, float32); used on CPU until a machine has its own
+# calibration (see CostModel). On those 56 configurations (measured under load 3.5-9.7) it picks the faster path in
+# 53, costing 0.05% on average over always picking the faster.
+BUILTIN = (0.966, 26.0, 1.91e5, 2.80e6)
 
 
 # ------------------------------------------------------------------------------------------------ the two paths
@@ -164,43 +164,40 @@ def machine_key(device: torch.device, dtype: torch.dtype) -> dict:
 
 @dataclass
 class CostModel:
-    """Predicted seconds of one call on each path (coefficients: seconds per unit of work)."""
-    grouped: Tuple[float, float, float, float]     # per P·C·e MAC, per P·C gathered/added element, per expert, per call
-    masked: Tuple[float, float, float]             # per T·C·H MAC, per T·H activation, per call
+    """Predicted time of the grouped path over the masked-dense one for one call, r = Σ coef_i·feature_i, from
+    features of the work (H = E·e; W = T·C·H, the masked-dense MACs): f = P/(T·E) the grouped path's share of
+    those MACs, f/e its gathered/added elements per masked-dense MAC, experts called / W and 1 / W its per-expert
+    and per-call overheads relative to the work. Grouped runs iff r <= 1. A ratio (not seconds) because the
+    benchmark measures it paired, so machine load cancels."""
+    coef: Tuple[float, float, float, float]
     source: str = "builtin"
 
     @staticmethod
-    def features(T: int, C: int, E: int, e: int, P: int, called: int):
-        return (P * C * e, P * C, called, 1), (T * C * E * e, T * E * e, 1)
+    def features(T: int, C: int, E: int, e: int, P: int, called: int) -> Tuple[float, float, float, float]:
+        W = max(1, T * C * E * e)
+        f = P / max(1, T * E)
+        return (f, f / e, called / W, 1.0 / W)
 
-    def predict(self, T: int, C: int, E: int, e: int, P: int, called: int) -> Dict[str, float]:
-        fg, fm = self.features(T, C, E, e, P, called)
-        return {GROUPED: sum(a * f for a, f in zip(self.grouped, fg)),
-                MASKED: sum(a * f for a, f in zip(self.masked, fm))}
+    def ratio(self, T: int, C: int, E: int, e: int, P: int, called: int) -> float:
+        return sum(a * x for a, x in zip(self.coef, self.features(T, C, E, e, P, called)))
 
     def choose(self, T: int, C: int, E: int, e: int, P: int, called: int) -> str:
-        t = self.predict(T, C, E, e, P, called)
-        return GROUPED if t[GROUPED] <= t[MASKED] else MASKED
+        return GROUPED if self.ratio(T, C, E, e, P, called) <= 1.0 else MASKED
 
 
 def fit(points: Sequence[dict], source: str) -> CostModel:
-    """Non-negative least squares on relative error. points: dicts with T, C, E, e, P, called, grouped_s,
-    masked_s (measured seconds per call)."""
+    """Non-negative least squares on relative error. points: dicts with T, C, E, e, P, called and ratio (the
+    median of paired grouped/masked-dense time ratios)."""
     import numpy as np
     from scipy.optimize import nnls
     if not points:
         raise BenchError("no measurements to calibrate the expert cost model from")
-    fg, fm = zip(*(CostModel.features(p["T"], p["C"], p["E"], p["e"], p["P"], p["called"]) for p in points))
-    coefs = []
-    for feats, key in ((fg, "grouped_s"), (fm, "masked_s")):
-        A = np.array(feats, dtype=np.float64)
-        y = np.array([p[key] for p in points], dtype=np.float64)
-        w = 1.0 / y
-        scale = A.max(0)
-        scale[scale == 0] = 1.0
-        sol, _ = nnls(A * w[:, None] / scale, np.ones_like(y))
-        coefs.append(tuple(float(v) for v in sol / scale))
-    return CostModel(grouped=coefs[0], masked=coefs[1], source=source)
+    A = np.array([CostModel.features(p["T"], p["C"], p["E"], p["e"], p["P"], p["called"]) for p in points])
+    y = np.array([p["ratio"] for p in points], dtype=np.float64)
+    scale = A.max(0)
+    scale[scale == 0] = 1.0
+    sol, _ = nnls(A / y[:, None] / scale, np.ones_like(y))
+    return CostModel(coef=tuple(float(v) for v in sol / scale), source=source)
 
 
 def cost_dir() -> str:
@@ -225,7 +222,7 @@ def save_calibration(key: dict, points: List[dict], path: Optional[str] = None) 
     pts = list(merged.values())
     model = fit(pts, source=path)
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    atomic_write_text(path, json.dumps(dict(key=key, grouped=model.grouped, masked=model.masked, points=pts,
+    atomic_write_text(path, json.dumps(dict(key=key, coef=model.coef, points=pts,
                                             fitted=time.strftime("%Y-%m-%d %H:%M:%S")), indent=1))
     _MODELS.clear()
     return path, model
@@ -235,7 +232,8 @@ def read_calibration(path: str) -> dict:
     try:
         with open(path) as f:
             d = json.load(f)
-        CostModel(grouped=tuple(d["grouped"]), masked=tuple(d["masked"]))
+        if len(d["coef"]) != 4:
+            raise ValueError("coef")
         return d
     except (OSError, ValueError, KeyError, TypeError) as ex:
         raise BenchError(f"expert cost model {path} is unreadable ({type(ex).__name__}); delete it or re-run "
@@ -254,7 +252,7 @@ def cost_model(device: torch.device, dtype: torch.dtype) -> Optional[CostModel]:
     if memo in _MODELS:
         return _MODELS[memo]
     if env == "builtin":
-        model: Optional[CostModel] = CostModel(**BUILTIN, source="builtin")
+        model: Optional[CostModel] = CostModel(coef=BUILTIN, source="builtin")
     else:
         path = env or cost_path(key)
         if env and not os.path.isfile(env):
@@ -262,9 +260,9 @@ def cost_model(device: torch.device, dtype: torch.dtype) -> Optional[CostModel]:
                              f"or 'builtin'")
         if os.path.isfile(path):
             d = read_calibration(path)
-            model = CostModel(grouped=tuple(d["grouped"]), masked=tuple(d["masked"]), source=path)
+            model = CostModel(coef=tuple(d["coef"]), source=path)
         else:
-            model = CostModel(**BUILTIN, source="builtin") if device.type == "cpu" else None
+            model = CostModel(coef=BUILTIN, source="builtin") if device.type == "cpu" else None
     _MODELS[memo] = model
     return model
 

@@ -96,22 +96,22 @@ def test_d16_shapes_and_determinism():
 
 # ------------------------------------------------------------------------------------------------ the choice
 def test_cost_model_fit_and_choice():
-    true = _experts.CostModel(grouped=(3e-11, 1e-9, 2e-5, 1e-4), masked=(2.5e-11, 2e-10, 5e-5))
+    true = _experts.CostModel(coef=(0.95, 30.0, 2e5, 3e6))
     rng = np.random.default_rng(0)
     points = []
     for T, C, e, E in [(288, 128, 32, 16), (512, 128, 128, 4), (1352, 1024, 128, 32), (2048, 1024, 256, 16),
                        (800, 512, 64, 32), (100, 64, 8, 16)]:
         for f in (0.25, 0.5, 0.75):
             P = int(T * round(f * E))
-            t = true.predict(T, C, E, e, P, E)
-            points.append(dict(T=T, C=C, E=E, e=e, P=P, called=E, grouped_s=t[GROUPED] * (1 + rng.normal() * 1e-4),
-                               masked_s=t[MASKED] * (1 + rng.normal() * 1e-4)))
+            points.append(dict(T=T, C=C, E=E, e=e, P=P, called=E,
+                               ratio=true.ratio(T, C, E, e, P, E) * (1 + rng.normal() * 1e-4)))
     got = _experts.fit(points, "test")
-    np.testing.assert_allclose(got.grouped, true.grouped, rtol=0.05)
-    np.testing.assert_allclose(got.masked, true.masked, rtol=0.05)
+    np.testing.assert_allclose(got.coef, true.coef, rtol=0.05)
     # many small experts, most of them active: masked-dense; few large experts, a quarter active: grouped
     assert got.choose(288, 128, 16, 32, 288 * 12, 16) == MASKED
     assert got.choose(2048, 1024, 16, 256, 2048 * 4, 16) == GROUPED
+    builtin = _experts.CostModel(coef=_experts.BUILTIN)
+    assert builtin.choose(2048, 1024, 32, 128, 2048 * 8, 32) == GROUPED
 
 
 def test_calibration_is_cached_per_machine_and_used(tmp_path, monkeypatch):
@@ -120,8 +120,7 @@ def test_calibration_is_cached_per_machine_and_used(tmp_path, monkeypatch):
     dev = torch.device("cpu")
     assert _experts.cost_model(dev, torch.float32).source == "builtin"       # no calibration yet
     key = _experts.machine_key(dev, torch.float32)
-    slow_grouped = [dict(T=64, C=32, E=8, e=16, P=64 * k, called=8, grouped_s=1e-3 * (1 + k), masked_s=1e-4 * (1 + k))
-                    for k in range(1, 8)]
+    slow_grouped = [dict(T=64, C=32, E=8, e=16, P=64 * k, called=8, ratio=3.0 + k) for k in range(1, 8)]
     path, model = _experts.save_calibration(key, slow_grouped)
     assert os.path.dirname(path) == os.path.join(str(tmp_path), "expert-cost")
     stored = json.load(open(path))
@@ -133,7 +132,7 @@ def test_calibration_is_cached_per_machine_and_used(tmp_path, monkeypatch):
         out, ran = _experts.execute(x, mask, w1, b1, w2)
     assert ran.path == MASKED and ran.chooser == f"auto ({os.path.basename(path)})"
     # a second calibration merges: a point of the same configuration replaces the old one
-    _experts.save_calibration(key, slow_grouped[:1] + [dict(slow_grouped[1], grouped_s=5e-5)])
+    _experts.save_calibration(key, slow_grouped[:1] + [dict(slow_grouped[1], ratio=2.0)])
     assert len(json.load(open(path))["points"]) == 7
     # VARBENCH_EXPERT_COST forces a model: builtin, or a file
     monkeypatch.setenv(_experts.ENV_COST, "builtin")

@@ -193,8 +193,8 @@ def run(a):
                                    time_saved_grouped=saved(tg), time_saved_masked=saved(tm))
                         row["ratio_grouped"] = row["time_saved_grouped"] / flops_saved
                         results.append(row)
-                        # the model's per-call unit: seconds of one call without the shared fc2-bias add
-                        points.append(dict(T=T, C=C, E=E, e=e, P=T * k, called=E, grouped_s=g50, masked_s=m50))
+                        row["grouped_over_masked"] = quantiles([t / m for t, m in zip(tg, tm)])[0]   # paired
+                        points.append(dict(T=T, C=C, E=E, e=e, P=T * k, called=E, ratio=row["grouped_over_masked"]))
                         print(f"{name:>13} {T:>6} {e:>4} {E:>4} {k:>3}/{E:<3} "
                               f"{d50 * 1e3:>7.2f} [{d10 * 1e3:.1f},{d90 * 1e3:.1f}] "
                               f"{g50 * 1e3:>7.2f} [{g10 * 1e3:.1f},{g90 * 1e3:.1f}] {m50 * 1e3:>9.2f} "
@@ -210,9 +210,9 @@ def run(a):
         path, model = _experts.save_calibration(key, points)
         where = f"calibrated on this run's {len(points)} configurations (merged with earlier ones), saved to {path}"
     print(f"cost model {where}")
-    print(f"  grouped ≈ {model.grouped[0]:.3g}·P·C·e + {model.grouped[1]:.3g}·P·C + {model.grouped[2]:.3g}·experts "
-          f"+ {model.grouped[3]:.3g} s; masked-dense ≈ {model.masked[0]:.3g}·T·C·H + {model.masked[1]:.3g}·T·H + "
-          f"{model.masked[2]:.3g} s")
+    print(f"  grouped time / masked-dense time ≈ {model.coef[0]:.3g}·f + {model.coef[1]:.3g}·f/e + "
+          f"{model.coef[2]:.3g}·experts/W + {model.coef[3]:.3g}/W (f = active fraction, W = T·C·FFN); grouped "
+          f"iff <= 1")
     print("path the cost model picks per configuration (ratio = time saved ÷ FLOPs the routing saves; FLOPs run "
           "saved = 0 on masked-dense):")
     for row, p in zip(results, points):
@@ -236,7 +236,7 @@ def run(a):
                   f"{len(rs)} configurations ({', '.join(f'{p} {n}' for p, n in paths.items() if n)})")
     if a.json:
         from bench.atomic import atomic_write_text
-        env["cost_model"] = dict(source=model.source, grouped=model.grouped, masked=model.masked)
+        env["cost_model"] = dict(source=model.source, coef=model.coef)
         atomic_write_text(a.json, json.dumps(dict(env=env, results=results), indent=1))
         print(f"wrote {a.json}")
     return 0
