@@ -314,8 +314,9 @@ def execute(x2: torch.Tensor, mask: torch.Tensor, w1, b1, w2, act: str = "relu")
         chooser = f"auto ({'none: grouped' if model is None else os.path.basename(model.source)})"
     else:
         path, chooser = want, "forced"
-    if path == GROUPED:
-        return grouped(x2, mask, w1, b1, w2, act, counts=counts), Ran(GROUPED, P, chooser)
+    if path == GROUPED:   # the padded bmm (CUDA) runs every padded slot's MACs too
+        ran = E * max(counts, default=0) if x2.is_cuda else P
+        return grouped(x2, mask, w1, b1, w2, act, counts=counts), Ran(GROUPED, ran, chooser)
     return masked_dense(x2, mask, w1, b1, w2, act), Ran(MASKED, T * E, chooser)
 
 
