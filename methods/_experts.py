@@ -34,16 +34,13 @@ import os
 import platform
 import time
 import weakref
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 
 from bench.errors import BenchError
-from bench.log import get_logger
-
-logger = get_logger("methods")
 
 GROUPED, MASKED = "grouped", "masked-dense"
 PATHS = (GROUPED, MASKED)
