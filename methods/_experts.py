@@ -19,8 +19,10 @@ in four features of the call (its share of the MACs, gathered elements per MAC, 
 relative to the work). `python -m bench bench-moe` calibrates it per machine (device, torch, threads, dtype) from
 its paired measurements and caches it under <cache root>/expert-cost/ (VARBENCH_CACHE, as bench/artifacts.py); without a
 calibration the BUILTIN coefficients (this project's 2-core CPU, 1 thread) are used on CPU and the grouped path
-elsewhere. Forcing, for tests and experiments: VARBENCH_EXPERT_PATH=auto|grouped|masked-dense (or `forced(path)`
-in-process); VARBENCH_EXPERT_COST=<file>|builtin picks the cost model.
+elsewhere. The path is grouped unless asked otherwise: VARBENCH_EXPERT_PATH=auto turns the per-call choice on
+(then a masked-dense call's MACs are counted as dense: FLOPs are what ran, and a DMoE point on this CPU can show
+no FLOP saving at all), =masked-dense forces that path (or `forced(path)` in-process); VARBENCH_EXPERT_COST=
+<file>|builtin picks the cost model.
 
 Recording (`record`): the calling layer keeps, per scale in its stats dict, `paths` ({path: calls}), `pairs_run`
 (the (token, expert) pairs whose MACs actually ran: all T·E on masked-dense calls) and `chooser`; FLOP counts use
@@ -46,6 +48,7 @@ GROUPED, MASKED = "grouped", "masked-dense"
 PATHS = (GROUPED, MASKED)
 CHOICES = ("auto",) + PATHS
 ENV_PATH = "VARBENCH_EXPERT_PATH"
+DEFAULT_PATH = "grouped"
 ENV_COST = "VARBENCH_EXPERT_COST"
 COST_VERSION = 2
 
@@ -287,7 +290,9 @@ def check_path(path: str, what: str) -> str:
 def requested_path() -> str:
     if _FORCED:
         return _FORCED[-1]
-    return check_path(os.environ.get(ENV_PATH, "") or "auto", ENV_PATH)
+    # grouped by default: the method's own execution, so the FLOP columns are its routed work and the paper
+    # figures (FLOPs against τ, FLOP-matched twins) mean what they say; auto is the opt-in per-call choice
+    return check_path(os.environ.get(ENV_PATH, "") or DEFAULT_PATH, ENV_PATH)
 
 
 # ------------------------------------------------------------------------------------------------ one call

@@ -269,3 +269,11 @@ def test_paths_are_differentiable():
         fn(x, mask, w1, b1, w2).sum().backward()
         grads.append(w1.grad.clone().double())
     assert torch.allclose(grads[0], grads[2], atol=1e-5) and torch.allclose(grads[1], grads[2], atol=1e-5)
+
+
+def test_default_path_is_grouped_so_flop_columns_are_the_methods_routed_work(monkeypatch):
+    from methods import _experts
+    monkeypatch.delenv(_experts.ENV_PATH, raising=False)
+    assert _experts.requested_path() == "grouped"
+    monkeypatch.setenv(_experts.ENV_PATH, "auto")
+    assert _experts.requested_path() == "auto"
