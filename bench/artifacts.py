@@ -1,15 +1,20 @@
-"""Prepared artifacts of methods (fine-tuned weights, expert splits, routers), found by a key.
+"""Prepared artifacts of methods (fine-tuned weights, expert splits, routers), found by a key, and written atomically.
 
 `python -m bench prepare <method>` writes them under the cache root (VARBENCH_CACHE, default
 ~/.cache/var-bench); those of the embedded default also ship in bench/assets/artifacts so that sweeps need no
-training on a fresh machine. A key is (kind, model id, the configuration the artifact depends on).
+training on a fresh machine. A key is (kind, model id, the configuration the artifact depends on: a method's
+bench.recipe.Recipe derives it). The directory name holds the key's hash, so a key must never change for the
+same configuration (the shipped copies would no longer be found).
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import os
-from typing import Optional
+import shutil
+import sys
+import uuid
+from typing import Callable, Optional
 
 from bench.errors import BenchError
 
@@ -54,3 +59,66 @@ def require_artifact(kind: str, bundle, config: dict, prepare_hint: str) -> str:
         raise BenchError(f"no prepared {kind} artifacts for model {bundle.name} with {json.dumps(config, sort_keys=True)}; "
                          f"run `{prepare_hint}`")
     return d
+
+
+def is_done(directory: str) -> bool:
+    return os.path.isfile(os.path.join(directory, "DONE"))
+
+
+def read_meta(directory: str) -> dict:
+    with open(os.path.join(directory, "meta.json")) as f:
+        return json.load(f)
+
+
+def provenance() -> dict:
+    """What made an artifact: the command line and the environment (recorded in its metadata)."""
+    import platform
+
+    import torch
+
+    from bench.train import code_commit
+    if sys.argv and sys.argv[0].endswith(os.path.join("bench", "__main__.py")):
+        command = "python -m bench " + " ".join(sys.argv[1:])
+    else:
+        command = "(python API) " + " ".join(sys.argv)
+    return dict(command=command, env=dict(torch=torch.__version__, python=platform.python_version(),
+                                          threads=torch.get_num_threads(), machine=platform.machine(),
+                                          code_commit=code_commit()))
+
+
+def write_artifact(kind: str, model_id: str, key: dict, out_root: Optional[str], write_files: Callable[[str], dict],
+                   force: bool = False) -> str:
+    """Write an artifact directory atomically: files go to a temp dir, DONE last, then one rename.
+
+    write_files(tmp_dir) writes the files and returns the metadata (saved as meta.json). If the directory
+    appeared meanwhile (a parallel trial), the existing one wins unless force."""
+    from bench.atomic import atomic_write_text
+    from bench.checkpoints import file_sha256
+    final = artifact_dir_for_writing(kind, model_id, key, out_root)
+    parent = os.path.dirname(final)
+    os.makedirs(parent, exist_ok=True)
+    tmp = f"{final}.tmp-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+    os.makedirs(tmp)
+    try:
+        meta = write_files(tmp)
+        meta = dict(kind=kind, model_id=model_id, key=key, **meta)
+        atomic_write_text(os.path.join(tmp, "meta.json"), json.dumps(meta, indent=1, default=str))
+        files = {f: file_sha256(os.path.join(tmp, f)) for f in sorted(os.listdir(tmp))}
+        mark_done(tmp, dict(kind=kind, key=key, files=files))
+        if os.path.isdir(final):
+            if not force:
+                shutil.rmtree(tmp)
+                return final
+            trash = f"{final}.old-{uuid.uuid4().hex[:6]}"
+            os.rename(final, trash)
+            os.rename(tmp, final)
+            shutil.rmtree(trash, ignore_errors=True)
+        else:
+            try:
+                os.rename(tmp, final)
+            except OSError:  # lost a race to a parallel writer: theirs is complete (DONE was written first)
+                shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return final

@@ -1,6 +1,7 @@
 """DMoE-VAR (Xia, Vincenti, Jazbec 2025): dense FFNs -> dynamic mixtures of experts on the last scales.
 
-Pipeline (../shared/METHODS.md §3; machinery in methods/_moe.py):
+Pipeline (../shared/METHODS.md §3; the model in methods/_moe.py, its training in methods/_moe_recipe.py, its
+artifact files in methods/_moe_artifacts.py; the prepare settings declared once below, in RECIPE):
   1. ReLUfication + Hoyer fine-tuning (FFN GELU -> ReLU, CE + w·Hoyer)   `python -m bench prepare dmoe`
   2. MoEfication: balanced k-means of the L2-normalised fc1 rows into FFN/expert_size equal experts
   3. One router per block (Linear(C,128)-GELU-Linear(128,E)-abs), MSE on each expert's output norm
@@ -24,11 +25,39 @@ from typing import Any, Dict, List, Optional
 import torch
 
 from bench import registry
+from bench.artifacts import artifact_dir_for_writing, is_done, provenance, read_meta, write_artifact
 from bench.errors import BenchError
+from bench.recipe import Recipe, Setting, prepare_command
 from bench.registry import Method, Param, clone_structure, register_method
-from methods import _moe
-from methods._moe import (FINETUNE_DEFAULTS, ROUTER_DEFAULTS, ExpertFFN, SwitchNet, experts_key, finetune_key,
-                          prepare_command)
+from methods import _moe, _moe_artifacts, _moe_recipe
+from methods._moe import ROUTER_WIDTH, ExpertFFN, SwitchNet
+from methods._moe_recipe import log
+
+FINETUNE, EXPERTS = "dmoe-finetune", "dmoe-experts"
+RECIPE_VERSION = 1      # in the fine-tune key: bump when the recipe changes what an artifact holds
+# The prepare recipe (sized so the embedded default fine-tunes in a few CPU minutes; the paper: Adam, wd 0.05,
+# clip 1.0, warm-up then decay, ~0.2 epoch suffices). Keyed settings identify an artifact (and are method
+# parameters); the others are recorded in its metadata, and prepare refuses to silently reuse an artifact made
+# with another recipe. Pruned-FFN reuses the fine-tune settings (its weights=finetuned runs this fine-tune).
+RECIPE = Recipe(
+    Setting(Param("hoyer_weight", float, 1e-4, "fine-tune artifact: Hoyer weight", low=0.0),
+            artifacts=(FINETUNE,), key="hoyer_weight", sweep=True),
+    Setting(Param("finetune_steps", int, 300, "fine-tune artifact: steps (0 = ReLU swap only)", low=0),
+            flag="--steps", artifacts=(FINETUNE,), key="steps", sweep=True),
+    Setting(Param("expert_size", int, 32, "neurons per expert (must divide the FFN width)", low=1),
+            artifacts=(EXPERTS,), key="expert_size", sweep=True, each=True),
+    Setting(Param("router_steps", int, 500, "experts artifact: router training steps", low=1),
+            artifacts=(EXPERTS,), key="router_steps", sweep=True),
+    Setting(Param("prepare_seed", int, 0, "seed of fine-tune, k-means and routers", low=0),
+            flag="--seed", artifacts=(FINETUNE, EXPERTS), key="seed", sweep=True),
+    Setting(Param("batch", int, 32, "fine-tune batch", low=1), artifacts=(FINETUNE,)),
+    Setting(Param("lr", float, 2e-4, "fine-tune peak lr", low=0.0, low_open=True), artifacts=(FINETUNE,)),
+    Setting(Param("images", int, 2000, "fine-tune images (x2 with mirrors)", low=1), artifacts=(FINETUNE,)),
+    Setting(Param("eval_images", int, 128, "held-out images for the before/after losses", low=1),
+            artifacts=(FINETUNE,)),
+    Setting(Param("router_images", int, 256, "router training images", low=1), artifacts=(EXPERTS,)),
+    fixed={FINETUNE: dict(recipe=RECIPE_VERSION), EXPERTS: dict(router_width=ROUTER_WIDTH)},
+    nested={EXPERTS: dict(finetune=FINETUNE)})
 
 DEFAULT_LAST_SCALES = 3
 
@@ -52,16 +81,13 @@ class DMoE(Method):
               low=0.0, high=1.0, list_ok=True),
         Param("moe_scales", int, None, "scale indices run as MoE (default: the last three)", low=0, list_ok=True,
               nullable=True),
-        Param("expert_size", int, 32, "neurons per expert (must divide the FFN width)", low=1),
+        *RECIPE.params("expert_size"),
         Param("oracle", bool, False, "select by the true expert norms instead of the router (not counted as FLOPs)"),
         Param("dense_weights", str, "finetuned", "weights of the scales before the first MoE scale",
               choices=("finetuned", "original")),
-        Param("hoyer_weight", float, FINETUNE_DEFAULTS["hoyer_weight"], "fine-tune artifact: Hoyer weight", low=0.0),
-        Param("finetune_steps", int, FINETUNE_DEFAULTS["steps"], "fine-tune artifact: steps (0 = ReLU swap only)",
-              low=0),
-        Param("router_steps", int, ROUTER_DEFAULTS["steps"], "experts artifact: router training steps", low=1),
-        Param("prepare_seed", int, FINETUNE_DEFAULTS["seed"], "seed of fine-tune, k-means and routers", low=0),
+        *RECIPE.params("hoyer_weight", "finetune_steps", "router_steps", "prepare_seed"),
     )
+    recipe = RECIPE
 
     # ------------------------------------------------------------------ validation
     def check(self):
@@ -83,18 +109,13 @@ class DMoE(Method):
         return dict(zip(scales, taus))
 
     def finetune_key(self) -> dict:
-        c = self.config
-        return finetune_key(c["hoyer_weight"], c["finetune_steps"], c["prepare_seed"])
+        return RECIPE.key(FINETUNE, self.config)
 
     def experts_key(self) -> dict:
-        c = self.config
-        return experts_key(self.finetune_key(), c["expert_size"], c["router_steps"], c["prepare_seed"])
+        return RECIPE.key(EXPERTS, self.config)
 
     def prepare_hint(self, bundle) -> str:
-        c = self.config
-        return prepare_command(bundle, "dmoe", f"--hoyer-weight {c['hoyer_weight']:g} --steps {c['finetune_steps']} "
-                               f"--expert-size {c['expert_size']} --router-steps {c['router_steps']} "
-                               f"--seed {c['prepare_seed']}")
+        return prepare_command(bundle, "dmoe", RECIPE.flags(self.config))
 
     def check_model(self, bundle):
         from bench.artifacts import find_artifact
@@ -109,7 +130,7 @@ class DMoE(Method):
             raise BenchError(f"no prepared dmoe-finetune artifact for model {bundle.name} with "
                              f"{json.dumps(self.finetune_key(), sort_keys=True)}; run `{self.prepare_hint(bundle)}`")
         if find_artifact("dmoe-experts", bundle.model_id, self.experts_key()) is None \
-                and _moe.read_meta(ft).get("data") is None:
+                and read_meta(ft).get("data") is None:
             raise BenchError(f"no prepared dmoe-experts artifact for model {bundle.name} (expert_size={e}) and no "
                              f"dataset to make one; run `{self.prepare_hint(bundle)} --data <image folder>`")
 
@@ -122,8 +143,8 @@ class DMoE(Method):
         if d is not None:
             return d
         c = self.config
-        data = _moe.read_meta(ft_dir).get("data")
-        _moe.log(f"dmoe: no experts artifact for expert_size={c['expert_size']}; splitting and training routers")
+        data = read_meta(ft_dir).get("data")
+        log(f"dmoe: no experts artifact for expert_size={c['expert_size']}; splitting and training routers")
         return write_experts(bundle, ft_var, key, c["expert_size"], c["router_steps"], c["prepare_seed"], data,
                              out_root=None, force=False)
 
@@ -132,9 +153,9 @@ class DMoE(Method):
         self.check_model(bundle)
         c = self.config
         ft_dir = find_artifact("dmoe-finetune", bundle.model_id, self.finetune_key())
-        ft_var = _moe.load_finetuned_var(bundle, ft_dir)
+        ft_var = _moe_artifacts.load_finetuned_var(bundle, ft_dir)
         ex_dir = self.experts_dir(bundle, ft_dir, ft_var)
-        labels, routers = _moe.load_experts(ex_dir, ft_var, bundle.device)
+        labels, routers = _moe_artifacts.load_experts(ex_dir, ft_var, bundle.device)
         taus = self.tau_by_scale(bundle)
         net = clone_structure(ft_var)
         for blk, lab, router in zip(net.blocks, labels, routers):
@@ -180,7 +201,7 @@ class DMoE(Method):
                 m = torch.stack([st["map"] for st in sts]).mean(0)      # (samples, pn, pn), mean over layers
                 maps[str(si)] = [[[round(v, 3) for v in row] for row in sample] for sample in m.tolist()]
         info = getattr(net, "dmoe_info", {})
-        ex_meta = _moe.read_meta(info["experts"]) if info.get("experts") else {}
+        ex_meta = read_meta(info["experts"]) if info.get("experts") else {}
         return dict(
             num_experts=E,
             moe_scales=sorted(layers[0].tau_by_scale),
@@ -205,124 +226,65 @@ class DMoE(Method):
 
     # ------------------------------------------------------------------ prepare hook (bench/commands/prepare.py)
     @classmethod
-    def add_prepare_args(cls, p):
-        p.add_argument("--expert-size", default="32", help="expert width(s), comma-separated: one split each "
-                       "(default 32)")
-        p.add_argument("--hoyer-weight", type=float, default=FINETUNE_DEFAULTS["hoyer_weight"])
-        p.add_argument("--steps", type=int, default=FINETUNE_DEFAULTS["steps"],
-                       help="fine-tune steps (0: ReLU swap without fine-tuning)")
-        p.add_argument("--router-steps", type=int, default=ROUTER_DEFAULTS["steps"])
-        p.add_argument("--seed", type=int, default=FINETUNE_DEFAULTS["seed"])
-        p.add_argument("--batch", type=int, default=FINETUNE_DEFAULTS["batch"], help="fine-tune batch (recorded)")
-        p.add_argument("--lr", type=float, default=FINETUNE_DEFAULTS["lr"], help="fine-tune peak lr (recorded)")
-        p.add_argument("--images", type=int, default=FINETUNE_DEFAULTS["images"],
-                       help="fine-tune images (x2 with mirrors; recorded)")
-        p.add_argument("--eval-images", type=int, default=FINETUNE_DEFAULTS["eval_images"],
-                       help="held-out images for the before/after losses (recorded)")
-        p.add_argument("--router-images", type=int, default=ROUTER_DEFAULTS["images"],
-                       help="router training images (recorded)")
-        p.add_argument("--data", default=None, help="'shapes' or an image folder (default: the model's dataset)")
-        p.add_argument("--force", action="store_true", help="redo even if a matching artifact exists")
-
-    @classmethod
-    def validate_prepare_args(cls, a):
-        sizes = parse_sizes(a.expert_size)
-        checks = [("--hoyer-weight", a.hoyer_weight >= 0, ">= 0"), ("--steps", a.steps >= 0, ">= 0"),
-                  ("--router-steps", a.router_steps >= 1, ">= 1"), ("--seed", a.seed >= 0, ">= 0"),
-                  ("--batch", a.batch >= 1, ">= 1"), ("--lr", a.lr > 0, "> 0"), ("--images", a.images >= 1, ">= 1"),
-                  ("--eval-images", a.eval_images >= 1, ">= 1"), ("--router-images", a.router_images >= 1, ">= 1")]
-        for flag, ok, valid in checks:
-            if not ok:
-                raise BenchError(f"{flag} must be {valid}, got {getattr(a, flag[2:].replace('-', '_'))}")
-        return sizes
-
-    @classmethod
-    def prepare(cls, bundle, a, out_root: Optional[str]) -> List[str]:
-        from bench.artifacts import artifact_dir_for_writing
-        sizes = cls.validate_prepare_args(a)
+    def prepare(cls, bundle, values: dict, out_root: Optional[str], data: Optional[str] = None,
+                force: bool = False) -> List[str]:
+        """The fine-tune, then one expert split + routers per expert size (values: RECIPE's, sizes a list)."""
+        sizes = values["expert_size"]
         H = bundle.var.blocks[0].ffn.fc1.out_features
         bad = [s for s in sizes if H % s]
         if bad:
             raise BenchError(f"--expert-size {bad[0]} does not divide the FFN width {H}; valid: "
                              f"{', '.join(map(str, divisors(H)))}")
-        data = a.data or _moe.default_data(bundle)
+        data = data or _moe.default_data(bundle)
         if data is None:
             raise BenchError(f"model {bundle.name} has no built-in dataset; give --data <image folder>")
-        ft_key = finetune_key(a.hoyer_weight, a.steps, a.seed)
-        recipe = dict(batch=a.batch, lr=a.lr, images=a.images, eval_images=a.eval_images, data=data)
-        ft_dir = artifact_dir_for_writing("dmoe-finetune", bundle.model_id, ft_key, out_root)
-        if _done(ft_dir) and not a.force:
-            old = _moe.read_meta(ft_dir).get("recipe", {})
+        ft_key = RECIPE.key(FINETUNE, values)
+        recipe = dict(RECIPE.recorded(FINETUNE, values), data=data)
+        ft_dir = artifact_dir_for_writing(FINETUNE, bundle.model_id, ft_key, out_root)
+        if is_done(ft_dir) and not force:
+            old = read_meta(ft_dir).get("recipe", {})
             if old != recipe:
                 raise BenchError(f"{ft_dir} was made with {old}, not {recipe}; pass --force to redo it")
-            _moe.log(f"reusing the fine-tuned model {ft_dir}")
+            log(f"reusing the fine-tuned model {ft_dir}")
         else:
-            ft_dir = write_finetune(bundle, ft_key, recipe, out_root, a.force)
-        ft_var = _moe.load_finetuned_var(bundle, ft_dir)
+            ft_dir = write_finetune(bundle, ft_key, recipe, out_root, force)
+        ft_var = _moe_artifacts.load_finetuned_var(bundle, ft_dir)
         dirs = [ft_dir]
         for size in sizes:
-            key = experts_key(ft_key, size, a.router_steps, a.seed)
-            d = artifact_dir_for_writing("dmoe-experts", bundle.model_id, key, out_root)
-            if _done(d) and not a.force:
-                _moe.log(f"reusing the expert split {d}")
+            key = RECIPE.key(EXPERTS, dict(values, expert_size=size))
+            d = artifact_dir_for_writing(EXPERTS, bundle.model_id, key, out_root)
+            if is_done(d) and not force:
+                log(f"reusing the expert split {d}")
             else:
-                d = write_experts(bundle, ft_var, key, size, a.router_steps, a.seed, data, out_root, a.force,
-                                  router_images=a.router_images)
+                d = write_experts(bundle, ft_var, key, size, values["router_steps"], values["prepare_seed"], data,
+                                  out_root, force, router_images=values["router_images"])
             dirs.append(d)
         return dirs
 
 
-def parse_sizes(text) -> List[int]:
-    try:
-        sizes = [int(s) for s in str(text).split(",") if s.strip()]
-    except ValueError:
-        raise BenchError(f"--expert-size must be comma-separated integers, got {text!r}") from None
-    if not sizes or any(s < 1 for s in sizes):
-        raise BenchError(f"--expert-size must be positive integers, got {text!r}")
-    return sizes
-
-
-def _done(d: str) -> bool:
-    import os
-    return os.path.isfile(os.path.join(d, "DONE"))
-
-
-def _command() -> str:
-    import os
-    import sys
-    if sys.argv and sys.argv[0].endswith(os.path.join("bench", "__main__.py")):
-        return "python -m bench " + " ".join(sys.argv[1:])
-    return "(python API) " + " ".join(sys.argv)
-
-
-def _env() -> dict:
-    import platform
-    from bench.train import code_commit
-    return dict(torch=torch.__version__, python=platform.python_version(), threads=torch.get_num_threads(),
-                machine=platform.machine(), code_commit=code_commit())
-
-
 def write_finetune(bundle, ft_key: dict, recipe: dict, out_root: Optional[str], force: bool) -> str:
-    _moe.log(f"dmoe: fine-tuning {bundle.name} (ReLU, hoyer_weight={ft_key['hoyer_weight']:g}, "
-             f"{ft_key['steps']} steps, batch {recipe['batch']})")
+    """Fine-tune (the recipe's recorded settings: batch, lr, images, eval_images, data) and write the artifact."""
+    log(f"dmoe: fine-tuning {bundle.name} (ReLU, hoyer_weight={ft_key['hoyer_weight']:g}, "
+        f"{ft_key['steps']} steps, batch {recipe['batch']})")
 
     def write(tmp):
-        model, meta = _moe.finetune_relu_hoyer(
+        model, meta = _moe_recipe.finetune_relu_hoyer(
             bundle, steps=ft_key["steps"], hoyer_weight=ft_key["hoyer_weight"], batch=recipe["batch"],
             lr=recipe["lr"], seed=ft_key["seed"], images=recipe["images"],
             eval_images=recipe["eval_images"], data=recipe["data"])
-        _moe.save_finetune(model, meta, tmp)
-        return dict(meta, recipe=recipe, data=recipe["data"], model=bundle.name, command=_command(), env=_env(),
+        _moe_artifacts.save_finetune(model, meta, tmp)
+        return dict(meta, recipe=recipe, data=recipe["data"], model=bundle.name, **provenance(),
                     weights_dtype="float16")
-    return _moe.write_artifact("dmoe-finetune", bundle.model_id, ft_key, out_root, write, force)
+    return write_artifact(FINETUNE, bundle.model_id, ft_key, out_root, write, force)
 
 
 def write_experts(bundle, ft_var, key: dict, expert_size: int, router_steps: int, seed: int, data: Optional[str],
-                  out_root: Optional[str], force: bool, router_images: int = ROUTER_DEFAULTS["images"]) -> str:
+                  out_root: Optional[str], force: bool,
+                  router_images: int = RECIPE["router_images"].param.default) -> str:
     def write(tmp):
         toks, labels = _moe.token_data(bundle, router_images, "train", data)
-        all_labels, routers, meta = _moe.make_experts(ft_var, bundle.vqvae, expert_size, router_steps, seed,
-                                                      toks, labels, router_cfg=dict(images=router_images))
-        _moe.save_experts(all_labels, routers, tmp)
-        return dict(meta, data=data, model=bundle.name, command=_command(), env=_env())
-    return _moe.write_artifact("dmoe-experts", bundle.model_id, key, out_root, write, force)
+        all_labels, routers, meta = _moe_recipe.make_experts(ft_var, bundle.vqvae, expert_size, router_steps, seed,
+                                                             toks, labels, router_images)
+        _moe_artifacts.save_experts(all_labels, routers, tmp)
+        return dict(meta, data=data, model=bundle.name, **provenance())
+    return write_artifact(EXPERTS, bundle.model_id, key, out_root, write, force)

@@ -22,6 +22,7 @@ Calibration importances are cached as the `pruned-calib` artifact (made on first
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 from typing import Any, Dict, List, Optional, Sequence
 
@@ -29,11 +30,31 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from bench.artifacts import read_meta, write_artifact
 from bench.errors import BenchError
+from bench.recipe import Recipe, Setting, prepare_command
 from bench.registry import Method, Param, check_distinct_scales, clone_structure, register_method
-from methods import _moe
-from methods._moe import CALIB_DEFAULTS, FINETUNE_DEFAULTS, finetune_key, prepare_command
+from methods import _moe, _moe_artifacts
+from methods._moe_recipe import ROUTER_TRAINING, FFNActivations
+from methods.dmoe import FINETUNE
+from methods.dmoe import RECIPE as DMOE_RECIPE
 from methods.dmoe import resolve_scales
+
+CALIB = "pruned-calib"
+# The calibration recipe; with weights=finetuned it runs DMoE's fine-tune, whose settings are DMoE's own (the
+# same declarations: the same key). Calibration uses the router data's share of unconditional rows.
+RECIPE = Recipe(
+    Setting(Param("scales", int, None, "scale indices pruned (default: the last three)", low=0, list_ok=True,
+                  nullable=True), artifacts=(CALIB,), key="scales", sweep=True),
+    Setting(Param("weights", str, "finetuned", "the ReLU fine-tuned DMoE model or the original one",
+                  choices=("finetuned", "original")), artifacts=(CALIB,), key="weights", sweep=True),
+    Setting(Param("calib_images", int, 256, "calibration images (x2 with mirrors)", low=1),
+            artifacts=(CALIB,), key="images", sweep=True),
+    DMOE_RECIPE["hoyer_weight"],
+    DMOE_RECIPE["finetune_steps"],
+    dataclasses.replace(DMOE_RECIPE["prepare_seed"], artifacts=(FINETUNE, CALIB)),
+    fixed={FINETUNE: DMOE_RECIPE.fixed[FINETUNE], CALIB: dict(uncond_fraction=ROUTER_TRAINING["uncond_fraction"])},
+    nested={CALIB: dict(finetune=FINETUNE)})
 
 
 # ------------------------------------------------------------------------------------------------ FLOP matching
@@ -114,7 +135,7 @@ def neuron_importance(var, vqvae, toks, labels, scales: Sequence[int], uncond_fr
     sums = [torch.zeros(blk.ffn.fc1.out_features, dtype=torch.float64, device=labels.device) for blk in var.blocks]
     count = 0
     gen = torch.Generator().manual_seed(seed)
-    with _moe.FFNActivations(var, detach=True) as cap:
+    with FFNActivations(var, detach=True) as cap:
         for i in range(0, labels.shape[0], batch):
             pick = torch.arange(i, min(labels.shape[0], i + batch), device=labels.device)
             lab, x_in, _ = _moe.teacher_forcing_input(vqvae, toks, labels, pick)
@@ -136,22 +157,16 @@ class PrunedFFNMethod(Method):
     params = (
         Param("fraction", float, 0.5, "fraction of FFN neurons dropped on the pruned scales", low=0.0, high=1.0,
               high_open=True),
-        Param("scales", int, None, "scale indices pruned (default: the last three)", low=0, list_ok=True,
-              nullable=True),
-        Param("weights", str, "finetuned", "the ReLU fine-tuned DMoE model or the original one",
-              choices=("finetuned", "original")),
+        *RECIPE.params("scales", "weights"),
         Param("match_macs", float, None, "overrides fraction: match these analytic MACs per image", low=0.0,
               low_open=True, nullable=True),
         Param("match_fraction", float, None, "overrides fraction: match this share of the dense model's MACs",
               low=0.0, high=1.0, low_open=True, nullable=True),
         Param("match_clamp", bool, False, "a match target out of reach takes the nearest end (above dense MACs -> "
               "fraction 0) instead of failing; the row records the gap"),
-        Param("calib_images", int, CALIB_DEFAULTS["images"], "calibration images (x2 with mirrors)", low=1),
-        Param("hoyer_weight", float, FINETUNE_DEFAULTS["hoyer_weight"], "fine-tune artifact (weights=finetuned)",
-              low=0.0),
-        Param("finetune_steps", int, FINETUNE_DEFAULTS["steps"], "fine-tune artifact (weights=finetuned)", low=0),
-        Param("prepare_seed", int, FINETUNE_DEFAULTS["seed"], "fine-tune artifact and calibration seed", low=0),
+        *RECIPE.params("calib_images", "hoyer_weight", "finetune_steps", "prepare_seed"),
     )
+    recipe = RECIPE
 
     def check(self):
         c = self.config
@@ -178,14 +193,11 @@ class PrunedFFNMethod(Method):
         return c["match_macs"]
 
     def finetune_key(self) -> dict:
-        c = self.config
-        return finetune_key(c["hoyer_weight"], c["finetune_steps"], c["prepare_seed"])
+        return RECIPE.key(FINETUNE, self.config)
 
     def calib_key(self, bundle) -> dict:
-        c = self.config
-        return dict(weights=c["weights"], finetune=self.finetune_key() if c["weights"] == "finetuned" else None,
-                    scales=self.scales(bundle), images=c["calib_images"], seed=c["prepare_seed"],
-                    uncond_fraction=_moe.ROUTER_DEFAULTS["uncond_fraction"])
+        no_finetune = {} if self.config["weights"] == "finetuned" else dict(finetune=None)
+        return RECIPE.key(CALIB, self.config, scales=self.scales(bundle), **no_finetune)
 
     def check_model(self, bundle, data: Optional[str] = None):
         from bench.artifacts import find_artifact
@@ -196,11 +208,10 @@ class PrunedFFNMethod(Method):
         if c["weights"] == "finetuned":
             ft = find_artifact("dmoe-finetune", bundle.model_id, self.finetune_key())
             if ft is None:
-                hint = prepare_command(bundle, "dmoe", f"--hoyer-weight {c['hoyer_weight']:g} --steps "
-                                       f"{c['finetune_steps']} --seed {c['prepare_seed']}")
+                hint = prepare_command(bundle, "dmoe", RECIPE.flags(c, kind=FINETUNE))
                 raise BenchError(f"method pruned-ffn (weights=finetuned): no prepared dmoe-finetune artifact for "
                                  f"model {bundle.name}; run `{hint}` (or use weights=original)")
-            data = data or _moe.read_meta(ft).get("data")
+            data = data or read_meta(ft).get("data")
         if data is None and find_artifact("pruned-calib", bundle.model_id, self.calib_key(bundle)) is None:
             raise BenchError(f"method pruned-ffn: no calibration for model {bundle.name} and no dataset to make one; "
                              f"run `{prepare_command(bundle, 'pruned-ffn', '--data <image folder>')}`")
@@ -210,7 +221,7 @@ class PrunedFFNMethod(Method):
         if self.config["weights"] == "original":
             return bundle.var, None
         ft = find_artifact("dmoe-finetune", bundle.model_id, self.finetune_key())
-        return _moe.load_finetuned_var(bundle, ft), ft
+        return _moe_artifacts.load_finetuned_var(bundle, ft), ft
 
     def importance(self, bundle, var, ft_dir, data=None, out_root=None, force=False):
         from bench.artifacts import find_artifact
@@ -222,7 +233,7 @@ class PrunedFFNMethod(Method):
             d = artifact_dir_for_writing("pruned-calib", bundle.model_id, key, out_root)
             d = d if os.path.isfile(os.path.join(d, "DONE")) else None
         if d is None or force:
-            data = data or _moe.default_data(bundle) or (_moe.read_meta(ft_dir).get("data") if ft_dir else None)
+            data = data or _moe.default_data(bundle) or (read_meta(ft_dir).get("data") if ft_dir else None)
             c = self.config
 
             def write(tmp):
@@ -234,7 +245,7 @@ class PrunedFFNMethod(Method):
                                 os.path.join(tmp, "importance.safetensors"))
                 return dict(data=data, rows=int(labels.shape[0]), model=bundle.name,
                             finetune_artifact=os.path.basename(ft_dir) if ft_dir else None)
-            d = _moe.write_artifact("pruned-calib", bundle.model_id, key, out_root, write, force)
+            d = write_artifact(CALIB, bundle.model_id, key, out_root, write, force)
         from bench.checkpoints import read_state_dict
         sd = read_state_dict(os.path.join(d, "importance.safetensors"), "pruning calibration")
         return [sd[f"blocks.{i}"].to(bundle.device) for i in range(len(var.blocks))], d
@@ -280,35 +291,13 @@ class PrunedFFNMethod(Method):
                 f"match={c['match_macs']:.3g}" if c["match_macs"] is not None else f"f={c['fraction']:g}")
         return f"pruned-ffn {what}" + (" original" if c["weights"] == "original" else "")
 
-    # ------------------------------------------------------------------ prepare hook
+    # ------------------------------------------------------------------ prepare hook (bench/commands/prepare.py)
     @classmethod
-    def add_prepare_args(cls, p):
-        p.add_argument("--scales", default=None, help="pruned scale indices, comma-separated (default: last three)")
-        p.add_argument("--weights", default="finetuned", choices=("finetuned", "original"))
-        p.add_argument("--calib-images", type=int, default=CALIB_DEFAULTS["images"])
-        p.add_argument("--hoyer-weight", type=float, default=FINETUNE_DEFAULTS["hoyer_weight"])
-        p.add_argument("--steps", type=int, default=FINETUNE_DEFAULTS["steps"], help="fine-tune artifact steps")
-        p.add_argument("--seed", type=int, default=FINETUNE_DEFAULTS["seed"])
-        p.add_argument("--data", default=None, help="'shapes' or an image folder (default: the model's dataset)")
-        p.add_argument("--force", action="store_true")
-
-    @classmethod
-    def _from_args(cls, a):
-        from bench.registry import create_method
-        cfg = dict(weights=a.weights, calib_images=a.calib_images, hoyer_weight=a.hoyer_weight,
-                   finetune_steps=a.steps, prepare_seed=a.seed)
-        if a.scales is not None:
-            cfg["scales"] = a.scales
-        return create_method("pruned-ffn", **cfg)
-
-    @classmethod
-    def validate_prepare_args(cls, a):
-        cls._from_args(a)
-
-    @classmethod
-    def prepare(cls, bundle, a, out_root):
-        m = cls._from_args(a)
-        m.check_model(bundle, data=a.data)
+    def prepare(cls, bundle, values: dict, out_root: Optional[str], data: Optional[str] = None,
+                force: bool = False) -> str:
+        (config,) = RECIPE.method_configs(values)
+        m = cls(**config)
+        m.check_model(bundle, data=data)
         var, ft_dir = m.base_var(bundle)
-        _, d = m.importance(bundle, var, ft_dir, data=a.data, out_root=out_root, force=a.force)
+        _, d = m.importance(bundle, var, ft_dir, data=data, out_root=out_root, force=force)
         return d

@@ -21,7 +21,7 @@ from typing import Any, Dict, List, Optional
 from bench.registry import Method, Param, clone_structure, register_method
 from methods import _tokens
 from methods._tokens import FixedGate, FixedState, kept_count
-from methods.actvar import PREPARE_DEFAULTS
+from methods.actvar import RECIPES
 
 
 @register_method("fixed-tokens")
@@ -43,9 +43,7 @@ class FixedTokens(Method):
         Param("train_weight_rate", float, 0.75, "artifact (selector_from=actvar): weight rate", low=0.0, high=1.0,
               low_open=True, list_ok=True),
         Param("experts", int, 16, "artifact (selector_from=actvar): experts", low=1),
-        Param("steps1", int, PREPARE_DEFAULTS["steps1"], "artifact: stage-1 steps", low=0),
-        Param("steps2", int, PREPARE_DEFAULTS["steps2"], "artifact: stage-2 steps", low=0),
-        Param("prepare_seed", int, PREPARE_DEFAULTS["seed"], "artifact: training seed", low=0),
+        *RECIPES["both"].params("steps1", "steps2", "prepare_seed"),     # the ActVAR artifact's (one declaration)
     )
 
     @property
@@ -85,7 +83,7 @@ class FixedTokens(Method):
         c = self.config
         selector = None
         if c["criterion"] == "selector":
-            from methods.actvar import load_artifact
+            from methods._actvar_artifacts import load_artifact
             src = self.source_method()
             _, _, selectors = load_artifact(bundle, src.artifact_dir(bundle), src.parts)
             selector = selectors[0]
@@ -98,7 +96,7 @@ class FixedTokens(Method):
         self.check_model(bundle)
         var = bundle.var
         if self.config["weights"] == "artifact":
-            from methods.actvar import load_artifact
+            from methods._actvar_artifacts import load_artifact
             src = self.source_method()
             var, _, _ = load_artifact(bundle, src.artifact_dir(bundle), src.parts)
         return self.apply_tokens(clone_structure(var), bundle)

@@ -49,9 +49,11 @@ def counted_generate(net, vqvae, labels, seed=0):
 
 
 def prepare_args(method: str, *argv):
-    from bench.commands.prepare import method_parser
+    """The recipe values `prepare` would pass to the method's hook for these flags."""
+    from bench.commands.prepare import method_parser, recipe_values
     from bench.registry import method_class
-    return method_parser(method, method_class(method), argparse.ArgumentParser).parse_args(list(argv))
+    cls = method_class(method)
+    return recipe_values(cls, method_parser(method, cls, argparse.ArgumentParser).parse_args(list(argv)))
 
 
 @functools.lru_cache(maxsize=None)
@@ -211,6 +213,7 @@ def test_flops_match_hand_count_and_flop_counter(tiny):
 
 # ------------------------------------------------------------------------------------------------ training
 def test_stage1_lowers_distillation_losses(tiny):
+    from methods import _actvar_train as T
     from methods import _moe
     from methods import actvar as A
     toks, labels = _moe.token_data(tiny, 16, "train", "shapes")
@@ -220,9 +223,9 @@ def test_stage1_lowers_distillation_losses(tiny):
     base = __import__("copy").deepcopy(var)
     net = A.attach(base, "both", routers, selectors, {5: 12, 6: 12}, {5: 27, 6: 48})
     frozen = {n: p.clone() for n, p in base.named_parameters()}
-    before = A.evaluate(net, var, tiny.vqvae, vtoks, vlabels)
-    hist, _ = A.stage1(net, routers, selectors, 25, 2e-2, 8, 0, toks, labels, tiny.vqvae, 0.1)
-    after = A.evaluate(net, var, tiny.vqvae, vtoks, vlabels)
+    before = T.evaluate(net, var, tiny.vqvae, vtoks, vlabels)
+    hist, _ = T.stage1(net, routers, selectors, 25, 2e-2, 8, 0, toks, labels, tiny.vqvae, 0.1)
+    after = T.evaluate(net, var, tiny.vqvae, vtoks, vlabels)
     assert after["kl_w"] < before["kl_w"] and after["kl_t"] < before["kl_t"], (before, after)
     assert after["label_overlap_w"] > before["label_overlap_w"]
     assert all(torch.equal(p, frozen[n]) for n, p in base.named_parameters())   # everything else frozen
@@ -319,7 +322,8 @@ def cli(capsys, *args):
 
 def test_prepare_cli_bad_input_exit_2_writes_nothing(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("VARBENCH_CACHE", str(tmp_path))
-    for argv, msg in ((["--weight-rate", "0"], "weight_rate=0.0 is out of range; valid: float in (0.0, 1.0]"),
+    for argv, msg in ((["--weight-rate", "0"], "--weight-rate must be in (0, 1] (one value, or comma-separated: one per "
+                                                "scale), got 0"),
                       (["--token-rates", "0.5,0.5,0.5"], "token_rate has 3 values but scales has 2"),
                       (["--experts", "5"], "experts=5 does not divide the FFN width 128; valid: 1, 2, 4, 8"),
                       (["--scales", "9"], "scale index 9 out of range; valid: 0..6"),

@@ -12,8 +12,10 @@ from bench.analytic import dense_scale_macs
 from bench.errors import BenchError
 from bench.registry import create_method
 from bench.sampling import generate
-from methods import _moe
-from methods._moe import ExpertFFN, Router, SwitchNet, balanced_kmeans, run_experts
+from bench.artifacts import read_meta
+from methods import _moe, _moe_artifacts, _moe_recipe
+from methods._moe import ExpertFFN, Router, SwitchNet, run_experts
+from methods._moe_recipe import balanced_kmeans
 from methods.dmoe import write_experts, write_finetune
 from tests.conftest import run_cli
 
@@ -37,10 +39,10 @@ def prepared(tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("VARBENCH_CACHE", cache)
         b = sharp_tiny()
-        ft_key = _moe.finetune_key(1e-4, FT_STEPS, 0)
+        ft_key = dmoe().finetune_key()
         ft_dir = write_finetune(b, ft_key, RECIPE, None, False)
-        ft_var = _moe.load_finetuned_var(b, ft_dir)
-        write_experts(b, ft_var, _moe.experts_key(ft_key, EXPERT_SIZE, ROUTER_STEPS, 0), EXPERT_SIZE, ROUTER_STEPS,
+        ft_var = _moe_artifacts.load_finetuned_var(b, ft_dir)
+        write_experts(b, ft_var, dmoe().experts_key(), EXPERT_SIZE, ROUTER_STEPS,
                       0, "shapes", None, False, router_images=8)
         yield b, cache
 
@@ -89,7 +91,7 @@ def test_tau_one_gives_the_finetuned_dense_tokens(cache_env):
     b = cache_env
     m = dmoe(tau=1.0)
     net = m.build(b)
-    ft = _moe.load_finetuned_var(b, net.dmoe_info["finetune"])
+    ft = _moe_artifacts.load_finetuned_var(b, net.dmoe_info["finetune"])
     labels = torch.tensor([0, 3, 7, 9])
     dense, moe = generate(ft, b.vqvae, labels, 5, b.sampling), generate(net, b.vqvae, labels, 5, b.sampling)
     assert all(torch.equal(a, c) for a, c in zip(dense.tokens, moe.tokens))
@@ -131,10 +133,10 @@ def test_balanced_kmeans_equal_sizes_and_reproducible():
 
 def test_router_training_lowers_its_loss(cache_env):
     b = cache_env
-    ft = _moe.load_finetuned_var(b, _find("dmoe-finetune", b))
+    ft = _moe_artifacts.load_finetuned_var(b, _find("dmoe-finetune", b))
     toks, labels = _moe.token_data(b, 8)
     lab = [torch.from_numpy(np.arange(128) % 16) for _ in ft.blocks]
-    xs, ys = _moe.collect_router_data(ft, b.vqvae, toks, labels, lab, 100000, 0.1, 0)
+    xs, ys = _moe_recipe.collect_router_data(ft, b.vqvae, toks, labels, lab, 100000, 0.1, 0)
     assert xs[0].shape == (16 * ft.L, 32) and ys[0].shape == (16 * ft.L, 16)
     # targets are the true expert output norms
     blk = ft.blocks[1]
@@ -142,25 +144,25 @@ def test_router_training_lowers_its_loss(cache_env):
     want = torch.stack([(h[:, lab[1] == e] @ blk.ffn.fc2.weight[:, lab[1] == e].t()).norm(dim=-1)
                         for e in range(16)], 1)
     assert torch.allclose(ys[1][:50], want, atol=1e-5)
-    routers, meta = _moe.train_routers(xs, ys, steps=150, batch=256, lr=3e-3, seed=0, progress=False)
+    routers, meta = _moe_recipe.train_routers(xs, ys, steps=150, batch=256, lr=3e-3, seed=0, progress=False)
     for layer in meta["layers"]:
         assert layer["val_mse_after"] < 0.5 * layer["val_mse_before"]
 
 
 def _find(kind, b):
     from bench.artifacts import find_artifact
-    key = _moe.finetune_key(1e-4, FT_STEPS, 0)
-    return find_artifact(kind, b.model_id, key if kind == "dmoe-finetune" else _moe.experts_key(key, EXPERT_SIZE,
-                                                                                               ROUTER_STEPS, 0))
+    key = dict(recipe=1, hoyer_weight=1e-4, steps=FT_STEPS, seed=0)          # the keys written out in full
+    return find_artifact(kind, b.model_id, key if kind == "dmoe-finetune" else dict(
+        finetune=key, expert_size=EXPERT_SIZE, router_steps=ROUTER_STEPS, seed=0, router_width=128))
 
 
 def test_prepared_artifacts_record_what_made_them(cache_env):
-    meta = _moe.read_meta(_find("dmoe-finetune", cache_env))
+    meta = read_meta(_find("dmoe-finetune", cache_env))
     for k in ("original_gelu", "relu_zero_shot", "finetuned"):
         assert {"ce", "hoyer", "zero_fraction", "zero_fraction_per_scale"} <= set(meta[k])
     assert meta["original_gelu"]["zero_fraction"] == 0.0 and meta["finetuned"]["zero_fraction"] > 0.2
     assert meta["key"]["steps"] == FT_STEPS and meta["recipe"]["batch"] == 4 and meta["weights_dtype"] == "float16"
-    ex = _moe.read_meta(_find("dmoe-experts", cache_env))
+    ex = read_meta(_find("dmoe-experts", cache_env))
     assert ex["num_experts"] == 16 and ex["router"]["val_mse_after"] < ex["router"]["val_mse_before"]
 
 
@@ -235,7 +237,7 @@ def test_fvcore_whole_scale_matches_analytic_difference(cache_env):
     b = cache_env
     m = dmoe(tau=0.5)
     net = m.build(b)
-    ft = _moe.load_finetuned_var(b, net.dmoe_info["finetune"])
+    ft = _moe_artifacts.load_finetuned_var(b, net.dmoe_info["finetune"])
     labels = torch.tensor([1, 2])
     gen = generate(ft, b.vqvae, labels, 0, b.sampling, decode=False)
     lab2 = torch.cat((labels, torch.full_like(labels, 10)))

@@ -1,28 +1,26 @@
 """`python -m bench prepare <method> [options]`: make a method's cached artifacts (fine-tunes, splits, routers).
 
-Generic: it dispatches to any registered method (methods/*.py) that defines the prepare hook; the list of such
-methods is the list of valid names. `python -m bench prepare <method> --help` shows that method's options.
+Generic: it dispatches to any registered method (methods/*.py) that declares a prepare recipe and hook; the list
+of such methods is the list of valid names. `python -m bench prepare <method> --help` shows that method's options.
 
-Prepare hook protocol (classmethods on the bench.registry.Method subclass; only `prepare` is required):
+Prepare protocol (on the bench.registry.Method subclass):
 
+    recipe = Recipe(Setting(Param(...), ...), ...)   # bench.recipe: the flags, their checks, the artifact keys
     @classmethod
-    def add_prepare_args(cls, parser):        # argparse options of this method, e.g. --steps, --seed
-        ...
-    @classmethod
-    def validate_prepare_args(cls, args):     # optional: checks that need no model, run before it is loaded
-        ...                                   # raise bench.errors.BenchError("one line: problem; valid: ...")
-    @classmethod
-    def prepare(cls, bundle, args, out_root) -> str | list[str]:
+    def prepare(cls, bundle, values, out_root, data=None, force=False) -> str | list[str]:
         ...                                   # returns the artifact directory (or directories) it wrote/reused
 
-The command adds the common options itself: the model (--model / --var-ckpt / --vae-ckpt / --depth /
---patch-nums / --device), --out (artifact root) and --threads. `bundle` is the loaded bench.zoo.ModelBundle;
-`out_root` is the --out directory, or None for the user cache (`$VARBENCH_CACHE/artifacts`, default
+The method's flags come from its recipe (one per setting, checked before the model loads: a bad value is one line,
+exit 2). Before loading the model the command also builds the method from the recipe's method parameters, so
+cross-parameter checks run first too. It adds the common options itself: the model (--model / --var-ckpt /
+--vae-ckpt / --depth / --patch-nums / --device), --data ('shapes' or an image folder; default: the model's own
+dataset), --force, --out (artifact root) and --threads. `values` are the recipe's settings by name; `out_root`
+is the --out directory, or None for the user cache (`$VARBENCH_CACHE/artifacts`, default
 ~/.cache/var-bench/artifacts), which is where bench.artifacts.find_artifact looks first; give
-`--out bench/assets/artifacts` to make the copies shipped with the repo. The hook must validate everything
-(model-dependent checks included) before writing anything, write each artifact directory atomically and mark
-it DONE last (bench.artifacts.artifact_dir_for_writing / mark_done; methods/_moe.write_artifact does all
-three), and record in its metadata what made it (config, seed, command, losses). Example: methods/dmoe.py.
+`--out bench/assets/artifacts` to make the copies shipped with the repo. The hook must check everything that
+needs the model before writing anything, write each artifact directory atomically with DONE last
+(bench.artifacts.write_artifact), and record in its metadata what made it (recorded settings, seed, command,
+losses). Example: methods/dmoe.py.
 """
 from __future__ import annotations
 
@@ -47,7 +45,8 @@ def register(sub):
 
 def preparable_methods():
     from bench.registry import list_methods, method_class
-    return [n for n in list_methods() if callable(getattr(method_class(n), "prepare", None))]
+    return [n for n in list_methods() if callable(getattr(method_class(n), "prepare", None))
+            and getattr(method_class(n), "recipe", None) is not None]
 
 
 def method_parser(name: str, cls, parser_class):
@@ -57,9 +56,19 @@ def method_parser(name: str, cls, parser_class):
     q.add_argument("--out", default=None, help="artifact root (default: $VARBENCH_CACHE/artifacts, "
                    "~/.cache/var-bench/artifacts; bench/assets/artifacts to ship)")
     q.add_argument("--threads", type=int, default=0, help="torch threads (0: torch default)")
-    if callable(getattr(cls, "add_prepare_args", None)):
-        cls.add_prepare_args(q)
+    q.add_argument("--data", default=None, help="'shapes' or an image folder (default: the model's dataset)")
+    q.add_argument("--force", action="store_true", help="redo even if a matching artifact exists")
+    cls.recipe.add_arguments(q)
     return q
+
+
+def recipe_values(cls, args) -> dict:
+    """The recipe's typed values from parsed arguments, and the method built from them (its cross-parameter
+    checks), before any model is loaded."""
+    values = cls.recipe.from_args(args)
+    for config in cls.recipe.method_configs(values):
+        cls(**config)
+    return values
 
 
 def run(a):
@@ -85,14 +94,15 @@ def run(a):
             raise BenchError(f"--out: directory does not exist: {parent}")
         if not os.access(parent, os.W_OK):
             raise BenchError(f"--out: directory is not writable: {parent}")
-    if callable(getattr(cls, "validate_prepare_args", None)):
-        cls.validate_prepare_args(args)
+    if args.data is not None and args.data != "shapes" and not os.path.isdir(args.data):
+        raise BenchError(f"--data: image folder not found: {args.data}; valid: 'shapes' or an image folder")
+    values = recipe_values(cls, args)
     import torch
     if args.threads:
         torch.set_num_threads(args.threads)
     bundle = bundle_from_args(args)
     t0 = time.time()
-    dirs = cls.prepare(bundle, args, out_root)
+    dirs = cls.prepare(bundle, values, out_root, data=args.data, force=args.force)
     dirs = [dirs] if isinstance(dirs, str) else list(dirs)
     for d in dirs:
         print(d)
