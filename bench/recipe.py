@@ -78,7 +78,7 @@ class Setting:
 
     def _what(self) -> str:
         many = " (comma-separated: one artifact each)" if self.each else \
-            " (one value, or comma-separated: one per scale)" if self.param.list_ok else ""
+            " (one value or a comma-separated list)" if self.param.list_ok else ""
         return self.rule() + many
 
     def _one(self, s: str, text: str):
@@ -87,8 +87,12 @@ class Setting:
             v = p.type(s) if p.type is not bool else s
             if p.type is float and not math.isfinite(v):    # nan passes every range comparison
                 raise ValueError
+        except (ValueError, OverflowError):
+            kind = {int: "an integer ", float: "a finite number "}.get(p.type, "")
+            raise BenchError(f"{self.cli_flag} must be {kind}{self._what()}, got {text}") from None
+        try:
             return p.validate("prepare", v)
-        except (ValueError, OverflowError, BenchError):
+        except BenchError:
             raise BenchError(f"{self.cli_flag} must be {self._what()}, got {text}") from None
 
     def check(self, value):
@@ -197,7 +201,7 @@ class Recipe:
             p = s.param
             default = s.text(p.default) if p.default is not None else "unset"
             parser.add_argument(s.cli_flag, dest=s.dest, default=None, metavar=p.type.__name__.upper(),
-                                help=f"{p.help} ({s.rule()}; default {default})")
+                                help=f"{p.help} ({s._what()}; default {default})")
 
     def from_args(self, args) -> Dict[str, Any]:
         """The typed values of every setting from parsed CLI arguments (absent flags: the declared defaults)."""

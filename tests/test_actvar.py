@@ -322,8 +322,8 @@ def cli(capsys, *args):
 
 def test_prepare_cli_bad_input_exit_2_writes_nothing(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("VARBENCH_CACHE", str(tmp_path))
-    for argv, msg in ((["--weight-rate", "0"], "--weight-rate must be in (0, 1] (one value, or comma-separated: one per "
-                                                "scale), got 0"),
+    for argv, msg in ((["--weight-rate", "0"], "--weight-rate must be in (0, 1] (one value or a comma-separated list), "
+                                                "got 0"),
                       (["--token-rates", "0.5,0.5,0.5"], "token_rate has 3 values but scales has 2"),
                       (["--experts", "5"], "experts=5 does not divide the FFN width 128; valid: 1, 2, 4, 8"),
                       (["--scales", "9"], "scale index 9 out of range; valid: 0..6"),

@@ -26,6 +26,27 @@ def add_sampling_args(p):
     g.add_argument("--more-smooth", action="store_true", help="Gumbel-softmax smoothing (visualisation only)")
 
 
+def add_benchmark_args(p, samples: int, samples_help: str = "N images"):
+    """The options the bench-* timing commands share: model, sampling, N images, batch size, seed, torch threads."""
+    from bench.measure import DEFAULT_BATCH_SIZE
+    add_model_args(p)
+    add_sampling_args(p)
+    p.add_argument("--samples", type=int, default=samples, help=f"{samples_help} (default {samples})")
+    p.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+
+
+def check_benchmark_args(a, **ranges) -> None:
+    """Check the shared bench-* options and the command's own integer flags (`ranges`, as check_flags), then set
+    torch's threads."""
+    import torch
+    from bench.measure import MAX_SEED
+    check_flags(a, samples=(1,), batch_size=(1,), seed=(0, MAX_SEED), threads=(1,), **ranges)
+    if a.threads is not None:
+        torch.set_num_threads(a.threads)
+
+
 def bundle_from_args(a):
     from bench.zoo import load_model
     return load_model(a.model, a.var_ckpt, a.vae_ckpt, a.depth, check_device(a.device), a.patch_nums)

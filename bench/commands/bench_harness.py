@@ -11,23 +11,18 @@ here unless --timing-rounds asks for them (their cost on a sweep is stated in th
 """
 from __future__ import annotations
 
-from bench.commands._common import add_model_args, add_sampling_args
+from bench.commands._common import add_benchmark_args
 
 ORDER = 90
 
 
 def register(sub):
-    from bench.measure import DEFAULT_BATCH_SIZE, DEFAULT_FLOP_IMAGES
+    from bench.measure import DEFAULT_FLOP_IMAGES
     p = sub.add_parser("bench-harness", help="benchmark: harness wall time / raw generation time (target <= 1.2)")
-    add_model_args(p)
-    add_sampling_args(p)
-    p.add_argument("--samples", type=int, default=1000, help="N images (default 1000)")
-    p.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE)
-    p.add_argument("--seed", type=int, default=0)
+    add_benchmark_args(p, samples=1000)
     p.add_argument("--flop-images", type=int, default=DEFAULT_FLOP_IMAGES)
     p.add_argument("--timing-rounds", type=int, default=0,
                    help="paired rounds against dense inside the harness (default 0: overhead only)")
-    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     p.add_argument("--results", default=None, help="keep the harness row here (default: a temporary directory)")
     p.add_argument("--cache-dir", default=None, help="cache root (default VARBENCH_CACHE or ~/.cache/var-bench)")
     p.add_argument("--reference-count", type=int, default=None, help="reference images (default: the quality default)")
@@ -63,17 +58,14 @@ def run(a):
     import shutil
     import tempfile
     import time
-    import torch
-    from bench.commands._common import bundle_from_args, check_flags, sampling_from_args
+    from bench.commands._common import bundle_from_args, check_benchmark_args, sampling_from_args
     from bench.env import describe, environment
-    from bench.measure import MAX_SEED, measure, sample_labels
+    from bench.measure import measure, sample_labels
     from bench.registry import create_method
     from bench.results import check_results_dir
-    check_flags(a, samples=(1,), batch_size=(1,), seed=(0, MAX_SEED), threads=(1,), timing_rounds=(0,))
+    check_benchmark_args(a, timing_rounds=(0,))
     if a.results is not None:
         check_results_dir(a.results)
-    if a.threads is not None:
-        torch.set_num_threads(a.threads)
     t = time.perf_counter()
     import bench.flops, bench.quality, pyarrow.parquet  # noqa: F401,E401  one-time imports of a process
     bench.flops._fvcore()

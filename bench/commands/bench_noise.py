@@ -7,24 +7,19 @@ time). Printed: the loaded / quiet ratio of absolute batch times (how much the l
 would compare) and, per point, the paired speedup of both passes and their relative difference."""
 from __future__ import annotations
 
-from bench.commands._common import add_model_args, add_sampling_args
+from bench.commands._common import add_benchmark_args
 
 ORDER = 92
 MAX_LOAD_S = 1800      # the busy processes end by themselves after this, whatever happens to this process
 
 
 def register(sub):
-    from bench.measure import DEFAULT_BATCH_SIZE, DEFAULT_TIMING_ROUNDS
+    from bench.measure import DEFAULT_TIMING_ROUNDS
     p = sub.add_parser("bench-noise", help="benchmark: paired speedups on a quiet vs a loaded machine")
-    add_model_args(p)
-    add_sampling_args(p)
-    p.add_argument("--samples", type=int, default=200, help="N images per point and pass (default 200)")
-    p.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE)
-    p.add_argument("--seed", type=int, default=0)
+    add_benchmark_args(p, samples=200, samples_help="N images per point and pass")
     p.add_argument("--rounds", type=int, default=DEFAULT_TIMING_ROUNDS, help="paired rounds per point")
     p.add_argument("--tau", type=float, default=0.6, help="DMoE τ of the method point (default 0.6)")
     p.add_argument("--load-procs", type=int, default=None, help="busy processes in the loaded pass (default: cores)")
-    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     p.add_argument("--json", default=None, help="write the figures and the environment to this JSON file")
     p.set_defaults(func=run)
 
@@ -65,17 +60,14 @@ class CPULoad:
 def run(a):
     import json
     import os
-    import torch
     from bench.atomic import atomic_write_text
-    from bench.commands._common import bundle_from_args, check_flags, check_writable_file, sampling_from_args
+    from bench.commands._common import bundle_from_args, check_benchmark_args, check_writable_file, sampling_from_args
     from bench.env import describe, environment
-    from bench.measure import MAX_SEED, sample_labels, time_paired
+    from bench.measure import sample_labels, time_paired
     from bench.registry import create_method
-    check_flags(a, samples=(1,), batch_size=(1,), seed=(0, MAX_SEED), rounds=(1,), threads=(1,), load_procs=(1,))
+    check_benchmark_args(a, rounds=(1,), load_procs=(1,))
     if a.json:
         check_writable_file(a.json, (".json",))
-    if a.threads is not None:
-        torch.set_num_threads(a.threads)
     bundle = bundle_from_args(a)
     sampling = sampling_from_args(a, bundle)
     last3 = list(range(len(bundle.var.patch_nums) - 3, len(bundle.var.patch_nums)))
