@@ -203,9 +203,14 @@ class Recipe:
             parser.add_argument(s.cli_flag, dest=s.dest, default=None, metavar=p.type.__name__.upper(),
                                 help=f"{p.help} ({s._what()}; default {default})")
 
-    def from_args(self, args) -> Dict[str, Any]:
-        """The typed values of every setting from parsed CLI arguments (absent flags: the declared defaults)."""
-        return {s.name: s.parse(getattr(args, s.dest)) for s in self.settings}
+    def from_args(self, args, method_cls=None) -> Dict[str, Any]:
+        """The typed values of every setting from parsed CLI arguments (absent flags: the declared defaults); with
+        `method_cls`, the method is also built from them, so its cross-parameter checks run before any model loads."""
+        values = {s.name: s.parse(getattr(args, s.dest)) for s in self.settings}
+        if method_cls is not None:
+            for config in self.method_configs(values):
+                method_cls(**config)
+        return values
 
     def values(self, **overrides) -> Dict[str, Any]:
         """Every setting's value: defaults, with `overrides` checked like CLI input (for code and tests)."""

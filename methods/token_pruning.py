@@ -42,8 +42,8 @@ class FixedTokens(Method):
               low=0.0, high=1.0, low_open=True, list_ok=True, nullable=True),
         Param("train_weight_rate", float, 0.75, "artifact (selector_from=actvar): weight rate", low=0.0, high=1.0,
               low_open=True, list_ok=True),
-        Param("experts", int, 16, "artifact (selector_from=actvar): experts", low=1),
-        *RECIPES["both"].params("steps1", "steps2", "prepare_seed"),     # the ActVAR artifact's (one declaration)
+        # the ActVAR artifact's settings (selector_from=actvar: experts too), ActVAR's own declarations
+        *RECIPES["both"].params("experts", "steps1", "steps2", "prepare_seed"),
     )
 
     @property

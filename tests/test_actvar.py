@@ -50,10 +50,10 @@ def counted_generate(net, vqvae, labels, seed=0):
 
 def prepare_args(method: str, *argv):
     """The recipe values `prepare` would pass to the method's hook for these flags."""
-    from bench.commands.prepare import method_parser, recipe_values
+    from bench.commands.prepare import method_parser
     from bench.registry import method_class
     cls = method_class(method)
-    return recipe_values(cls, method_parser(method, cls, argparse.ArgumentParser).parse_args(list(argv)))
+    return cls.recipe.from_args(method_parser(method, cls, argparse.ArgumentParser).parse_args(list(argv)), cls)
 
 
 @functools.lru_cache(maxsize=None)

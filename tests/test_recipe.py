@@ -9,7 +9,7 @@ import os
 import pytest
 
 from bench.artifacts import SHIPPED, artifact_name, find_artifact
-from bench.commands.prepare import method_parser, preparable_methods, recipe_values
+from bench.commands.prepare import method_parser, preparable_methods
 from bench.errors import BenchError
 from bench.recipe import Recipe, Setting
 from bench.registry import Param, create_method, method_class
@@ -29,7 +29,7 @@ def artifact_keys(m, bundle) -> dict:
 
 def parse(name, *argv):
     cls = method_class(name)
-    return recipe_values(cls, method_parser(name, cls, argparse.ArgumentParser).parse_args(list(argv)))
+    return cls.recipe.from_args(method_parser(name, cls, argparse.ArgumentParser).parse_args(list(argv)), cls)
 
 
 def other_value(s: Setting):

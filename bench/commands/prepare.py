@@ -62,15 +62,6 @@ def method_parser(name: str, cls, parser_class):
     return q
 
 
-def recipe_values(cls, args) -> dict:
-    """The recipe's typed values from parsed arguments, and the method built from them (its cross-parameter
-    checks), before any model is loaded."""
-    values = cls.recipe.from_args(args)
-    for config in cls.recipe.method_configs(values):
-        cls(**config)
-    return values
-
-
 def run(a):
     from bench.cli import OneLineParser
     from bench.registry import list_methods, method_class
@@ -96,7 +87,7 @@ def run(a):
             raise BenchError(f"--out: directory is not writable: {parent}")
     if args.data is not None and args.data != "shapes" and not os.path.isdir(args.data):
         raise BenchError(f"--data: image folder not found: {args.data}; valid: 'shapes' or an image folder")
-    values = recipe_values(cls, args)
+    values = cls.recipe.from_args(args, cls)
     import torch
     if args.threads:
         torch.set_num_threads(args.threads)
