@@ -69,7 +69,7 @@ class Setting:
             return [p.default] if self.each else p.default
         text = str(raw)
         items = [s.strip() for s in text.split(",")] if (self.each or p.list_ok) else [text.strip()]
-        if not items or any(not s for s in items):
+        if any(not s for s in items):
             raise BenchError(f"{self.cli_flag} must be {self._what()}, got {text!r}")
         values = [self._one(s, text) for s in items]
         if self.each:
@@ -104,9 +104,10 @@ class Setting:
         return self.parse(None if value is None else str(value))
 
     def text(self, value) -> str:
-        """The value as this setting's flag takes it (floats in %g, lists comma-separated)."""
+        """The value as this setting's flag takes it: lists comma-separated, floats by repr (the shortest text that
+        parses back to the same float, so a suggested command makes exactly the artifact asked for)."""
         vs = value if isinstance(value, (list, tuple)) else [value]
-        return ",".join(f"{v:g}" if isinstance(v, float) else str(v) for v in vs)
+        return ",".join(repr(v) if isinstance(v, float) else str(v) for v in vs)
 
 
 class Recipe:

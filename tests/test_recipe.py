@@ -173,3 +173,8 @@ def test_every_shipped_artifact_is_found_by_the_configurations_that_use_it(monke
                 if d is not None:
                     found.add(os.path.basename(d))
     assert found == set(shipped)
+
+
+def test_suggested_command_keeps_every_digit(tiny):
+    m = create_method("dmoe", hoyer_weight=0.000123456789)
+    assert "--hoyer-weight 0.000123456789 " in m.prepare_hint(tiny)
