@@ -55,6 +55,7 @@ def test_flags_defaults_params_and_keys_come_from_one_declaration(name, tiny):
     parser = method_parser(name, cls, argparse.ArgumentParser)
     flags = {f for a in parser._actions for f in a.option_strings}
     assert flags - COMMON_FLAGS - {"-v", "-q", "--verbose", "--quiet"} == {s.cli_flag for s in recipe.settings}
+    assert {"-q", "-v"} <= flags
     # no flag given: the recipe's defaults, which are the method parameters' defaults (the same Param objects)
     values = parse(name)
     assert values == recipe.defaults()

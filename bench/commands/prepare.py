@@ -59,6 +59,8 @@ def method_parser(name: str, cls, parser_class):
     q.add_argument("--data", default=None, help="'shapes' or an image folder (default: the model's dataset)")
     q.add_argument("--force", action="store_true", help="redo even if a matching artifact exists")
     cls.recipe.add_arguments(q)
+    from bench.cli import add_verbosity_args
+    add_verbosity_args(q)          # -v / -q after the method name too
     return q
 
 
@@ -75,6 +77,10 @@ def run(a):
         raise BenchError(f"method {a.method!r} needs no preparation; methods with a prepare step: "
                          f"{', '.join(valid) or '(none)'}")
     args = method_parser(a.method, cls, OneLineParser).parse_args(a.rest)
+    if hasattr(args, "verbose") or hasattr(args, "quiet"):
+        from bench.log import setup_logging
+        setup_logging(getattr(a, "verbose", 0) + getattr(args, "verbose", 0)
+                      - getattr(a, "quiet", 0) - getattr(args, "quiet", 0))
     if args.threads < 0:
         raise BenchError(f"--threads must be >= 0, got {args.threads}")
     out_root = None
