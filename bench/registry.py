@@ -129,6 +129,12 @@ class Method:
         using statistics the net recorded during the last generation for dynamic methods. None: the dense formula."""
         return None
 
+    def macs_saved_fraction(self, net, bundle) -> float:
+        """1 - transformer MACs per image (analytic_macs, from the last generation) / dense's."""
+        from bench.analytic import dense_scale_macs
+        dense = sum(s.total for s in dense_scale_macs(bundle.var.cfg, 1))
+        return round(1 - sum(self.analytic_macs(net, bundle, 1)) / dense, 6)
+
     def row_metrics(self, net, bundle) -> Dict[str, Any]:
         """Extra columns for the results row (e.g. active experts per scale), from the net's recorded statistics."""
         return {}

@@ -343,7 +343,6 @@ class _ActVARBase(Method):
 
     def row_metrics(self, net, bundle, totals: bool = True) -> Dict[str, Any]:
         """totals=False (inside a composition): skip the whole-run MAC totals and eq. 12."""
-        from bench.analytic import dense_scale_macs
         S = len(bundle.var.patch_nums)
         info = getattr(net, self.info_attr, {})
         out: Dict[str, Any] = dict(actvar_parts=self.parts, sparse_scales=self.scales(bundle))
@@ -359,8 +358,7 @@ class _ActVARBase(Method):
             out["weight_rate"] = rates[max(rates)] if len(set(rates.values())) == 1 else None
             out["weight_rate_per_scale"] = [rates.get(s) for s in range(S)]
         if totals:
-            dense = sum(s.total for s in dense_scale_macs(bundle.var.cfg, 1))
-            out["macs_saved_fraction"] = round(1 - sum(self.analytic_macs(net, bundle, 1)) / dense, 6)
+            out["macs_saved_fraction"] = self.macs_saved_fraction(net, bundle)
             out.update({k: round(v, 6) if "fraction" in k else float(v) for k, v in self.eq12(net, bundle).items()})
         try:
             meta = read_meta(info["artifact"]) if info.get("artifact") else {}

@@ -112,7 +112,6 @@ class Compose(Method):
         return _tokens.gated_macs(net, bundle, batch, lambda block, si, st: per_token[si] * st["kept"] / st["rows"])
 
     def row_metrics(self, net, bundle) -> Dict[str, Any]:
-        from bench.analytic import dense_scale_macs
         wm, tm = _sub_metrics(self.weight_method, net, bundle), _sub_metrics(self.token_method, net, bundle)
         gated = sorted(tm.get("sparse_scales") or [])
         if "expert_maps" in wm:      # DMoE's per-token maps assume all n tokens: not valid on gated scales
@@ -129,11 +128,10 @@ class Compose(Method):
             out[k if k not in wm else f"token_{k}"] = v
         S = len(bundle.var.patch_nums)
         wscales = wm.get("sparse_scales") or wm.get("moe_scales") or wm.get("pruned_scales")
-        dense = sum(s.total for s in dense_scale_macs(bundle.var.cfg, 1))
         out.update(compose_weight=self.config["weight"], compose_token=self.config["token"],
                    compose_weight_scales=wscales, compose_token_scales=gated,
                    compose_token_weights_used=False,
-                   macs_saved_fraction=round(1 - sum(self.analytic_macs(net, bundle, 1)) / dense, 6))
+                   macs_saved_fraction=self.macs_saved_fraction(net, bundle))
         for k in ("weight_macs_saved_fraction", "token_macs_saved_fraction"):
             out.pop(k, None)
         return out

@@ -206,7 +206,6 @@ class FastVAR(Method):
         return _tokens.gated_macs(net, bundle, batch, _tokens.plain_ffn_macs)
 
     def row_metrics(self, net, bundle, totals: bool = True) -> Dict[str, Any]:
-        from bench.analytic import dense_scale_macs
         S = len(bundle.var.patch_nums)
         kept = self.kept_tokens(bundle)
         lay = self.layers(bundle.var.cfg.depth)
@@ -216,8 +215,7 @@ class FastVAR(Method):
                    fastvar_layers=[lay.start, lay.stop - 1], fastvar_cache_scale=min(kept) - 1)
         out.update(_tokens.token_row_metrics(net, bundle))
         if totals:
-            dense = sum(s.total for s in dense_scale_macs(bundle.var.cfg, 1))
-            out["macs_saved_fraction"] = round(1 - sum(self.analytic_macs(net, bundle, 1)) / dense, 6)
+            out["macs_saved_fraction"] = self.macs_saved_fraction(net, bundle)
         return out
 
     @property

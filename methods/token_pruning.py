@@ -106,7 +106,6 @@ class FixedTokens(Method):
         return _tokens.gated_macs(net, bundle, batch, _tokens.plain_ffn_macs)
 
     def row_metrics(self, net, bundle, totals: bool = True) -> Dict[str, Any]:
-        from bench.analytic import dense_scale_macs
         c = self.config
         S = len(bundle.var.patch_nums)
         rates = _tokens.rates_by_scale(self.name, c["scales"], c["token_rate"], S, "token_rate")
@@ -114,8 +113,7 @@ class FixedTokens(Method):
                    sparse_scales=sorted(rates))
         out.update(_tokens.token_row_metrics(net, bundle))
         if totals:      # not inside a composition, whose FFN is another method's
-            dense = sum(s.total for s in dense_scale_macs(bundle.var.cfg, 1))
-            out["macs_saved_fraction"] = round(1 - sum(self.analytic_macs(net, bundle, 1)) / dense, 6)
+            out["macs_saved_fraction"] = self.macs_saved_fraction(net, bundle)
         return out
 
     @property

@@ -205,14 +205,7 @@ def test_fvcore_counts_the_same_matmuls():
     from fvcore.nn import FlopCountAnalysis
     ffn, labels = random_ffn(C=16, H=64)
     x = torch.randn(2, 36, 16)
-
-    class AtScale(torch.nn.Module):
-        def __init__(self, moe):
-            super().__init__()
-            self.moe = moe
-
-        def forward(self, x):
-            return self.moe(x, 5)
+    from tests.test_experts import AtScale   # the MoE layer as a module fvcore can trace at scale 5
     for oracle in (False, True):
         moe = ExpertFFN(ffn, labels, Router(16, 8), {5: 0.5}, oracle=oracle)
         with torch.no_grad():
