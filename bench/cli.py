@@ -11,7 +11,12 @@ from bench.errors import BenchError
 
 
 class OneLineParser(argparse.ArgumentParser):
-    """argparse, but a usage error is one line (problem + where to look) with exit status 2."""
+    """argparse, but a usage error is one line (problem + where to look) with exit status 2, and no prefix
+    matching of long options: `--reference` must never be read as an abbreviation of `--reference-count`."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
 
     def error(self, message):
         print(f"error: {self.prog}: {message} (see --help)", file=sys.stderr)

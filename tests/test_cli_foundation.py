@@ -75,3 +75,27 @@ def test_mismatched_and_corrupt_checkpoints(tmp_path):
     r = run_cli("sample", "--var-ckpt", good, "--vae-ckpt", corrupt, "--patch-nums", "1,2,3", "--out", tmp_path / "g.png")
     assert r.returncode == 2 and "tokens but the VAR checkpoint has 680" in r.stderr
     assert set(os.listdir(tmp_path)) == before | {"var_good.pth"}
+
+
+def test_no_parser_matches_option_prefixes():
+    """argparse's prefix matching read `evaluate --reference DIR` as `--reference-count DIR`; every parser of
+    the command line (sub-commands, their sub-commands, prepare's per-method parsers) refuses abbreviations."""
+    import argparse
+    from bench.cli import OneLineParser, build_parser
+    from bench.commands.prepare import method_parser, preparable_methods
+    from bench.registry import method_class
+
+    def walk(p):
+        yield p
+        for act in p._actions:
+            if isinstance(act, argparse._SubParsersAction):
+                for q in act.choices.values():
+                    yield from walk(q)
+    parsers = list(walk(build_parser()))
+    parsers += [method_parser(m, method_class(m), OneLineParser) for m in preparable_methods()]
+    assert len(parsers) > 15 and all(p.allow_abbrev is False for p in parsers), \
+        [p.prog for p in parsers if p.allow_abbrev is not False]
+    a = build_parser().parse_args(["run", "--model", "tiny", "--reference", "some/dir"])
+    assert a.reference == "some/dir" and a.reference_count is None
+    r = run_cli("bench-harness", "--model", "tiny", "--reference", "5")   # it has only --reference-count
+    assert r.returncode == 2 and "unrecognized arguments: --reference 5" in r.stderr, r.stderr
