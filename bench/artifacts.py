@@ -100,8 +100,10 @@ def write_artifact(kind: str, model_id: str, key: dict, out_root: Optional[str],
     tmp = f"{final}.tmp-{os.getpid()}-{uuid.uuid4().hex[:6]}"
     os.makedirs(tmp)
     try:
-        meta = write_files(tmp)
-        meta = dict(kind=kind, model_id=model_id, key=key, **meta)
+        from bench.data import recording_splits
+        with recording_splits() as splits:   # every set of real images the artifact was made from
+            meta = write_files(tmp)
+        meta = dict(kind=kind, model_id=model_id, key=key, **meta, data_splits=splits)
         atomic_write_text(os.path.join(tmp, "meta.json"), json.dumps(meta, indent=1, default=str))
         files = {f: file_sha256(os.path.join(tmp, f)) for f in sorted(os.listdir(tmp))}
         mark_done(tmp, dict(kind=kind, key=key, files=files))

@@ -1,4 +1,11 @@
-"""Data: the procedural `shapes` dataset of the embedded default, and an ImageFolder loader for users' own data.
+"""Data: the procedural `shapes` dataset of the embedded default, and users' own image folders, split without bias.
+
+Every set of real images the harness uses (training, calibration, held-out evaluation, quality reference) comes
+from `load_split(data, split, count, size, seed)`: a class-stratified sample of one split, with a record of what
+was drawn (`SplitRecord`: data identity, split, seeds, per-class counts) for manifests and rows. `shapes` splits
+are independent seeded streams with labels i mod C. An image folder (`DIR/<class>/*.png`) is partitioned once per
+class by a seeded shuffle into train / val / test (`FOLDER_SPLIT`): held-out images never enter training, and a
+sample of any split takes equally many images of every class (as far as the class has them), classes interleaved.
 
 `shapes` is class-conditional and deterministic: image i of a split depends only on (split seed, i). The class
 is the silhouette; fill (solid or textured) and background (flat, gradient, smooth noise, stripes, checker)
@@ -7,9 +14,12 @@ property the efficiency methods exploit.
 """
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import math
 import os
-from typing import Tuple
+from dataclasses import asdict, dataclass, field
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -169,14 +179,194 @@ class ShapesDataset(Dataset):
         return self.images[i], self.labels[i]
 
 
-def image_folder(root: str, size: int):
-    """A user's class-per-subfolder image folder, resized and centre-cropped, in [-1, 1]."""
-    if not os.path.isdir(root):
-        raise BenchError(f"image folder not found: {root}")
-    from torchvision import datasets, transforms
-    tf = transforms.Compose([transforms.Resize(size), transforms.CenterCrop(size), transforms.ToTensor(),
-                             transforms.Normalize([0.5] * 3, [0.5] * 3)])
+# ---------------------------------------------------------------------------------------------- image folders
+IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
+# shares of every class held out of training (val: the quality reference and trainers' validation; test: the
+# real-vs-real floor of `evaluate`), and the seed of the per-class shuffle that assigns images to splits
+FOLDER_SPLIT = dict(val=0.2, test=0.1, seed=0)
+SPLITS = ("train", "val", "test")
+
+
+@dataclass
+class SplitRecord:
+    """What one set of real images was: recorded in artifact manifests, trainer metadata and rows."""
+    data: str                      # 'shapes' or the folder's real path
+    data_id: str                   # 'shapes' or 'folder-<hash of the file listing>'
+    split: str
+    count: int
+    seed: int                      # the sample's seed (shapes: the split's stream seed)
+    per_class: List[int] = field(default_factory=list)
+    partition: Optional[dict] = None   # folders: the train/val/test shares and the shuffle seed
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+_RECORDERS: List[list] = []
+
+
+@contextlib.contextmanager
+def recording_splits():
+    """Collect the SplitRecord of every load_split inside the block (for an artifact's metadata)."""
+    got: list = []
+    _RECORDERS.append(got)
     try:
-        return datasets.ImageFolder(root, transform=tf)
-    except (FileNotFoundError, RuntimeError) as e:
-        raise BenchError(f"cannot read image folder {root}: {e}") from None
+        yield got
+    finally:
+        _RECORDERS.remove(got)
+
+
+def note_split(rec: SplitRecord) -> SplitRecord:
+    """Report a set of images as used (to every open recording_splits block)."""
+    for r in _RECORDERS:
+        if rec.to_dict() not in r:
+            r.append(rec.to_dict())
+    return rec
+
+
+class ImageFolderData:
+    """A class-per-subfolder image folder: its classes, files and identity, and its seeded per-class partition."""
+
+    def __init__(self, root: str, partition: Optional[dict] = None):
+        if not os.path.isdir(root):
+            raise BenchError(f"image folder not found: {root}")
+        self.root = os.path.realpath(root)
+        self.partition = dict(FOLDER_SPLIT, **(partition or {}))
+        classes = sorted(d for d in os.listdir(self.root) if os.path.isdir(os.path.join(self.root, d)))
+        self.files: Dict[str, List[str]] = {}
+        for c in classes:
+            fs = sorted(os.path.relpath(os.path.join(dp, f), self.root)
+                        for dp, _, names in os.walk(os.path.join(self.root, c)) for f in names
+                        if f.lower().endswith(IMAGE_EXTS))
+            if fs:
+                self.files[c] = fs
+        self.classes = list(self.files)
+        if len(self.classes) < 2:
+            found = f"one class ({self.classes[0]})" if self.classes else "no class subfolder with images"
+            raise BenchError(f"image folder {root} has {found}; a class-conditional model needs >= 2 classes, "
+                             f"one subfolder of images each ({', '.join(IMAGE_EXTS)}): DIR/<class>/*.png")
+        h = hashlib.sha256()
+        for c in self.classes:
+            for f in self.files[c]:
+                h.update(f"{f}:{os.path.getsize(os.path.join(self.root, f))}\n".encode())
+        self.data_id = f"folder-{h.hexdigest()[:12]}"
+        self._parts = self._partition()
+
+    def _partition(self) -> Dict[str, List[List[str]]]:
+        p = self.partition
+        parts = {s: [] for s in SPLITS}
+        for ci, c in enumerate(self.classes):
+            fs = self.files[c]
+            order = np.random.default_rng([int(p["seed"]), ci]).permutation(len(fs))
+            n_test = int(round(p["test"] * len(fs))) if p["test"] > 0 else 0
+            n_val = int(round(p["val"] * len(fs))) if p["val"] > 0 else 0
+            n_test, n_val = max(n_test, 1 if p["test"] > 0 else 0), max(n_val, 1 if p["val"] > 0 else 0)
+            if len(fs) - n_test - n_val < 1:
+                raise BenchError(f"class {c!r} of {self.root} has {len(fs)} images: too few to hold out "
+                                 f"{p['val']:g} (val) and {p['test']:g} (test) of it and still train on some")
+            picked = [fs[i] for i in order]
+            parts["test"].append(sorted(picked[:n_test]))
+            parts["val"].append(sorted(picked[n_test:n_test + n_val]))
+            parts["train"].append(sorted(picked[n_test + n_val:]))
+        return parts
+
+    def split_files(self, split: str) -> List[List[str]]:
+        """Files of a split, one list per class (relative to the root)."""
+        if split not in SPLITS:
+            raise BenchError(f"unknown split {split!r}; valid: {', '.join(SPLITS)}")
+        return self._parts[split]
+
+    def sample(self, split: str, count: Optional[int], seed: int = 0) -> Tuple[List[str], List[int], SplitRecord]:
+        """A class-stratified sample of a split: count // C images of every class (the remainder to classes in a
+        seeded order), fewer only where a class has fewer; classes interleaved so that any prefix is balanced too.
+        count None: the whole split."""
+        per = self.split_files(split)
+        C = len(per)
+        rng = np.random.default_rng([int(seed), SPLITS.index(split), 7])
+        if count is None:
+            quota = [len(f) for f in per]
+        else:
+            quota = [count // C] * C
+            for ci in rng.permutation(C)[:count % C]:
+                quota[ci] += 1
+        chosen = []
+        for ci, fs in enumerate(per):
+            order = np.random.default_rng([int(seed), SPLITS.index(split), ci]).permutation(len(fs))
+            chosen.append([fs[i] for i in order[:min(quota[ci], len(fs))]])
+        files, labels = [], []
+        for j in range(max((len(c) for c in chosen), default=0)):
+            for ci, c in enumerate(chosen):
+                if j < len(c):
+                    files.append(c[j])
+                    labels.append(ci)
+        rec = SplitRecord(self.root, self.data_id, split, len(files), int(seed), [len(c) for c in chosen],
+                          dict(self.partition))
+        return files, labels, rec
+
+    def read(self, files: List[str], size: int) -> torch.Tensor:
+        """(N,3,H,W) in [-1, 1]: resized (shorter side) and centre-cropped to size."""
+        from PIL import Image
+        from torchvision.transforms import functional as TF
+        out = torch.empty(len(files), 3, size, size)
+        for i, f in enumerate(files):
+            try:
+                with Image.open(os.path.join(self.root, f)) as im:
+                    im = TF.center_crop(TF.resize(im.convert("RGB"), size), size)
+                    out[i] = TF.to_tensor(im)
+            except OSError as e:
+                raise BenchError(f"cannot read image {os.path.join(self.root, f)}: {str(e).splitlines()[0][:160]}") \
+                    from None
+        return out.mul_(2).sub_(1)
+
+
+def stratified_pick(groups: List[str], count: int, seed: int = 0) -> List[int]:
+    """Indices of a class-stratified seeded sample of `count` items labelled by `groups` (sorted)."""
+    names = sorted(set(groups))
+    by = {g: [i for i, x in enumerate(groups) if x == g] for g in names}
+    rng = np.random.default_rng([int(seed), 11])
+    quota = {g: count // len(names) for g in names}
+    for gi in rng.permutation(len(names))[:count % len(names)]:
+        quota[names[gi]] += 1
+    short = sum(max(0, quota[g] - len(by[g])) for g in names)   # classes too small: the rest go to the others
+    for g in names:
+        while short and quota[g] < len(by[g]):
+            quota[g] += 1
+            short -= 1
+    pick = []
+    for gi, g in enumerate(names):
+        order = np.random.default_rng([int(seed), 13, gi]).permutation(len(by[g]))
+        pick += [by[g][i] for i in order[:min(quota[g], len(by[g]))]]
+    return sorted(pick)
+
+
+_FOLDERS: Dict[tuple, ImageFolderData] = {}
+
+
+def folder_data(root: str, partition: Optional[dict] = None) -> ImageFolderData:
+    key = (os.path.realpath(root), tuple(sorted((partition or {}).items())))
+    if key not in _FOLDERS:  # one listing per process; the identity hash covers names and sizes
+        _FOLDERS[key] = ImageFolderData(root, partition)
+    return _FOLDERS[key]
+
+
+def data_identity(data: Optional[str], partition: Optional[dict] = None) -> Optional[str]:
+    """'shapes', 'folder-<hash>' or None: what prepared artifacts made from this data are keyed by."""
+    if data is None or data == "shapes":
+        return data
+    return folder_data(data, partition).data_id
+
+
+def load_split(data: str, split: str, count: Optional[int], size: int, seed: int = 0,
+               partition: Optional[dict] = None):
+    """(images (N,3,H,W) in [-1,1], labels (N,), class names, SplitRecord) of a class-stratified sample."""
+    if data == "shapes":
+        if split not in SPLIT_SEEDS:
+            raise BenchError(f"unknown split {split!r}; valid: {', '.join(SPLIT_SEEDS)}")
+        n = 20_000 if count is None else count
+        ds = ShapesDataset(split, n, size)
+        per = np.bincount(ds.labels.numpy(), minlength=len(ds.classes)).tolist()
+        rec = SplitRecord("shapes", "shapes", split, n, SPLIT_SEEDS[split], per)
+        return ds.images, ds.labels, ds.classes, note_split(rec)
+    fd = folder_data(data, partition)
+    files, labels, rec = fd.sample(split, count, seed)
+    return fd.read(files, size), torch.tensor(labels, dtype=torch.long), list(fd.classes), note_split(rec)

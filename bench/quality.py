@@ -292,6 +292,18 @@ def parse_reference(bundle, reference: Optional[str] = None, reference_count: Op
         raise BenchError(f"reference count must be >= 1, got {reference_count}")
     ds = getattr(bundle, "dataset", None) or {}
     size = int(getattr(bundle, "image_size", 0) or ds.get("image_size", 32))
+    if reference is None and ds.get("reference"):   # a user's model registered with its own held-out folder
+        reference = ds["reference"]
+    if reference is None and ds.get("name") == "folder":   # a user's model: the held-out 'val' split of its folder
+        from bench.data import folder_data
+        fd = folder_data(ds["path"], ds.get("partition"))
+        _check_classes(fd.classes, bundle, f"image folder {ds['path']}")
+        _, _, rec = fd.sample("val", reference_count, 0)
+        return Reference("split", f"{fd.data_id}:val ({rec.count} images, {min(rec.per_class)}-{max(rec.per_class)} "
+                         f"per class, {size}px)", rec.count, True,
+                         dict(kind="split", data_id=fd.data_id, partition=fd.partition, count=reference_count,
+                              size=size), root=ds["path"], partition=ds.get("partition"), size=size,
+                         record=rec.to_dict())
     if reference is None or str(reference).startswith("shapes"):
         if reference is None and ds.get("name") != "shapes":
             raise BenchError(f"model {getattr(bundle, 'name', '?')} has no built-in held-out set; give a reference "
@@ -303,11 +315,17 @@ def parse_reference(bundle, reference: Optional[str] = None, reference_count: Op
         n = int(reference_count or DEFAULT_REFERENCE_COUNT)
         num_classes = len(ds.get("classes", SHAPES_CLASSES))
         size = int(ds.get("image_size", size))
+        record = dict(data="shapes", data_id="shapes", split=split, count=n, seed=SPLIT_SEEDS[split],
+                      per_class=np.bincount(np.arange(n) % num_classes, minlength=num_classes).tolist())
         return Reference("shapes", f"shapes:{split}[0:{n}]@{size}px", n, True,
                          dict(kind="shapes", split=split, seed=SPLIT_SEEDS[split], count=n, size=size,
-                              num_classes=num_classes), split=split, size=size, num_classes=num_classes)
+                              num_classes=num_classes), split=split, size=size, num_classes=num_classes,
+                         record=record)
     path = str(reference)
     if os.path.isdir(path):
+        subdirs = sorted(d for d in os.listdir(path) if os.path.isdir(os.path.join(path, d)))
+        if subdirs and ds.get("name") == "folder":   # a class-per-subfolder reference must have the model's classes
+            _check_classes(subdirs, bundle, f"reference folder {path}")
         from torch_fidelity.utils import glob_samples_paths
         files = glob_samples_paths(path, True, IMAGE_EXTS, verbose=False)
         if not files:
@@ -316,8 +334,8 @@ def parse_reference(bundle, reference: Optional[str] = None, reference_count: Op
         listing = hashlib.sha256("\n".join(f"{f}:{os.path.getsize(f)}:{os.stat(f).st_mtime_ns}"
                                            for f in files).encode()).hexdigest()
         return Reference("folder", f"folder:{os.path.realpath(path)} ({n} of {len(files)} images, {size}px)", n, True,
-                         dict(kind="folder", path=os.path.realpath(path), listing=listing, count=n, size=size),
-                         files=files, size=size)
+                         dict(kind="folder", path=os.path.realpath(path), listing=listing, count=n, size=size,
+                              sample="stratified"), files=files, size=size, root=path)
     if os.path.isfile(path) and path.endswith(".npz"):
         members = _npz_members(path)
         has_stats = "mu" in members and "sigma" in members
@@ -339,8 +357,21 @@ def parse_reference(bundle, reference: Optional[str] = None, reference_count: Op
     raise BenchError(f"cannot use {path} as a reference; {valid}")
 
 
+def _check_classes(classes, bundle, what: str) -> None:
+    want = list(getattr(bundle, "class_names", None) or [])
+    if want and list(classes) != want:
+        raise BenchError(f"{what} has classes {', '.join(classes)} but model {getattr(bundle, 'name', '?')} was "
+                         f"trained on {', '.join(want)}; give a reference with the model's classes")
+
+
 def _load_reference_images(ref: Reference) -> torch.Tensor:
     """uint8 (N,3,H,W) on CPU."""
+    if ref.kind == "split":
+        from bench.data import load_split
+        logger.info(f"reading {ref.count} reference images ({ref.desc})")
+        imgs = load_split(ref.info["root"], "val", ref.identity["count"], ref.info["size"], 0,
+                          ref.info["partition"])[0]
+        return imgs.add(1).mul(127.5).round().clamp(0, 255).to(torch.uint8)
     if ref.kind == "shapes":
         from bench.data import shapes_images
         logger.info(f"rendering {ref.count} reference images ({ref.desc})")
@@ -350,9 +381,12 @@ def _load_reference_images(ref: Reference) -> torch.Tensor:
         import torchvision
         from torch_fidelity.datasets import ImagesPathDataset, TransformPILtoRGBTensor
         files = ref.info["files"]
-        if ref.count < len(files):  # a seeded subset: the first files of a class-sorted folder would be one class
-            pick = np.random.default_rng(0).choice(len(files), ref.count, replace=False)
-            files = [files[i] for i in sorted(pick)]
+        if ref.count < len(files):  # a seeded class-stratified subset (class = first subfolder, if any)
+            from bench.data import stratified_pick
+            root = ref.info.get("root") or os.path.commonpath(files)
+            groups = [os.path.relpath(f, root).split(os.sep)[0] if os.sep in os.path.relpath(f, root) else ""
+                      for f in files]
+            files = [files[i] for i in stratified_pick(groups, ref.count, 0)]
         tf = torchvision.transforms.Compose([torchvision.transforms.Resize(ref.info["size"]),
                                              torchvision.transforms.CenterCrop(ref.info["size"]),
                                              TransformPILtoRGBTensor()])
@@ -729,6 +763,7 @@ def quality_metrics(images: torch.Tensor, bundle, *, labels: Optional[torch.Tens
         out.update(paired_quality(images, feats, gen, to_uint8(paired_images), extractor, metrics, ref_feats, ref_stats,
                                   ref_radii, out, labels, bootstrap, seed, paired_key, cache_dir, batch_size))
     out.update(extractor=extractor.tag, reference=ref.desc, reference_count=ref.count, reference_cached=cached,
+               reference_split=json.dumps(ref.info["record"]) if ref.info.get("record") else None,
                quality_samples=n, quality_metrics=",".join(metrics),
                quality_bootstrap=bootstrap if "fid" in metrics else 0,
                quality_seed=seed, quality_bootstrap_stratified=labels is not None and "fid" in metrics,

@@ -227,6 +227,9 @@ class QualityRecord(Record):
     reference: Optional[str] = column("string", "reference set the metrics compare against")
     reference_count: Optional[int] = column("int64", "images in the reference set")
     reference_cached: Optional[bool] = column("bool", "reference statistics came from the disk cache")
+    reference_split: Optional[str] = column("string", "held-out reference sample as JSON: data identity, split, seed "
+                                            "and per-class counts (null for a folder or .npz given by path)",
+                                            nullable="null for a reference given by path")
 
     def summary(self) -> str:
         nan = float("nan")

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from bench.atomic import atomic_path, atomic_write_text
 from bench.checkpoints import file_sha256, load_tensors, read_state_dict, save_state_dict
-from bench.data import SHAPES_CLASSES, SPLIT_SEEDS, ShapesDataset, image_folder, to_model_range
+from bench.data import SPLIT_SEEDS, load_split
 from bench.errors import BenchError
 from bench.log import get_logger, progress
 from bench.models.classifier import ShapesClassifier
@@ -55,15 +55,21 @@ def _log(msg: str):
     logger.info(f"{time.strftime('%H:%M:%S')} {msg}")
 
 
-def load_images(data: str, count: int, image_size: int, split: str = "train"):
-    """(N,3,H,W) in [-1,1] and labels for the shapes dataset or an image folder."""
-    if data == "shapes":
-        ds = ShapesDataset(split, count, image_size)
-        return ds.images, ds.labels, ds.classes
-    ds = image_folder(data, image_size)
-    n = min(count, len(ds))
-    xs, ys = zip(*(ds[i] for i in range(n)))
-    return torch.stack(xs), torch.tensor(ys), list(ds.classes)
+def load_images(data: str, count: int, image_size: int, split: str = "train", seed: int = 0):
+    """(N,3,H,W) in [-1,1], labels and class names of a class-stratified sample of a split (bench/data.py)."""
+    images, labels, classes, _ = load_split(data, split, count, image_size, seed)
+    return images, labels, classes
+
+
+def default_hflip(data: str, hflip: Optional[bool]) -> bool:
+    """Mirroring is an explicit choice: on for `shapes` (what the shipped default was trained with), off for a
+    user's folder unless asked for (a mirrored digit or letter is another image)."""
+    return (data == "shapes") if hflip is None else bool(hflip)
+
+
+def _data_meta(data: str, hflip: bool, *records) -> dict:
+    return dict(hflip=hflip, data_splits=[r.to_dict() for r in records],
+                data_seed=SPLIT_SEEDS["train"] if data == "shapes" else None)
 
 
 class _Trainer:
@@ -110,16 +116,21 @@ class VQVAETrainer(_Trainer):
 
 
 def train_vqvae(out: str, steps: int = 3000, batch: int = 32, lr: float = 5e-4, seed: int = 0, data: str = "shapes",
-                count: int = 20_000, image_size: int = 32, config: Optional[dict] = None, restart_every: int = 200):
+                count: int = 20_000, image_size: int = 32, config: Optional[dict] = None, restart_every: int = 200,
+                hflip: Optional[bool] = None):
     cfg = dict(DEFAULT_VQVAE, **(config or {}))
     model = VQVAE(**cfg)
     if model.image_size != image_size:
         raise BenchError(f"VQ-VAE config gives {model.image_size}px images (last patch {cfg['v_patch_nums'][-1]} x "
                          f"downsample {model.downsample}), but --image-size is {image_size}")
     torch.manual_seed(seed)
-    images, _, classes = load_images(data, count, image_size)
+    hflip = default_hflip(data, hflip)
+    images, _, classes, train_rec = load_split(data, "train", count, image_size)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
-    tr = VQVAETrainer(out, steps, dict(batch=batch, lr=lr, seed=seed, data=data, count=count, image_size=image_size))
+    args = dict(batch=batch, lr=lr, seed=seed, data=data, count=count, image_size=image_size)
+    if data != "shapes" or not hflip:  # the shipped default's recorded args stay as they were
+        args["hflip"] = hflip
+    tr = VQVAETrainer(out, steps, args)
     start = tr.resume(model, opt)
     usage = torch.zeros(cfg["vocab_size"])
     gen = torch.Generator().manual_seed(seed + start)
@@ -129,7 +140,7 @@ def train_vqvae(out: str, steps: int = 3000, batch: int = 32, lr: float = 5e-4, 
         for g in opt.param_groups:
             g["lr"] = lr_at(step, steps, lr, warmup=min(200, steps // 10 + 1))
         x = images[torch.randint(0, len(images), (batch,), generator=gen)]
-        if torch.rand(1, generator=gen).item() < 0.5:
+        if hflip and torch.rand(1, generator=gen).item() < 0.5:
             x = x.flip(-1)
         rec, vq_loss, idx = model(x)
         rec_loss = F.l1_loss(rec, x) + F.mse_loss(rec, x)
@@ -156,7 +167,7 @@ def train_vqvae(out: str, steps: int = 3000, batch: int = 32, lr: float = 5e-4, 
         if (step + 1) % 250 == 0:
             tr.checkpoint(model, opt, step + 1)
     model.eval()
-    val, _, _ = load_images(data, 500, image_size, split="val") if data == "shapes" else (images[:500], None, None)
+    val, _, _, val_rec = load_split(data, "val", 500, image_size)  # held out: never in the training sample
     with torch.no_grad():
         rec = torch.cat([model(val[i:i + 100])[0] for i in range(0, len(val), 100)])
         idx = torch.cat([torch.cat(model.img_to_idx(val[i:i + 100]), 1) for i in range(0, len(val), 100)])
@@ -165,7 +176,7 @@ def train_vqvae(out: str, steps: int = 3000, batch: int = 32, lr: float = 5e-4, 
     _log(f"val PSNR {psnr:.2f} dB, codes used {idx.unique().numel()}/{cfg['vocab_size']}")
     return tr.finish(model, {k: (list(v) if isinstance(v, tuple) else v) for k, v in cfg.items()},
                      dict(val_psnr_db=psnr, val_codes_used=int(idx.unique().numel()), classes=classes,
-                          data_seed=SPLIT_SEEDS["train"] if data == "shapes" else None))
+                          **_data_meta(data, hflip, train_rec, val_rec)))
 
 
 def load_trained_vqvae(path: str) -> VQVAE:
@@ -184,11 +195,11 @@ class VARTrainer(_Trainer):
     kind = "var"
 
 
-def tokenize(vqvae: VQVAE, images: torch.Tensor, batch: int = 200) -> List[torch.Tensor]:
-    """Multi-scale token indices of images and of their mirror images (a free, label-preserving augmentation)."""
+def tokenize(vqvae: VQVAE, images: torch.Tensor, batch: int = 200, hflip: bool = True) -> List[torch.Tensor]:
+    """Multi-scale token indices of images, then (hflip) of their mirror images: 2N rows, labels repeated."""
     out = None
     with torch.no_grad():
-        for flip in (False, True):
+        for flip in ((False, True) if hflip else (False,)):
             for i in range(0, len(images), batch):
                 x = images[i:i + batch]
                 idx = vqvae.img_to_idx(x.flip(-1) if flip else x)
@@ -211,26 +222,31 @@ def var_config(depth: int, vqvae: VQVAE, num_classes: int, width_per_depth: int 
 
 def train_var(out: str, vqvae_path: str, depth: int = 4, steps: int = 4000, batch: int = 64, lr: float = 1e-3,
               seed: int = 0, data: str = "shapes", count: int = 20_000, width_per_depth: int = 32,
-              label_smooth: float = 0.0, width: Optional[int] = None, heads: Optional[int] = None):
+              label_smooth: float = 0.0, width: Optional[int] = None, heads: Optional[int] = None,
+              hflip: Optional[bool] = None):
     vq = load_trained_vqvae(vqvae_path)
     image_size = vq.image_size
     torch.manual_seed(seed)
-    images, labels, classes = load_images(data, count, image_size)
-    cache = os.path.join(out, f"tokens-{file_sha256(vqvae_path)[:8]}-{data.replace('/', '_')}-{count}.pt")
+    hflip = default_hflip(data, hflip)
+    images, labels, classes, rec = load_split(data, "train", count, image_size)
+    ident = "shapes" if data == "shapes" else rec.data_id
+    cache = os.path.join(out, f"tokens-{file_sha256(vqvae_path)[:8]}-{ident}-{count}{'' if hflip else '-noflip'}.pt")
     os.makedirs(out, exist_ok=True)
     if os.path.isfile(cache):
         toks = load_tensors(cache, "token cache")
     else:
-        _log(f"tokenizing {len(images)} images (x2 with mirrors)")
-        toks = tokenize(vq, images)
+        _log(f"tokenizing {len(images)} images" + (" (x2 with mirrors)" if hflip else ""))
+        toks = tokenize(vq, images, hflip=hflip)
         torch.save(toks, cache)
-    labels2 = torch.cat((labels, labels))
+    labels2 = torch.cat((labels, labels)) if hflip else labels
     cfg = var_config(depth, vq, len(classes), width_per_depth, width, heads)
     model = VAR(cfg).init_weights()
     opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.05)
-    tr = VARTrainer(out, steps, dict(batch=batch, lr=lr, seed=seed, data=data, count=count, depth=depth,
-                                     label_smooth=label_smooth, vqvae=vqvae_path, width=cfg.embed_dim,
-                                     heads=cfg.num_heads))
+    args = dict(batch=batch, lr=lr, seed=seed, data=data, count=count, depth=depth, label_smooth=label_smooth,
+                vqvae=vqvae_path, width=cfg.embed_dim, heads=cfg.num_heads)
+    if data != "shapes" or not hflip:
+        args["hflip"] = hflip
+    tr = VARTrainer(out, steps, args)
     start = tr.resume(model, opt)
     gen = torch.Generator().manual_seed(seed + start)
     model.train()
@@ -262,7 +278,7 @@ def train_var(out: str, vqvae_path: str, depth: int = 4, steps: int = 4000, batc
             tr.checkpoint(model, opt, step + 1)
     model.eval()
     return tr.finish(model, cfg.to_dict(), dict(classes=classes, vqvae_sha256=file_sha256(vqvae_path),
-                                                data_seed=SPLIT_SEEDS["train"] if data == "shapes" else None))
+                                                **_data_meta(data, hflip, rec)))
 
 
 # ---------------------------------------------------------------------------------------------- classifier
@@ -272,11 +288,12 @@ class ClassifierTrainer(_Trainer):
 
 def train_classifier(out: str, vqvae_path: Optional[str] = None, steps: int = 3000, batch: int = 128, lr: float = 2e-3,
                      seed: int = 0, data: str = "shapes", count: int = 20_000, image_size: int = 32,
-                     recon_fraction: float = 0.5):
+                     recon_fraction: float = 0.5, hflip: Optional[bool] = None):
     """Trained on real images and, with probability recon_fraction, on their VQ-VAE reconstructions, so that the
     feature space it defines for FID is not thrown off by the tokenizer's blur."""
     torch.manual_seed(seed)
-    images, labels, classes = load_images(data, count, image_size)
+    hflip = default_hflip(data, hflip)
+    images, labels, classes, rec = load_split(data, "train", count, image_size)
     recon = None
     if vqvae_path and recon_fraction > 0:
         vq = load_trained_vqvae(vqvae_path)
@@ -286,8 +303,11 @@ def train_classifier(out: str, vqvae_path: Optional[str] = None, steps: int = 30
             recon = torch.cat([vq(images[i:i + 200])[0].clamp(-1, 1) for i in range(0, n, 200)])
     model = ShapesClassifier(len(classes), image_size=image_size)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.05)
-    tr = ClassifierTrainer(out, steps, dict(batch=batch, lr=lr, seed=seed, data=data, count=count,
-                                            recon_fraction=recon_fraction, vqvae=vqvae_path))
+    args = dict(batch=batch, lr=lr, seed=seed, data=data, count=count, recon_fraction=recon_fraction,
+                vqvae=vqvae_path)
+    if data != "shapes" or not hflip:
+        args["hflip"] = hflip
+    tr = ClassifierTrainer(out, steps, args)
     start = tr.resume(model, opt)
     gen = torch.Generator().manual_seed(seed + start)
     model.train()
@@ -299,7 +319,8 @@ def train_classifier(out: str, vqvae_path: Optional[str] = None, steps: int = 30
         if recon is not None:
             use = (torch.rand(batch, generator=gen) < recon_fraction) & (pick < len(recon))
             x[use] = recon[pick[use]]
-        x = torch.where(torch.rand(batch, 1, 1, 1, generator=gen) < 0.5, x.flip(-1), x)
+        if hflip:
+            x = torch.where(torch.rand(batch, 1, 1, 1, generator=gen) < 0.5, x.flip(-1), x)
         shift = torch.randint(-2, 3, (2,), generator=gen).tolist()
         x = torch.roll(x, shifts=shift, dims=(-2, -1))
         x = x + 0.03 * torch.randn(x.shape, generator=gen)
@@ -313,7 +334,7 @@ def train_classifier(out: str, vqvae_path: Optional[str] = None, steps: int = 30
         if (step + 1) % 500 == 0:
             tr.checkpoint(model, opt, step + 1)
     model.eval()
-    val, vlab, _ = load_images(data, 2000, image_size, split="val") if data == "shapes" else (images, labels, None)
+    val, vlab, _, val_rec = load_split(data, "val", 2000, image_size)  # held out: never in the training sample
     with torch.no_grad():
         acc = (torch.cat([model(val[i:i + 500]) for i in range(0, len(val), 500)]).argmax(1) == vlab).float().mean().item()
         extra = dict(val_accuracy=acc)
@@ -322,7 +343,7 @@ def train_classifier(out: str, vqvae_path: Optional[str] = None, steps: int = 30
             rv = torch.cat([vq(val[i:i + 200])[0].clamp(-1, 1) for i in range(0, len(val), 200)])
             extra["val_accuracy_on_vqvae_reconstructions"] = (model(rv).argmax(1) == vlab).float().mean().item()
     _log(f"classifier {extra}")
-    return tr.finish(model, model.config, dict(classes=classes, **extra))
+    return tr.finish(model, model.config, dict(classes=classes, **extra, **_data_meta(data, hflip, rec, val_rec)))
 
 
 # ---------------------------------------------------------------------------------------------- ship

@@ -34,25 +34,34 @@ _TOKEN_CACHE: "OrderedDict[tuple, tuple]" = OrderedDict()
 
 
 def default_data(bundle) -> Optional[str]:
-    """'shapes' for the embedded/builtin models (their procedural dataset); None for official weights."""
+    """The model's own data: 'shapes' for the embedded/builtin models, the registered image folder of a user's
+    model (its manifest), None for official weights."""
     ds = bundle.dataset or {}
-    return "shapes" if ds.get("name") == "shapes" else None
+    return "shapes" if ds.get("name") == "shapes" else ds.get("path")
 
 
-def token_data(bundle, count: int, split: str = "train", data: Optional[str] = None):
-    """Tokens (list per scale, int16, with mirrored copies: 2·count rows) and labels of real images."""
-    from bench.train import load_images, tokenize
-    data = data or default_data(bundle)
+def token_data(bundle, count: int, split: str = "train", data: Optional[str] = None, seed: int = 0):
+    """Tokens (list per scale, int16) and labels of a class-stratified sample of real images of a split
+    (bench/data.py: held-out splits never overlap training), with mirrored copies (2·count rows) only where the
+    model's data uses mirroring (recorded in its manifest; `shapes`: yes, image folders: no unless registered so)."""
+    from bench.data import load_split, note_split
+    from bench.train import default_hflip, tokenize
+    own = default_data(bundle)
+    data = data or own
     if data is None:
-        raise BenchError(f"model {bundle.name} has no built-in dataset; give --data <image folder> to `prepare`")
-    key = (bundle.model_id, data, split, count, str(bundle.device))
+        raise BenchError(f"model {bundle.name} has no dataset of its own; give --data <image folder> to `prepare`")
+    ds = bundle.dataset or {}
+    hflip = default_hflip(data, ds.get("hflip") if data == own else None)
+    partition = ds.get("partition") if data == own else None
+    key = (bundle.model_id, data, split, count, seed, hflip, str(bundle.device))
     if key in _TOKEN_CACHE:
         _TOKEN_CACHE.move_to_end(key)
-        return _TOKEN_CACHE[key]
-    images, labels, _ = load_images(data, count, bundle.image_size, split=split)
-    toks = tokenize(bundle.vqvae, images.to(bundle.device))
-    out = ([t.to(bundle.device) for t in toks], torch.cat((labels, labels)).to(bundle.device))
-    _TOKEN_CACHE[key] = out
+        note_split(_TOKEN_CACHE[key][1])
+        return _TOKEN_CACHE[key][0]
+    images, labels, _, rec = load_split(data, split, count, bundle.image_size, seed, partition)
+    toks = tokenize(bundle.vqvae, images.to(bundle.device), hflip=hflip)
+    out = ([t.to(bundle.device) for t in toks], (torch.cat((labels, labels)) if hflip else labels).to(bundle.device))
+    _TOKEN_CACHE[key] = (out, rec)
     while len(_TOKEN_CACHE) > 3:
         _TOKEN_CACHE.popitem(last=False)
     return out

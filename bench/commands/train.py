@@ -1,6 +1,8 @@
 """`python -m bench train vqvae|var|classifier|ship`: produce the embedded default with our own code."""
 from __future__ import annotations
 
+import argparse
+
 ORDER = 50
 
 
@@ -50,8 +52,11 @@ def register(sub):
         q.add_argument("--batch", type=int, default=defaults["batch"])
         q.add_argument("--lr", type=float, default=defaults["lr"])
         q.add_argument("--seed", type=int, default=0)
-        q.add_argument("--data", default="shapes", help="'shapes' (procedural) or an ImageFolder path")
-        q.add_argument("--count", type=int, default=20_000, help="training images")
+        q.add_argument("--data", default="shapes", help="'shapes' (procedural) or an image folder DIR/<class>/*.png "
+                       "(trained on its seeded class-stratified 'train' split; val/test are held out)")
+        q.add_argument("--count", type=int, default=20_000, help="training images (class-stratified sample)")
+        q.add_argument("--hflip", action=argparse.BooleanOptionalAction, default=None,
+                       help="mirror images left-right as augmentation (default: on for shapes, off for a folder)")
         q.add_argument("--threads", type=int, default=0, help="torch threads (0: torch default)")
 
     q = tsub.add_parser("vqvae", help="multi-scale VQ-VAE")
@@ -89,12 +94,13 @@ def _run(a):
     if getattr(a, "threads", 0):
         torch.set_num_threads(a.threads)
     if a.what == "vqvae":
-        train.train_vqvae(a.out, a.steps, a.batch, a.lr, a.seed, a.data, a.count, a.image_size)
+        train.train_vqvae(a.out, a.steps, a.batch, a.lr, a.seed, a.data, a.count, a.image_size, hflip=a.hflip)
     elif a.what == "var":
         train.train_var(a.out, a.vqvae, a.depth, a.steps, a.batch, a.lr, a.seed, a.data, a.count, a.width_per_depth,
-                        width=a.width, heads=a.heads)
+                        width=a.width, heads=a.heads, hflip=a.hflip)
     elif a.what == "classifier":
-        train.train_classifier(a.out, a.vqvae, a.steps, a.batch, a.lr, a.seed, a.data, a.count, a.image_size)
+        train.train_classifier(a.out, a.vqvae, a.steps, a.batch, a.lr, a.seed, a.data, a.count, a.image_size,
+                               hflip=a.hflip)
     elif a.what == "ship":
         s = _kv(a.sampling)
         train.ship(a.name, a.vqvae, a.var, a.classifier, dict(cfg=float(s.get("cfg", 1.5)), top_k=int(s.get("top_k", 0)),
