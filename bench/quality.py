@@ -579,6 +579,36 @@ def paired_fid_bootstrap(features: torch.Tensor, dense_features: torch.Tensor, r
     return delta, float(lo_q) + shift, float(hi_q) + shift, boot
 
 
+def class_accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
+    """Share of samples the classifier assigns to their conditioning class (conditional accuracy)."""
+    return float((logits.argmax(1).cpu() == torch.as_tensor(labels).cpu()).double().mean())
+
+
+def paired_accuracy_bootstrap(logits: torch.Tensor, dense_logits: torch.Tensor, labels: torch.Tensor,
+                              resamples: int, seed: int, level: float = 0.95) -> Tuple[float, float, float]:
+    """class accuracy(method) - class accuracy(dense) and its 95% interval: the paired, class-stratified bootstrap
+    of paired_fid_bootstrap (the same resample indices for both sets) over per-sample correctness."""
+    lab = torch.as_tensor(labels).cpu()
+    a = (logits.argmax(1).cpu() == lab).double().numpy()
+    b = (dense_logits.argmax(1).cpu() == lab).double().numpy()
+    delta = float(a.mean() - b.mean())
+    if np.array_equal(a, b) or resamples < 1:
+        return delta, delta, delta
+    groups = _strata(lab, len(a))
+    rng = np.random.default_rng(seed)
+    d = a - b
+    boot = np.array([d[np.concatenate([g[rng.integers(0, len(g), len(g))] for g in groups])].mean()
+                     for _ in range(resamples)])
+    lo, hi = np.quantile(boot, [(1 - level) / 2, 1 - (1 - level) / 2])
+    return delta, float(lo), float(hi)
+
+
+def _accuracy_applies(extractor, logits: torch.Tensor, labels, bundle) -> bool:
+    """Class accuracy needs the model's own classifier (its classes are the model's); not Inception."""
+    return (extractor.name == EXTRACTOR_NAME and labels is not None
+            and logits.shape[1] == getattr(bundle, "num_classes", logits.shape[1]))
+
+
 def samples_for_halfwidth(n: int, halfwidth: float, target: float) -> Optional[int]:
     """Sample count at which an interval of `halfwidth` at n samples shrinks to `target`, assuming the 1/sqrt(N)
     scaling of a mean (an estimate: FID's finite-N bias is not a mean). None when either is not positive."""
@@ -759,9 +789,17 @@ def quality_metrics(images: torch.Tensor, bundle, *, labels: Optional[torch.Tens
     if ref_feats is not None and "prc" in metrics:
         dev = images.device  # pairwise distances on the GPU when there is one
         out["precision"], out["recall"] = prc_features(feats.to(dev), ref_feats.to(dev), PRC_NEIGHBORHOOD, ref_radii)
+    with_acc = _accuracy_applies(extractor, gen[extractor.isc_layer], labels, bundle)
+    out["class_accuracy"] = class_accuracy(gen[extractor.isc_layer], labels) if with_acc else None
     if paired_images is not None:
         out.update(paired_quality(images, feats, gen, to_uint8(paired_images), extractor, metrics, ref_feats, ref_stats,
                                   ref_radii, out, labels, bootstrap, seed, paired_key, cache_dir, batch_size))
+        if with_acc:
+            d = (gen if torch.equal(to_uint8(paired_images).cpu(), images.cpu()) else
+                 _paired_features(to_uint8(paired_images), extractor, paired_key, cache_dir, batch_size))
+            out["class_accuracy_delta"], out["class_accuracy_delta_ci_low"], out["class_accuracy_delta_ci_high"] = \
+                paired_accuracy_bootstrap(gen[extractor.isc_layer], d[extractor.isc_layer], labels,
+                                          max(bootstrap, 1), seed)
     out.update(extractor=extractor.tag, reference=ref.desc, reference_count=ref.count, reference_cached=cached,
                reference_split=json.dumps(ref.info["record"]) if ref.info.get("record") else None,
                quality_samples=n, quality_metrics=",".join(metrics),

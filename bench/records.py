@@ -227,6 +227,9 @@ class QualityRecord(Record):
     reference: Optional[str] = column("string", "reference set the metrics compare against")
     reference_count: Optional[int] = column("int64", "images in the reference set")
     reference_cached: Optional[bool] = column("bool", "reference statistics came from the disk cache")
+    class_accuracy: Optional[float] = column("float64", "share of the samples the model's classifier assigns to "
+                                             "their conditioning class", nullable="null with the Inception extractor "
+                                             "(its classes are not the model's)")
     reference_split: Optional[str] = column("string", "held-out reference sample as JSON: data identity, split, seed "
                                             "and per-class counts (null for a folder or .npz given by path)",
                                             nullable="null for a reference given by path")
@@ -254,6 +257,12 @@ class PairedQualityRecord(Record):
     precision_delta: Optional[float] = column("float64", "precision(method) - precision(dense), same seeds")
     recall_delta: Optional[float] = column("float64", "recall(method) - recall(dense), same seeds")
     isc_delta: Optional[float] = column("float64", "IS(method) - IS(dense), same seeds")
+    class_accuracy_delta: Optional[float] = column("float64", "class_accuracy(method) - class_accuracy(dense), same "
+                                                   "seeds", nullable="null with the Inception extractor")
+    class_accuracy_delta_ci_low: Optional[float] = column("float64", "paired class-stratified bootstrap 95% "
+                                                          "interval, low end", nullable="null with Inception")
+    class_accuracy_delta_ci_high: Optional[float] = column("float64", "the same, high end",
+                                                           nullable="null with Inception")
 
     def summary(self) -> str:
         if self.fid_delta is None:

@@ -268,3 +268,42 @@ def test_evaluate_end_to_end_tiny(clf, tmp_path, monkeypatch, capsys):
     assert rep["rows"]["real_test"]["fid_ci_high"] < rep["rows"]["untrained"]["fid_ci_low"]
     assert rep["env_threads"] >= 1 and rep["env_device"] == "cpu" and rep["started_at"] <= rep["finished_at"]
     assert "real held-out images" in capsys.readouterr().out
+
+
+def test_class_accuracy_and_its_paired_interval():
+    """Conditional accuracy of samples, and the paired stratified bootstrap of its difference to dense: the same
+    resample indices for both, so a method that fixes one sample and breaks none gets a delta of +1/N whose
+    interval excludes negative values."""
+    from bench.quality import class_accuracy, paired_accuracy_bootstrap
+    labels = torch.arange(40) % 4
+    dense = torch.nn.functional.one_hot(labels, 4).float()
+    dense[:10] = torch.nn.functional.one_hot((labels[:10] + 1) % 4, 4).float()   # dense misses 10 of 40
+    method = dense.clone()
+    method[0] = torch.nn.functional.one_hot(labels[:1], 4).float()               # the method fixes one of them
+    assert class_accuracy(dense, labels) == 0.75 and class_accuracy(method, labels) == 31 / 40
+    d, lo, hi = paired_accuracy_bootstrap(method, dense, labels, 200, seed=0)
+    assert d == pytest.approx(1 / 40) and 0 <= lo <= d <= hi
+    assert paired_accuracy_bootstrap(dense, dense, labels, 200, seed=0) == (0.0, 0.0, 0.0)
+    worse = dense.clone()
+    worse[10:30] = torch.nn.functional.one_hot((labels[10:30] + 2) % 4, 4).float()
+    d, lo, hi = paired_accuracy_bootstrap(worse, dense, labels, 200, seed=0)
+    assert d == pytest.approx(-0.5) and hi < 0                                   # resolved worse
+
+
+def test_evaluate_any_model_against_a_reference_folder(clf, tmp_path, monkeypatch):
+    """`evaluate --reference DIR` (no longer read as --reference-count) certifies a model without a built-in
+    held-out set: dense and untrained rows against the folder; no floor, since there is no second held-out set."""
+    from bench.cli import main
+    from tests.imagefolder import make_image_folder
+    monkeypatch.setenv("VARBENCH_CACHE", str(tmp_path / "cache"))
+    ref = make_image_folder(tmp_path / "ref", per_class=(12, 12, 12, 12))
+    out = tmp_path / "cert.json"
+    with pytest.raises(SystemExit) as e:
+        main(["evaluate", "--model", "tiny", "--samples", "12", "--reference", ref, "--reference-count", "24",
+              "--bootstrap", "10", "--batch-size", "6", "--classifier", clf, "--out", str(out)])
+    assert e.value.code == 0
+    rep = json.loads(out.read_text())
+    assert rep["reference_count"] == 24 and rep["reference"].startswith("folder:")
+    assert rep["rows"]["real_test"]["images"] == 0
+    for key in ("dense", "untrained"):
+        assert rep["rows"][key]["fid"] is not None and 0 <= rep["rows"][key]["classifier_accuracy"] <= 1

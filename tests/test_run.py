@@ -72,6 +72,10 @@ def test_cli_run_fills_every_column_then_reuses_the_caches(tmp_path, classifier)
     assert (row["speedup"], row["speedup_ci_low"], row["speedup_ci_high"]) == (1.0, 1.0, 1.0)
     assert 6 <= row["timing_rounds"] <= 24 and row["speedup_aa_ci_low"] <= row["speedup_aa"] <= row["speedup_aa_ci_high"]
     assert (row["fid_delta"], row["fid_delta_ci_low"], row["fid_delta_ci_high"]) == (0.0, 0.0, 0.0)
+    assert 0.0 <= row["class_accuracy"] <= 1.0 and row["class_accuracy_delta"] == 0.0
+    assert row["class_accuracy_delta_ci_low"] == row["class_accuracy_delta_ci_high"] == 0.0
+    assert json.loads(row["reference_split"]) == dict(data="shapes", data_id="shapes", split="val", count=64,
+                                                      seed=2000, per_class=[7, 7, 7, 7, 6, 6, 6, 6, 6, 6])
     assert row["macs_ratio"] == pytest.approx(1.0, rel=1e-9) and math.isnan(row["time_flop_efficiency"])
 
     second = run_cli(*args, env=env)
@@ -158,18 +162,15 @@ def test_measure_dynamic_method_fidelity_stats_and_trial_key(tmp_path, monkeypat
     assert 6 <= row["timing_rounds"] <= 24 and row["speedup_ci_low"] <= row["speedup"] <= row["speedup_ci_high"]
     assert row["macs_ratio"] == pytest.approx(row["macs_analytic_all"] / sum(dense))
     assert row["fid_delta_ci_low"] <= row["fid_delta"] <= row["fid_delta_ci_high"]
-    assert row["fid"] - row["fid_delta"] == pytest.approx(row2_fid_dense(tmp_path, tiny, classifier, kw))
+    dense_row = measure(tiny, "dense", **dict(kw, trial_key="dense", results_dir=str(tmp_path / "dense-res")))
+    assert row["fid"] - row["fid_delta"] == pytest.approx(dense_row["fid"])
+    assert row["class_accuracy"] - row["class_accuracy_delta"] == pytest.approx(dense_row["class_accuracy"])
+    assert row["class_accuracy_delta_ci_low"] <= row["class_accuracy_delta"] <= row["class_accuracy_delta_ci_high"]
     row2 = measure(tiny, create_method(skip_ffn_method), **kw)
     assert row2["dense_cache"] == "reused" and any("reused cached outputs" in m for m in caplog.messages)
     assert row2["fidelity_token_agreement"] == row["fidelity_token_agreement"]
     df = load_results(str(tmp_path / "res"))
     assert len(df) == 1 and df["run_id"][0] == row2["run_id"]   # the trial's row was replaced, not duplicated
-
-
-def row2_fid_dense(tmp_path, tiny, classifier, kw):
-    """FID of dense's own run with the same seeds: what fid - fid_delta must equal."""
-    from bench.measure import measure
-    return measure(tiny, "dense", **dict(kw, trial_key="dense", results_dir=str(tmp_path / "dense-res")))["fid"]
 
 
 # ---------------------------------------------------------------------------------------------- bad input

@@ -1,11 +1,13 @@
-"""`python -m bench evaluate`: the quality certificate of an embedded model (the README's numbers).
+"""`python -m bench evaluate`: the quality certificate of a model (the README's numbers for the shipped default).
 
-Three image sets, each scored against the same held-out real reference (shapes 'val' split) with the same
-extractor: (a) dense samples of the model (its default sampling; balanced labels i mod C; batch b uses seed+b),
-(b) real held-out images of the 'test' split, as many as samples (the floor: what a perfect model would get at this
-sample count), (c) samples of the same VAR architecture freshly initialised (`VAR(cfg).init_weights()`, seeded)
-through the same VQ-VAE (the ceiling of an untrained model). Each row also gives the shipped classifier's accuracy
-at recognising the conditioning class.
+Three image sets, each scored against the same held-out real reference (the model's 'val' split: shapes, or the
+held-out part of a registered model's image folder; or `--reference`) with the same extractor: (a) dense samples
+of the model (its default sampling; balanced labels i mod C; batch b uses seed+b), (b) real held-out images of the
+'test' split, as many as samples where the data has them (the floor: what a perfect model would get at this sample
+count; n/a for a reference given by path, which has no second held-out set), (c) samples of the same VAR
+architecture freshly initialised (`VAR(cfg).init_weights()`, seeded) through the same VQ-VAE (the ceiling of an
+untrained model). Each row also gives the class accuracy: the share of images the model's classifier assigns to
+their conditioning class (n/a when the model has no classifier of its own).
 """
 from __future__ import annotations
 
@@ -18,16 +20,19 @@ ORDER = 35
 
 
 def register(sub):
-    p = sub.add_parser("evaluate", help="quality certificate of an embedded model: FID of dense samples vs real "
-                                        "held-out images, real-vs-real floor, untrained-model ceiling")
+    p = sub.add_parser("evaluate", help="quality certificate of a model: FID and class accuracy of dense samples vs "
+                                        "real held-out images, real-vs-real floor, untrained-model ceiling")
     add_model_args(p)
     add_sampling_args(p)
     p.add_argument("--samples", type=int, default=1000, help="images per set (>= 2)")
     p.add_argument("--seed", type=int, default=0, help="batch b of the samples uses seed+b; also seeds the "
                                                        "untrained VAR and the bootstrap")
     p.add_argument("--batch-size", type=int, default=100, help="generation batch size")
+    p.add_argument("--reference", default=None, help="reference set (default: the model's held-out 'val' split): "
+                   "an image folder or an .npz with mu/sigma and/or arr_0")
     p.add_argument("--reference-count", type=int, default=None,
-                   help="held-out real reference images (default: 5000 of the 'val' split)")
+                   help="held-out real reference images (default: shapes 5000, a folder's whole 'val' split)")
+    p.add_argument("--inception-weights", default=None, help="use Inception-v3 with these weights as extractor")
     p.add_argument("--bootstrap", type=int, default=100, help="FID bootstrap resamples (0: no interval)")
     p.add_argument("--classifier", default=None, help="quality classifier .safetensors (default: the model's)")
     p.add_argument("--out", default=None, help="also write all numbers to this .json")
@@ -85,7 +90,7 @@ def run(a):
     import torch
     from bench import quality
     from bench.atomic import atomic_write_text
-    from bench.data import shapes_images
+    from bench.data import load_split, shapes_images
     from bench.models.var import VAR
 
     # ---- validate everything before generating anything
@@ -93,14 +98,16 @@ def run(a):
     if a.out:
         check_writable_file(a.out, (".json",))
     bundle = bundle_from_args(a)
-    if (bundle.dataset or {}).get("name") != "shapes":
-        raise BenchError(f"evaluate certifies embedded models with a held-out set (shapes); {bundle.name} has none. "
-                         f"For other weights measure quality with a reference folder or .npz")
     sampling = sampling_from_args(a, bundle)
-    n_ref = a.reference_count or quality.DEFAULT_REFERENCE_COUNT
-    metrics = tuple(m for m in quality.METRICS if not quality.metric_requirements(a.samples, n_ref, (m,)))  # valid at N
-    check = quality.check_reference(bundle, a.samples, None, None, metrics, reference_count=a.reference_count,
-                                    classifier=a.classifier)
+    ref = quality.parse_reference(bundle, a.reference, a.reference_count)
+    metrics = tuple(m for m in quality.METRICS if not quality.metric_requirements(a.samples, ref.count, (m,),
+                                                                                   ref.has_images))  # valid at N
+    check = quality.check_reference(bundle, a.samples, a.reference, a.inception_weights, metrics,
+                                    reference_count=a.reference_count, classifier=a.classifier)
+    has_classifier = bool(a.classifier or bundle.classifier)
+    ds = bundle.dataset or {}
+    floor_data = None if a.reference is not None or ds.get("reference") else \
+        ("shapes" if ds.get("name") == "shapes" else ds.get("path"))
 
     from bench.log import get_logger
     log = get_logger("evaluate").info
@@ -117,21 +124,35 @@ def run(a):
         untrained = VAR(bundle.var.cfg).init_weights().to(bundle.device).eval()
     t = time.time()
     sets["untrained"] = (*_generate_set(untrained, bundle, n, a.batch_size, a.seed, sampling), time.time() - t)
-    ds = bundle.dataset
-    imgs, labels = shapes_images("test", n, int(ds.get("image_size", bundle.image_size)), num_classes=C)
-    sets["real_test"] = (torch.from_numpy(imgs).permute(0, 3, 1, 2).contiguous(), torch.from_numpy(labels), 0.0)
+    if floor_data is not None:
+        size = int(ds.get("image_size", bundle.image_size))
+        if floor_data == "shapes":
+            imgs, labels = shapes_images("test", n, size, num_classes=C)
+            sets["real_test"] = (torch.from_numpy(imgs).permute(0, 3, 1, 2).contiguous(), torch.from_numpy(labels),
+                                 0.0)
+        else:   # a class-stratified sample of the folder's 'test' split (all of it if smaller than n)
+            imgs, labels, _, rec = load_split(floor_data, "test", n, size, 0, ds.get("partition"))
+            if rec.count < n:
+                log(f"the floor uses all {rec.count} images of the folder's test split (fewer than {n})")
+            sets["real_test"] = (imgs.add(1).mul(127.5).round().clamp(0, 255).to(torch.uint8), labels, 0.0)
 
     titles = {"dense": f"dense samples (cfg={sampling.cfg}, top_k={sampling.top_k}, top_p={sampling.top_p})",
-              "real_test": "real held-out images (test split)",
+              "real_test": f"real held-out images (test split{'' if floor_data == 'shapes' else ' of the folder'})",
               "untrained": f"untrained VAR (init_weights, seed {a.seed})"}
     rows = {}
     for key in ("dense", "real_test", "untrained"):
+        if key not in sets:
+            rows[key] = dict(set=titles[key] + ": n/a (no second held-out set beside --reference)", images=0)
+            continue
         images, labels, gen_s = sets[key]
         q = quality.quality_metrics(images.to(bundle.device), bundle, labels=labels, metrics=metrics,
-                                    bootstrap=a.bootstrap, seed=a.seed, reference_count=a.reference_count,
-                                    classifier=a.classifier)
-        logits = quality.classifier_logits(images.to(bundle.device), bundle, a.classifier)
-        acc = (logits.argmax(1).cpu() == labels).float().mean().item()
+                                    bootstrap=a.bootstrap, seed=a.seed, reference=a.reference,
+                                    reference_count=a.reference_count, classifier=a.classifier,
+                                    inception_weights=a.inception_weights)
+        acc = None
+        if has_classifier:   # the model's classifier, also when Inception measures FID
+            logits = quality.classifier_logits(images.to(bundle.device), bundle, a.classifier)
+            acc = quality.class_accuracy(logits, labels)
         rows[key] = dict(set=titles[key], images=len(images), classifier_accuracy=acc, generate_s=round(gen_s, 3), **q)
 
     print(f"quality certificate: {bundle.model_id} | {n} images per set | reference {check['reference']} | "
@@ -140,6 +161,9 @@ def run(a):
     print(head)
     print("-" * len(head))
     for r in rows.values():
+        if not r["images"]:
+            print(r["set"])
+            continue
         ci = f"[{_fmt(r['fid_ci_low'])}, {_fmt(r['fid_ci_high'])}]"
         print(f"{r['set']:<52}{_fmt(r['fid']):>9}{ci:>21}{_fmt(r['precision']):>7}{_fmt(r['recall']):>8}"
               f"{_fmt(r['kid_mean']):>9}{_fmt(r['isc_mean'], '.2f'):>7}{_fmt(r['classifier_accuracy']):>9}")
@@ -152,6 +176,7 @@ def run(a):
                       seed_scheme="batch b (labels i mod num_classes) uses seed+b",
                       untrained_init_seed=a.seed, metrics=list(metrics), bootstrap=a.bootstrap,
                       reference=check["reference"], reference_count=check["reference_count"],
+                      reference_split=json.loads(rows["dense"].get("reference_split") or "null"),
                       extractor=check["extractor"], rows=rows, **_environment(str(bundle.device)),
                       started_at=started, finished_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                       wall_s=round(time.time() - t0, 3))
