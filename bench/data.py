@@ -349,6 +349,11 @@ def folder_data(root: str, partition: Optional[dict] = None) -> ImageFolderData:
     return _FOLDERS[key]
 
 
+def default_hflip_for(data: str) -> bool:
+    """Mirroring is on by default only for `shapes` (what the shipped default was trained with)."""
+    return data == "shapes"
+
+
 def data_identity(data: Optional[str], partition: Optional[dict] = None) -> Optional[str]:
     """'shapes', 'folder-<hash>' or None: what prepared artifacts made from this data are keyed by."""
     if data is None or data == "shapes":

@@ -64,7 +64,8 @@ def load_images(data: str, count: int, image_size: int, split: str = "train", se
 def default_hflip(data: str, hflip: Optional[bool]) -> bool:
     """Mirroring is an explicit choice: on for `shapes` (what the shipped default was trained with), off for a
     user's folder unless asked for (a mirrored digit or letter is another image)."""
-    return (data == "shapes") if hflip is None else bool(hflip)
+    from bench.data import default_hflip_for
+    return default_hflip_for(data) if hflip is None else bool(hflip)
 
 
 def _data_meta(data: str, hflip: bool, *records) -> dict:

@@ -61,8 +61,9 @@ BUILTIN = ("tiny",)  # random-weight models built in code, for tests and smoke r
 
 
 def list_models() -> List[str]:
+    from bench.usermodels import list_user_models
     m = read_manifest()
-    return sorted(list(m.get("models", {})) + list(m.get("aliases", {})) + list(BUILTIN))
+    return sorted(list(m.get("models", {})) + list(m.get("aliases", {})) + list(BUILTIN) + list_user_models())
 
 
 def tiny_bundle(seed: int = 0, depth: int = 2, embed_dim: int = 32, device="cpu") -> ModelBundle:
@@ -105,7 +106,8 @@ def resolve_name(name: str) -> str:
     if name in BUILTIN:
         return name
     name = m.get("aliases", {}).get(name, name)
-    if name not in m.get("models", {}):
+    from bench.usermodels import list_user_models
+    if name not in m.get("models", {}) and name not in list_user_models():
         valid = list_models()
         hint = "; or give --var-ckpt/--vae-ckpt for official weights"
         raise BenchError(f"unknown model {name!r}; valid: {', '.join(valid) if valid else '(none shipped)'}{hint}")
@@ -120,12 +122,17 @@ def load_embedded(name: str, device="cpu") -> ModelBundle:
     name = resolve_name(name)
     if name == "tiny":
         return tiny_bundle(device=device)
-    entry = read_manifest()["models"][name]
+    from bench.usermodels import read_user_manifest
+    entry = read_manifest()["models"].get(name)
+    source, paths = "embedded", None
+    if entry is None:   # a model the user registered ($VARBENCH_HOME/models/<name>/)
+        entry = read_user_manifest(name)
+        source, paths = "user", entry["paths"]
     vcfg = dict(entry["vqvae_config"])
     vq = _build_vqvae(vcfg)
     var_cfg = VARConfig(**{**entry["var_config"], "patch_nums": tuple(entry["var_config"]["patch_nums"])})
     var = VAR(var_cfg)
-    paths = {k: os.path.join(ASSETS, entry["files"][k]) for k in entry["files"]}
+    paths = paths or {k: os.path.join(ASSETS, entry["files"][k]) for k in entry["files"]}
     for module, key, desc in ((vq, "vqvae", "the VQ-VAE"), (var, "var", f"VAR(depth={var_cfg.depth})")):
         sd = read_state_dict(paths[key], f"{key} checkpoint")
         check_compatible(module, sd, f"{key} checkpoint {paths[key]}", desc)
@@ -135,7 +142,7 @@ def load_embedded(name: str, device="cpu") -> ModelBundle:
     return ModelBundle(
         name=name, model_id=f"{name}-{entry['sha256']['var'][:8]}", var=var.to(device).eval(),
         vqvae=frozen(vq, device), sampling=SamplingConfig(**s), class_names=list(entry["dataset"]["classes"]),
-        image_size=vq.image_size, source="embedded", dataset=entry["dataset"],
+        image_size=vq.image_size, source=source, dataset=entry["dataset"],
         classifier=paths.get("classifier"), files=paths)
 
 

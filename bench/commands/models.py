@@ -25,5 +25,12 @@ def run(a):
               f"{tuple(c['patch_nums'])} / {e.get('sampling')}")
     for name in BUILTIN:
         print(f"{name:<14}{'':<10}{'':>6}{'':>7}{'':>9}  random weights, for tests and smoke runs")
+    from bench.usermodels import list_user_models, models_dir, read_user_manifest
+    for name in list_user_models():
+        e = read_user_manifest(name)
+        c, ds = e["var_config"], e["dataset"]
+        print(f"{name:<14}{'(yours)':<10}{c['depth']:>6}{c['embed_dim']:>7}{'':>9}  {tuple(c['patch_nums'])} / "
+              f"{e.get('sampling')} / data {ds.get('path', ds['name'])}")
+    print(f"your models: {models_dir()} (VARBENCH_HOME; `python -m bench register`)")
     print("official releases: --var-ckpt var_d16.pth --vae-ckpt vae_ch160v4096z32.pth [--depth N]")
     return 0

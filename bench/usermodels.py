@@ -1,0 +1,169 @@
+"""Users' own models: `python -m bench register` puts trained weights in $VARBENCH_HOME/models/<name>/ (default
+~/.var-bench; never inside the installed package) with a manifest.json that records the weights' hashes and
+configs, the data (path, identity, classes, train/val/test partition, augmentation), the held-out reference,
+the default sampling, the training commands and the code commit. Every command then finds the model by name
+(`--model NAME`), and `prepare`, `run`, `sweep` and `evaluate` read its data and reference from the manifest.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import time
+import uuid
+from typing import Dict, List, Optional
+
+from bench.errors import BenchError
+
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+SAMPLING_KEYS = ("cfg", "top_k", "top_p")
+
+
+def home() -> str:
+    return os.environ.get("VARBENCH_HOME") or os.path.join(os.path.expanduser("~"), ".var-bench")
+
+
+def models_dir() -> str:
+    return os.path.join(home(), "models")
+
+
+def list_user_models() -> List[str]:
+    root = models_dir()
+    if not os.path.isdir(root):
+        return []
+    return sorted(d for d in os.listdir(root) if os.path.isfile(os.path.join(root, d, "manifest.json")))
+
+
+def read_user_manifest(name: str) -> Optional[dict]:
+    """The manifest of a registered model with its files as absolute paths, or None."""
+    path = os.path.join(models_dir(), name, "manifest.json")
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        m = json.load(f)
+    m["paths"] = {k: os.path.join(models_dir(), name, v) for k, v in m["files"].items()}
+    return m
+
+
+def parse_sampling(text: str) -> Dict[str, float]:
+    """'cfg=3.0,top_k=100,top_p=0.95' -> dict; unknown keys and bad numbers are one-line errors."""
+    out: Dict[str, float] = {}
+    for part in filter(None, (p.strip() for p in str(text).split(","))):
+        k, sep, v = part.partition("=")
+        if not sep or k.strip() not in SAMPLING_KEYS:
+            raise BenchError(f"--sampling: bad item {part!r}; valid keys: {', '.join(SAMPLING_KEYS)} "
+                             f"(e.g. cfg=3.0,top_k=100,top_p=0.95)")
+        try:
+            out[k.strip()] = int(v) if k.strip() == "top_k" else float(v)
+        except ValueError:
+            raise BenchError(f"--sampling: {k.strip()} must be a number, got {v!r}") from None
+    return out
+
+
+def _meta(path: Optional[str], kind: str) -> Optional[dict]:
+    if path is None:
+        return None
+    if not os.path.isfile(path):
+        raise BenchError(f"--{kind}: file not found: {path}")
+    side = os.path.splitext(path)[0] + ".json"
+    if not os.path.isfile(side):
+        raise BenchError(f"--{kind}: {path} has no training metadata beside it ({side}); register weights made by "
+                         f"`python -m bench train {kind}`")
+    with open(side) as f:
+        return json.load(f)
+
+
+def register_model(name: str, vqvae: str, var: str, classifier: Optional[str] = None,
+                   sampling: Optional[Dict[str, float]] = None, reference: Optional[str] = None,
+                   force: bool = False) -> str:
+    """Validate everything, then copy the weights and write the manifest atomically; returns the directory."""
+    from bench.checkpoints import file_sha256
+    from bench.data import default_hflip_for, folder_data
+    from bench.sampling import SamplingConfig, validate_sampling
+    from bench.train import code_commit
+    from bench.zoo import BUILTIN, read_manifest
+    if not NAME_RE.match(name or ""):
+        raise BenchError(f"model name {name!r} must be 1-64 letters, digits, '.', '_' or '-' (not starting with "
+                         f"'.', '_' or '-')")
+    shipped = read_manifest()
+    taken = sorted(set(shipped.get("models", {})) | set(shipped.get("aliases", {})) | set(BUILTIN))
+    if name in taken:
+        raise BenchError(f"model name {name!r} is taken by a shipped model; choose another (shipped: "
+                         f"{', '.join(taken)})")
+    final = os.path.join(models_dir(), name)
+    if os.path.isdir(final) and not force:
+        raise BenchError(f"model {name!r} is already registered in {final}; pass --force to replace it")
+    metas = {k: _meta(p, k) for k, p in (("vqvae", vqvae), ("var", var), ("classifier", classifier))}
+    vq_sha = file_sha256(vqvae)
+    if metas["var"].get("vqvae_sha256") not in (None, vq_sha):
+        raise BenchError(f"--var {var} was trained on another VQ-VAE (sha256 {metas['var']['vqvae_sha256'][:12]}), "
+                         f"not {vqvae} ({vq_sha[:12]})")
+    classes = list(metas["var"].get("classes") or [])
+    data = metas["var"]["args"].get("data", "shapes")
+    if metas["classifier"] is not None and len(metas["classifier"].get("classes") or classes) != len(classes):
+        raise BenchError(f"--classifier {classifier} has {len(metas['classifier']['classes'])} classes but the VAR "
+                         f"{len(classes)}")
+    if data == "shapes":
+        dataset = dict(name="shapes", classes=classes, reference_split="val")
+    else:
+        fd = folder_data(data)
+        if fd.classes != classes:
+            raise BenchError(f"the VAR was trained on classes {', '.join(classes)} but its folder {data} now has "
+                             f"{', '.join(fd.classes)}")
+        trained_on = [r.get("data_id") for r in metas["var"].get("data_splits", [])]
+        if trained_on and trained_on[0] != fd.data_id:
+            raise BenchError(f"the image folder {data} changed since the VAR was trained on it (identity "
+                             f"{trained_on[0]} then, {fd.data_id} now)")
+        dataset = dict(name="folder", path=fd.root, data_id=fd.data_id, classes=classes, partition=fd.partition,
+                       reference_split="val")
+    hflip = metas["var"].get("hflip", default_hflip_for(data))
+    image_size = metas["vqvae"]["config"]["v_patch_nums"][-1] * 2 ** (len(metas["vqvae"]["config"]["ch_mult"]) - 1)
+    dataset.update(image_size=image_size, hflip=hflip,
+                   splits={k: m.get("data_splits") for k, m in metas.items() if m is not None})
+    if reference is not None:
+        if not os.path.isdir(reference):
+            raise BenchError(f"--reference must be an image folder (DIR/<class>/*.png), got {reference}")
+        subdirs = sorted(d for d in os.listdir(reference) if os.path.isdir(os.path.join(reference, d)))
+        if subdirs != classes:
+            raise BenchError(f"reference folder {reference} has classes {', '.join(subdirs) or '(none)'} but the "
+                             f"model was trained on {', '.join(classes)}; give a held-out folder of the same classes")
+        dataset["reference"] = os.path.realpath(reference)
+    vocab = metas["var"]["config"]["vocab_size"]   # the shipped default's sampling unless given
+    s = dict(dict(cfg=3.0, top_k=min(100, vocab), top_p=0.95), **(sampling or {}))
+    validate_sampling(SamplingConfig(**s), vocab)
+
+    os.makedirs(models_dir(), exist_ok=True)
+    tmp = os.path.join(models_dir(), f".{name}.tmp-{uuid.uuid4().hex[:6]}")
+    os.makedirs(tmp)
+    try:
+        files, sha = {}, {}
+        for kind, p in (("vqvae", vqvae), ("var", var), ("classifier", classifier)):
+            if p is None:
+                continue
+            files[kind] = f"{kind}.safetensors"
+            shutil.copyfile(p, os.path.join(tmp, files[kind]))
+            sha[kind] = file_sha256(os.path.join(tmp, files[kind]))
+        manifest = dict(
+            name=name, files=files, sha256=sha, var_config=metas["var"]["config"],
+            vqvae_config=metas["vqvae"]["config"],
+            classifier_config=metas["classifier"]["config"] if metas["classifier"] else None,
+            sampling=s, dataset=dataset, registered_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            code_commit=code_commit(),
+            training={k: dict(command=m.get("command"), code_commit=m.get("code_commit"), steps=m.get("steps"),
+                              args=m.get("args"), threads=m.get("threads"),
+                              final=m["history"][-1] if m.get("history") else None,
+                              **{x: m[x] for x in m if x.startswith("val_")})
+                      for k, m in metas.items() if m is not None})
+        from bench.atomic import atomic_write_text
+        atomic_write_text(os.path.join(tmp, "manifest.json"), json.dumps(manifest, indent=1, default=str))
+        if os.path.isdir(final):
+            trash = f"{final}.old-{uuid.uuid4().hex[:6]}"
+            os.rename(final, trash)
+            os.rename(tmp, final)
+            shutil.rmtree(trash, ignore_errors=True)
+        else:
+            os.rename(tmp, final)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return final
