@@ -238,7 +238,8 @@ class QualityRecord(Record):
         nan = float("nan")
         f = lambda v: nan if v is None else v   # noqa: E731
         return (f"quality: fid {f(self.fid):.4g} [{f(self.fid_ci_low):.4g}, {f(self.fid_ci_high):.4g}] vs "
-                f"{self.reference} (reference {'from cache' if self.reference_cached else 'computed and cached'})")
+                f"{self.reference} (reference {'from cache' if self.reference_cached else 'computed and cached'})"
+                + ("" if self.class_accuracy is None else f", class accuracy {self.class_accuracy:.3f}"))
 
 
 
@@ -267,8 +268,11 @@ class PairedQualityRecord(Record):
     def summary(self) -> str:
         if self.fid_delta is None:
             return ""
+        acc = "" if self.class_accuracy_delta is None else (
+            f", class_accuracy_delta {self.class_accuracy_delta:+.3f} [{self.class_accuracy_delta_ci_low:+.3f}, "
+            f"{self.class_accuracy_delta_ci_high:+.3f}]")
         return (f"paired with dense: fid_delta {self.fid_delta:+.4g} [{self.fid_delta_ci_low:+.4g}, "
-                f"{self.fid_delta_ci_high:+.4g}]")
+                f"{self.fid_delta_ci_high:+.4g}]{acc}")
 
 
 
