@@ -166,20 +166,24 @@ class Recipe:
             out += [k for k in s.artifacts if k not in out]
         return out
 
-    def key(self, kind: str, values: Mapping[str, Any], **resolved) -> dict:
+    def key(self, kind: str, values: Mapping[str, Any], scope: Optional[Mapping[str, Any]] = None,
+            **resolved) -> dict:
         """The artifact key of `kind`: its fixed entries, each keyed setting's value (from `values`, a method config
         or a prepare's values; `resolved` overrides entries by name, e.g. scales resolved against the model),
-        and the keys it nests (e.g. the fine-tune an expert split was made from)."""
+        and the keys it nests (e.g. the fine-tune an expert split was made from). `scope`: entries that identify
+        what the artifact was made from beyond the recipe (the data: methods/_moe.data_scope), here and in every
+        nested key; empty for the shipped default, whose keys are therefore unchanged."""
         key = dict(self.fixed.get(kind, {}))
         for s in self.settings:
             if kind in s.artifacts and s.key is not None:
                 key[s.key] = values[s.name]
         for entry, other in self.nested.get(kind, {}).items():
-            key[entry] = self.key(other, values)
+            key[entry] = self.key(other, values, scope)
         unknown = sorted(set(resolved) - set(key))
         if unknown:
             raise RuntimeError(f"the {kind} key has no entry {unknown[0]!r}")
         key.update(resolved)
+        key.update(scope or {})
         return key
 
     def recorded(self, kind: str, values: Mapping[str, Any]) -> dict:

@@ -40,6 +40,22 @@ def default_data(bundle) -> Optional[str]:
     return "shapes" if ds.get("name") == "shapes" else ds.get("path")
 
 
+def data_scope(bundle, data: Optional[str] = None) -> dict:
+    """What artifact keys add for the data they were made from: {} for `shapes` on a `shapes` model and for a model
+    without data of its own (the shipped artifacts keep their keys; an official model's data is in the artifact's
+    metadata and checked on reuse), else {'data': the data identity} (a user's folder: its file-listing hash), so
+    an artifact made from one data set is never found for another."""
+    from bench.data import data_identity
+    own = default_data(bundle)
+    data = data or own
+    if own is None or (data == "shapes" and own == "shapes"):
+        return {}
+    ds = bundle.dataset or {}
+    if data == own and ds.get("data_id"):   # the registered identity: runs need no access to the folder
+        return {"data": ds["data_id"]}
+    return {"data": data_identity(data)}
+
+
 def token_data(bundle, count: int, split: str = "train", data: Optional[str] = None, seed: int = 0):
     """Tokens (list per scale, int16) and labels of a class-stratified sample of real images of a split
     (bench/data.py: held-out splits never overlap training), with mirrored copies (2·count rows) only where the
@@ -59,6 +75,9 @@ def token_data(bundle, count: int, split: str = "train", data: Optional[str] = N
         note_split(_TOKEN_CACHE[key][1])
         return _TOKEN_CACHE[key][0]
     images, labels, _, rec = load_split(data, split, count, bundle.image_size, seed, partition)
+    if data == own and ds.get("data_id") not in (None, rec.data_id):
+        raise BenchError(f"the image folder {data} changed since model {bundle.name} was registered (identity "
+                         f"{ds['data_id']} then, {rec.data_id} now); register it again")
     toks = tokenize(bundle.vqvae, images.to(bundle.device), hflip=hflip)
     out = ([t.to(bundle.device) for t in toks], (torch.cat((labels, labels)) if hflip else labels).to(bundle.device))
     _TOKEN_CACHE[key] = (out, rec)

@@ -262,8 +262,9 @@ class _ActVARBase(Method):
             out["weight_rate"] = [r[s] for s in sorted(r)]
         return out
 
-    def artifact_key(self, bundle) -> dict:
-        return self.recipe.key(KIND, self.config, **self.trained_at(bundle))
+    def artifact_key(self, bundle, data: Optional[str] = None) -> dict:
+        """data: prepare's --data (None: the model's own); its identity is part of the key (_moe.data_scope)."""
+        return self.recipe.key(KIND, self.config, _moe.data_scope(bundle, data), **self.trained_at(bundle))
 
     def prepare_hint(self, bundle) -> str:
         return prepare_command(bundle, self.name, self.recipe.flags(self.config, **self.trained_at(bundle)))
@@ -393,7 +394,7 @@ class _ActVARBase(Method):
         data = data or _moe.default_data(bundle)
         if data is None:
             raise BenchError(f"model {bundle.name} has no built-in dataset; give --data <image folder>")
-        key = m.artifact_key(bundle)
+        key = m.artifact_key(bundle, data)
         recipe = dict(cls.recipe.recorded(KIND, values), data=data, uncond_fraction=T.UNCOND_FRACTION,
                       stage1_kl=T.STAGE1_KL, stage1_bal=T.STAGE1_BAL, label_eps=T.LABEL_EPS)
         d = artifact_dir_for_writing(KIND, bundle.model_id, key, out_root)

@@ -108,11 +108,12 @@ class DMoE(Method):
                              f"{scales}; give one tau or one per MoE scale")
         return dict(zip(scales, taus))
 
-    def finetune_key(self) -> dict:
-        return RECIPE.key(FINETUNE, self.config)
+    def finetune_key(self, bundle=None) -> dict:
+        """bundle: whose data identity scopes the key (_moe.data_scope; none for the shipped default)."""
+        return RECIPE.key(FINETUNE, self.config, _moe.data_scope(bundle) if bundle is not None else None)
 
-    def experts_key(self) -> dict:
-        return RECIPE.key(EXPERTS, self.config)
+    def experts_key(self, bundle=None) -> dict:
+        return RECIPE.key(EXPERTS, self.config, _moe.data_scope(bundle) if bundle is not None else None)
 
     def prepare_hint(self, bundle) -> str:
         return prepare_command(bundle, "dmoe", RECIPE.flags(self.config))
@@ -125,11 +126,11 @@ class DMoE(Method):
         if H % e:
             raise BenchError(f"method dmoe: expert_size={e} does not divide the FFN width {H}; valid: "
                              f"{', '.join(map(str, divisors(H)))}")
-        ft = find_artifact("dmoe-finetune", bundle.model_id, self.finetune_key())
+        ft = find_artifact("dmoe-finetune", bundle.model_id, self.finetune_key(bundle))
         if ft is None:
             raise BenchError(f"no prepared dmoe-finetune artifact for model {bundle.name} with "
-                             f"{json.dumps(self.finetune_key(), sort_keys=True)}; run `{self.prepare_hint(bundle)}`")
-        if find_artifact("dmoe-experts", bundle.model_id, self.experts_key()) is None \
+                             f"{json.dumps(self.finetune_key(bundle), sort_keys=True)}; run `{self.prepare_hint(bundle)}`")
+        if find_artifact("dmoe-experts", bundle.model_id, self.experts_key(bundle)) is None \
                 and read_meta(ft).get("data") is None:
             raise BenchError(f"no prepared dmoe-experts artifact for model {bundle.name} (expert_size={e}) and no "
                              f"dataset to make one; run `{self.prepare_hint(bundle)} --data <image folder>`")
@@ -138,7 +139,7 @@ class DMoE(Method):
     def experts_dir(self, bundle, ft_dir: str, ft_var) -> str:
         """The split + routers for this expert size; made and cached on first use (an expert-size sweep)."""
         from bench.artifacts import find_artifact
-        key = self.experts_key()
+        key = self.experts_key(bundle)
         d = find_artifact("dmoe-experts", bundle.model_id, key)
         if d is not None:
             return d
@@ -152,7 +153,7 @@ class DMoE(Method):
         from bench.artifacts import find_artifact
         self.check_model(bundle)
         c = self.config
-        ft_dir = find_artifact("dmoe-finetune", bundle.model_id, self.finetune_key())
+        ft_dir = find_artifact("dmoe-finetune", bundle.model_id, self.finetune_key(bundle))
         ft_var = _moe_artifacts.load_finetuned_var(bundle, ft_dir)
         ex_dir = self.experts_dir(bundle, ft_dir, ft_var)
         labels, routers = _moe_artifacts.load_experts(ex_dir, ft_var, bundle.device)
@@ -238,7 +239,8 @@ class DMoE(Method):
         data = data or _moe.default_data(bundle)
         if data is None:
             raise BenchError(f"model {bundle.name} has no built-in dataset; give --data <image folder>")
-        ft_key = RECIPE.key(FINETUNE, values)
+        scope = _moe.data_scope(bundle, data)
+        ft_key = RECIPE.key(FINETUNE, values, scope)
         recipe = dict(RECIPE.recorded(FINETUNE, values), data=data)
         ft_dir = artifact_dir_for_writing(FINETUNE, bundle.model_id, ft_key, out_root)
         if is_done(ft_dir) and not force:
@@ -251,7 +253,7 @@ class DMoE(Method):
         ft_var = _moe_artifacts.load_finetuned_var(bundle, ft_dir)
         dirs = [ft_dir]
         for size in sizes:
-            key = RECIPE.key(EXPERTS, dict(values, expert_size=size))
+            key = RECIPE.key(EXPERTS, dict(values, expert_size=size), scope)
             d = artifact_dir_for_writing(EXPERTS, bundle.model_id, key, out_root)
             if is_done(d) and not force:
                 log(f"reusing the expert split {d}")

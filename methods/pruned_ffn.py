@@ -192,41 +192,46 @@ class PrunedFFNMethod(Method):
             return c["match_fraction"] * pruned_macs_per_image(bundle.var.cfg, self.scales(bundle), 0.0)
         return c["match_macs"]
 
-    def finetune_key(self) -> dict:
-        return RECIPE.key(FINETUNE, self.config)
+    def finetune_key(self, bundle=None, data: Optional[str] = None) -> dict:
+        """bundle, data: whose data identity scopes the key (_moe.data_scope; data None: the model's own)."""
+        return RECIPE.key(FINETUNE, self.config, _moe.data_scope(bundle, data) if bundle is not None else None)
 
-    def calib_key(self, bundle) -> dict:
+    def calib_key(self, bundle, data: Optional[str] = None) -> dict:
+        """The calibration's key includes the data it was made from (prepare's --data, else the model's own)."""
         no_finetune = {} if self.config["weights"] == "finetuned" else dict(finetune=None)
-        return RECIPE.key(CALIB, self.config, scales=self.scales(bundle), **no_finetune)
+        return RECIPE.key(CALIB, self.config, _moe.data_scope(bundle, data), scales=self.scales(bundle),
+                          **no_finetune)
 
     def check_model(self, bundle, data: Optional[str] = None):
         from bench.artifacts import find_artifact
         self.scales(bundle)
         self.effective_fraction(bundle)
         c = self.config
+        key = self.calib_key(bundle, data)
+        ft_key = self.finetune_key(bundle, data)
         data = data or _moe.default_data(bundle)
         if c["weights"] == "finetuned":
-            ft = find_artifact("dmoe-finetune", bundle.model_id, self.finetune_key())
+            ft = find_artifact("dmoe-finetune", bundle.model_id, ft_key)
             if ft is None:
                 hint = prepare_command(bundle, "dmoe", RECIPE.flags(c, kind=FINETUNE))
                 raise BenchError(f"method pruned-ffn (weights=finetuned): no prepared dmoe-finetune artifact for "
                                  f"model {bundle.name}; run `{hint}` (or use weights=original)")
             data = data or read_meta(ft).get("data")
-        if data is None and find_artifact("pruned-calib", bundle.model_id, self.calib_key(bundle)) is None:
+        if data is None and find_artifact("pruned-calib", bundle.model_id, key) is None:
             raise BenchError(f"method pruned-ffn: no calibration for model {bundle.name} and no dataset to make one; "
                              f"run `{prepare_command(bundle, 'pruned-ffn', '--data <image folder>')}`")
 
-    def base_var(self, bundle):
+    def base_var(self, bundle, data: Optional[str] = None):
         from bench.artifacts import find_artifact
         if self.config["weights"] == "original":
             return bundle.var, None
-        ft = find_artifact("dmoe-finetune", bundle.model_id, self.finetune_key())
+        ft = find_artifact("dmoe-finetune", bundle.model_id, self.finetune_key(bundle, data))
         return _moe_artifacts.load_finetuned_var(bundle, ft), ft
 
     def importance(self, bundle, var, ft_dir, data=None, out_root=None, force=False):
         from bench.artifacts import find_artifact
         from bench.artifacts import artifact_dir_for_writing
-        key = self.calib_key(bundle)
+        key = self.calib_key(bundle, data)
         if out_root is None:
             d = find_artifact("pruned-calib", bundle.model_id, key)
         else:  # prepare --out: exactly there
@@ -298,6 +303,6 @@ class PrunedFFNMethod(Method):
         (config,) = RECIPE.method_configs(values)
         m = cls(**config)
         m.check_model(bundle, data=data)
-        var, ft_dir = m.base_var(bundle)
+        var, ft_dir = m.base_var(bundle, data)
         _, d = m.importance(bundle, var, ft_dir, data=data, out_root=out_root, force=force)
         return d

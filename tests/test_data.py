@@ -1,4 +1,6 @@
-"""The procedural dataset is deterministic, class-balanced and varied."""
+"""Data: the procedural dataset is deterministic, class-balanced and varied; image folders split without bias."""
+import json
+
 import numpy as np
 import pytest
 
@@ -121,3 +123,25 @@ def test_calibration_tokens_and_reference_of_a_folder_model(tmp_path, tiny):
     tk = {bytes(x.numpy().tobytes()) for x in train}
     assert len(ref_imgs) == 20 and not tk & {bytes(x.numpy().tobytes()) for x in ref_imgs}
     assert folder_data(root).data_id.startswith("folder-")
+
+
+def test_artifact_keys_carry_the_data_identity_except_for_the_shipped_default(tmp_path, tiny):
+    """pruned-ffn's calibration key ignored the data: `prepare pruned-ffn --data shapes` reused one made from a
+    user's folder. Keys now name the data unless it is shapes on a shapes model (the shipped keys stay as they were)."""
+    import copy
+    from bench.registry import create_method
+    from methods import _moe
+    root = make_image_folder(tmp_path / "imgs")
+    user = copy.copy(tiny)
+    user.dataset = dict(name="folder", path=root, data_id="folder-registered", classes=list("abcd"), hflip=False)
+    assert _moe.data_scope(tiny) == {} and _moe.data_scope(tiny, "shapes") == {}
+    assert _moe.data_scope(user) == {"data": "folder-registered"}
+    assert _moe.data_scope(user, "shapes") == {"data": "shapes"}
+    assert _moe.data_scope(tiny, root)["data"].startswith("folder-")
+    m = create_method("pruned-ffn", fraction=0.25)
+    keys = [m.calib_key(tiny), m.calib_key(tiny, root), m.calib_key(user), m.calib_key(user, "shapes")]
+    assert len({json.dumps(k, sort_keys=True) for k in keys}) == 4 and "data" not in keys[0]
+    assert create_method("dmoe").experts_key(user)["finetune"]["data"] == "folder-registered"
+    assert create_method("actvar").artifact_key(user)["data"] == "folder-registered"
+    with pytest.raises(BenchError, match="changed since model .* was registered"):
+        _moe.token_data(user, 4)
