@@ -171,12 +171,6 @@ class StepNet(nn.Module):
         return dict(step_images=n, step_run_share_per_scale=ran, step_cfg_share_per_scale=cfg)
 
 
-def steps_saved_fraction(method, net, bundle) -> float:
-    from bench.analytic import dense_scale_macs
-    dense = sum(s.total for s in dense_scale_macs(bundle.var.cfg, 1))
-    return round(1 - sum(net.analytic_macs(bundle, 1)) / dense, 6)
-
-
 def check_last(method: str, name: str, value: int, num_scales: int, allow_all: bool) -> None:
     """A `last k scales` parameter against the model: skipping every scale leaves nothing to decode."""
     hi = num_scales if allow_all else num_scales - 1

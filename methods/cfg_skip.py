@@ -47,7 +47,7 @@ class CfgSkip(Method):
     def row_metrics(self, net, bundle) -> Dict[str, Any]:
         S = len(bundle.var.patch_nums)
         return dict(net.row_metrics(bundle), cfg_free_scales=list(range(S - self.last(bundle), S)),
-                    macs_saved_fraction=_steps.steps_saved_fraction(self, net, bundle))
+                    macs_saved_fraction=self.macs_saved_fraction(net, bundle))
 
     @property
     def label(self) -> str:

@@ -46,7 +46,7 @@ class SkipScales(Method):
     def row_metrics(self, net, bundle) -> Dict[str, Any]:
         S = len(bundle.var.patch_nums)
         return dict(net.row_metrics(bundle), skipped_scales=list(range(S - self.skip(bundle), S)),
-                    macs_saved_fraction=_steps.steps_saved_fraction(self, net, bundle))
+                    macs_saved_fraction=self.macs_saved_fraction(net, bundle))
 
     @property
     def label(self) -> str:

@@ -156,7 +156,7 @@ class SkipVAR(Method):
                     skipvar_share_dense=round(sum(1 for s, c in plans if s == S and c == S) / n, 4),
                     skipvar_measure_mean=round(sum(vals) / len(vals), 6) if vals else None,
                     skipvar_decision_scale=self.decision_scale(S),
-                    macs_saved_fraction=_steps.steps_saved_fraction(self, net, bundle))
+                    macs_saved_fraction=self.macs_saved_fraction(net, bundle))
 
     @property
     def label(self) -> str:
