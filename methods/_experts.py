@@ -254,7 +254,7 @@ def cost_model(device: torch.device, dtype: torch.dtype) -> Optional[CostModel]:
     a file, or 'builtin'."""
     env = os.environ.get(ENV_COST, "")
     key = machine_key(device, dtype)
-    memo = json.dumps(key, sort_keys=True) + "|" + env
+    memo = json.dumps(key, sort_keys=True) + "|" + env + "|" + cost_dir()   # the cache root can change (tests)
     if memo in _MODELS:
         return _MODELS[memo]
     if env == "builtin":
