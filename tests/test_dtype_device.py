@@ -1,0 +1,110 @@
+"""GPU readiness on the CPU: `--dtype` (autocast) through run and sweep, and where a Ray trial measures.
+
+Everything here runs on the tiny model on CPU; the GPU side of the same code is run by `scripts/gpu-check`."""
+import json
+import os
+
+import pytest
+import torch
+
+from bench.errors import BenchError
+from tests.conftest import ROOT, run_cli
+
+
+@pytest.fixture(scope="module")
+def classifier(tmp_path_factory):
+    """A random-weight quality classifier (fast feature extractor; quality values are not asserted)."""
+    from bench.checkpoints import save_state_dict
+    from bench.models.classifier import ShapesClassifier
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("cls") / "classifier.safetensors"
+    save_state_dict(ShapesClassifier(num_classes=10, width=8, feature_dim=16, image_size=32).state_dict(), str(path))
+    return str(path)
+
+
+def _measure(tiny, method, dtype, tmp_path, classifier):
+    from bench.measure import measure
+    return measure(tiny, method, samples=4, batch_size=2, results_dir=str(tmp_path / "res"),
+                   cache_dir=str(tmp_path / "cache"), classifier=classifier, reference_count=32, metrics=("fid",),
+                   bootstrap=5, timing_rounds=1, dtype=dtype)
+
+
+# ------------------------------------------------------------------------------------------------ --dtype
+def test_bf16_autocasts_the_transformer_only():
+    """Under bf16 the VAR's linear layers run in bfloat16, the logits reaching the sampler are float32, the images
+    float32; fp32 (the default) runs no autocast at all."""
+    from bench.precision import current_dtype, generation_dtype
+    from bench.sampling import generate
+    from bench.zoo import tiny_bundle
+    b = tiny_bundle()
+    seen = {"linear": set(), "logits": set()}
+    hooks = [m.register_forward_hook(lambda mod, i, o: seen["linear"].add(o.dtype))
+             for m in b.var.modules() if isinstance(m, torch.nn.Linear)]
+    fn = lambda *a: b.var.scale_forward(*a)   # noqa: E731
+    with generation_dtype("bf16"):
+        assert current_dtype() == "bf16"
+        g = generate(b.var, b.vqvae, torch.arange(2), 1, b.sampling, scale_fn=fn)
+    assert current_dtype() == "fp32"
+    assert seen["linear"] == {torch.bfloat16} and g.images.dtype == torch.float32
+    seen["linear"].clear()
+    generate(b.var, b.vqvae, torch.arange(2), 1, b.sampling)
+    assert seen["linear"] == {torch.float32}
+    for h in hooks:
+        h.remove()
+
+
+def test_bf16_row_and_its_own_dense_cache(tiny, tmp_path, classifier):
+    """A bf16 run records dtype=bf16 and pairs with dense outputs generated in bf16: an fp32 dense cache entry is
+    never reused for it (its key differs), while a second bf16 run reuses the bf16 entry."""
+    from bench.measure import dense_cache_key
+    fp32 = _measure(tiny, "dense", "fp32", tmp_path, classifier)
+    assert fp32["dtype"] == "fp32" and fp32["dense_cache"] == "stored"
+    method = _measure(tiny, "skip-scales", "bf16", tmp_path, classifier)
+    assert method["dtype"] == "bf16"
+    assert method["dense_cache"] == "generated"        # not the fp32 entry stored above
+    dense = _measure(tiny, "dense", "bfloat16", tmp_path, classifier)
+    assert dense["dtype"] == "bf16" and dense["dense_cache"] == "reused"
+    entries = os.listdir(tmp_path / "cache" / "dense-outputs")
+    assert len(entries) == 2, entries
+    keys = [dense_cache_key(tiny, tiny.sampling, 0, 4, 2, "cpu", dtype=d) for d in ("fp32", "bf16", "fp16")]
+    assert len({json.dumps(k, sort_keys=True) for k in keys}) == 3
+    assert "dtype" not in keys[0] and keys[1]["dtype"] == "bf16"   # fp32 keys as before --dtype existed
+    assert all(r["env_cuda_visible_devices"] is None for r in (fp32, method, dense))   # CPU: null
+
+
+def test_fp16_on_cpu_follows_what_torch_supports(monkeypatch):
+    from bench import precision
+    assert precision.check_dtype("fp16", "cpu") == "fp16"       # torch >= 2.3 autocasts fp16 on CPU
+    assert precision.check_dtype("float16", "cpu") == "fp16"
+    monkeypatch.setattr(precision, "autocast_works", lambda dev, dt: dt is torch.bfloat16)   # a torch without it
+    with pytest.raises(BenchError) as e:
+        precision.check_dtype("fp16", "cpu")
+    assert "valid on cpu: fp32, bf16" in str(e.value) and "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("dtype", ["fp8", "half-ish"])
+def test_cli_bad_dtype_one_line_exit_2_nothing_written(tmp_path, dtype):
+    res = tmp_path / "res"
+    r = run_cli("run", "--model", "tiny", "--samples", 4, "--results", res, "--dtype", dtype,
+                env={"VARBENCH_CACHE": str(tmp_path / "cache")})
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and len(lines) == 1, r.stderr
+    assert f"--dtype {dtype!r} is not a valid dtype; valid: fp32, bf16, fp16" in lines[0]
+    assert os.listdir(tmp_path) == []
+
+
+def test_sweep_dtype_key_is_validated(tmp_path):
+    from bench.sweep.spec import load_spec
+    assert load_spec("tau", sets=["measure.dtype=bfloat16"])["measure"]["dtype"] == "bf16"
+    assert "dtype" not in load_spec("tau")["measure"]
+    with pytest.raises(BenchError) as e:
+        load_spec("tau", sets=["measure.dtype=fp8"])
+    assert "measure.dtype 'fp8' is not a valid dtype; valid: fp32, bf16, fp16" in str(e.value)
+    y = tmp_path / "s.yaml"
+    y.write_text("models: [tiny]\nmeasure: {dtype: int8}\npoints:\n  dense: {method: dense}\n")
+    with pytest.raises(BenchError) as e:
+        load_spec(str(y))
+    assert str(e.value) == "sweep s: measure.dtype 'int8' is not a valid dtype; valid: fp32, bf16, fp16"
+    r = run_cli("sweep", str(y), "--dry-run", "--results", tmp_path / "res")
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "measure.dtype" in r.stderr
+    assert not (tmp_path / "res").exists()
