@@ -108,3 +108,75 @@ def test_sweep_dtype_key_is_validated(tmp_path):
     r = run_cli("sweep", str(y), "--dry-run", "--results", tmp_path / "res")
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "measure.dtype" in r.stderr
     assert not (tmp_path / "res").exists()
+
+
+# ------------------------------------------------------------------------------------------------ Ray trials
+def test_environment_records_cuda_visible_devices(monkeypatch):
+    from bench.env import cuda_visible_devices, environment
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3")
+    assert cuda_visible_devices("cuda") == "3" and cuda_visible_devices("cuda:0") == "3"
+    assert cuda_visible_devices("cpu") is None and environment("cpu")["env_cuda_visible_devices"] is None
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
+    assert cuda_visible_devices("cuda") is None
+
+
+def test_trial_device_is_the_first_gpu_the_trial_sees():
+    from bench.sweep.runner import trial_device
+    assert trial_device("cuda", ["2"]) == "cuda:0"        # Ray granted GPU 2: the worker sees it as cuda:0
+    assert trial_device("cuda:1", ["2"]) == "cuda:0"      # a machine-wide index means nothing inside the trial
+    assert trial_device("cuda:1", []) == "cuda:1"         # outside Ray: as given
+    assert trial_device("cpu", ["0"]) == "cpu"
+
+
+def test_gpu_trials_request_their_gpu_share():
+    from bench.sweep.runner import resources, trial_resources
+    info = dict(max_node_cpus=8.0, max_node_gpus=2.0)
+    assert resources(info, "cuda", 4, None) == (4.0, 2.0)          # default: the node's GPUs
+    assert resources(info, "cuda:0", 4, 0.5) == (4.0, 0.5)
+    assert resources(info, "cpu", 4, None) == (4.0, 0.0)
+    assert trial_resources(4.0, 0.5) == {"CPU": 4.0, "GPU": 0.5}
+    assert trial_resources(4.0, 0.0) == {"CPU": 4.0}
+    with pytest.raises(BenchError, match="needs --gpus-per-trial > 0"):
+        resources(info, "cuda", 4, 0)
+    with pytest.raises(BenchError, match="no node of the cluster has a GPU"):
+        resources(dict(max_node_cpus=8.0, max_node_gpus=0.0), "cuda", 4, None)
+
+
+def test_run_trial_measures_on_the_device_ray_granted(monkeypatch):
+    """The wiring inside a GPU trial, without a GPU: the granted GPU becomes cuda:0, made current, and the model
+    is loaded there."""
+    from bench.sweep import runner
+    calls = {}
+    monkeypatch.setattr(runner, "ray_gpu_ids", lambda: ["1"])
+    monkeypatch.setattr(torch.cuda, "set_device", lambda d: calls.setdefault("set_device", str(d)))
+
+    def load_bundle(model, device):
+        calls["load_bundle"] = device
+        raise BenchError("stop here")
+    monkeypatch.setattr(runner, "load_bundle", load_bundle)
+    out = runner.run_trial(dict(modules=[], threads=1, model="tiny", device="cuda:3"))
+    assert out["status"] == "error" and out["error"] == "stop here"
+    assert calls == {"set_device": "cuda:0", "load_bundle": "cuda:0"}
+
+
+def test_sweep_trial_row_records_its_dtype(tmp_path, classifier, monkeypatch):
+    """A sweep's measure.dtype reaches the trial's row (the trial function run directly, as a Ray worker runs it)."""
+    from bench.results import load_results
+    from bench.sweep.runner import SweepRunner, run_trial
+    from bench.sweep.spec import load_spec
+    from bench.sweep.trials import expand
+    monkeypatch.setenv("VARBENCH_CACHE", str(tmp_path / "cache"))
+    y = tmp_path / "s.yaml"
+    y.write_text(f"models: [tiny]\nsamples: 4\nbatch_size: 2\nmeasure: {{dtype: bf16, classifier: {classifier}, "
+                 "reference_count: 32, metrics: [fid], bootstrap: 5, timing_rounds: 1}\n"
+                 "points:\n  dense: {method: dense}\n")
+    spec = load_spec(str(y))
+    trials = expand(spec)
+    info = dict(address="local", version="test", num_cpus=1, nodes=1)
+    r = SweepRunner(spec, trials, "s-test", str(tmp_path / "res"), info, cpus=1, gpus=0)
+    out = run_trial(r.job(trials[0], trials[0].params))
+    assert out["status"] == "ok", out
+    stored = load_results(str(tmp_path / "res"))
+    assert len(stored) == 1 and stored.iloc[0]["dtype"] == "bf16"
+    row = json.loads(out["row_json"])
+    assert row["dtype"] == "bf16" and row["device"] == "cpu" and row["env_cuda_visible_devices"] is None
