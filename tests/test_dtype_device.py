@@ -180,3 +180,22 @@ def test_sweep_trial_row_records_its_dtype(tmp_path, classifier, monkeypatch):
     assert len(stored) == 1 and stored.iloc[0]["dtype"] == "bf16"
     row = json.loads(out["row_json"])
     assert row["dtype"] == "bf16" and row["device"] == "cpu" and row["env_cuda_visible_devices"] is None
+
+
+def test_expert_paths_run_under_autocast():
+    """The grouped expert paths (padded bmm: CUDA's default; allocating ops: under fvcore's trace) accumulate
+    autocast's reduced-precision expert outputs into their float32 output; the result matches float32."""
+    from methods import _experts
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(24, 16, generator=g)
+    mask = torch.rand(24, 4, generator=g) > 0.5
+    mask[:, 0] = True
+    w1, b1, w2 = (torch.randn(4, 8, 16, generator=g) / 4, torch.randn(4, 8, generator=g) / 4,
+                  torch.randn(4, 16, 8, generator=g) / 3)
+    ref = _experts.grouped(x, mask, w1, b1, w2, batched=False)
+    for batched in (True, False):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = _experts.grouped(x, mask, w1.requires_grad_(not batched), b1, w2, batched=batched)
+        assert out.dtype == torch.float32
+        assert torch.allclose(out.detach(), ref, atol=0.1, rtol=0.05), (batched, (out - ref).abs().max())
+        w1.requires_grad_(False)
