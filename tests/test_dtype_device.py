@@ -199,3 +199,46 @@ def test_expert_paths_run_under_autocast():
         assert out.dtype == torch.float32
         assert torch.allclose(out.detach(), ref, atol=0.1, rtol=0.05), (batched, (out - ref).abs().max())
         w1.requires_grad_(False)
+
+
+# ------------------------------------------------------------------------------------------------ scripts/gpu-check
+GPU_CHECK = os.path.join(ROOT, "scripts", "gpu-check")
+
+
+def _gpu_check(*args, env=None):
+    import subprocess
+    import sys
+    e = dict(os.environ, PYTHONPATH=ROOT)
+    e.pop("OUT", None)
+    e.update(env or {})
+    return subprocess.run([sys.executable, GPU_CHECK, *map(str, args)], capture_output=True, text=True, env=e,
+                          cwd=ROOT, timeout=600)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU: gpu-check would run")
+def test_gpu_check_without_a_gpu_says_so_and_does_nothing(tmp_path):
+    r = _gpu_check("--out", tmp_path / "out")
+    assert r.returncode == 0 and len(r.stdout.strip().splitlines()) == 1 and "no GPU is present" in r.stdout
+    assert not (tmp_path / "out").exists()
+    r = _gpu_check("--cpu-smoke")                          # no --out and no $OUT
+    assert r.returncode == 2 and r.stderr.strip() == "error: gpu-check: no output directory; give --out DIR or set $OUT"
+
+
+@pytest.mark.slow
+def test_gpu_check_cpu_smoke_runs_every_step(tmp_path):
+    out = tmp_path / "out"
+    r = _gpu_check("--cpu-smoke", env={"OUT": str(out)})     # the directory from $OUT, as on a lent GPU machine
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["failed"] == [] and summary["device"] == "cpu"
+    steps = summary["steps"]
+    assert sorted(steps) == ["a_agreement", "b_c_timing_memory", "d_bench_moe", "e_official_trial"]
+    assert all(s["status"] == "ok" for s in steps.values()), {k: s.get("error") for k, s in steps.items()}
+    greedy = steps["a_agreement"]["agreement"]["tiny"]["greedy_fp32"]["per_scale"]
+    assert greedy == [1.0] * 7                              # CPU vs CPU in fp32: the same tokens
+    assert set(steps["b_c_timing_memory"]["timing"]) == {"dense fp32", "dmoe tau=0.6 fp32", "dense bf16",
+                                                         "dmoe tau=0.6 bf16"}
+    assert json.loads((out / "bench-moe.json").read_text())["env"]["dtype"] == "bfloat16"
+    row = steps["e_official_trial"]["row"]
+    assert row["dtype"] == "bf16" and row["model"] == "official-d1" and row["method_label"].startswith("fastvar")
+    assert (out / "gpu-check.log").read_text().count("\n") > 10
