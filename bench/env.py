@@ -1,6 +1,7 @@
 """The environment a result was measured in (every row carries it: machine, threads, versions, code)."""
 from __future__ import annotations
 
+import os
 import platform
 import socket
 import sys
@@ -32,6 +33,13 @@ def device_name(device) -> str:
     return platform.processor() or platform.machine()
 
 
+def cuda_visible_devices(device):
+    """CUDA_VISIBLE_DEVICES as this process sees it on a cuda device (Ray sets it per trial), None on CPU."""
+    if torch.device(device).type != "cuda":
+        return None
+    return os.environ.get("CUDA_VISIBLE_DEVICES")
+
+
 def package_version(name: str) -> str:
     from importlib.metadata import PackageNotFoundError, version
     try:
@@ -52,6 +60,7 @@ def environment(device="cpu") -> dict:
         env_python=platform.python_version(),
         env_platform=platform.platform(),
         env_device_name=device_name(device),
+        env_cuda_visible_devices=cuda_visible_devices(device),
         env_threads=int(torch.get_num_threads()),
         env_code_commit=code_commit(),
         env_host=socket.gethostname(),

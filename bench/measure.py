@@ -115,8 +115,10 @@ def dense_cache_dir(cache_dir: Optional[str]) -> str:
 
 
 def validate(bundle, method, *, samples, seed, sampling, batch_size, flop_images, warmup_batches, results_dir,
-             reference, inception_weights, metrics, cache_dir, classifier=None, reference_count=None):
-    """Every check that can fail, before anything is generated or written. Returns normalised values."""
+             reference, inception_weights, metrics, cache_dir, classifier=None, reference_count=None, dtype=None):
+    """Every check that can fail, before anything is generated or written. Returns normalised values (not the
+    dtype: measure() normalises it after this has checked it)."""
+    from bench.precision import check_dtype
     from bench.checkpoints import check_writable_dir
     from bench.sampling import validate_sampling
     from bench.quality import check_reference
@@ -127,6 +129,7 @@ def validate(bundle, method, *, samples, seed, sampling, batch_size, flop_images
     flop_images = min(_check_int("flop images", flop_images, 0), samples)
     warmup_batches = _check_int("warm-up batches", warmup_batches, 0)
     validate_sampling(sampling, bundle.var.V)
+    check_dtype(dtype, bundle.device)
     method.check_model(bundle)
     check_results_dir(results_dir)
     check_writable_dir(dense_cache_dir(cache_dir), "cache directory")
@@ -161,15 +164,23 @@ def check_free_space(bundle, samples: int, results_dir: str, cache_dir: Optional
 
 
 # ---------------------------------------------------------------------------------------------- dense cache
-def dense_cache_key(bundle, sampling, seed: int, samples: int, batch_size: int, device) -> dict:
+def dense_cache_key(bundle, sampling, seed: int, samples: int, batch_size: int, device,
+                    dtype: Optional[str] = None) -> dict:
+    """What dense outputs depend on. `dtype` (default: the current bench.precision dtype, the one they are
+    generated in) enters only when not fp32, so fp32 entries made before --dtype existed stay valid."""
+    from bench.precision import DEFAULT_DTYPE, current_dtype, normalize_dtype
+    dtype = normalize_dtype(dtype if dtype is not None else current_dtype())
     files = {}
     for k, p in sorted((bundle.files or {}).items()):  # official weights: the VQ-VAE file is not in model_id
         if k in ("var", "vqvae") and os.path.isfile(p):
             st = os.stat(p)
             files[k] = [os.path.realpath(p), st.st_size, st.st_mtime_ns]
-    return dict(version=DENSE_CACHE_VERSION, model_id=bundle.model_id, files=files, sampling=sampling.to_dict(),
-                seed=seed, seed_scheme=SEED_SCHEME, samples=samples, batch_size=batch_size,
-                device_type=torch.device(device).type, num_classes=bundle.num_classes)
+    key = dict(version=DENSE_CACHE_VERSION, model_id=bundle.model_id, files=files, sampling=sampling.to_dict(),
+               seed=seed, seed_scheme=SEED_SCHEME, samples=samples, batch_size=batch_size,
+               device_type=torch.device(device).type, num_classes=bundle.num_classes)
+    if dtype != DEFAULT_DTYPE:
+        key["dtype"] = dtype
+    return key
 
 
 def dense_cache_path(key: dict, cache_dir: Optional[str]) -> str:
@@ -424,13 +435,17 @@ def measure(bundle, method, *, samples: int, seed: int = 0, sampling=None, batch
             flop_images: int = DEFAULT_FLOP_IMAGES, warmup_batches: int = 1, sweep: str = "", sweep_id: str = "",
             trial_key: Optional[str] = None, extra: Optional[Dict[str, Any]] = None, cache_dir: Optional[str] = None,
             metrics: Sequence[str] = QUALITY_METRICS, bootstrap: int = 100, classifier: Optional[str] = None,
-            reference_count: Optional[int] = None, timing_rounds: int = DEFAULT_TIMING_ROUNDS) -> dict:
+            reference_count: Optional[int] = None, timing_rounds: int = DEFAULT_TIMING_ROUNDS,
+            dtype: Optional[str] = None) -> dict:
     """Measure `method` (a bench.registry.Method or a registered name) on `bundle`; append and return the row.
 
     Each phase returns typed records (bench/records.py) that log themselves; the row is their columns, the
     method's parameters (param_*) and statistics (row_metrics), then `extra` as given. With `trial_key`, the
-    stored row replaces that trial's earlier row. Raises BenchError (nothing written) on bad input."""
+    stored row replaces that trial's earlier row. `dtype` (bench/precision.py; default fp32): the autocast of the
+    transformer forward in every generation of the measurement (FLOP count, timed batches and their paired dense
+    batches, dense reference). Raises BenchError (nothing written) on bad input."""
     from bench.env import environment
+    from bench.precision import generation_dtype, normalize_dtype
     from bench.quality import quality_metrics
     from bench.records import EnvironmentRecord, MethodSetup, RunIdentity, RunSetup, RunTimes
     from bench.registry import Method, create_method
@@ -444,7 +459,8 @@ def measure(bundle, method, *, samples: int, seed: int = 0, sampling=None, batch
         bundle, method, samples=samples, seed=seed, sampling=sampling, batch_size=batch_size,
         flop_images=flop_images, warmup_batches=warmup_batches, results_dir=results_dir, reference=reference,
         inception_weights=inception_weights, metrics=metrics, cache_dir=cache_dir, classifier=classifier,
-        reference_count=reference_count)
+        reference_count=reference_count, dtype=dtype)
+    dtype = normalize_dtype(dtype)   # validate() checked that the device supports it
     timing_rounds = _check_int("timing rounds", timing_rounds, 0)
     check_free_space(bundle, samples, results_dir, cache_dir)
     device = bundle.device
@@ -457,7 +473,7 @@ def measure(bundle, method, *, samples: int, seed: int = 0, sampling=None, batch
         phases[name] = round(phases.get(name, 0.0) + time.perf_counter() - t, 4)
 
     logger.info(f"measure {method.label} on {bundle.name} ({bundle.model_id}): {samples} samples, batch "
-                f"{batch_size}, seed {seed}, {device}, {torch.get_num_threads()} threads")
+                f"{batch_size}, seed {seed}, {device}, {dtype}, {torch.get_num_threads()} threads")
     for note in qcheck.get("notes", []):
         logger.info(f"quality: {note}")
     with phase("build"):
@@ -465,10 +481,10 @@ def measure(bundle, method, *, samples: int, seed: int = 0, sampling=None, batch
         if isinstance(net, torch.nn.Module):
             net.eval()
     labels = sample_labels(samples, bundle.num_classes)
-    with phase("flops"):
+    with phase("flops"), generation_dtype(dtype):
         flops = count_flops(method, net, bundle, labels, seed, sampling, flop_images)
         flops.log()
-    with phase("generate"):
+    with phase("generate"), generation_dtype(dtype):
         gen, timing, paired, memory = generate_and_time(method, net, bundle, labels, seed, sampling, batch_size,
                                                         warmup_batches, timing_rounds)
         flops.macs_analytic_all, flops.macs_analytic_all_per_scale = sum(gen.macs_all_per_scale), gen.macs_all_per_scale
@@ -477,7 +493,7 @@ def measure(bundle, method, *, samples: int, seed: int = 0, sampling=None, batch
             logger.info(f"expert execution: {flops.expert_paths}")
         for rec in (timing, memory, paired):
             rec.log()
-    with phase("dense_reference"):
+    with phase("dense_reference"), generation_dtype(dtype):
         dense_images, fidelity, dense_path = dense_reference(method, bundle, labels, seed, sampling, batch_size,
                                                              cache_dir, gen)
     with phase("quality"):
@@ -499,7 +515,8 @@ def measure(bundle, method, *, samples: int, seed: int = 0, sampling=None, batch
     run = RunSetup(model=bundle.name, model_id=bundle.model_id, model_depth=int(bundle.var.cfg.depth),
                    model_source=bundle.source, samples=samples, seed=seed, seed_scheme=SEED_SCHEME,
                    batch_size=batch_size, cfg=float(sampling.cfg), top_k=int(sampling.top_k),
-                   top_p=float(sampling.top_p), more_smooth=bool(sampling.more_smooth), device=str(device))
+                   top_p=float(sampling.top_p), more_smooth=bool(sampling.more_smooth), device=str(device),
+                   dtype=dtype)
     row: Dict[str, Any] = {**identity.row(), **setup.row(), **params}
     for rec in (run, flops, timing, paired, memory, quality, paired_quality, fidelity,
                 EnvironmentRecord(**environment(device))):

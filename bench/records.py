@@ -83,6 +83,9 @@ class RunSetup(Record):
     top_p: Optional[float] = column("float64", "top-p sampling (0 = off)")
     more_smooth: Optional[bool] = column("bool", "Gumbel smoothing (visualisation only)")
     device: Optional[str] = column("string", "torch device the run used (cpu, cuda, cuda:1 ...)")
+    dtype: Optional[str] = column("string", "fp32 | bf16 | fp16: autocast of the transformer forward in every "
+                                  "generation of the run, dense reference and paired dense batches included "
+                                  "(fp32: none; sampling and VQ-VAE decode always float32; bench/precision.py)")
 
 
 @dataclass
@@ -300,6 +303,9 @@ class EnvironmentRecord(Record):
     env_python: Optional[str] = column("string", "python version")
     env_platform: Optional[str] = column("string", "OS / platform string")
     env_device_name: Optional[str] = column("string", "CPU model or GPU name")
+    env_cuda_visible_devices: Optional[str] = column("string", "CUDA_VISIBLE_DEVICES as the run saw it (a Ray "
+                                                     "trial: the GPUs Ray gave it; the run used the first)",
+                                                     nullable="null on CPU, or when the variable is unset")
     env_threads: Optional[int] = column("int64", "torch intra-op threads")
     env_code_commit: Optional[str] = column("string", "git commit of the harness (-dirty if modified)")
     env_host: Optional[str] = column("string", "host name")

@@ -3,7 +3,8 @@
 Same weights and seed give the same tokens as the release: one seeded generator, one `multinomial` per scale
 over all rows, the CFG ramp t = cfg·si/(S-1), top-k then top-p masking, bicubic up / area down through the
 VQ-VAE's Φ. `scale_fn` and `timer` let the measurement path count FLOPs and time each scale of the very
-same generation.
+same generation. Under bench.precision.generation_dtype (--dtype bf16/fp16) the transformer forward runs in
+autocast; its logits and all that follows stay float32.
 
 Step skipping: a net may define `scale_rows(si, x_in, B)` -> None (all B images run scale si) or a bool (B,)
 mask. Images outside the mask get tokens -1 at si and nothing added to f_hat there (so the decoder sees the map
@@ -19,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from bench.errors import NonFiniteOutput
+from bench.precision import forward_autocast
 
 
 @dataclass(frozen=True)
@@ -118,7 +120,9 @@ def generate(net, vqvae, labels: Optional[torch.Tensor], seed: Optional[int], sa
                 x_in = F.interpolate(f_hat, size=(pns[si + 1],) * 2, mode="area").view(B, quant.Cvae, -1).transpose(1, 2)
             timer.lap(f"scale{si}")
             continue
-        logits = scale_fn(si, x_in, label_2B, caches)
+        with forward_autocast(device.type):   # bench/precision.py: fp32 (nothing) unless --dtype asks
+            logits = scale_fn(si, x_in, label_2B, caches)
+        logits = logits.float()   # guidance, sampling and the residual update stay float32 under any --dtype
         t = sampling.cfg * ratio
         logits = (1 + t) * logits[:B] - t * logits[B:]
         _check_finite(logits, f"logits at scale {si}")

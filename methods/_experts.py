@@ -97,7 +97,7 @@ def grouped(x2: torch.Tensor, mask: torch.Tensor, w1, b1, w2, act: str = "relu",
                 torch.index_select(x2, 0, idx, out=xg)
                 torch.addmm(b1[j], xg, w1[j].t(), out=h)
                 torch.mm(_act(h, act), w2[j].t(), out=y)
-            out.index_add_(0, idx, y)
+            out.index_add_(0, idx, y.to(out.dtype))   # under autocast (--dtype) y may be reduced
         o += c
     return out
 
@@ -129,7 +129,7 @@ def _grouped_bmm(x2, mask, tok, counts, w1, b1, w2, act):
     h = _act(torch.baddbmm(b1.unsqueeze(1), xg, w1.transpose(1, 2)), act)
     y = torch.bmm(h, w2.transpose(1, 2))
     out = torch.zeros_like(xp)
-    out.index_add_(0, idx.view(-1), y.view(-1, C))
+    out.index_add_(0, idx.view(-1), y.view(-1, C).to(out.dtype))   # autocast: bmm's y is reduced
     return out[:T]
 
 

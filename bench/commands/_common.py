@@ -26,11 +26,20 @@ def add_sampling_args(p):
     g.add_argument("--more-smooth", action="store_true", help="Gumbel-softmax smoothing (visualisation only)")
 
 
+def add_dtype_arg(p):
+    from bench.precision import DTYPES
+    p.add_argument("--dtype", default="fp32", help=f"{' | '.join(DTYPES)}: autocast of the VAR transformer forward "
+                   "(sampling and VQ-VAE decode stay float32; the paired dense side runs in the same dtype; "
+                   "default %(default)s)")
+
+
 def add_benchmark_args(p, samples: int, samples_help: str = "N images"):
-    """The options the bench-* timing commands share: model, sampling, N images, batch size, seed, torch threads."""
+    """The options the bench-* timing commands share: model, sampling, dtype, N images, batch size, seed, torch
+    threads."""
     from bench.measure import DEFAULT_BATCH_SIZE
     add_model_args(p)
     add_sampling_args(p)
+    add_dtype_arg(p)
     p.add_argument("--samples", type=int, default=samples, help=f"{samples_help} (default {samples})")
     p.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE)
     p.add_argument("--seed", type=int, default=0)
@@ -38,11 +47,13 @@ def add_benchmark_args(p, samples: int, samples_help: str = "N images"):
 
 
 def check_benchmark_args(a, **ranges) -> None:
-    """Check the shared bench-* options and the command's own integer flags (`ranges`, as check_flags), then set
-    torch's threads."""
+    """Check the shared bench-* options and the command's own integer flags (`ranges`, as check_flags), normalise
+    --dtype (checked against --device), then set torch's threads."""
     import torch
     from bench.measure import MAX_SEED
+    from bench.precision import check_dtype
     check_flags(a, samples=(1,), batch_size=(1,), seed=(0, MAX_SEED), threads=(1,), **ranges)
+    a.dtype = check_dtype(a.dtype, check_device(a.device))
     if a.threads is not None:
         torch.set_num_threads(a.threads)
 

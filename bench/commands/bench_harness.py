@@ -42,7 +42,7 @@ def raw_generation_s(bundle, labels, seed, sampling, batch_size) -> float:
     import torch
     from bench.measure import batch_ranges, batch_seed
     from bench.sampling import generate
-    device = bundle.device
+    device = bundle.device   # under the caller's bench.precision.generation_dtype
     _sync(device)
     t = time.perf_counter()
     with torch.no_grad():
@@ -61,6 +61,7 @@ def run(a):
     from bench.commands._common import bundle_from_args, check_benchmark_args, sampling_from_args
     from bench.env import describe, environment
     from bench.measure import measure, sample_labels
+    from bench.precision import generation_dtype
     from bench.registry import create_method
     from bench.results import check_results_dir
     check_benchmark_args(a, timing_rounds=(0,))
@@ -75,22 +76,26 @@ def run(a):
     sampling = sampling_from_args(a, bundle)
     labels = sample_labels(a.samples, bundle.num_classes)
     env = environment(bundle.device)
-    print(f"bench-harness: {bundle.name} ({bundle.model_id}), N={a.samples}, batch {a.batch_size}, seed {a.seed}")
+    print(f"bench-harness: {bundle.name} ({bundle.model_id}), N={a.samples}, batch {a.batch_size}, seed {a.seed}, "
+          f"{a.dtype}")
     print(f"machine: {describe(env, bundle.device)}")
     print(f"one-time imports (fvcore, torch-fidelity, pyarrow, methods): {imports:.2f} s, outside both timings")
     # warm-up: one batch, so that neither side pays first-call costs (thread pools, allocator)
-    raw_generation_s(bundle, labels[:min(a.batch_size, a.samples)], a.seed, sampling, a.batch_size)
+    with generation_dtype(a.dtype):
+        raw_generation_s(bundle, labels[:min(a.batch_size, a.samples)], a.seed, sampling, a.batch_size)
     results = a.results or tempfile.mkdtemp(prefix="varbench-harness-")
     try:
-        raw1 = raw_generation_s(bundle, labels, a.seed, sampling, a.batch_size)
+        with generation_dtype(a.dtype):
+            raw1 = raw_generation_s(bundle, labels, a.seed, sampling, a.batch_size)
         print(f"raw generation (before): {raw1:.3f} s")
         t = time.perf_counter()
         row = measure(bundle, create_method("dense"), samples=a.samples, seed=a.seed, sampling=sampling,
                       batch_size=a.batch_size, results_dir=results, flop_images=a.flop_images,
                       cache_dir=a.cache_dir, classifier=a.classifier, reference_count=a.reference_count,
-                      timing_rounds=a.timing_rounds)
+                      timing_rounds=a.timing_rounds, dtype=a.dtype)
         harness = time.perf_counter() - t
-        raw2 = raw_generation_s(bundle, labels, a.seed, sampling, a.batch_size)
+        with generation_dtype(a.dtype):
+            raw2 = raw_generation_s(bundle, labels, a.seed, sampling, a.batch_size)
         print(f"raw generation (after): {raw2:.3f} s")
     finally:
         if a.results is None:

@@ -64,6 +64,7 @@ def run(a):
     from bench.commands._common import bundle_from_args, check_benchmark_args, check_writable_file, sampling_from_args
     from bench.env import describe, environment
     from bench.measure import sample_labels, time_paired
+    from bench.precision import generation_dtype
     from bench.registry import create_method
     check_benchmark_args(a, rounds=(1,), load_procs=(1,))
     if a.json:
@@ -77,10 +78,11 @@ def run(a):
     env = environment(bundle.device)
     procs = a.load_procs or os.cpu_count() or 1
     print(f"bench-noise: {bundle.name}, N={a.samples} per point and pass, batch {a.batch_size}, {a.rounds} paired "
-          f"rounds, seed {a.seed}; machine: {describe(env, bundle.device)}")
+          f"rounds, seed {a.seed}, {a.dtype}; machine: {describe(env, bundle.device)}")
     points = {"dense": create_method("dense"), f"dmoe tau={a.tau:g}": dmoe}
     nets = {n: m.build(bundle).eval() for n, m in points.items()}
-    ratio = dmoe_macs_ratio(dmoe, nets[f"dmoe tau={a.tau:g}"], bundle, labels[:a.batch_size], a.seed, sampling)
+    with generation_dtype(a.dtype):
+        ratio = dmoe_macs_ratio(dmoe, nets[f"dmoe tau={a.tau:g}"], bundle, labels[:a.batch_size], a.seed, sampling)
     points["pruned-ffn twin"] = create_method("pruned-ffn", scales=last3, match_fraction=min(ratio, 1.0))
     nets["pruned-ffn twin"] = points["pruned-ffn twin"].build(bundle).eval()
     print(f"points: dense (A/A), DMoE τ={a.tau:g} on scales {last3} (MACs ratio {ratio:.3f} on the first batch), "
@@ -89,7 +91,8 @@ def run(a):
     def one_pass(label):
         out = {}
         for name, m in points.items():
-            r = time_paired(m, nets[name], bundle, labels, a.seed, sampling, a.batch_size, a.rounds)
+            with generation_dtype(a.dtype):
+                r = time_paired(m, nets[name], bundle, labels, a.seed, sampling, a.batch_size, a.rounds)
             out[name] = point_result(r, m.name == "dense")
             p = out[name]
             print(f"  [{label}] {name}: speedup {p['speedup']:.3f} [{p['speedup_ci_low']:.3f}, "
@@ -118,7 +121,7 @@ def run(a):
     if a.json:
         atomic_write_text(a.json, json.dumps(dict(
             loaded_over_quiet=loaded_over_quiet, max_speedup_rel_diff=max(rel), points=detail,
-            samples=a.samples, batch_size=a.batch_size, rounds=a.rounds, seed=a.seed, load_procs=procs,
+            samples=a.samples, batch_size=a.batch_size, rounds=a.rounds, seed=a.seed, dtype=a.dtype, load_procs=procs,
             model=bundle.model_id, environment=env), indent=1, default=str))
         print(f"wrote {a.json}")
     return 0

@@ -1,7 +1,7 @@
 """`python -m bench run --method NAME`: measure one method, append one row to the results store."""
 from __future__ import annotations
 
-from bench.commands._common import add_model_args, add_sampling_args
+from bench.commands._common import add_dtype_arg, add_model_args, add_sampling_args
 
 ORDER = 20
 
@@ -19,6 +19,7 @@ def register(sub):
                    help="method parameter, repeatable; lists comma-separated (e.g. --set tau=0.8,0.8,0.78)")
     add_model_args(p)
     add_sampling_args(p)
+    add_dtype_arg(p)
     p.add_argument("--samples", type=int, default=1000, help="images to generate (quality, timing) (default 1000)")
     p.add_argument("--seed", type=int, default=0, help="base seed of the seed scheme (default 0)")
     p.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE, help="images per generation batch")
@@ -51,6 +52,7 @@ def run(a):
     from bench.commands._common import bundle_from_args, check_device, check_flags, sampling_from_args
     from bench.checkpoints import check_writable_dir
     from bench.measure import MAX_SEED, dense_cache_dir, measure
+    from bench.precision import check_dtype
     from bench.registry import create_method, parse_overrides
     from bench.results import check_results_dir
     # cheap checks first, in the order a user fixes them; nothing is written before measure() has validated all
@@ -61,7 +63,7 @@ def run(a):
     method = create_method(a.method, **parse_overrides(a.set))
     check_results_dir(a.results)
     check_writable_dir(dense_cache_dir(a.cache_dir), "cache directory")
-    check_device(a.device)
+    dtype = check_dtype(a.dtype, check_device(a.device))
     if a.threads is not None:
         torch.set_num_threads(a.threads)
     bundle = bundle_from_args(a)
@@ -70,9 +72,10 @@ def run(a):
                   results_dir=a.results, reference=a.reference, inception_weights=a.inception_weights,
                   flop_images=a.flop_images, warmup_batches=a.warmup_batches, sweep=a.sweep,
                   trial_key=a.trial_key, cache_dir=a.cache_dir, metrics=metrics, bootstrap=a.bootstrap,
-                  classifier=a.classifier, reference_count=a.reference_count, timing_rounds=a.timing_rounds)
+                  classifier=a.classifier, reference_count=a.reference_count, timing_rounds=a.timing_rounds,
+                  dtype=dtype)
     giga = lambda v: v / 1e9 if v else float("nan")  # noqa: E731  (no FLOP count with --flop-images 0)
-    print(f"{row['method_label']} on {row['model']}: {giga(row['macs_total']):.4g} GMACs/image (transformer "
+    print(f"{row['method_label']} on {row['model']} ({row['dtype']}): {giga(row['macs_total']):.4g} GMACs/image (transformer "
           f"{giga(row['macs_fvcore']):.4g}), "
           f"{row['images_per_s']:.4g} images/s, speedup vs dense {_num(row.get('speedup'), '.3f')} "
           f"[{_num(row.get('speedup_ci_low'), '.3f')}, {_num(row.get('speedup_ci_high'), '.3f')}], FID "

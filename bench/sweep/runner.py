@@ -157,6 +157,36 @@ def resources(ray_info: dict, device: str, cpus: Optional[float], gpus: Optional
     return cpus, gpus
 
 
+def trial_resources(cpus: float, gpus: float) -> Dict[str, float]:
+    """What each trial asks Ray for: its CPUs, and its GPU share when it has one (Ray then sets the trial's
+    CUDA_VISIBLE_DEVICES to the GPU(s) it granted)."""
+    res = {"CPU": float(cpus)}
+    if gpus:
+        res["GPU"] = float(gpus)
+    return res
+
+
+def ray_gpu_ids() -> List[str]:
+    """The GPUs Ray granted this worker ([] outside Ray, or with no GPU granted)."""
+    try:
+        import ray
+        return [str(i) for i in ray.get_gpu_ids()] if ray.is_initialized() else []
+    except Exception:   # not in a Ray worker, or Ray without GPU support: nothing granted
+        return []
+
+
+def trial_device(device: str, granted_gpus: List[str]) -> str:
+    """The torch device a trial measures on. Ray restricts a GPU trial's CUDA_VISIBLE_DEVICES to the GPU(s) it
+    granted, renumbered from 0, so the trial uses cuda:0 of what it sees (an index in the spec named a GPU of the
+    whole machine, which the worker cannot see as such); outside Ray (no grant) the spec's device as given."""
+    if not device.startswith("cuda") or not granted_gpus:
+        return device
+    if device not in ("cuda", "cuda:0"):
+        logger.info(f"device {device}: inside a Ray trial the granted GPU {granted_gpus[0]} is used (cuda:0 of "
+                    f"CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')})")
+    return "cuda:0"
+
+
 # ================================================================================================ one trial (worker)
 def run_trial(job: dict) -> dict:
     """Measure one trial (called inside a Ray worker, or directly); returns a short summary, never raises."""
@@ -169,7 +199,10 @@ def run_trial(job: dict) -> dict:
         import_modules(job["modules"])
         if job.get("threads"):
             torch.set_num_threads(max(1, int(job["threads"])))
-        bundle = load_bundle(job["model"], job["device"])
+        device = trial_device(job["device"], ray_gpu_ids())
+        if torch.device(device).type == "cuda" and torch.device(device).index is not None:
+            torch.cuda.set_device(torch.device(device))   # CUDA events and synchronize (bench/timing.py) use it
+        bundle = load_bundle(job["model"], device)
         method = create_method(job["method"], **job["params"])
         sampling = sampling_for(job["spec_sampling"], bundle)
         row = measure(bundle, method, samples=job["samples"], seed=job["seed"], sampling=sampling,
@@ -316,9 +349,7 @@ class SweepRunner:
         from ray import tune
         by_id = {j["point_id"]: t for t, j in jobs}
         progress = tune_progress(self, by_id, done, total)
-        res = {"CPU": self.cpus}
-        if self.gpus:
-            res["GPU"] = self.gpus
+        res = trial_resources(self.cpus, self.gpus)
         storage = tempfile.mkdtemp(prefix="var-bench-ray-")
         try:
             tuner = tune.Tuner(

@@ -26,7 +26,7 @@ YAML schema (every key optional except `points`; sweeps/tau.yaml is a commented 
     sampling: {}               # cfg, top_k, top_p, more_smooth: overrides of the model's own settings
     reference: null            # quality reference (null: the model's held-out set)
     measure: {}                # further measure() options: flop_images, warmup_batches, timing_rounds, metrics, bootstrap,
-                               #   classifier, reference_count, inception_weights, cache_dir
+                               #   classifier, reference_count, inception_weights, cache_dir, dtype (fp32|bf16|fp16)
     modules: []                # extra Python modules that register methods (imported by driver and trials)
     points:                    # named entries; each expands to the product of its grid axes
       NAME:
@@ -71,7 +71,8 @@ TOP_DEFAULTS: Dict[str, Any] = dict(description="", figure="", models=["default"
 SAMPLING_KEYS = {"cfg": float, "top_k": int, "top_p": float, "more_smooth": bool}
 # measure() options a sweep may set (bench/measure.py); types for validation of --set values
 MEASURE_KEYS = {"flop_images": int, "warmup_batches": int, "timing_rounds": int, "metrics": list, "bootstrap": int,
-                "classifier": str, "reference_count": int, "inception_weights": str, "cache_dir": str}
+                "classifier": str, "reference_count": int, "inception_weights": str, "cache_dir": str,
+                "dtype": str}
 MEASURE_MINIMA = {"flop_images": 0, "warmup_batches": 0, "timing_rounds": 0, "bootstrap": 0, "reference_count": 1}
 ENTRY_KEYS = ("method", "params", "grid", "twins", "enabled")
 TWIN_KEYS = ("method", "params", "from_parent")
@@ -176,6 +177,9 @@ def normalize(raw: dict, where: str) -> dict:
             spec[sect][k] = _check_type(f"{where}: {sect}.{k}", v, keys[k], nullable=True)
             if keys[k] is float and spec[sect][k] is not None and not math.isfinite(spec[sect][k]):
                 raise BenchError(f"{where}: {sect}.{k} must be a finite number, got {spec[sect][k]}")
+            if sect == "measure" and k == "dtype" and spec[sect][k] is not None:
+                from bench.precision import normalize_dtype
+                spec[sect][k] = normalize_dtype(spec[sect][k], f"{where}: measure.dtype")
             low = MEASURE_MINIMA.get(k) if sect == "measure" else None
             if low is not None and spec[sect][k] is not None and spec[sect][k] < low:
                 raise BenchError(f"{where}: {sect}.{k} must be >= {low}, got {spec[sect][k]}")

@@ -102,6 +102,10 @@ def validate_trials(spec: dict, trials: List[Trial], models: str = "load") -> Di
         check_device(spec["device"])
     elif spec["device"] != "cuda" and not spec["device"][5:].lstrip(":").isdigit():
         raise BenchError(f"unknown device {spec['device']!r}; valid: cpu, cuda, cuda:N")
+    import torch
+    if not spec["device"].startswith("cuda") or torch.cuda.is_available():   # else the trials check on their GPU
+        from bench.precision import check_dtype
+        check_dtype(spec["measure"].get("dtype"), spec["device"], f"sweep {spec['name']}: measure.dtype")
     for k in ("top_k",):
         if k in spec["sampling"] and spec["sampling"][k] is not None and spec["sampling"][k] < 0:
             raise BenchError(f"sampling.{k} must be >= 0, got {spec['sampling'][k]}")
