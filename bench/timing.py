@@ -48,7 +48,8 @@ NOISY_RULE = (f"timing_noisy: the CV of the method's or dense's round laps > {NO
 
 class BatchTimer:
     def __init__(self, device="cpu", clock: Callable[[], float] = time.perf_counter):
-        self.cuda = torch.device(device).type == "cuda"
+        self.device = torch.device(device)
+        self.cuda = self.device.type == "cuda"
         self.kind = "cuda_events" if self.cuda else "perf_counter"
         self.clock = clock
         self._marks: List = []
@@ -56,13 +57,13 @@ class BatchTimer:
     def _now(self):
         if self.cuda:
             e = torch.cuda.Event(enable_timing=True)
-            e.record()
+            e.record(torch.cuda.current_stream(self.device))   # the measured GPU's stream, not the current device's
             return e
         return self.clock()
 
     def start(self):
         if self.cuda:
-            torch.cuda.synchronize()
+            torch.cuda.synchronize(self.device)
         self._marks = [("start", self._now())]
 
     def lap(self, name: str):
@@ -71,7 +72,7 @@ class BatchTimer:
     def stop(self) -> Dict[str, float]:
         """Seconds of each lap since the previous one, and 'total' since start()."""
         if self.cuda:
-            torch.cuda.synchronize()
+            torch.cuda.synchronize(self.device)
             dt = lambda a, b: a.elapsed_time(b) / 1e3
         else:
             dt = lambda a, b: b - a
