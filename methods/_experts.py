@@ -10,6 +10,9 @@ Two paths, chosen per call (`execute`):
                  are padded to the longest and the two matmuls are single batched calls (baddbmm/bmm), since
                  per-expert kernel launches dominate there. Per-chunk gathers (not one gather of every pair)
                  keep the gathered rows in cache for their matmul: on this CPU 1.5x faster at d16 shapes.
+                 With several CPU threads the experts are split into one group per thread, each run
+                 single-threaded into its own output, the outputs summed in a fixed order: per-op
+                 parallelism of such small matmuls scaled badly, and under load collapsed.
   masked-dense   every expert runs (the dense FFN), unselected experts' activations are zeroed: no MACs saved,
                  but nothing lost either where the grouped path's per-expert overhead costs more than it saves
                  (small C, small experts, most experts active).
@@ -37,7 +40,7 @@ import platform
 import time
 import weakref
 from dataclasses import dataclass
-from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
+from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -62,6 +65,9 @@ BUILTIN = (0.966, 26.0, 1.91e5, 2.80e6)
 # output are still in cache for the matmul and the index_add_ (paired on this CPU at d16 shapes, 75% of experts
 # active: time saved 0.57 -> 0.79-0.87 of the FLOPs saved; 50%: unchanged within noise).
 CHUNK_ROWS = 256
+# Below this many MACs per call the CPU grouped path stays on the calling thread: handing work to a thread costs
+# tens of microseconds, about what 4M MACs take on one core.
+MIN_THREADED_MACS = 1 << 22
 
 
 # ------------------------------------------------------------------------------------------------ the two paths
@@ -75,20 +81,31 @@ def grouped(x2: torch.Tensor, mask: torch.Tensor, w1, b1, w2, act: str = "relu",
     tok = mask.t().nonzero()[:, 1]                        # pairs sorted by expert: contiguous segments
     if batched if batched is not None else x2.is_cuda:
         return _grouped_bmm(x2, mask, tok, counts, w1, b1, w2, act)
-    T, C = x2.shape
-    cmax = max(counts) if counts else 0
     out = torch.zeros_like(x2)
-    if cmax == 0:
+    if not counts or max(counts) == 0:
         return out
+    starts = [0]
+    for c in counts:
+        starts.append(starts[-1] + c)
     plain = _plain(x2, w1, b1, w2)
-    e = w1.shape[1]
+    threads = torch.get_num_threads()
+    active = [j for j, c in enumerate(counts) if c]
+    if plain or x2.device.type != "cpu" or threads < 2 or len(active) < 2 \
+            or starts[-1] * x2.shape[1] * w1.shape[1] < MIN_THREADED_MACS:
+        return _segments(out, x2, tok, starts, active, w1, b1, w2, act, plain)
+    return _segments_in_threads(out, x2, tok, starts, active, w1, b1, w2, act, min(threads, len(active)))
+
+
+def _segments(out, x2, tok, starts, experts, w1, b1, w2, act, plain=False):
+    """Add the given experts' outputs into `out`, each expert's segment in chunks of CHUNK_ROWS rows."""
+    C, e = x2.shape[1], w1.shape[1]
+    cmax = max(starts[j + 1] - starts[j] for j in experts)
     rows = cmax if plain else min(cmax, CHUNK_ROWS)
     xb, hb, yb = x2.new_empty(rows, C), x2.new_empty(rows, e), x2.new_empty(rows, C)
-    o = 0
-    for j, c in enumerate(counts):
-        for s in range(0, c, rows):
-            n = min(rows, c - s)
-            idx = tok[o + s:o + s + n]
+    for j in experts:
+        for s in range(starts[j], starts[j + 1], rows):
+            n = min(rows, starts[j + 1] - s)
+            idx = tok[s:s + n]
             if plain:
                 h = torch.addmm(b1[j], x2.index_select(0, idx), w1[j].t())
                 y = torch.mm(_act(h, act), w2[j].t())
@@ -98,7 +115,53 @@ def grouped(x2: torch.Tensor, mask: torch.Tensor, w1, b1, w2, act: str = "relu",
                 torch.addmm(b1[j], xg, w1[j].t(), out=h)
                 torch.mm(_act(h, act), w2[j].t(), out=y)
             out.index_add_(0, idx, y.to(out.dtype))   # under autocast (--dtype) y may be reduced
-        o += c
+    return out
+
+
+_POOL: Dict[str, Any] = {}    # the worker threads of _segments_in_threads: {"pool": executor, "size": workers}
+
+
+def _segments_in_threads(out, x2, tok, starts, active, w1, b1, w2, act, parts: int):
+    """With several CPU threads: the experts split into `parts` contiguous groups of about equal pairs, each group
+    run by one thread with one intra-op thread into its own output, summed in group order (deterministic).
+
+    Why: an expert's matmuls are too small to split across threads well, and each of the chunk's ops is an OpenMP
+    parallel region whose barrier waits for a descheduled thread on a busy machine (measured with 2 threads under
+    load 3.5 at d16 shapes: 5-26x slower than dense, against 0.4-0.95x of dense this way). torch's thread count is
+    process-wide, so it is 1 for the duration of the call and restored after; autocast and inference mode are
+    thread-local, so each worker takes the caller's."""
+    from concurrent.futures import ThreadPoolExecutor
+    pairs = starts[-1]
+    groups, cur, done = [], [], 0
+    for j in active:
+        cur.append(j)
+        done += starts[j + 1] - starts[j]
+        if done >= pairs * (len(groups) + 1) / parts and len(groups) < parts - 1:
+            groups.append(cur)
+            cur = []
+    groups.append(cur)
+    groups = [g for g in groups if g]
+    if _POOL.get("size", 0) < len(groups) - 1:
+        _POOL.update(pool=ThreadPoolExecutor(len(groups) - 1, thread_name_prefix="var-bench-experts"),
+                     size=len(groups) - 1)
+    dev = x2.device.type
+    amp = (torch.is_autocast_enabled(dev), torch.get_autocast_dtype(dev))
+    inference = torch.is_inference_mode_enabled()
+
+    def work(experts):
+        torch.set_num_threads(1)
+        with torch.inference_mode(inference), torch.autocast(dev, dtype=amp[1], enabled=amp[0]):
+            return _segments(torch.zeros_like(out), x2, tok, starts, experts, w1, b1, w2, act)
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        futures = [_POOL["pool"].submit(work, g) for g in groups[1:]]
+        _segments(out, x2, tok, starts, groups[0], w1, b1, w2, act)
+        for f in futures:
+            out.add_(f.result())
+    finally:
+        torch.set_num_threads(threads)
     return out
 
 

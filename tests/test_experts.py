@@ -93,6 +93,54 @@ def test_grouped_path_in_chunks_equals_the_definition(kind, T, monkeypatch):
     assert rel_err(out, reference(x, mask, w1, b1, w2, "relu")) <= 1e-5
 
 
+@pytest.fixture
+def two_threads(monkeypatch):
+    """Two torch threads and no minimum size, so the CPU grouped path splits experts across threads."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    monkeypatch.setattr(_experts, "MIN_THREADED_MACS", 0)
+    calls = []
+    inner = _experts._segments_in_threads
+    monkeypatch.setattr(_experts, "_segments_in_threads", lambda *a: calls.append(a[-1]) or inner(*a))
+    yield calls
+    torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("kind,T", [("random", 75), ("empty-experts", 40), ("all", 33), ("top1", 50)])
+def test_grouped_path_across_threads_equals_the_definition(kind, T, two_threads):
+    C, E, e = 32, 8, 16
+    w1, b1, w2 = weights(C, E, e)
+    x = torch.randn(T, C, generator=torch.Generator().manual_seed(3))
+    mask = routing(kind, T, E)
+    with torch.inference_mode():
+        out = _experts.grouped(x, mask, w1, b1, w2, "relu")
+        again = _experts.grouped(x, mask, w1, b1, w2, "relu")
+    assert two_threads == [2, 2]                          # the experts were split across two threads
+    assert rel_err(out, reference(x, mask, w1, b1, w2, "relu")) <= 1e-5
+    assert torch.equal(out, again)                        # deterministic: groups summed in a fixed order
+    assert torch.get_num_threads() == 2                   # restored after the call
+
+
+def test_threads_take_the_callers_autocast_and_inference_mode(two_threads, monkeypatch):
+    import threading
+    seen = []
+    inner = _experts._segments
+
+    def spy(*a, **k):
+        seen.append((threading.current_thread() is threading.main_thread(), torch.is_autocast_enabled("cpu"),
+                     torch.get_autocast_dtype("cpu"), torch.is_inference_mode_enabled()))
+        return inner(*a, **k)
+    monkeypatch.setattr(_experts, "_segments", spy)
+    C, E, e, T = 64, 8, 16, 60
+    w1, b1, w2 = weights(C, E, e)
+    x = torch.randn(T, C, generator=torch.Generator().manual_seed(3))
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+        _experts.grouped(x, mask=routing("random", T, E), w1=w1, b1=b1, w2=w2)
+    assert two_threads == [2]
+    assert sorted(s[0] for s in seen) == [False, True]            # one group on the caller, one on a worker
+    assert all(s[1:] == (True, torch.bfloat16, True) for s in seen), seen
+
+
 def test_d16_shapes_and_determinism():
     """C = 1024, FFN 4096, expert size 128 (32 experts), 24 tokens: both paths within 1e-5 of the definition;
     the grouped path gives bitwise the same output on a repeat."""
