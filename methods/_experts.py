@@ -53,7 +53,7 @@ CHOICES = ("auto",) + PATHS
 ENV_PATH = "VARBENCH_EXPERT_PATH"
 DEFAULT_PATH = "grouped"
 ENV_COST = "VARBENCH_EXPERT_COST"
-COST_VERSION = 2
+COST_VERSION = 3   # 3: chunked segments and one thread per expert group changed the grouped path's cost
 
 # Fitted by `bench-moe --threads 1` (official-d16 and the embedded default's shapes, expert sizes 32-256, 25/50/75%
 # active) on this project's 2-core AMD EPYC (torch 2.14, float32); used on CPU until a machine has its own
