@@ -1,0 +1,186 @@
+"""Issue 11 item 4: official-format checkpoints at the released 10-scale layout end to end (prepare, run, sweep with a
+`models:` mapping, report), the ImageNet preset, and sample generation that resumes after a kill.
+
+The official route runs on random-weight checkpoints at depth 1 (V=4096, 680 tokens, 1000 classes, the released
+VQ-VAE ch=160 at 256x256). On this 2-core CPU the VQ-VAE alone costs ~5 s to encode and ~7 s to decode one image,
+so that part is sized to a few images per step and marked slow; the preset and resume tests are fast."""
+import math
+import os
+
+import pytest
+import torch
+
+from bench.errors import BenchError
+from tests.conftest import run_cli
+
+
+# ------------------------------------------------------------------------------------------ resumable generation
+class Killed(BaseException):
+    """Stands for a kill: not an Exception, so nothing in the harness catches it."""
+
+
+def _dense_outputs(cache):
+    from bench.measure import load_dense_outputs
+    d = os.path.join(cache, "dense-outputs")
+    (name,) = os.listdir(d)
+    return load_dense_outputs(os.path.join(d, name))
+
+
+def test_killed_generation_resumes_and_gives_the_uninterrupted_row(tmp_path, monkeypatch, tiny):
+    """Kill a 6-batch run after 4 batches; the same call again reuses those 4 batches and generates 2: its samples
+    (tokens, images), quality and fidelity equal an uninterrupted run's, and the row says 4 batches were resumed."""
+    from bench import measure as M
+    from bench.models.classifier import ShapesClassifier
+    from bench.registry import create_method
+    from bench.resume import batches_root
+    from safetensors.torch import save_file
+    torch.manual_seed(0)
+    net = ShapesClassifier(num_classes=10, width=8, feature_dim=16, image_size=32)
+    classifier = str(tmp_path / "classifier.safetensors")
+    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, classifier)
+    kw = dict(samples=24, batch_size=4, classifier=classifier, reference_count=32, metrics=("fid", "kid"),
+              bootstrap=20, timing_rounds=0, flop_images=0)
+    whole = M.measure(tiny, create_method("dense"), results_dir=str(tmp_path / "res1"),
+                      cache_dir=str(tmp_path / "cache1"), **kw)
+    assert whole["resumed_batches"] == 0
+
+    calls = {"n": 0}
+    real = M.timed_batch
+
+    def dying(*a, **k):
+        calls["n"] += 1
+        if calls["n"] > 4:
+            raise Killed()
+        return real(*a, **k)
+    monkeypatch.setattr(M, "timed_batch", dying)
+    cache2 = str(tmp_path / "cache2")
+    with pytest.raises(Killed):
+        M.measure(tiny, create_method("dense"), results_dir=str(tmp_path / "res2"), cache_dir=cache2, **kw)
+    (key_dir,) = os.listdir(batches_root(cache2))
+    assert len([f for f in os.listdir(os.path.join(batches_root(cache2), key_dir)) if f.startswith("batch-")]) == 4
+    assert not os.path.isdir(os.path.join(tmp_path, "res2", "rows")) or not os.listdir(tmp_path / "res2" / "rows")
+
+    monkeypatch.setattr(M, "timed_batch", real)
+    calls["n"] = 0
+    again = M.measure(tiny, create_method("dense"), results_dir=str(tmp_path / "res2"), cache_dir=cache2, **kw)
+    assert again["resumed_batches"] == 4
+    # timing covers only the 2 batches generated now (the first of them is the warm-up)
+    assert again["timing_batches"] == 1 and whole["timing_batches"] == 5
+    for col in ("fid", "fid_ci_low", "fid_ci_high", "kid_mean", "fidelity_token_agreement"):
+        assert again[col] == whole[col], col
+    t1, i1 = _dense_outputs(str(tmp_path / "cache1"))
+    t2, i2 = _dense_outputs(cache2)
+    assert all(torch.equal(a, b) for a, b in zip(t1, t2)) and torch.equal(i1, i2)
+    assert not os.path.exists(batches_root(cache2))      # the row is stored: its checkpoints are gone
+
+
+def test_batch_checkpoints_of_another_configuration_are_not_used(tmp_path, tiny):
+    """The key is the trial's full configuration: another seed or sampling setting never reads these batches,
+    and a damaged batch file is regenerated."""
+    from dataclasses import replace
+    from bench.measure import generation_key
+    from bench.registry import create_method
+    from bench.resume import BatchStore
+    method = create_method("dense")
+    key = generation_key(method, tiny.var, tiny, tiny.sampling, 0, 8, 4, "cpu")
+    store = BatchStore.for_key(key, str(tmp_path))
+    store.save(0, [torch.zeros(4, 1, dtype=torch.long)], torch.zeros(4, 3, 32, 32, dtype=torch.uint8))
+    assert BatchStore.for_key(key, str(tmp_path)).load(0, 4) is not None
+    for other in (generation_key(method, tiny.var, tiny, tiny.sampling, 1, 8, 4, "cpu"),
+                  generation_key(method, tiny.var, tiny, replace(tiny.sampling, cfg=2.0), 0, 8, 4, "cpu"),
+                  generation_key(create_method("cfg-skip") if "cfg-skip" in _methods() else method, tiny.var, tiny,
+                                 tiny.sampling, 0, 8, 2, "cpu")):
+        assert BatchStore.for_key(other, str(tmp_path)).load(0, 4) is None
+    assert BatchStore.for_key(key, str(tmp_path)).load(0, 3) is None          # another batch size
+    with open(store._file(0), "wb") as f:
+        f.write(b"damaged")
+    assert BatchStore.for_key(key, str(tmp_path)).load(0, 4) is None
+
+
+def _methods():
+    from bench.registry import list_methods
+    return list_methods()
+
+
+# ------------------------------------------------------------------------------------------ the ImageNet preset
+@pytest.fixture
+def preset_files(tmp_path):
+    import numpy as np
+    ref = tmp_path / "VIRTUAL_imagenet256_labeled.npz"
+    np.savez(ref, mu=np.zeros(2048), sigma=np.eye(2048, dtype=np.float32)[:2, :2])
+    inc = tmp_path / "weights-inception-2015-12-05-6726825d.pth"
+    inc.write_bytes(b"x")
+    return str(ref), str(inc)
+
+
+def test_imagenet_preset_resolves_to_the_paper_protocol(preset_files):
+    from bench.presets import check_preset_model, resolve_preset
+    ref, inc = preset_files
+    p = resolve_preset("imagenet", ref, inc)
+    assert p.samples == 50_000 and p.preset.samples_per_class == 50
+    assert p.sampling == dict(cfg=1.5, top_k=900, top_p=0.96)
+    assert (p.reference, p.inception_weights) == (ref, inc)
+    check_preset_model("imagenet", 1000, "official-d16")
+    with pytest.raises(BenchError, match="preset imagenet is for 1000-class models .* has 10 classes"):
+        check_preset_model("imagenet", 10, "tiny")
+    for args, needle in (((None, inc), "preset imagenet needs --reference VIRTUAL_imagenet256_labeled.npz"),
+                         ((ref, None), "preset imagenet needs --inception-weights weights-inception-2015"),
+                         ((ref + ".missing", inc), "--reference file not found"),
+                         ((ref, inc + ".missing"), "--inception-weights file not found")):
+        with pytest.raises(BenchError, match=needle) as e:
+            resolve_preset("imagenet", *args)
+        assert "\n" not in str(e.value)
+    with pytest.raises(BenchError, match="unknown preset 'cifar'; valid: imagenet"):
+        resolve_preset("cifar", ref, inc)
+
+
+def test_run_preset_fills_flags_and_explicit_flags_win(preset_files):
+    import argparse
+    from bench.commands.run import _apply_preset
+    ref, inc = preset_files
+    a = argparse.Namespace(preset="imagenet", samples=None, cfg=None, top_k=None, top_p=None, reference=ref,
+                           inception_weights=inc)
+    _apply_preset(a)
+    assert (a.samples, a.cfg, a.top_k, a.top_p) == (50_000, 1.5, 900, 0.96)
+    a = argparse.Namespace(preset="imagenet", samples=100, cfg=2.0, top_k=None, top_p=None, reference=ref,
+                           inception_weights=inc)
+    _apply_preset(a)
+    assert (a.samples, a.cfg, a.top_k, a.top_p) == (100, 2.0, 900, 0.96)
+    a = argparse.Namespace(preset=None, samples=None, cfg=None, top_k=None, top_p=None, reference=None,
+                           inception_weights=None)
+    _apply_preset(a)
+    assert a.samples == 1000 and a.cfg is None
+
+
+@pytest.mark.parametrize("drop,needle", [
+    ("--reference", "preset imagenet needs --reference VIRTUAL_imagenet256_labeled.npz"),
+    ("--inception-weights", "preset imagenet needs --inception-weights weights-inception-2015-12-05"),
+])
+def test_run_preset_missing_file_is_one_line_exit_2(tmp_path, preset_files, drop, needle):
+    ref, inc = preset_files
+    args = {"--reference": ref, "--inception-weights": inc}
+    args.pop(drop)
+    flat = [x for kv in args.items() for x in kv]
+    r = run_cli("run", "--preset", "imagenet", *flat, "--results", tmp_path / "res", "--cache-dir", tmp_path / "c")
+    lines = [l for l in r.stderr.strip().splitlines() if l.strip()]
+    assert r.returncode == 2 and len(lines) == 1 and needle in lines[0], r.stderr
+    assert not (tmp_path / "res").exists() and not (tmp_path / "c").exists()
+
+
+def test_sweep_preset_key(tmp_path, preset_files):
+    from bench.sweep import load_spec
+    ref, inc = preset_files
+    y = tmp_path / "imnet.yaml"
+    y.write_text(f"preset: imagenet\nmodels: [{{var_ckpt: v.pth, vae_ckpt: a.pth, name: d16}}]\nreference: {ref}\n"
+                 f"measure: {{inception_weights: {inc}}}\nsampling: {{cfg: 2.0}}\npoints: {{dense: {{method: dense}}}}\n")
+    spec = load_spec(str(y))
+    assert spec["samples"] == 50_000 and spec["preset"] == "imagenet"
+    assert spec["sampling"] == dict(cfg=2.0, top_k=900, top_p=0.96)      # the YAML's own cfg wins
+    assert load_spec(str(y), sets=["samples=500"])["samples"] == 500
+    y.write_text(f"preset: imagenet\nmeasure: {{inception_weights: {inc}}}\npoints: {{dense: {{method: dense}}}}\n")
+    with pytest.raises(BenchError, match="sweep imnet: preset imagenet needs reference: VIRTUAL_imagenet256"):
+        load_spec(str(y))
+    assert load_spec(str(y), sets=[f"reference={ref}"])["reference"] == ref
+    y.write_text("preset: imagenet2\npoints: {dense: {method: dense}}\n")
+    with pytest.raises(BenchError, match="sweep imnet: unknown preset 'imagenet2'; valid: imagenet"):
+        load_spec(str(y))
