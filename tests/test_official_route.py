@@ -184,3 +184,124 @@ def test_sweep_preset_key(tmp_path, preset_files):
     y.write_text("preset: imagenet2\npoints: {dense: {method: dense}}\n")
     with pytest.raises(BenchError, match="sweep imnet: unknown preset 'imagenet2'; valid: imagenet"):
         load_spec(str(y))
+
+
+# ------------------------------------------------------------------------------------------ official checkpoints
+def random_inception_state_dict():
+    """torch-fidelity's Inception-v3 with its own random initialisation (no weights file exists here): the module
+    is built with the download and the load skipped, and its state dict returned."""
+    from unittest import mock
+    import torch_fidelity.feature_extractor_inceptionv3 as fi
+    torch.manual_seed(0)
+    with mock.patch.object(fi, "load_state_dict_from_url", lambda *a, **k: {}), \
+            mock.patch.object(fi.FeatureExtractorInceptionV3, "load_state_dict", lambda self, sd: None):
+        fe = fi.FeatureExtractorInceptionV3("inception-v3-compat", ["2048", "logits_unbiased"])
+    return {k: v.detach().clone() for k, v in fe.state_dict().items()}
+
+
+@pytest.fixture(scope="session")
+def official_files(tmp_path_factory):
+    """Random-weight checkpoints in the released formats at the released 10-scale layout, depth 1: the VAR as a
+    torch.save'd plain tensor dict (var_d1.pth), the VQ-VAE (ch=160, V=4096, Cvae=32) as .safetensors; an image
+    folder to prepare on and one to measure against (32px images: the loader resizes them to 256), random
+    Inception weights and a random 1000-class feature classifier."""
+    from safetensors.torch import save_file
+    from bench.models.classifier import ShapesClassifier
+    from bench.models.vqvae import OFFICIAL_VQVAE, VQVAE
+    from tests.imagefolder import make_image_folder
+    from tests.test_models import official_var_state_dict
+    root = tmp_path_factory.mktemp("official")
+    torch.save(official_var_state_dict(depth=1), root / "var_d1.pth")
+    torch.manual_seed(0)
+    vq = VQVAE(**OFFICIAL_VQVAE)
+    save_file({k: v.contiguous() for k, v in vq.state_dict().items()}, str(root / "vae_ch160v4096z32.safetensors"))
+    torch.save(random_inception_state_dict(), root / "inception.pth")
+    cls = ShapesClassifier(num_classes=1000, width=8, feature_dim=16, image_size=32)
+    save_file({k: v.contiguous() for k, v in cls.state_dict().items()}, str(root / "classifier.safetensors"))
+    return dict(root=root, var=str(root / "var_d1.pth"), vae=str(root / "vae_ch160v4096z32.safetensors"),
+                inception=str(root / "inception.pth"), classifier=str(root / "classifier.safetensors"),
+                data=make_image_folder(root / "data", classes=("a", "b", "c"), per_class=(3, 3, 3)),
+                ref=make_image_folder(root / "ref", classes=("a", "b", "c"), per_class=(2, 2, 2), seed=1))
+
+
+def _ok(r):
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    return r
+
+
+@pytest.mark.slow      # ~3-4 minutes on a busy 2-core CPU: the 256px VQ-VAE costs ~5-7 s per image each way
+def test_official_checkpoints_prepare_run_sweep_report(official_files, tmp_path):
+    """prepare dmoe|actvar|pruned-ffn on an image folder, run each method and dense, a sweep whose `models:` entry
+    is a mapping naming the checkpoints, and report on its rows: at 680 tokens, V=4096, 1000 classes."""
+    import time
+    import yaml
+    from bench.results import load_results
+    f = official_files
+    env = dict(VARBENCH_CACHE=str(tmp_path / "cache"), VARBENCH_HOME=str(tmp_path / "home"))
+    model = ["--var-ckpt", f["var"], "--vae-ckpt", f["vae"], "--threads", "2"]
+    times = {}
+
+    def cli(name, *args):
+        t = time.perf_counter()
+        r = _ok(run_cli(*args, env=env))
+        times[name] = round(time.perf_counter() - t, 1)
+        return r
+
+    # prepare, with tiny settings (the artifacts' keys are what `run --set` names below)
+    r = cli("prepare dmoe", "prepare", "dmoe", *model, "--data", f["data"], "--steps", "0", "--images", "2",
+            "--eval-images", "1", "--router-steps", "1", "--router-images", "2", "--batch", "2")
+    assert "prepared dmoe for official-d1-" in r.stdout and r.stdout.count("dmoe-") >= 2
+    cli("prepare actvar", "prepare", "actvar", *model, "--data", f["data"], "--steps1", "1", "--steps2", "0",
+        "--batch", "2", "--images", "2", "--eval-images", "1")
+    cli("prepare pruned-ffn", "prepare", "pruned-ffn", *model, "--data", f["data"], "--steps", "0",
+        "--calib-images", "2")
+
+    # run: without a feature extractor an official model says what to give, in one line
+    res = str(tmp_path / "res")
+    common = [*model, "--samples", "2", "--batch-size", "2", "--timing-rounds", "0", "--warmup-batches", "0",
+              "--reference", f["ref"], "--bootstrap", "0", "--results", res]
+    r = run_cli("run", "--method", "dense", *common, env=env)
+    lines = [l for l in r.stderr.strip().splitlines() if l.strip()]
+    assert r.returncode == 2 and len(lines) == 1 and "--inception-weights" in lines[0], r.stderr
+    # Inception features (KID only: a 2048-d FID of 2 samples costs a minute of matrix square roots here)
+    cli("run dense", "run", "--method", "dense", *common, "--inception-weights", f["inception"],
+        "--metrics", "kid", "--flop-images", "1")
+    cls = ["--classifier", f["classifier"], "--metrics", "fid,kid"]
+    cli("run dmoe", "run", "--method", "dmoe", "--set", "finetune_steps=0", "--set", "router_steps=1", *common, *cls,
+        "--flop-images", "1")
+    cli("run actvar", "run", "--method", "actvar", "--set", "steps1=1", "--set", "steps2=0", *common, *cls,
+        "--flop-images", "0")
+    cli("run pruned-ffn", "run", "--method", "pruned-ffn", "--set", "finetune_steps=0", "--set", "calib_images=2",
+        *common, *cls, "--flop-images", "0")
+    df = load_results(res)
+    assert sorted(df["method"]) == ["actvar", "dense", "dmoe", "pruned-ffn"]
+    for _, row in df.iterrows():
+        assert row["model_source"] == "official" and row["model_depth"] == 1 and row["samples"] == 2
+        assert (row["cfg"], row["top_k"], row["top_p"]) == (1.5, 900, 0.96)      # the release's sampling
+        assert math.isfinite(row["kid_mean"]) and row["resumed_batches"] == 0
+        assert math.isfinite(row["fid"]) or row["method"] == "dense"
+        assert 0 <= row["fidelity_token_agreement"] <= 1
+    dense, dmoe = (df[df["method"] == m].iloc[0] for m in ("dense", "dmoe"))
+    assert len(dense["macs_fvcore_per_scale"]) == 10 and abs(dense["macs_fvcore_over_analytic"] - 1) <= 0.02
+    assert dense["fidelity_token_agreement"] == 1.0
+    assert list(dmoe["moe_scales"]) == [7, 8, 9]        # 'the last three' of the released 10 scales
+    assert dmoe["macs_analytic_all"] != dense["macs_analytic_all"]
+
+    # a sweep naming the checkpoints in its models: mapping, then report on its rows
+    spec = dict(description="official d1, random weights", models=[dict(name="rand-d1", var_ckpt=f["var"],
+                vae_ckpt=f["vae"])], samples=2, batch_size=2, reference=f["ref"],
+                measure=dict(flop_images=0, warmup_batches=0, timing_rounds=0, metrics=["fid", "kid"], bootstrap=0,
+                             classifier=f["classifier"]),
+                points=dict(dmoe=dict(method="dmoe", params=dict(finetune_steps=0, router_steps=1),
+                                      grid=dict(tau=[0.5]))))
+    y = tmp_path / "official.yaml"
+    y.write_text(yaml.safe_dump(spec))
+    sres = str(tmp_path / "sres")
+    r = cli("sweep", "sweep", str(y), "--results", sres)
+    assert "1/1 trials have rows" in r.stdout
+    sdf = load_results(sres)
+    assert len(sdf) == 1 and sdf["trial_key"].iloc[0].endswith("/rand-d1/dmoe/tau=0.5")
+    assert sdf["model_source"].iloc[0] == "official" and sdf["dense_cache"].iloc[0] == "reused"
+    r = cli("report", "report", "--sweep", "official", "--results", sres, "--out", str(tmp_path / "rep"))
+    assert os.listdir(tmp_path / "rep" / "official")
+    print("official route times (s):", times)
