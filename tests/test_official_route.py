@@ -30,15 +30,9 @@ def test_killed_generation_resumes_and_gives_the_uninterrupted_row(tmp_path, mon
     """Kill a 6-batch run after 4 batches; the same call again reuses those 4 batches and generates 2: its samples
     (tokens, images), quality and fidelity equal an uninterrupted run's, and the row says 4 batches were resumed."""
     from bench import measure as M
-    from bench.models.classifier import ShapesClassifier
     from bench.registry import create_method
     from bench.resume import batches_root
-    from safetensors.torch import save_file
-    torch.manual_seed(0)
-    net = ShapesClassifier(num_classes=10, width=8, feature_dim=16, image_size=32)
-    classifier = str(tmp_path / "classifier.safetensors")
-    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, classifier)
-    kw = dict(samples=24, batch_size=4, classifier=classifier, reference_count=32, metrics=("fid", "kid"),
+    kw = dict(samples=24, batch_size=4, classifier=_classifier(tmp_path), reference_count=32, metrics=("fid", "kid"),
               bootstrap=20, timing_rounds=0, flop_images=0)
     whole = M.measure(tiny, create_method("dense"), results_dir=str(tmp_path / "res1"),
                       cache_dir=str(tmp_path / "cache1"), **kw)
@@ -74,6 +68,48 @@ def test_killed_generation_resumes_and_gives_the_uninterrupted_row(tmp_path, mon
     assert not os.path.exists(batches_root(cache2))      # the row is stored: its checkpoints are gone
 
 
+def test_kill_during_the_dense_reference_resumes_both_generations(tmp_path, monkeypatch, tiny):
+    """A method run killed while generating its dense reference: the re-run reads back all of the method's batches
+    (timing then repeats a batch, outputs discarded) and the dense reference's finished ones; the row equals an
+    uninterrupted run's."""
+    from bench import measure as M
+    from bench.registry import create_method
+    from bench.resume import batches_root
+    kw = dict(samples=24, batch_size=4, classifier=_classifier(tmp_path), reference_count=32, metrics=("fid",),
+              bootstrap=20, timing_rounds=0, flop_images=0)
+    whole = M.measure(tiny, create_method("cfg-skip"), results_dir=str(tmp_path / "res1"),
+                      cache_dir=str(tmp_path / "cache1"), **kw)
+    real, calls = M.timed_batch, {"n": 0}
+
+    def dying(*a, **k):
+        calls["n"] += 1
+        if calls["n"] > 6 + 2:         # the method's 6 batches, then 2 of the dense reference's
+            raise Killed()
+        return real(*a, **k)
+    monkeypatch.setattr(M, "timed_batch", dying)
+    cache2 = str(tmp_path / "cache2")
+    with pytest.raises(Killed):
+        M.measure(tiny, create_method("cfg-skip"), results_dir=str(tmp_path / "res2"), cache_dir=cache2, **kw)
+    assert sorted(len(os.listdir(os.path.join(batches_root(cache2), d))) for d in os.listdir(batches_root(cache2))) \
+        == [2, 6]
+    monkeypatch.setattr(M, "timed_batch", real)
+    again = M.measure(tiny, create_method("cfg-skip"), results_dir=str(tmp_path / "res2"), cache_dir=cache2, **kw)
+    assert again["resumed_batches"] == 6 and again["timing_extra_batches"] == 2 and again["dense_cache"] == "generated"
+    for col in ("fid", "fid_ci_low", "fid_ci_high", "fid_delta", "fidelity_token_agreement", "fidelity_psnr_db"):
+        assert again[col] == whole[col], col
+    assert not os.path.exists(batches_root(cache2))
+
+
+def _classifier(tmp_path):
+    from bench.models.classifier import ShapesClassifier
+    from safetensors.torch import save_file
+    torch.manual_seed(0)
+    net = ShapesClassifier(num_classes=10, width=8, feature_dim=16, image_size=32)
+    path = str(tmp_path / "classifier.safetensors")
+    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, path)
+    return path
+
+
 def test_batch_checkpoints_of_another_configuration_are_not_used(tmp_path, tiny):
     """The key is the trial's full configuration: another seed or sampling setting never reads these batches,
     and a damaged batch file is regenerated."""
@@ -88,18 +124,13 @@ def test_batch_checkpoints_of_another_configuration_are_not_used(tmp_path, tiny)
     assert BatchStore.for_key(key, str(tmp_path)).load(0, 4) is not None
     for other in (generation_key(method, tiny.var, tiny, tiny.sampling, 1, 8, 4, "cpu"),
                   generation_key(method, tiny.var, tiny, replace(tiny.sampling, cfg=2.0), 0, 8, 4, "cpu"),
-                  generation_key(create_method("cfg-skip") if "cfg-skip" in _methods() else method, tiny.var, tiny,
-                                 tiny.sampling, 0, 8, 2, "cpu")):
+                  generation_key(create_method("cfg-skip"), tiny.var, tiny, tiny.sampling, 0, 8, 4, "cpu"),
+                  generation_key(method, tiny.var, tiny, tiny.sampling, 0, 8, 4, "cpu", "bf16")):
         assert BatchStore.for_key(other, str(tmp_path)).load(0, 4) is None
     assert BatchStore.for_key(key, str(tmp_path)).load(0, 3) is None          # another batch size
     with open(store._file(0), "wb") as f:
         f.write(b"damaged")
     assert BatchStore.for_key(key, str(tmp_path)).load(0, 4) is None
-
-
-def _methods():
-    from bench.registry import list_methods
-    return list_methods()
 
 
 # ------------------------------------------------------------------------------------------ the ImageNet preset
@@ -155,13 +186,15 @@ def test_run_preset_fills_flags_and_explicit_flags_win(preset_files):
 @pytest.mark.parametrize("drop,needle", [
     ("--reference", "preset imagenet needs --reference VIRTUAL_imagenet256_labeled.npz"),
     ("--inception-weights", "preset imagenet needs --inception-weights weights-inception-2015-12-05"),
+    ("", "preset imagenet is for 1000-class models (50 samples per class); model tiny has 10 classes"),
 ])
-def test_run_preset_missing_file_is_one_line_exit_2(tmp_path, preset_files, drop, needle):
+def test_run_preset_bad_input_is_one_line_exit_2(tmp_path, preset_files, drop, needle):
     ref, inc = preset_files
     args = {"--reference": ref, "--inception-weights": inc}
-    args.pop(drop)
+    args.pop(drop, None)
     flat = [x for kv in args.items() for x in kv]
-    r = run_cli("run", "--preset", "imagenet", *flat, "--results", tmp_path / "res", "--cache-dir", tmp_path / "c")
+    r = run_cli("run", "--model", "tiny", "--preset", "imagenet", *flat, "--results", tmp_path / "res",
+                "--cache-dir", tmp_path / "c")
     lines = [l for l in r.stderr.strip().splitlines() if l.strip()]
     assert r.returncode == 2 and len(lines) == 1 and needle in lines[0], r.stderr
     assert not (tmp_path / "res").exists() and not (tmp_path / "c").exists()
