@@ -133,6 +133,18 @@ def test_batch_checkpoints_of_another_configuration_are_not_used(tmp_path, tiny)
     assert BatchStore.for_key(key, str(tmp_path)).load(0, 4) is None
 
 
+def test_prepare_refuses_a_folder_with_more_classes_than_the_model(tmp_path):
+    from tests.imagefolder import make_image_folder
+    data = make_image_folder(tmp_path / "d12", classes=tuple("abcdefghijkl"), per_class=(3,) * 12)
+    cache = tmp_path / "cache"
+    r = run_cli("prepare", "pruned-ffn", "--model", "tiny", "--data", data, "--weights", "original",
+                "--calib-images", "12", env=dict(VARBENCH_CACHE=str(cache)))
+    lines = [l for l in r.stderr.strip().splitlines() if l.strip()]
+    assert r.returncode == 2 and len(lines) == 1, r.stderr
+    assert "has 12 classes but model tiny has 10" in lines[0]
+    assert not cache.exists()
+
+
 # ------------------------------------------------------------------------------------------ the ImageNet preset
 @pytest.fixture
 def preset_files(tmp_path):
