@@ -140,12 +140,13 @@ def validate(bundle, method, *, samples, seed, sampling, batch_size, flop_images
 
 def bytes_to_write(bundle, samples: int) -> Dict[str, int]:
     """An upper estimate of what one measurement writes: the row, and in the cache the dense outputs (uint8
-    images, tokens) and the quality features of samples and reference."""
+    images, tokens), the same again as batch checkpoints while generating (bench.resume) and the quality features
+    of samples and reference."""
     side = int(bundle.image_size)
     tokens = sum(p * p for p in bundle.var.patch_nums)
     dense = samples * (3 * side * side + 8 * tokens)
     features = 2 * samples * 4 * 2048 * 2          # samples + reference, features + logits, <= 2048-d float32
-    return {"results": 4 << 20, "cache": dense + features + (16 << 20)}
+    return {"results": 4 << 20, "cache": 2 * dense + features + (16 << 20)}
 
 
 def check_free_space(bundle, samples: int, results_dir: str, cache_dir: Optional[str]) -> None:
