@@ -70,7 +70,7 @@ class MethodSetup(Record):
 class RunSetup(Record):
     """The model, sample design and sampling settings."""
     model: Optional[str] = column("string", "model name (embedded name, 'tiny', or official-d<depth>)")
-    model_id: Optional[str] = column("string", "stable model id (name + weight hash) used in cache keys")
+    model_id: Optional[str] = column("string", "stable model id (name + weight hash; official: + VQ-VAE hash) used in cache keys")
     model_depth: Optional[int] = column("int64", "VAR depth (transformer blocks)")
     model_source: Optional[str] = column("string", "embedded | official | builtin")
     samples: Optional[int] = column("int64", "number of generated images N (quality and timing use all of them)")

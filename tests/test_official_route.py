@@ -350,3 +350,18 @@ def test_official_checkpoints_prepare_run_sweep_report(official_files, tmp_path)
     r = cli("report", "report", "--sweep", "official", "--results", sres, "--out", str(tmp_path / "rep"))
     assert os.listdir(tmp_path / "rep" / "official")
     print("official route times (s):", times)
+
+
+@pytest.mark.slow      # the full-size VQ-VAE written, then loaded twice (5 s here, quiet; more when busy)
+def test_official_model_id_names_both_checkpoints(official_files, tmp_path):
+    """Prepared artifacts and caches are keyed by model_id: another VQ-VAE under the same VAR must not match."""
+    from safetensors.torch import load_file, save_file
+    from bench.zoo import load_official
+    f = official_files
+    sd = load_file(f["vae"])
+    sd["quantize.embedding.weight"][0, 0] += 1
+    other = str(tmp_path / "vae_other.safetensors")
+    save_file(sd, other)
+    a, b = load_official(f["var"], f["vae"]), load_official(f["var"], other)
+    assert a.model_id.startswith("official-d1-") and a.model_id != b.model_id
+    assert a.model_id.split("-")[2] == b.model_id.split("-")[2]        # same VAR hash
