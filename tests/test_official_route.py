@@ -274,7 +274,7 @@ def _ok(r):
     return r
 
 
-@pytest.mark.slow      # 2-3 minutes on the 2-core CPU (more when busy): the 256px VQ-VAE costs seconds per image
+@pytest.mark.slow      # 2-4 minutes on the 2-core CPU (the more, the busier): the 256px VQ-VAE costs seconds per image
 def test_official_checkpoints_prepare_run_sweep_report(official_files, tmp_path):
     """prepare dmoe|actvar|pruned-ffn on an image folder, run each method and dense, a sweep whose `models:` entry
     is a mapping naming the checkpoints, and report on its rows: at 680 tokens, V=4096, 1000 classes."""
