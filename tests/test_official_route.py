@@ -100,6 +100,49 @@ def test_kill_during_the_dense_reference_resumes_both_generations(tmp_path, monk
     assert not os.path.exists(batches_root(cache2))
 
 
+@pytest.mark.slow      # ~20 s: three CLI processes
+def test_cli_run_killed_with_sigkill_resumes(tmp_path):
+    """The real thing: `python -m bench run` killed (SIGKILL) once some batches are checkpointed; the same command
+    again reads them back and its row equals that of the same command run uninterrupted elsewhere."""
+    import signal
+    import subprocess
+    import sys
+    import time
+    from bench.resume import batches_root
+    from bench.results import load_results
+    from tests.conftest import ROOT
+
+    def cmd(res, cache):
+        return [sys.executable, "-m", "bench", "run", "--model", "tiny", "--samples", "120", "--batch-size", "6",
+                "--timing-rounds", "0", "--flop-images", "0", "--reference-count", "32", "--metrics", "fid",
+                "--bootstrap", "10", "--threads", "1", "--results", str(res), "--cache-dir", str(cache)]
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    cache = tmp_path / "cache"
+    p = subprocess.Popen(cmd(tmp_path / "res", cache), env=env, cwd=ROOT, stdout=subprocess.DEVNULL,
+                         stderr=subprocess.DEVNULL)
+    done = []
+    try:
+        deadline = time.monotonic() + 300
+        while p.poll() is None and time.monotonic() < deadline:
+            root = batches_root(str(cache))
+            done = [f for d in (os.listdir(root) if os.path.isdir(root) else ())
+                    for f in os.listdir(os.path.join(root, d)) if f.startswith("batch-")]
+            if len(done) >= 3:
+                break
+            time.sleep(0.02)
+    finally:
+        if p.poll() is None:
+            p.send_signal(signal.SIGKILL)
+        p.wait()
+    assert p.returncode == -signal.SIGKILL and len(done) >= 3      # killed mid-generation
+    _ok(run_cli(*cmd(tmp_path / "res", cache)[3:]))
+    _ok(run_cli(*cmd(tmp_path / "res_whole", tmp_path / "cache_whole")[3:]))
+    again, whole = (load_results(str(tmp_path / r)).iloc[0] for r in ("res", "res_whole"))
+    assert again["resumed_batches"] >= 3 and whole["resumed_batches"] == 0
+    for col in ("fid", "fid_ci_low", "fid_ci_high", "fidelity_token_agreement"):
+        assert again[col] == whole[col], col
+
+
 def _classifier(tmp_path):
     from bench.models.classifier import ShapesClassifier
     from safetensors.torch import save_file
