@@ -200,9 +200,10 @@ def load_official(var_ckpt: str, vae_ckpt: str, depth: Optional[int] = None, dev
     var.load_state_dict(var_sd, strict=True, assign=True)  # meta tensors take the file's: no second copy
     vq.load_state_dict(vae_sd, strict=True)
     check_patch_nums(var, vq)
-    sha = file_sha256(var_ckpt)[:8]
+    # both files in the id: prepared artifacts (tokens, calibrations) depend on the VQ-VAE too
+    sha, vae_sha = file_sha256(var_ckpt)[:8], file_sha256(vae_ckpt)[:8]
     return ModelBundle(
-        name=f"official-d{depth}", model_id=f"official-d{depth}-{sha}", var=var.to(device).eval(),
+        name=f"official-d{depth}", model_id=f"official-d{depth}-{sha}-{vae_sha}", var=var.to(device).eval(),
         vqvae=frozen(vq, device), sampling=OFFICIAL_SAMPLING, class_names=[str(i) for i in range(cfg.num_classes)],
         image_size=vq.image_size, source="official", files={"var": var_ckpt, "vqvae": vae_ckpt})
 

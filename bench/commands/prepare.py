@@ -64,6 +64,19 @@ def method_parser(name: str, cls, parser_class):
     return q
 
 
+def check_data_classes(data, bundle) -> None:
+    """A folder's classes become labels 0..k-1 in sorted order: more of them than the model has would run past
+    its class embedding (the row after the last class is the unconditional label)."""
+    if data is None or data == "shapes":
+        return
+    from bench.data import folder_data
+    n = len(folder_data(data).classes)
+    if n > bundle.num_classes:
+        raise BenchError(f"--data {data} has {n} classes but model {bundle.name} has {bundle.num_classes}; give a "
+                         f"folder with at most {bundle.num_classes} class subfolders (they become labels "
+                         f"0..k-1 in sorted order)")
+
+
 def run(a):
     from bench.cli import OneLineParser
     from bench.registry import list_methods, method_class
@@ -98,6 +111,7 @@ def run(a):
     if args.threads:
         torch.set_num_threads(args.threads)
     bundle = bundle_from_args(args)
+    check_data_classes(args.data, bundle)
     t0 = time.time()
     dirs = cls.prepare(bundle, values, out_root, data=args.data, force=args.force)
     dirs = [dirs] if isinstance(dirs, str) else list(dirs)

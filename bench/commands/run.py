@@ -20,7 +20,13 @@ def register(sub):
     add_model_args(p)
     add_sampling_args(p)
     add_dtype_arg(p)
-    p.add_argument("--samples", type=int, default=1000, help="images to generate (quality, timing) (default 1000)")
+    p.add_argument("--samples", type=int, default=None,
+                   help="images to generate (quality, timing) (default 1000, or the preset's)")
+    p.add_argument("--preset", default=None, metavar="NAME",
+                   help="a named protocol (bench/presets.py): imagenet = the VAR paper's FID setting, 50 samples per "
+                        "class (50,000), cfg 1.5, top-k 900, top-p 0.96, against --reference (ADM's "
+                        "VIRTUAL_imagenet256_labeled.npz) with --inception-weights; both files required; explicit "
+                        "flags override its values")
     p.add_argument("--seed", type=int, default=0, help="base seed of the seed scheme (default 0)")
     p.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE, help="images per generation batch")
     p.add_argument("--flop-images", type=int, default=DEFAULT_FLOP_IMAGES,
@@ -55,6 +61,7 @@ def run(a):
     from bench.precision import check_dtype
     from bench.registry import create_method, parse_overrides
     from bench.results import check_results_dir
+    preset = _apply_preset(a)
     # cheap checks first, in the order a user fixes them; nothing is written before measure() has validated all
     check_flags(a, samples=(1,), seed=(0, MAX_SEED), batch_size=(1,), flop_images=(0,), warmup_batches=(0,),
                 timing_rounds=(0,),
@@ -67,13 +74,16 @@ def run(a):
     if a.threads is not None:
         torch.set_num_threads(a.threads)
     bundle = bundle_from_args(a)
+    if preset is not None:
+        from bench.presets import check_preset_model
+        check_preset_model(a.preset, bundle.num_classes, bundle.name)
     sampling = sampling_from_args(a, bundle)
     row = measure(bundle, method, samples=a.samples, seed=a.seed, sampling=sampling, batch_size=a.batch_size,
                   results_dir=a.results, reference=a.reference, inception_weights=a.inception_weights,
                   flop_images=a.flop_images, warmup_batches=a.warmup_batches, sweep=a.sweep,
                   trial_key=a.trial_key, cache_dir=a.cache_dir, metrics=metrics, bootstrap=a.bootstrap,
                   classifier=a.classifier, reference_count=a.reference_count, timing_rounds=a.timing_rounds,
-                  dtype=dtype)
+                  dtype=dtype, extra=dict(preset=a.preset) if a.preset else None)
     giga = lambda v: v / 1e9 if v else float("nan")  # noqa: E731  (no FLOP count with --flop-images 0)
     print(f"{row['method_label']} on {row['model']} ({row['dtype']}): {giga(row['macs_total']):.4g} GMACs/image (transformer "
           f"{giga(row['macs_fvcore']):.4g}), "
@@ -84,6 +94,22 @@ def run(a):
           f"token agreement vs dense "
           f"{row['fidelity_token_agreement']:.4f}; row appended to {a.results}")
     return 0
+
+
+def _apply_preset(a):
+    """Fill the flags a preset sets and the user did not give (their own flags win); None without --preset."""
+    if a.preset is None:
+        if a.samples is None:
+            a.samples = 1000
+        return None
+    from bench.presets import resolve_preset
+    p = resolve_preset(a.preset, a.reference, a.inception_weights)
+    if a.samples is None:
+        a.samples = p.samples
+    for k, v in p.sampling.items():
+        if getattr(a, k) is None:
+            setattr(a, k, v)
+    return p
 
 
 def _num(v, spec: str) -> str:

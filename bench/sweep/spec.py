@@ -41,6 +41,8 @@ YAML schema (every key optional except `points`; sweeps/tau.yaml is a commented 
             params: {scales: [4, 5, 6]}
             from_parent: {match_macs: macs_analytic_all}   # param <- that column of the parent's row
     quick: {samples: 16, points.dmoe.grid.tau: [1.0, 0.6]}   # dotted overrides applied by --quick
+    preset: imagenet           # a named protocol (bench/presets.py): its samples and sampling fill the keys the YAML
+                               #   leaves out; it needs `reference` (ADM's .npz) and `measure.inception_weights`
 
 `--set KEY=VALUE` takes the same dotted keys (`samples`, `sampling.cfg`, `measure.flop_images`, `models`,
 `points.NAME.params.P`, `points.NAME.grid.P`, `points.NAME.grid`, `points.NAME.enabled`, `points.NAME.twins.T.params.P`, ...); values
@@ -67,7 +69,7 @@ from bench.errors import BenchError
 
 TOP_DEFAULTS: Dict[str, Any] = dict(description="", figure="", models=["default"], device="cpu", samples=1000,
                                     batch_size=50, seed=0, sampling={}, reference=None, measure={}, modules=[],
-                                    points={}, quick={})
+                                    points={}, quick={}, preset=None)
 SAMPLING_KEYS = {"cfg": float, "top_k": int, "top_p": float, "more_smooth": bool}
 # measure() options a sweep may set (bench/measure.py); types for validation of --set values
 MEASURE_KEYS = {"flop_images": int, "warmup_batches": int, "timing_rounds": int, "metrics": list, "bootstrap": int,
@@ -155,6 +157,7 @@ def normalize(raw: dict, where: str) -> dict:
         if spec[k] < low:
             raise BenchError(f"{where}: {k} must be >= {low}, got {spec[k]}")
     spec["reference"] = _check_type(f"{where}: reference", spec["reference"], str, nullable=True)
+    spec["preset"] = _check_type(f"{where}: preset", spec["preset"], str, nullable=True)
     if isinstance(spec["models"], (str, dict)):
         spec["models"] = [spec["models"]]
     _check_type(f"{where}: models", spec["models"], list)
@@ -358,7 +361,7 @@ def load_spec(name: str, quick: bool = False, sets: Sequence[str] = ()) -> dict:
     where = f"sweep {sweep_name(name)}"
     import_modules(raw.get("modules") or [])
     _check_methods(raw, where)
-    spec = normalize(raw, where)
+    spec = normalize(apply_preset(raw, where), where)
     changes = []
     if quick:
         if not spec["quick"]:
@@ -368,11 +371,42 @@ def load_spec(name: str, quick: bool = False, sets: Sequence[str] = ()) -> dict:
     for k, v, origin in changes:
         apply_override(spec, k, v, origin)
         spec = normalize(spec, where if origin != "--set" else f"--set {k}")
+    check_preset(spec, where)
     spec["name"] = sweep_name(name)
     spec["source"] = os.path.abspath(path)
     spec["quick_applied"] = bool(quick)
     spec["sets"] = list(sets)
     return spec
+
+
+def apply_preset(raw: dict, where: str) -> dict:
+    """A YAML `preset:` fills samples and sampling where the YAML gives none (the YAML's own keys win)."""
+    name = raw.get("preset")
+    if name is None:
+        return raw
+    from bench.presets import get_preset
+    if not isinstance(name, str):
+        raise BenchError(f"{where}: preset must be a string or null, got {name!r}")
+    try:
+        p = get_preset(name)
+    except BenchError as e:
+        raise BenchError(f"{where}: {e}") from None
+    raw = copy.deepcopy(raw)
+    raw.setdefault("samples", p.samples)
+    sampling = raw.get("sampling") if isinstance(raw.get("sampling"), dict) else {}
+    raw["sampling"] = {**p.sampling, **sampling}
+    return raw
+
+
+def check_preset(spec: dict, where: str) -> None:
+    """The preset's required files, after every override (so --set reference=... counts)."""
+    if spec.get("preset"):
+        from bench.presets import resolve_preset
+        try:
+            resolve_preset(spec["preset"], spec["reference"], spec["measure"].get("inception_weights"),
+                           flag_names=("reference:", "measure.inception_weights:"))
+        except BenchError as e:
+            raise BenchError(f"{where}: {e}") from None
 
 
 def _check_methods(raw: dict, where: str) -> None:
