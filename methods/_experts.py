@@ -128,8 +128,8 @@ def _segments_in_threads(out, x2, tok, starts, active, w1, b1, w2, act, parts: i
     Why: an expert's matmuls are too small to split across threads well, and each of the chunk's ops is an OpenMP
     parallel region whose barrier waits for a descheduled thread on a busy machine (measured with 2 threads under
     load 3.5 at d16 shapes: 5-26x slower than dense, against 0.4-0.95x of dense this way). torch's thread count is
-    process-wide, so it is 1 for the duration of the call and restored after; autocast and inference mode are
-    thread-local, so each worker takes the caller's."""
+    process-wide, so it is 1 for the duration of the call and restored after; grad mode, autocast and inference
+    mode are thread-local, so each worker takes the caller's (under no_grad a module's weights require grad)."""
     from concurrent.futures import ThreadPoolExecutor
     pairs = starts[-1]
     groups, cur, done = [], [], 0
@@ -146,11 +146,12 @@ def _segments_in_threads(out, x2, tok, starts, active, w1, b1, w2, act, parts: i
                      size=len(groups) - 1)
     dev = x2.device.type
     amp = (torch.is_autocast_enabled(dev), torch.get_autocast_dtype(dev))
-    inference = torch.is_inference_mode_enabled()
+    inference, grad = torch.is_inference_mode_enabled(), torch.is_grad_enabled()
 
     def work(experts):
         torch.set_num_threads(1)
-        with torch.inference_mode(inference), torch.autocast(dev, dtype=amp[1], enabled=amp[0]):
+        with torch.inference_mode(inference), torch.set_grad_enabled(grad), \
+                torch.autocast(dev, dtype=amp[1], enabled=amp[0]):
             return _segments(torch.zeros_like(out), x2, tok, starts, experts, w1, b1, w2, act)
 
     threads = torch.get_num_threads()

@@ -141,6 +141,18 @@ def test_threads_take_the_callers_autocast_and_inference_mode(two_threads, monke
     assert all(s[1:] == (True, torch.bfloat16, True) for s in seen), seen
 
 
+def test_threads_take_the_callers_no_grad(two_threads):
+    """A module's weights require grad; under the caller's no_grad the workers must not record either."""
+    C, E, e, T = 64, 8, 16, 60
+    w1, b1, w2 = (t.requires_grad_() for t in weights(C, E, e))
+    x = torch.randn(T, C, generator=torch.Generator().manual_seed(3))
+    mask = routing("random", T, E)
+    with torch.no_grad():
+        out = _experts.grouped(x, mask, w1, b1, w2)
+    assert two_threads == [2] and not out.requires_grad
+    assert rel_err(out, reference(x, mask, w1.detach(), b1.detach(), w2.detach(), "relu")) <= 1e-5
+
+
 def test_d16_shapes_and_determinism():
     """C = 1024, FFN 4096, expert size 128 (32 experts), 24 tokens: both paths within 1e-5 of the definition;
     the grouped path gives bitwise the same output on a repeat."""
