@@ -65,8 +65,11 @@ BUILTIN = (0.966, 26.0, 1.91e5, 2.80e6)
 # output are still in cache for the matmul and the index_add_ (paired on this CPU at d16 shapes, 75% of experts
 # active: time saved 0.57 -> 0.79-0.87 of the FLOPs saved; 50%: unchanged within noise).
 CHUNK_ROWS = 256
-# Below this many MACs per call the CPU grouped path stays on the calling thread: handing work to a thread costs
-# tens of microseconds, about what 4M MACs take on one core.
+# When the CPU grouped path splits experts across threads (_segments_in_threads): from this model width C and
+# this many MACs per call. Below 4M MACs a thread handoff (tens of microseconds) costs what the work does; at
+# C = 128 (the embedded default) per-op parallelism measured faster (2 threads, quiet, paired: 20 vs 28 ms per
+# call at its last scale, e = 32; 9 vs 14 ms at e = 256), at C >= 512 slower (C = 1024, e = 64: 194 vs 104 ms).
+MIN_THREADED_WIDTH = 512
 MIN_THREADED_MACS = 1 << 22
 
 
@@ -90,7 +93,7 @@ def grouped(x2: torch.Tensor, mask: torch.Tensor, w1, b1, w2, act: str = "relu",
     plain = _plain(x2, w1, b1, w2)
     threads = torch.get_num_threads()
     active = [j for j, c in enumerate(counts) if c]
-    if plain or x2.device.type != "cpu" or threads < 2 or len(active) < 2 \
+    if plain or x2.device.type != "cpu" or threads < 2 or len(active) < 2 or x2.shape[1] < MIN_THREADED_WIDTH \
             or starts[-1] * x2.shape[1] * w1.shape[1] < MIN_THREADED_MACS:
         return _segments(out, x2, tok, starts, active, w1, b1, w2, act, plain)
     return _segments_in_threads(out, x2, tok, starts, active, w1, b1, w2, act, min(threads, len(active)))

@@ -99,6 +99,7 @@ def two_threads(monkeypatch):
     before = torch.get_num_threads()
     torch.set_num_threads(2)
     monkeypatch.setattr(_experts, "MIN_THREADED_MACS", 0)
+    monkeypatch.setattr(_experts, "MIN_THREADED_WIDTH", 0)
     calls = []
     inner = _experts._segments_in_threads
     monkeypatch.setattr(_experts, "_segments_in_threads", lambda *a: calls.append(a[-1]) or inner(*a))
