@@ -4,15 +4,13 @@ experts (DMoE's ExpertFFN, ActVAR's ActExpertFFN, and so every composition of th
 Two paths, chosen per call (`execute`):
 
   grouped        the (token, expert) pairs sorted once by expert into contiguous segments (one host sync for
-                 the segment sizes); per expert, in chunks of CHUNK_ROWS rows, one gather into a preallocated
-                 buffer, fc1 with its bias fused (addmm), the activation in place, fc2 into a preallocated
-                 buffer, one index_add_ into the preallocated output. Only the selected experts' MACs run (2·C·e per pair). On CUDA the segments
+                 the segment sizes); per expert one gather into a preallocated buffer, fc1 with its bias fused
+                 (addmm), the activation in place, fc2 into a preallocated buffer, one index_add_ into the
+                 preallocated output. Only the selected experts' MACs run (2·C·e per pair). On CUDA the segments
                  are padded to the longest and the two matmuls are single batched calls (baddbmm/bmm), since
-                 per-expert kernel launches dominate there. Per-chunk gathers (not one gather of every pair)
-                 keep the gathered rows in cache for their matmul: on this CPU 1.5x faster at d16 shapes.
-                 With several CPU threads the experts are split into one group per thread, each run
-                 single-threaded into its own output, the outputs summed in a fixed order: per-op
-                 parallelism of such small matmuls scaled badly, and under load collapsed.
+                 per-expert kernel launches dominate there. On CPU at large widths (LARGE_WIDTH) a segment runs
+                 in chunks of CHUNK_ROWS rows that stay in cache, and with several threads the experts are split
+                 into one group per thread, each single-threaded into its own output, summed in a fixed order.
   masked-dense   every expert runs (the dense FFN), unselected experts' activations are zeroed: no MACs saved,
                  but nothing lost either where the grouped path's per-expert overhead costs more than it saves
                  (small C, small experts, most experts active).
@@ -61,15 +59,17 @@ COST_VERSION = 3   # 3: chunked segments and one thread per expert group changed
 # 53, costing 0.05% on average over always picking the faster.
 BUILTIN = (0.966, 26.0, 1.91e5, 2.80e6)
 
-# Rows per matmul on the CPU grouped path: an expert's segment runs in chunks so that its gathered rows and its
-# output are still in cache for the matmul and the index_add_ (paired on this CPU at d16 shapes, 75% of experts
-# active: time saved 0.57 -> 0.79-0.87 of the FLOPs saved; 50%: unchanged within noise).
+# The CPU grouped path at model widths C >= LARGE_WIDTH (d16: C = 1024, 32 MB of FFN weights, the size of L3):
+# - each expert's segment runs in chunks of CHUNK_ROWS rows, so that its gathered rows and its output are still in
+#   cache for the matmuls and the index_add_ (paired at d16 shapes, 1 thread, 75% of experts active: time saved
+#   0.57 -> 0.79-0.87 of the FLOPs saved; 50%: unchanged within noise);
+# - with several threads the experts are split across threads (_segments_in_threads), from MIN_THREADED_MACS per
+#   call (below, a thread handoff costs what the work does): C = 1024, e = 64, 2 threads: 104 vs 194 ms per call.
+# Below it (the embedded default, C = 128: weights of 0.5 MB stay in cache) one op per expert segment with per-op
+# parallelism measured fastest (last scale, e = 32, 2 threads: 12 ms unchunked, 34 ms in 256-row chunks, 28 ms
+# split across threads).
+LARGE_WIDTH = 512
 CHUNK_ROWS = 256
-# When the CPU grouped path splits experts across threads (_segments_in_threads): from this model width C and
-# this many MACs per call. Below 4M MACs a thread handoff (tens of microseconds) costs what the work does; at
-# C = 128 (the embedded default) per-op parallelism measured faster (2 threads, quiet, paired: 20 vs 28 ms per
-# call at its last scale, e = 32; 9 vs 14 ms at e = 256), at C >= 512 slower (C = 1024, e = 64: 194 vs 104 ms).
-MIN_THREADED_WIDTH = 512
 MIN_THREADED_MACS = 1 << 22
 
 
@@ -93,7 +93,7 @@ def grouped(x2: torch.Tensor, mask: torch.Tensor, w1, b1, w2, act: str = "relu",
     plain = _plain(x2, w1, b1, w2)
     threads = torch.get_num_threads()
     active = [j for j, c in enumerate(counts) if c]
-    if plain or x2.device.type != "cpu" or threads < 2 or len(active) < 2 or x2.shape[1] < MIN_THREADED_WIDTH \
+    if plain or x2.device.type != "cpu" or threads < 2 or len(active) < 2 or x2.shape[1] < LARGE_WIDTH \
             or starts[-1] * x2.shape[1] * w1.shape[1] < MIN_THREADED_MACS:
         return _segments(out, x2, tok, starts, active, w1, b1, w2, act, plain)
     return _segments_in_threads(out, x2, tok, starts, active, w1, b1, w2, act, min(threads, len(active)))
@@ -103,7 +103,7 @@ def _segments(out, x2, tok, starts, experts, w1, b1, w2, act, plain=False):
     """Add the given experts' outputs into `out`, each expert's segment in chunks of CHUNK_ROWS rows."""
     C, e = x2.shape[1], w1.shape[1]
     cmax = max(starts[j + 1] - starts[j] for j in experts)
-    rows = cmax if plain else min(cmax, CHUNK_ROWS)
+    rows = cmax if plain or C < LARGE_WIDTH else min(cmax, CHUNK_ROWS)
     xb, hb, yb = x2.new_empty(rows, C), x2.new_empty(rows, e), x2.new_empty(rows, C)
     for j in experts:
         for s in range(starts[j], starts[j + 1], rows):

@@ -84,6 +84,7 @@ def test_every_path_equals_the_definition(kind, T, act, layout):
 def test_grouped_path_in_chunks_equals_the_definition(kind, T, monkeypatch):
     """Segments longer than CHUNK_ROWS run in several chunks (a partial last one included): the same sum."""
     monkeypatch.setattr(_experts, "CHUNK_ROWS", 7)
+    monkeypatch.setattr(_experts, "LARGE_WIDTH", 0)
     C, E, e = 32, 8, 16
     w1, b1, w2 = weights(C, E, e)
     x = torch.randn(T, C, generator=torch.Generator().manual_seed(3))
@@ -99,7 +100,7 @@ def two_threads(monkeypatch):
     before = torch.get_num_threads()
     torch.set_num_threads(2)
     monkeypatch.setattr(_experts, "MIN_THREADED_MACS", 0)
-    monkeypatch.setattr(_experts, "MIN_THREADED_WIDTH", 0)
+    monkeypatch.setattr(_experts, "LARGE_WIDTH", 0)
     calls = []
     inner = _experts._segments_in_threads
     monkeypatch.setattr(_experts, "_segments_in_threads", lambda *a: calls.append(a[-1]) or inner(*a))
