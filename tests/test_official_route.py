@@ -19,6 +19,19 @@ class Killed(BaseException):
     """Stands for a kill: not an Exception, so nothing in the harness catches it."""
 
 
+def kill_after(monkeypatch, measure_module, n: int):
+    """Generation dies (Killed) when its (n+1)-th batch starts; returns the real batch function."""
+    real, calls = measure_module.timed_batch, {"n": 0}
+
+    def dying(*a, **k):
+        calls["n"] += 1
+        if calls["n"] > n:
+            raise Killed()
+        return real(*a, **k)
+    monkeypatch.setattr(measure_module, "timed_batch", dying)
+    return real
+
+
 def _dense_outputs(cache):
     from bench.measure import load_dense_outputs
     d = os.path.join(cache, "dense-outputs")
@@ -38,15 +51,7 @@ def test_killed_generation_resumes_and_gives_the_uninterrupted_row(tmp_path, mon
                       cache_dir=str(tmp_path / "cache1"), **kw)
     assert whole["resumed_batches"] == 0
 
-    calls = {"n": 0}
-    real = M.timed_batch
-
-    def dying(*a, **k):
-        calls["n"] += 1
-        if calls["n"] > 4:
-            raise Killed()
-        return real(*a, **k)
-    monkeypatch.setattr(M, "timed_batch", dying)
+    real = kill_after(monkeypatch, M, 4)
     cache2 = str(tmp_path / "cache2")
     with pytest.raises(Killed):
         M.measure(tiny, create_method("dense"), results_dir=str(tmp_path / "res2"), cache_dir=cache2, **kw)
@@ -55,7 +60,6 @@ def test_killed_generation_resumes_and_gives_the_uninterrupted_row(tmp_path, mon
     assert not os.path.isdir(os.path.join(tmp_path, "res2", "rows")) or not os.listdir(tmp_path / "res2" / "rows")
 
     monkeypatch.setattr(M, "timed_batch", real)
-    calls["n"] = 0
     again = M.measure(tiny, create_method("dense"), results_dir=str(tmp_path / "res2"), cache_dir=cache2, **kw)
     assert again["resumed_batches"] == 4
     # timing covers only the 2 batches generated now (the first of them is the warm-up)
@@ -79,14 +83,7 @@ def test_kill_during_the_dense_reference_resumes_both_generations(tmp_path, monk
               bootstrap=20, timing_rounds=0, flop_images=0)
     whole = M.measure(tiny, create_method("cfg-skip"), results_dir=str(tmp_path / "res1"),
                       cache_dir=str(tmp_path / "cache1"), **kw)
-    real, calls = M.timed_batch, {"n": 0}
-
-    def dying(*a, **k):
-        calls["n"] += 1
-        if calls["n"] > 6 + 2:         # the method's 6 batches, then 2 of the dense reference's
-            raise Killed()
-        return real(*a, **k)
-    monkeypatch.setattr(M, "timed_batch", dying)
+    real = kill_after(monkeypatch, M, 6 + 2)   # the method's 6 batches, then 2 of the dense reference's
     cache2 = str(tmp_path / "cache2")
     with pytest.raises(Killed):
         M.measure(tiny, create_method("cfg-skip"), results_dir=str(tmp_path / "res2"), cache_dir=cache2, **kw)
