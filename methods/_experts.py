@@ -66,8 +66,8 @@ BUILTIN = (0.966, 26.0, 1.91e5, 2.80e6)
 # - with several threads the experts are split across threads (_segments_in_threads), from MIN_THREADED_MACS per
 #   call (below, a thread handoff costs what the work does): C = 1024, e = 64, 2 threads: 104 vs 194 ms per call.
 # Below it (the embedded default, C = 128: weights of 0.5 MB stay in cache) one op per expert segment with per-op
-# parallelism measured fastest (last scale, e = 32, 2 threads: 12 ms unchunked, 34 ms in 256-row chunks, 28 ms
-# split across threads).
+# parallelism measured fastest (last scale, e = 32, 2 threads, each pair interleaved in one run: 12 vs 34 ms per
+# call in 256-row chunks; 20 vs 28 ms split across threads).
 LARGE_WIDTH = 512
 CHUNK_ROWS = 256
 MIN_THREADED_MACS = 1 << 22
@@ -129,8 +129,9 @@ def _segments_in_threads(out, x2, tok, starts, active, w1, b1, w2, act, parts: i
     run by one thread with one intra-op thread into its own output, summed in group order (deterministic).
 
     Why: an expert's matmuls are too small to split across threads well, and each of the chunk's ops is an OpenMP
-    parallel region whose barrier waits for a descheduled thread on a busy machine (measured with 2 threads under
-    load 3.5 at d16 shapes: 5-26x slower than dense, against 0.4-0.95x of dense this way). torch's thread count is
+    parallel region whose barrier waits for a descheduled thread on a busy machine (paired A/B in one run, 2
+    threads, load 2-3.7, d16 shapes: per-op parallelism took up to 23x dense's time, this way 0.32-0.92x; README,
+    bench-moe). torch's thread count is
     process-wide, so it is 1 for the duration of the call and restored after; grad mode, autocast and inference
     mode are thread-local, so each worker takes the caller's (under no_grad a module's weights require grad)."""
     from concurrent.futures import ThreadPoolExecutor
