@@ -20,6 +20,18 @@ def tiny():
     return tiny_bundle()
 
 
+@pytest.fixture(scope="session")
+def classifier(tmp_path_factory):
+    """A random-weight quality classifier for the tiny model's 32px images (fast feature extractor; quality values
+    are not asserted, only compared between runs)."""
+    from bench.checkpoints import save_state_dict
+    from bench.models.classifier import ShapesClassifier
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("cls") / "classifier.safetensors"
+    save_state_dict(ShapesClassifier(num_classes=10, width=8, feature_dim=16, image_size=32).state_dict(), str(path))
+    return str(path)
+
+
 def run_cli(*args, cwd=None, env=None):
     """Run `python -m bench ...` in a subprocess; returns CompletedProcess (text)."""
     import subprocess

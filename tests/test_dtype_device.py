@@ -11,17 +11,6 @@ from bench.errors import BenchError
 from tests.conftest import ROOT, run_cli
 
 
-@pytest.fixture(scope="module")
-def classifier(tmp_path_factory):
-    """A random-weight quality classifier (fast feature extractor; quality values are not asserted)."""
-    from bench.checkpoints import save_state_dict
-    from bench.models.classifier import ShapesClassifier
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("cls") / "classifier.safetensors"
-    save_state_dict(ShapesClassifier(num_classes=10, width=8, feature_dim=16, image_size=32).state_dict(), str(path))
-    return str(path)
-
-
 def _measure(tiny, method, dtype, tmp_path, classifier):
     from bench.measure import measure
     return measure(tiny, method, samples=4, batch_size=2, results_dir=str(tmp_path / "res"),

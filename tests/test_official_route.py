@@ -39,13 +39,13 @@ def _dense_outputs(cache):
     return load_dense_outputs(os.path.join(d, name))
 
 
-def test_killed_generation_resumes_and_gives_the_uninterrupted_row(tmp_path, monkeypatch, tiny):
+def test_killed_generation_resumes_and_gives_the_uninterrupted_row(tmp_path, monkeypatch, tiny, classifier):
     """Kill a 6-batch run after 4 batches; the same call again reuses those 4 batches and generates 2: its samples
     (tokens, images), quality and fidelity equal an uninterrupted run's, and the row says 4 batches were resumed."""
     from bench import measure as M
     from bench.registry import create_method
     from bench.resume import batches_root
-    kw = dict(samples=24, batch_size=4, classifier=_classifier(tmp_path), reference_count=32, metrics=("fid", "kid"),
+    kw = dict(samples=24, batch_size=4, classifier=classifier, reference_count=32, metrics=("fid", "kid"),
               bootstrap=20, timing_rounds=0, flop_images=0)
     whole = M.measure(tiny, create_method("dense"), results_dir=str(tmp_path / "res1"),
                       cache_dir=str(tmp_path / "cache1"), **kw)
@@ -72,14 +72,14 @@ def test_killed_generation_resumes_and_gives_the_uninterrupted_row(tmp_path, mon
     assert not os.path.exists(batches_root(cache2))      # the row is stored: its checkpoints are gone
 
 
-def test_kill_during_the_dense_reference_resumes_both_generations(tmp_path, monkeypatch, tiny):
+def test_kill_during_the_dense_reference_resumes_both_generations(tmp_path, monkeypatch, tiny, classifier):
     """A method run killed while generating its dense reference: the re-run reads back all of the method's batches
     (timing then repeats a batch, outputs discarded) and the dense reference's finished ones; the row equals an
     uninterrupted run's."""
     from bench import measure as M
     from bench.registry import create_method
     from bench.resume import batches_root
-    kw = dict(samples=24, batch_size=4, classifier=_classifier(tmp_path), reference_count=32, metrics=("fid",),
+    kw = dict(samples=24, batch_size=4, classifier=classifier, reference_count=32, metrics=("fid",),
               bootstrap=20, timing_rounds=0, flop_images=0)
     whole = M.measure(tiny, create_method("cfg-skip"), results_dir=str(tmp_path / "res1"),
                       cache_dir=str(tmp_path / "cache1"), **kw)
@@ -138,16 +138,6 @@ def test_cli_run_killed_with_sigkill_resumes(tmp_path):
     assert again["resumed_batches"] >= 3 and whole["resumed_batches"] == 0
     for col in ("fid", "fid_ci_low", "fid_ci_high", "fidelity_token_agreement"):
         assert again[col] == whole[col], col
-
-
-def _classifier(tmp_path):
-    from bench.models.classifier import ShapesClassifier
-    from safetensors.torch import save_file
-    torch.manual_seed(0)
-    net = ShapesClassifier(num_classes=10, width=8, feature_dim=16, image_size=32)
-    path = str(tmp_path / "classifier.safetensors")
-    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, path)
-    return path
 
 
 def test_batch_checkpoints_of_another_configuration_are_not_used(tmp_path, tiny):

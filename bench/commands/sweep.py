@@ -42,6 +42,13 @@ def register(sub):
     g.add_argument("--concurrent", type=int, default=1,
                    help="trials at a time (default 1; more only on a multi-node cluster: trials sharing a machine "
                         "distort each other's timings)")
+    g.add_argument("--generation-workers", type=int, default=1, metavar="N",
+                   help="processes generating each trial's samples, the trial included (default 1): N-1 Ray actors "
+                        "with the trial's CPUs/GPUs each generate batches while the trial generates and times its "
+                        "own (e.g. 8 GPUs for one 50,000-sample ImageNet trial: --gpus-per-trial 1 "
+                        "--generation-workers 8); only for trials of at least --generation-min-samples samples")
+    g.add_argument("--generation-min-samples", type=int, default=None, metavar="N",
+                   help="the sample count from which --generation-workers applies (default 2000)")
     g.add_argument("--status-every", type=float, default=60.0, metavar="S",
                    help="seconds between Ray status lines while trials run (default 60)")
     p.set_defaults(func=run)
@@ -71,6 +78,10 @@ def run(a):
         raise BenchError(f"give a sweep name; valid: {', '.join(S.list_sweeps())} (or a .yaml path)")
     if a.concurrent < 1:
         raise BenchError(f"--concurrent must be >= 1, got {a.concurrent}")
+    if a.generation_workers < 1:
+        raise BenchError(f"--generation-workers must be >= 1, got {a.generation_workers}")
+    if a.generation_min_samples is not None and a.generation_min_samples < 1:
+        raise BenchError(f"--generation-min-samples must be >= 1, got {a.generation_min_samples}")
     if a.status_every <= 0:
         raise BenchError(f"--status-every must be > 0, got {a.status_every:g}")
     for flag, v in (("--cpus-per-trial", a.cpus_per_trial), ("--gpus-per-trial", a.gpus_per_trial)):
@@ -109,13 +120,17 @@ def run(a):
     verbose = getattr(a, "verbose", 0) > 0     # -v: each trial's measurement log and Ray worker output
     info = S.connect_ray(address, verbose)
     try:
-        cpus, gpus = S.resources(info, spec["device"], a.cpus_per_trial, a.gpus_per_trial)
+        min_samples = a.generation_min_samples or S.GENERATION_MIN_SAMPLES
+        workers = a.generation_workers if spec["samples"] >= min_samples else 1
+        cpus, gpus = S.resources(info, spec["device"], a.cpus_per_trial, a.gpus_per_trial, workers)
         print(f"ray {info['version']} {info['address']}: {info['nodes']} node(s), {info['num_cpus']:g} CPUs "
               f"(started in {info['start_s']:.1f} s); {cpus:g} CPU(s){f', {gpus:g} GPU(s)' if gpus else ''} per "
-              f"trial, {a.concurrent} at a time")
+              f"trial, {a.concurrent} at a time"
+              + (f"; {workers} generation workers per trial" if workers > 1 else ""))
         S.ensure_manifest(a.results, invocation, models)
         runner = S.SweepRunner(spec, trials, sweep_id, a.results, info, cpus, gpus, a.concurrent, verbose,
-                               status_every_s=a.status_every)
+                               status_every_s=a.status_every, generation_workers=workers,
+                               generation_min_samples=min_samples)
         ran, bad = runner.run()
     finally:
         import ray

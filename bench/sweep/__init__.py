@@ -4,6 +4,7 @@
     trials   trial expansion: the spec as trials in run order, and the checks they need before running
     store    the sweep store and resume: manifests and rows of each invocation, and which one a run continues
     runner   the Ray runner: pending trials as Ray Tune grids, one results row per trial
+    workers  generation workers: Ray actors generating batches of one large trial alongside it
 """
 from bench.sweep.spec import (MEASURE_KEYS, SAMPLING_KEYS, TOP_DEFAULTS, absolutize_paths, apply_override,
                               compact_keys, import_modules, list_sweeps, load_spec, method_params, normalize,
@@ -13,7 +14,7 @@ from bench.sweep.trials import (Trial, derive_twin_params, expand, load_bundle, 
 from bench.sweep.store import (MANIFEST_DIR, SPEC_VERSION, Invocation, ensure_manifest, latest_sweep_id_in_rows,
                                manifest_dir, manifest_for, new_sweep_id, plan, read_manifests, resolve_invocation,
                                spec_fingerprint, stored_rows, validate_invocation, write_manifest)
-from bench.sweep.runner import (SweepRunner, TrialProgress, check_address, connect_ray, resources, run_trial,
+from bench.sweep.runner import (GENERATION_MIN_SAMPLES, SweepRunner, TrialProgress, check_address, connect_ray, resources, run_trial,
                                 trial_line, tune_progress)
 
 __all__ = [
@@ -25,6 +26,6 @@ __all__ = [
     "MANIFEST_DIR", "SPEC_VERSION", "Invocation", "ensure_manifest", "latest_sweep_id_in_rows", "manifest_dir",
     "manifest_for", "new_sweep_id", "plan", "read_manifests", "resolve_invocation", "spec_fingerprint",
     "stored_rows", "validate_invocation", "write_manifest",
-    "SweepRunner", "TrialProgress", "check_address", "connect_ray", "resources", "run_trial", "trial_line",
+    "GENERATION_MIN_SAMPLES", "SweepRunner", "TrialProgress", "check_address", "connect_ray", "resources", "run_trial", "trial_line",
     "tune_progress",
 ]

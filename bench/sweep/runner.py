@@ -17,6 +17,7 @@ from bench.sweep.store import stored_rows
 from bench.sweep.trials import Trial, derive_twin_params, load_bundle, sampling_for
 
 logger = get_logger(__package__)    # var_bench.sweep: one logger for the whole package
+GENERATION_MIN_SAMPLES = 2000    # --generation-workers applies to trials of at least this many samples
 
 
 # ================================================================================================ Ray
@@ -133,12 +134,14 @@ def connect_ray(address: Optional[str], verbose: bool) -> dict:
     cpus = [float(n.get("Resources", {}).get("CPU", 0)) for n in nodes]
     gpus = [float(n.get("Resources", {}).get("GPU", 0)) for n in nodes]
     return dict(address=address or "local", version=ray.__version__, nodes=len(nodes),
-                num_cpus=float(sum(cpus)), max_node_cpus=max(cpus) if cpus else 0.0,
+                num_cpus=float(sum(cpus)), num_gpus=float(sum(gpus)), max_node_cpus=max(cpus) if cpus else 0.0,
                 max_node_gpus=max(gpus) if gpus else 0.0, start_s=round(time.time() - t, 2))
 
 
-def resources(ray_info: dict, device: str, cpus: Optional[float], gpus: Optional[float]) -> Tuple[float, float]:
-    """Per-trial resources: by default a whole machine (its CPUs; its GPUs when the device is cuda)."""
+def resources(ray_info: dict, device: str, cpus: Optional[float], gpus: Optional[float],
+              generation_workers: int = 1) -> Tuple[float, float]:
+    """Per-trial resources: by default a whole machine (its CPUs; its GPUs when the device is cuda). With
+    generation workers, each of them gets as much again, and all of them must fit in the cluster at once."""
     cpus = ray_info["max_node_cpus"] if cpus is None else float(cpus)
     if gpus is None:
         gpus = ray_info["max_node_gpus"] if device.startswith("cuda") else 0.0
@@ -154,6 +157,14 @@ def resources(ray_info: dict, device: str, cpus: Optional[float], gpus: Optional
     if device.startswith("cuda") and gpus == 0:
         raise BenchError(f"device {device} needs --gpus-per-trial > 0 (no node of the cluster has a GPU)"
                          if ray_info["max_node_gpus"] == 0 else f"device {device} needs --gpus-per-trial > 0")
+    w = generation_workers
+    have_cpus, have_gpus = (ray_info["num_cpus"], ray_info.get("num_gpus", 0.0)) if w > 1 else (0.0, 0.0)
+    if w > 1 and (w * cpus > have_cpus or w * gpus > have_gpus):
+        need = f"{cpus:g} CPUs" + (f", {gpus:g} GPUs" if gpus else "")
+        have = f"{have_cpus:g} CPUs" + (f", {have_gpus:g} GPUs" if gpus else "")
+        raise BenchError(f"--generation-workers {w} needs {w} x ({need}) at once but the cluster has {have}; valid: "
+                         f"fewer workers, or smaller --cpus-per-trial / --gpus-per-trial (each worker gets the "
+                         f"trial's)")
     return cpus, gpus
 
 
@@ -205,10 +216,16 @@ def run_trial(job: dict) -> dict:
         bundle = load_bundle(job["model"], device)
         method = create_method(job["method"], **job["params"])
         sampling = sampling_for(job["spec_sampling"], bundle)
-        row = measure(bundle, method, samples=job["samples"], seed=job["seed"], sampling=sampling,
-                      batch_size=job["batch_size"], results_dir=job["results_dir"], reference=job["reference"],
-                      sweep=job["sweep"], sweep_id=job["sweep_id"], trial_key=job["trial_key"],
-                      extra=dict(job["extra"], ray_node=socket.gethostname()), **job["measure"])
+        workers = generation_workers(job)
+        try:
+            row = measure(bundle, method, samples=job["samples"], seed=job["seed"], sampling=sampling,
+                          batch_size=job["batch_size"], results_dir=job["results_dir"], reference=job["reference"],
+                          sweep=job["sweep"], sweep_id=job["sweep_id"], trial_key=job["trial_key"],
+                          extra=dict(job["extra"], ray_node=socket.gethostname()), workers=workers,
+                          **job["measure"])
+        finally:
+            if workers is not None:
+                workers.shutdown()
         keep = ("fid", "fid_ci_low", "fid_ci_high", "macs_analytic_all", "macs_analytic", "macs_fvcore",
                 "time_median_s", "images_per_s", "method_label", "run_id", "speedup", "speedup_ci_low",
                 "speedup_ci_high", "fid_delta", "fid_delta_ci_low", "fid_delta_ci_high", "timing_noisy")
@@ -222,6 +239,20 @@ def run_trial(job: dict) -> dict:
     except Exception as e:  # a bug: keep the traceback for the driver to print
         return dict(status="error", error=f"{type(e).__name__}: {e}", traceback=traceback.format_exc(),
                     trial_s=round(time.time() - t0, 2))
+
+
+def generation_workers(job: dict):
+    """The trial's generation workers (bench/sweep/workers.py): job["generation_workers"] - 1 Ray actors, or None
+    (one process, or not inside Ray)."""
+    n = int(job.get("generation_workers") or 1)
+    if n <= 1:
+        return None
+    import ray
+    if not ray.is_initialized():
+        logger.warning("generation workers: not inside Ray, so the trial generates all of its samples itself")
+        return None
+    from bench.sweep.workers import GenerationWorkers
+    return GenerationWorkers(job, n - 1, job["worker_resources"])
 
 
 def _trainable(config):
@@ -266,11 +297,15 @@ class SweepRunner:
 
     def __init__(self, spec: dict, trials: List[Trial], sweep_id: str, results_dir: str, ray_info: dict,
                  cpus: float, gpus: float, concurrent: int = 1, verbose: bool = False,
-                 status_every_s: float = 60.0):
+                 status_every_s: float = 60.0, generation_workers: int = 1,
+                 generation_min_samples: int = GENERATION_MIN_SAMPLES):
         self.spec, self.trials, self.sweep_id = spec, trials, sweep_id
         self.results_dir = os.path.abspath(results_dir)
         self.ray_info, self.cpus, self.gpus, self.concurrent = ray_info, cpus, gpus, concurrent
         self.verbose, self.status_every_s = verbose, status_every_s
+        # one process per trial unless its samples are many (workers cost a model load each)
+        self.workers = generation_workers if generation_workers > 1 and spec["samples"] >= generation_min_samples \
+            else 1
         self.failed: Dict[str, str] = {}
         self.skipped: Dict[str, str] = {}
         self.interrupted = False     # Ctrl-C: Ray Tune stops the phase; later phases are not started
@@ -282,13 +317,14 @@ class SweepRunner:
                      ray_address=self.ray_info["address"], ray_version=self.ray_info["version"],
                      ray_num_cpus=self.ray_info["num_cpus"], ray_nodes=self.ray_info["nodes"],
                      ray_cpus_per_trial=self.cpus, ray_gpus_per_trial=self.gpus,
-                     ray_concurrent_trials=self.concurrent)
+                     ray_concurrent_trials=self.concurrent, ray_generation_workers=self.workers)
         return dict(point_id=t.point_id, model=t.model, method=t.method, params=params, device=s["device"],
                     samples=s["samples"], seed=s["seed"], batch_size=s["batch_size"], reference=s["reference"],
                     spec_sampling={"sampling": dict(s["sampling"])}, measure=dict(s["measure"]),
                     modules=list(s["modules"]),
                     results_dir=self.results_dir, sweep=s["name"], sweep_id=self.sweep_id,
-                    trial_key=t.key(self.sweep_id), extra=extra, verbose=self.verbose, threads=int(self.cpus))
+                    trial_key=t.key(self.sweep_id), extra=extra, verbose=self.verbose, threads=int(self.cpus),
+                    generation_workers=self.workers, worker_resources=trial_resources(self.cpus, self.gpus))
 
     def ensure_row(self, row_json: Optional[str]) -> None:
         """Store the trial's row here if the worker wrote it elsewhere (another node without shared storage)."""
@@ -350,6 +386,8 @@ class SweepRunner:
         by_id = {j["point_id"]: t for t, j in jobs}
         progress = tune_progress(self, by_id, done, total)
         res = trial_resources(self.cpus, self.gpus)
+        if self.workers > 1:   # the trial and its workers are placed at once (bundle 0: the trial)
+            res = tune.PlacementGroupFactory([res] * self.workers, strategy="PACK")
         storage = tempfile.mkdtemp(prefix="var-bench-ray-")
         try:
             tuner = tune.Tuner(

@@ -1,0 +1,198 @@
+"""Generation workers: Ray actors that generate batches of one trial's samples alongside the trial, so that a large
+trial (50,000 ImageNet samples) uses several GPUs of a cluster. They implement bench.measure.GENERATION_WORKERS.
+
+    workers = GenerationWorkers(job, count=3)        # inside a trial: 3 actors in the trial's placement group
+    row = measure(bundle, method, ..., workers=workers)
+    workers.shutdown()
+
+The trial generates (and times) its batches from the start of the list; each worker builds the trial's model and
+method once and takes batches from the end, at most INFLIGHT at a time. A worker is used only if the key of its
+batches (bench.measure.batch_store_key: model files, method config, a fingerprint of the built weights, sampling,
+seeds, dtype, device type) equals the trial's, so its batches are exactly the ones the trial would have generated;
+one that fails to start or dies leaves its batches to the trial. Batches travel back through Ray's object store
+(no shared disk needed) and the trial checkpoints them (bench/resume.py) like its own.
+"""
+from __future__ import annotations
+
+import json
+from collections import Counter, deque
+from typing import Dict, List, Tuple
+
+from bench.log import get_logger
+
+logger = get_logger(__name__)
+
+INFLIGHT = 2   # batches queued per worker: it starts the next one while the trial collects the last
+
+
+class GenerationActor:
+    """One worker process: the trial's model, method and sampling, built once per role."""
+
+    def __init__(self, job: dict):
+        import torch
+        from bench.sweep.runner import ray_gpu_ids, trial_device
+        from bench.sweep.spec import import_modules
+        import_modules(job["modules"])
+        if job.get("threads"):
+            torch.set_num_threads(max(1, int(job["threads"])))
+        self.job = job
+        self.device = trial_device(job["device"], ray_gpu_ids())
+        self.nets: Dict[str, tuple] = {}
+
+    def open(self, role: str) -> str:
+        """Build what `role` generates with; returns the key text of its batches."""
+        from bench.measure import batch_store_key
+        from bench.precision import normalize_dtype
+        from bench.registry import create_method
+        from bench.sweep.trials import load_bundle, sampling_for
+        job = self.job
+        bundle = load_bundle(job["model"], self.device)
+        method = create_method(job["method"], **job["params"])
+        sampling = sampling_for(job["spec_sampling"], bundle)
+        dtype = normalize_dtype(job["measure"].get("dtype"))
+        net = bundle.var
+        if role == "method":
+            net = method.build(bundle)
+            if hasattr(net, "eval"):
+                net.eval()
+        key = batch_store_key(role, method, net, bundle, sampling, job["seed"], job["samples"], job["batch_size"],
+                              self.device, dtype)
+        self.nets[role] = (net, bundle, sampling, dtype)
+        return json.dumps(key, sort_keys=True, default=str)
+
+    def generate(self, role: str, labels, seed: int):
+        """One batch: (tokens per scale as int32, uint8 images), both on the CPU."""
+        import torch
+        from bench.precision import generation_dtype
+        from bench.quality import to_uint8
+        from bench.sampling import generate
+        net, bundle, sampling, dtype = self.nets[role]
+        with torch.no_grad(), generation_dtype(dtype):
+            gen = generate(net, bundle.vqvae, labels.to(bundle.device), seed, sampling)
+        return [t.cpu().to(torch.int32) for t in gen.tokens], to_uint8(gen.images).cpu()
+
+
+class GenerationWorkers:
+    """`count` GenerationActors for one trial, started at the first session and kept until shutdown(). Inside a
+    Ray Tune trial whose placement group has count+1 bundles (SweepRunner), actor i takes bundle i+1."""
+
+    def __init__(self, job: dict, count: int, resources: Dict[str, float]):
+        self.job, self.count, self.resources = job, count, dict(resources)
+        self.actors: list = []
+        self.received: Dict[str, int] = {}
+
+    def _start(self) -> None:
+        import ray
+        from ray.util import get_current_placement_group
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+        pg = get_current_placement_group()
+        cls = ray.remote(GenerationActor)
+        for i in range(self.count):
+            opts = dict(num_cpus=self.resources.get("CPU", 1.0), num_gpus=self.resources.get("GPU", 0.0))
+            if pg is not None:
+                opts["scheduling_strategy"] = PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=i + 1)
+            self.actors.append(cls.options(**opts).remote(self.job))
+
+    def session(self, role: str, key_text: str, ranges: List[Tuple[int, int]], labels, seed: int):
+        if not self.actors:
+            self._start()
+        return Session(self, role, key_text, ranges, labels, seed)
+
+    def shutdown(self) -> None:
+        import ray
+        for a in self.actors:
+            ray.kill(a)
+        self.actors = []
+
+
+class Session:
+    """One generation pass (the method's samples, or the dense reference) shared with the workers."""
+
+    def __init__(self, workers: GenerationWorkers, role: str, key_text: str, ranges, labels, seed: int):
+        self.workers, self.role, self.key_text = workers, role, key_text
+        self.ranges, self.labels, self.seed = ranges, labels, seed
+        self.opening = {a.open.remote(role): a for a in workers.actors}   # future -> actor
+        self.ready: list = []
+        self.inflight: Dict[object, tuple] = {}                            # future -> (actor, batch)
+        self.load: Counter = Counter()
+        self.returned: Counter = Counter()
+        self._lost: List[int] = []
+
+    @property
+    def busy(self) -> bool:
+        return bool(self.inflight)
+
+    @property
+    def received(self) -> int:
+        return sum(self.returned.values())
+
+    @property
+    def used(self) -> int:
+        return len(self.returned)
+
+    def _why(self, e: Exception) -> str:
+        text = str(e).strip().splitlines()
+        return next((line for line in reversed(text) if line.strip()), type(e).__name__)[:300]
+
+    def _poll_open(self) -> None:
+        import ray
+        if not self.opening:
+            return
+        done, _ = ray.wait(list(self.opening), num_returns=len(self.opening), timeout=0)
+        for f in done:
+            actor = self.opening.pop(f)
+            try:
+                key = ray.get(f)
+            except Exception as e:   # the worker could not build (or died): the trial generates its share
+                logger.warning(f"generation worker not used: it failed to start ({self._why(e)})")
+                continue
+            if key != self.key_text:
+                logger.warning(f"generation worker not used for the {self.role} pass: its batches would differ from "
+                               f"the trial's (its build gives another batch key)")
+                continue
+            self.ready.append(actor)
+
+    def feed(self, todo: deque, keep: int) -> None:
+        from bench.measure import batch_seed
+        self._poll_open()
+        for actor in self.ready:
+            while self.load[actor] < INFLIGHT and len(todo) > keep:
+                b = todo.pop()
+                s, e = self.ranges[b]
+                f = actor.generate.remote(self.role, self.labels[s:e], batch_seed(self.seed, b))
+                self.inflight[f] = (actor, b)
+                self.load[actor] += 1
+
+    def collect(self, wait: bool) -> List[tuple]:
+        import ray
+        if not self.inflight:
+            return []
+        futures = list(self.inflight)
+        done, _ = ray.wait(futures, num_returns=1 if wait else len(futures), timeout=None if wait else 0)
+        if wait:   # and whatever else is finished by now
+            more, _ = ray.wait([f for f in futures if f not in done], num_returns=len(futures) - len(done),
+                               timeout=0) if len(futures) > len(done) else ([], None)
+            done = list(done) + list(more)
+        out = []
+        for f in done:
+            actor, b = self.inflight.pop(f)
+            self.load[actor] -= 1
+            try:
+                tokens, images = ray.get(f)
+            except Exception as e:   # the worker died or its batch failed: the trial generates the batch
+                if actor in self.ready:
+                    self.ready.remove(actor)
+                    logger.warning(f"generation worker lost ({self._why(e)}); the trial generates its batches")
+                self._lost.append(b)
+                continue
+            self.returned[actor] += 1
+            out.append((b, [t.long() for t in tokens], images))
+        return out
+
+    def lost(self) -> List[int]:
+        lost, self._lost = self._lost, []
+        return lost
+
+    def close(self) -> None:
+        self.inflight.clear()   # non-empty only when the trial itself failed; shutdown() ends the workers
+        self.workers.received[self.role] = self.workers.received.get(self.role, 0) + self.received
