@@ -175,6 +175,22 @@ def test_prepare_refuses_a_folder_with_more_classes_than_the_model(tmp_path):
     assert not cache.exists()
 
 
+def test_prepare_refuses_a_subset_of_imagenet_classes_for_an_imagenet_model(tmp_path):
+    """Folders named by ImageNet synset take labels 0..k-1 in sorted order: right only for all 1000 of them."""
+    from types import SimpleNamespace
+    from bench.commands.prepare import check_data_classes
+    from tests.imagefolder import make_image_folder
+    wnids = ("n01440764", "n01443537", "n09999999")
+    data = make_image_folder(tmp_path / "sub", classes=wnids, per_class=(3,) * 3)
+    imagenet = SimpleNamespace(num_classes=1000, name="var-d16")
+    with pytest.raises(BenchError, match=r"holds 3 of ImageNet's 1000 class folders \(n0...\): they would get "
+                                         r"labels 0..2, not their ImageNet labels"):
+        check_data_classes(data, imagenet)
+    check_data_classes(data, SimpleNamespace(num_classes=10, name="mine"))      # a model of its own classes
+    other = make_image_folder(tmp_path / "named", classes=("cat", "dog"), per_class=(3, 3))
+    check_data_classes(other, imagenet)                                         # not ImageNet's folders
+
+
 # ------------------------------------------------------------------------------------------ the ImageNet preset
 @pytest.fixture
 def preset_files(tmp_path):

@@ -64,17 +64,29 @@ def method_parser(name: str, cls, parser_class):
     return q
 
 
+IMAGENET_CLASSES = 1000
+
+
 def check_data_classes(data, bundle) -> None:
     """A folder's classes become labels 0..k-1 in sorted order: more of them than the model has would run past
     its class embedding (the row after the last class is the unconditional label)."""
     if data is None or data == "shapes":
         return
+    import re
     from bench.data import folder_data
-    n = len(folder_data(data).classes)
+    classes = folder_data(data).classes
+    n = len(classes)
     if n > bundle.num_classes:
         raise BenchError(f"--data {data} has {n} classes but model {bundle.name} has {bundle.num_classes}; give a "
                          f"folder with at most {bundle.num_classes} class subfolders (they become labels "
                          f"0..k-1 in sorted order)")
+    # ImageNet's labels are its 1000 synsets in sorted order: only the whole set gives every folder its own label
+    if bundle.num_classes == IMAGENET_CLASSES and n < IMAGENET_CLASSES \
+            and all(re.fullmatch(r"n\d{8}", c) for c in classes):
+        raise BenchError(f"--data {data} holds {n} of ImageNet's {IMAGENET_CLASSES} class folders (n0...): they "
+                         f"would get labels 0..{n - 1}, not their ImageNet labels, and {bundle.name} would be "
+                         f"calibrated on the wrong classes; give ImageNet's train/ folder with all "
+                         f"{IMAGENET_CLASSES} class folders (calibration takes a class-stratified sample of it)")
 
 
 def run(a):
