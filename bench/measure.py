@@ -14,7 +14,9 @@ What happens, in order (nothing is written before step 1 has passed):
      memory measurement; the method's statistics (reset_stats protocol) cover all of them (row_metrics,
      macs_analytic_all). The first `timing_rounds` full batches after the warm-up are paired rounds: dense runs
      the same batch right before or after (ABBA, bench.timing.PAIRED_PROTOCOL), giving `speedup` with its
-     interval; too few batches are made up by extra rounds whose outputs are discarded;
+     interval; too few batches are made up by extra rounds whose outputs are discarded. Batches a killed run
+     finished are read back (bench/resume.py); with `workers` (GENERATION_WORKERS, e.g. other GPUs of a sweep
+     trial), other processes generate batches from the last one down while this one generates and times its own;
   5. dense outputs with the same labels and seeds, from the dense cache (keyed by everything they depend on) or
      generated once and cached (a dense run stores its own): same-seed fidelity;
   6. quality (bench.quality.quality_metrics) of the N images, and paired with dense's images of step 5:
