@@ -221,7 +221,7 @@ def test_gpu_check_cpu_smoke_runs_every_step(tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["failed"] == [] and summary["device"] == "cpu"
     steps = summary["steps"]
-    assert sorted(steps) == ["a_agreement", "b_c_timing_memory", "d_bench_moe", "e_official_trial"]
+    assert sorted(steps) == ["a_agreement", "b_c_timing_memory", "d_bench_moe", "e_official_trial", "f_workers"]
     assert all(s["status"] == "ok" for s in steps.values()), {k: s.get("error") for k, s in steps.items()}
     greedy = steps["a_agreement"]["agreement"]["tiny"]["greedy_fp32"]["per_scale"]
     assert greedy == [1.0] * 7                              # CPU vs CPU in fp32: the same tokens
@@ -230,4 +230,6 @@ def test_gpu_check_cpu_smoke_runs_every_step(tmp_path):
     assert json.loads((out / "bench-moe.json").read_text())["env"]["dtype"] == "bfloat16"
     row = steps["e_official_trial"]["row"]
     assert row["dtype"] == "bf16" and row["model"] == "official-d1" and row["method_label"].startswith("fastvar")
+    workers = steps["f_workers"]["row"]
+    assert workers["ray_generation_workers"] == 2 and workers["fidelity_token_agreement"] == 1.0
     assert (out / "gpu-check.log").read_text().count("\n") > 10
