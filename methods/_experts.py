@@ -145,7 +145,9 @@ def _segments_in_threads(out, x2, tok, starts, active, w1, b1, w2, act, parts: i
             cur = []
     groups.append(cur)
     groups = [g for g in groups if g]
-    if _POOL.get("size", 0) < len(groups) - 1:
+    if _POOL.get("size", 0) < len(groups) - 1:   # more threads now: replace the pool (its idle threads end)
+        if "pool" in _POOL:
+            _POOL["pool"].shutdown(wait=False)
         _POOL.update(pool=ThreadPoolExecutor(len(groups) - 1, thread_name_prefix="var-bench-experts"),
                      size=len(groups) - 1)
     dev = x2.device.type

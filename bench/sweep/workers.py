@@ -25,6 +25,12 @@ logger = get_logger(__name__)
 INFLIGHT = 2   # batches queued per worker: it starts the next one while the trial collects the last
 
 
+def _last_line(e: Exception) -> str:
+    """A Ray error's last non-empty line (the remote exception), for a one-line warning."""
+    lines = [line for line in str(e).strip().splitlines() if line.strip()]
+    return (lines[-1] if lines else type(e).__name__)[:300]
+
+
 class GenerationActor:
     """One worker process: the trial's model, method and sampling, built once per role."""
 
@@ -130,10 +136,6 @@ class Session:
     def used(self) -> int:
         return len(self.returned)
 
-    def _why(self, e: Exception) -> str:
-        text = str(e).strip().splitlines()
-        return next((line for line in reversed(text) if line.strip()), type(e).__name__)[:300]
-
     def _poll_open(self) -> None:
         import ray
         if not self.opening:
@@ -144,7 +146,7 @@ class Session:
             try:
                 key = ray.get(f)
             except Exception as e:   # the worker could not build (or died): the trial generates its share
-                logger.warning(f"generation worker not used: it failed to start ({self._why(e)})")
+                logger.warning(f"generation worker not used: it failed to start ({_last_line(e)})")
                 continue
             if key != self.key_text:
                 logger.warning(f"generation worker not used for the {self.role} pass: its batches would differ from "
@@ -168,11 +170,10 @@ class Session:
         if not self.inflight:
             return []
         futures = list(self.inflight)
-        done, _ = ray.wait(futures, num_returns=1 if wait else len(futures), timeout=None if wait else 0)
-        if wait:   # and whatever else is finished by now
-            more, _ = ray.wait([f for f in futures if f not in done], num_returns=len(futures) - len(done),
-                               timeout=0) if len(futures) > len(done) else ([], None)
-            done = list(done) + list(more)
+        done = ray.wait(futures, num_returns=1)[0] if wait else []
+        rest = [f for f in futures if f not in done]
+        if rest:   # and whatever else is finished by now
+            done += ray.wait(rest, num_returns=len(rest), timeout=0)[0]
         out = []
         for f in done:
             actor, b = self.inflight.pop(f)
@@ -182,7 +183,7 @@ class Session:
             except Exception as e:   # the worker died or its batch failed: the trial generates the batch
                 if actor in self.ready:
                     self.ready.remove(actor)
-                    logger.warning(f"generation worker lost ({self._why(e)}); the trial generates its batches")
+                    logger.warning(f"generation worker lost ({_last_line(e)}); the trial generates its batches")
                 self._lost.append(b)
                 continue
             self.returned[actor] += 1
