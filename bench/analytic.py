@@ -4,11 +4,32 @@ Scale k has n_k = p_k² tokens and cache length L_k = Σ_{j≤k} n_j; with CFG e
 Per scale: projections β·d·n_k·4C², scores β·d·2·n_k·L_k·C, FFN β·d·n_k·2·C·H (H = FFN width),
 head β·n_k·C·V, adaLN β·(6d+2)·C², word embedding n_k·Cvae·C for k ≥ 1 (embedded once, then repeated).
 Methods reuse the components: e.g. DMoE replaces the FFN term by 2·C·e per (token, selected expert).
+
+A method's analytic count is its routed work (the (token, expert) pairs its routing selected); inside
+counting_executed() expert layers count the work their kernels ran instead (methods/_experts.macs_pairs: every
+expert on masked-dense calls), which bench/measure.py reports as macs_executed_all.
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Dict, List
+
+_EXECUTED: List[bool] = []
+
+
+@contextlib.contextmanager
+def counting_executed():
+    """Analytic counts inside count the MACs that ran rather than the routed ones."""
+    _EXECUTED.append(True)
+    try:
+        yield
+    finally:
+        _EXECUTED.pop()
+
+
+def executed_counting() -> bool:
+    return bool(_EXECUTED)
 
 
 @dataclass

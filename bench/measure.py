@@ -12,7 +12,7 @@ What happens, in order (nothing is written before step 1 has passed):
   4. the N samples, in batches of B: labels[i] = i mod num_classes, batch b seeded with batch_seed(seed, b)
      (SEED_SCHEME). These batches are also the absolute timing (the first `warmup_batches` excluded) and the peak
      memory measurement; the method's statistics (reset_stats protocol) cover all of them (row_metrics,
-     macs_analytic_all). The first `timing_rounds` full batches after the warm-up are paired rounds: dense runs
+     macs_analytic_all: the routed work; macs_executed_all: what the expert kernels ran). The first `timing_rounds` full batches after the warm-up are paired rounds: dense runs
      the same batch right before or after (ABBA, bench.timing.PAIRED_PROTOCOL), giving `speedup` with its
      interval; too few batches are made up by extra rounds whose outputs are discarded. Batches a killed run
      finished are read back (bench/resume.py); with `workers` (GENERATION_WORKERS, e.g. other GPUs of a sweep
@@ -210,9 +210,25 @@ def net_fingerprint(net) -> List[float]:
 def generation_key(method, net, bundle, sampling, seed: int, samples: int, batch_size: int, device,
                    dtype: Optional[str] = None) -> dict:
     """Everything the method's N samples depend on: the checkpoints of killed runs (bench.resume) are keyed by it."""
-    return dict(dense_cache_key(bundle, sampling, seed, samples, batch_size, device, dtype), method=method.name,
-                method_config=json.dumps(method.config, sort_keys=True, default=str),
-                net=hashlib.sha256(json.dumps(net_fingerprint(net)).encode()).hexdigest()[:16])
+    key = dict(dense_cache_key(bundle, sampling, seed, samples, batch_size, device, dtype), method=method.name,
+               method_config=json.dumps(method.config, sort_keys=True, default=str),
+               net=hashlib.sha256(json.dumps(net_fingerprint(net)).encode()).hexdigest()[:16])
+    execution = expert_execution(net, device)
+    if execution is not None:
+        key["expert_execution"] = execution
+    return key
+
+
+def expert_execution(net, device) -> Optional[dict]:
+    """The expert layers' protocol (methods/_experts.execution_key): what their choice of execution paths depends
+    on (the requested path, the cost model), so that checkpoints and workers only share batches generated alike;
+    None for nets without expert layers."""
+    for m in (net.modules() if isinstance(net, torch.nn.Module) else ()):
+        key_of = getattr(m, "expert_execution_key", None)
+        if callable(key_of):
+            dtype = next((p.dtype for p in m.parameters()), torch.float32)
+            return key_of(torch.device(device), dtype)
+    return None
 
 
 def batch_store_key(role: str, method, net, bundle, sampling, seed: int, samples: int, batch_size: int, device,
@@ -431,7 +447,8 @@ class Generated:
     """What the generation phase produced besides its records."""
     tokens: List[torch.Tensor]             # per scale, (N, pn²)
     images: torch.Tensor                   # uint8 (N, 3, H, W)
-    macs_all_per_scale: List[float]        # analytic MACs per image over every image the statistics saw
+    macs_all_per_scale: List[float]        # analytic MACs per image over every image the statistics saw (routed)
+    macs_executed_all: float               # the same, counting what the expert kernels ran
     method_extras: Dict[str, Any]          # method.row_metrics of the N samples
 
 
@@ -442,7 +459,7 @@ def generate_and_time(method, net, bundle, labels, seed: int, sampling, batch_si
     MemoryRecord). With `store`, batches of a killed run are resumed (generate_all): timing and the method's
     statistics then cover the batches generated here (TimingRecord.resumed_batches says how many were not; with
     `workers`, TimingRecord.worker_batches those that other processes generated)."""
-    from bench.analytic import dense_scale_macs
+    from bench.analytic import counting_executed, dense_scale_macs
     from bench.memory import PeakMemory
     from bench.records import MemoryRecord, PairedTimingRecord, TimingRecord
     from bench.timing import (NOISY_RULE, BatchTimer, MachineWatch, PairedRounds, paired_summary, summarize,
@@ -469,6 +486,8 @@ def generate_and_time(method, net, bundle, labels, seed: int, sampling, batch_si
     method_extras = dict(method.row_metrics(net, bundle) or {})   # statistics of the N samples (+ repeats)
     n_all = sum(sizes)
     macs_all = [m / n_all for m in analytic_per_scale(method, net, bundle, n_all)]
+    with counting_executed():
+        macs_executed = sum(analytic_per_scale(method, net, bundle, n_all)) / n_all
     if paired is not None:   # rounds the N samples did not provide; after the statistics were read
         rounds_before = len(paired.done)
         finish_rounds(paired, net, dense_net, bundle, labels, seed, sampling, batch_size, timer)
@@ -489,11 +508,13 @@ def generate_and_time(method, net, bundle, labels, seed: int, sampling, batch_si
     pairing: Dict[str, Any] = dict(timing_rounds=0)
     if paired is not None:
         pairing = paired_summary(paired.done, S, machine, cuda=timer.cuda, self_paired=self_paired, seed=seed)
-    pairing.update(macs_ratio=macs_ratio, timing_noisy_rule=NOISY_RULE,
+    pairing.update(macs_ratio=macs_ratio, macs_executed_ratio=macs_executed / dense_macs if dense_macs else None,
+                   timing_noisy_rule=NOISY_RULE,
                    time_flop_efficiency=time_flop_efficiency(pairing.get("speedup"), macs_ratio))
     mem = [p for p in peaks if p is not None]
     memory = MemoryRecord(mem_peak_bytes=max(mem) if mem else None, mem_kind=probe.kind)
-    return Generated(tokens, images, macs_all, method_extras), timing, PairedTimingRecord(**pairing), memory
+    return (Generated(tokens, images, macs_all, macs_executed, method_extras), timing, PairedTimingRecord(**pairing),
+            memory)
 
 
 def dense_reference(method, bundle, labels, seed: int, sampling, batch_size: int, cache_dir, gen: Generated,
@@ -599,6 +620,7 @@ def measure(bundle, method, *, samples: int, seed: int = 0, sampling=None, batch
                                                         warmup_batches, timing_rounds, store=store,
                                                         workers=workers)
         flops.macs_analytic_all, flops.macs_analytic_all_per_scale = sum(gen.macs_all_per_scale), gen.macs_all_per_scale
+        flops.macs_executed_all = gen.macs_executed_all
         flops.expert_paths = expert_paths(net)
         if flops.expert_paths:
             logger.info(f"expert execution: {flops.expert_paths}")

@@ -93,7 +93,7 @@ class FlopsRecord(Record):
     """Multiply-accumulates per image (bench/flops.py, bench/analytic.py)."""
     macs_fvcore: Optional[float] = column("float64",
         "transformer MACs per image counted by fvcore over the real generation (CFG rows included; decoder "
-        "excluded)")
+        "excluded; expert layers traced on the grouped path, so the routed work)")
     macs_fvcore_per_scale: Optional[List[float]] = column("list<float64>", "fvcore MACs per image, one per scale")
     macs_decoder: Optional[float] = column("float64", "VQ-VAE decoder MACs per image (fvcore)")
     macs_total: Optional[float] = column("float64", "macs_fvcore + macs_decoder")
@@ -105,8 +105,12 @@ class FlopsRecord(Record):
     macs_fvcore_over_analytic: Optional[float] = column("float64",
         "macs_fvcore / macs_analytic (1.0 = exact agreement)")
     macs_analytic_all: Optional[float] = column("float64",
-        "analytic MACs per image over all N generated images (method statistics of the whole run)")
+        "analytic MACs per image over all N generated images (method statistics of the whole run): the routed "
+        "work, as the papers count (expert layers: the selected (token, expert) pairs), whichever path ran")
     macs_analytic_all_per_scale: Optional[List[float]] = column("list<float64>", "the same, per scale")
+    macs_executed_all: Optional[float] = column("float64",
+        "the same MACs as the kernels executed them: expert layers count every expert on masked-dense calls and "
+        "the padded slots of CUDA's padded bmm (expert_paths); equal to macs_analytic_all without experts")
     macs_uncounted_ops: Optional[str] = column("json",
         "ops seen in the trace with no MAC handler (elementwise, norms ...): {op: occurrences}; 'decoder:' "
         "prefix for the decoder")
@@ -184,6 +188,7 @@ class PairedTimingRecord(Record):
         "median seconds of the method's batches in the rounds")
     time_paired_dense_median_s: Optional[float] = column("float64", "median seconds of dense's batches in the rounds")
     macs_ratio: Optional[float] = column("float64", "macs_analytic_all / dense transformer MACs per image")
+    macs_executed_ratio: Optional[float] = column("float64", "macs_executed_all / dense transformer MACs per image")
     time_flop_efficiency: Optional[float] = column("float64",
         "time saved / FLOPs saved = (1 - 1/speedup) / (1 - macs_ratio); 1.0 is the physical limit (null when "
         "the MACs change by < 1%)",

@@ -20,14 +20,17 @@ in four features of the call (its share of the MACs, gathered elements per MAC, 
 relative to the work). `python -m bench bench-moe` calibrates it per machine (device, torch, threads, dtype) from
 its paired measurements and caches it under <cache root>/expert-cost/ (VARBENCH_CACHE, as bench/artifacts.py); without a
 calibration the BUILTIN coefficients (this project's 2-core CPU, 1 thread) are used on CPU and the grouped path
-elsewhere. The path is grouped unless asked otherwise: VARBENCH_EXPERT_PATH=auto turns the per-call choice on
-(then a masked-dense call's MACs are counted as dense: FLOPs are what ran, and a DMoE point on this CPU can show
-no FLOP saving at all), =masked-dense forces that path (or `forced(path)` in-process); VARBENCH_EXPERT_COST=
-<file>|builtin picks the cost model.
+elsewhere. The choice is on by default (VARBENCH_EXPERT_PATH=auto), so that a method is never slower than dense
+because of this kernel; =grouped or =masked-dense forces a path (or `forced(path)` in-process);
+VARBENCH_EXPERT_COST=<file>|builtin picks the cost model. Under a jit trace (fvcore's FLOP count) every call runs
+the grouped segment path, whose ops are exactly the routed pairs' MACs.
 
 Recording (`record`): the calling layer keeps, per scale in its stats dict, `paths` ({path: calls}), `pairs_run`
-(the (token, expert) pairs whose MACs actually ran: all T·E on masked-dense calls) and `chooser`; FLOP counts use
-pairs_run, and bench/measure.py gathers the path counts of a run into the row's `expert_paths` column.
+(the (token, expert) pairs whose MACs actually ran: all T·E on masked-dense calls, the padded slots of CUDA's
+padded bmm too) beside its routed `pairs`, and `chooser`. Two MAC counts follow (`macs_pairs`): the method's
+routed work (the default: macs_analytic*, macs_ratio, the sweeps' FLOP axis and FLOP-matched twins, as the papers
+count) and, inside bench.analytic.counting_executed(), the work that ran (the row's macs_executed_all).
+bench/measure.py gathers the path counts of a run into the row's `expert_paths` column.
 """
 from __future__ import annotations
 
@@ -49,7 +52,7 @@ GROUPED, MASKED = "grouped", "masked-dense"
 PATHS = (GROUPED, MASKED)
 CHOICES = ("auto",) + PATHS
 ENV_PATH = "VARBENCH_EXPERT_PATH"
-DEFAULT_PATH = "grouped"
+DEFAULT_PATH = "auto"
 ENV_COST = "VARBENCH_EXPERT_COST"
 COST_VERSION = 3   # 3: chunked segments and one thread per expert group changed the grouped path's cost
 
@@ -366,8 +369,6 @@ def check_path(path: str, what: str) -> str:
 def requested_path() -> str:
     if _FORCED:
         return _FORCED[-1]
-    # grouped by default: the method's own execution, so the FLOP columns are its routed work and the paper
-    # figures (FLOPs against τ, FLOP-matched twins) mean what they say; auto is the opt-in per-call choice
     return check_path(os.environ.get(ENV_PATH, "") or DEFAULT_PATH, ENV_PATH)
 
 
@@ -386,6 +387,8 @@ def execute(x2: torch.Tensor, mask: torch.Tensor, w1, b1, w2, act: str = "relu")
     want = requested_path()
     counts = mask.sum(0).tolist()                         # the one host sync (shared by the choice and grouped)
     P = sum(counts)
+    if torch.jit.is_tracing():     # fvcore's count: the traced ops are then exactly the routed pairs' MACs
+        return grouped(x2, mask, w1, b1, w2, act, counts=counts, batched=False), Ran(GROUPED, P, "traced")
     if want == "auto":
         model = cost_model(x2.device, x2.dtype)
         path = GROUPED if model is None else model.choose(T, C, E, e, P, sum(1 for c in counts if c))
@@ -396,6 +399,23 @@ def execute(x2: torch.Tensor, mask: torch.Tensor, w1, b1, w2, act: str = "relu")
         ran = E * max(counts, default=0) if x2.is_cuda else P
         return grouped(x2, mask, w1, b1, w2, act, counts=counts), Ran(GROUPED, ran, chooser)
     return masked_dense(x2, mask, w1, b1, w2, act), Ran(MASKED, T * E, chooser)
+
+
+def macs_pairs(stats: dict) -> int:
+    """The (token, expert) pairs a layer's MAC count uses: the routed ones, or inside
+    bench.analytic.counting_executed() the ones whose MACs ran."""
+    from bench.analytic import executed_counting
+    return stats.get("pairs_run", stats["pairs"]) if executed_counting() else stats["pairs"]
+
+
+def execution_key(device: torch.device, dtype: torch.dtype) -> dict:
+    """What the paths a generation takes depend on, for the keys of its checkpoints and generation workers
+    (bench/measure.generation_key): the requested path and, for auto, the cost model's coefficients."""
+    want = requested_path()
+    if want != "auto":
+        return dict(path=want)
+    model = cost_model(device, dtype)
+    return dict(path=want, coef=None if model is None else [float(c) for c in model.coef])
 
 
 def record(stats: dict, ran: Ran) -> None:

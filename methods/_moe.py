@@ -185,6 +185,8 @@ class ExpertFFN(nn.Module):
     def act_name(self):
         return self.dense.act_name
 
+    expert_execution_key = staticmethod(_experts.execution_key)   # bench/measure.generation_key
+
     def reset_stats(self):
         self.stats: Dict[int, dict] = {}
 
@@ -228,7 +230,7 @@ class ExpertFFN(nn.Module):
         if not st or not st["tokens"]:
             raise BenchError(f"no recorded expert statistics at scale {si}; generate before counting FLOPs")
         router = 0 if self.oracle else self.router.macs_per_token()
-        pairs = st.get("pairs_run", st["pairs"])     # what ran: masked-dense calls run every expert
+        pairs = _experts.macs_pairs(st)     # routed, or inside counting_executed() what ran
         return pairs / st["tokens"] * 2 * self.dim * self.expert_size + router
 
 

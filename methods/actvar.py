@@ -116,6 +116,7 @@ class ActExpertFFN(nn.Module):
     fc1 = property(lambda self: self.dense.fc1)
     fc2 = property(lambda self: self.dense.fc2)
     act_name = property(lambda self: self.dense.act_name)
+    expert_execution_key = staticmethod(_experts.execution_key)   # bench/measure.generation_key
 
     def reset_stats(self):
         self.stats: Dict[int, dict] = {}
@@ -178,7 +179,7 @@ class ActExpertFFN(nn.Module):
         st = self.stats.get(si)
         if not st or not st["tokens"]:
             raise BenchError(f"no recorded expert statistics at scale {si}; generate before counting FLOPs")
-        pairs = st.get("pairs_run", st["pairs"])     # what ran: masked-dense calls run every expert
+        pairs = _experts.macs_pairs(st)     # routed, or inside counting_executed() what ran
         return pairs * 2 * self.dim * self.expert_size + st["tokens"] * self.dim * self.num_experts
 
 

@@ -9,8 +9,9 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
-# expert execution on one fixed path (today's grouped one): no test depends on this machine's cost calibration
-os.environ.setdefault("VARBENCH_EXPERT_PATH", "grouped")
+# expert execution as users get it (the per-call choice) with the builtin cost model: no test depends on this
+# machine's own calibration
+os.environ.setdefault("VARBENCH_EXPERT_COST", "builtin")
 
 
 @pytest.fixture

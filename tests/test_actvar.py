@@ -2,6 +2,7 @@
 FLOP accounting against a hand count and torch's FlopCounterMode, stage-1 learning, artifacts, bad input."""
 import argparse
 import functools
+import json
 import math
 import os
 import tempfile
@@ -34,9 +35,11 @@ def reset(net):
             m.reset_stats()
 
 
-def counted_generate(net, vqvae, labels, seed=0):
-    """Generate with FlopCounterMode around every scale: (Generation, MACs per scale = FLOPs / 2)."""
+def counted_generate(net, vqvae, labels, seed=0, path="grouped"):
+    """Generate with FlopCounterMode around every scale: (Generation, MACs per scale = FLOPs / 2). The counter
+    sees what ran; expert layers run on `path` (grouped: exactly the routed pairs, what analytic_macs counts)."""
     from bench.flops import torch_flop_counter
+    from methods import _experts
     reset(net)
     per = []
 
@@ -45,7 +48,8 @@ def counted_generate(net, vqvae, labels, seed=0):
             out = net.scale_forward(si, x_in, lab, caches)
         per.append(fc.get_total_flops() / 2)
         return out
-    return generate(net, vqvae, labels, seed, SAMPLING, decode=False, scale_fn=fn), per
+    with _experts.forced(path):
+        return generate(net, vqvae, labels, seed, SAMPLING, decode=False, scale_fn=fn), per
 
 
 def prepare_args(method: str, *argv):
@@ -192,12 +196,17 @@ def test_flops_match_hand_count_and_flop_counter(tiny):
     from methods.actvar import ActVAR
     kt, kw = {5: 27, 6: 48}, {5: 12, 6: 12}
     net = fresh(tiny, "both", kt, kw)
-    _, counted = counted_generate(net, tiny.vqvae, torch.tensor([2, 5]))
+    from bench.analytic import counting_executed
+    from bench.measure import expert_paths
+    _, counted = counted_generate(net, tiny.vqvae, torch.tensor([2, 5]), path="auto")
     analytic = ActVAR().analytic_macs(net, tiny, batch=2)
+    assert json.loads(expert_paths(net))["calls"].get("masked-dense")     # the cost model's choice at these shapes
+    with counting_executed():       # torch's counter sees what ran (masked-dense calls: every expert)
+        executed = ActVAR().analytic_macs(net, tiny, batch=2)
     hand = hand_count(tiny.var.cfg, 2, kt, kw, 16)
     for si in range(7):
         assert analytic[si] == pytest.approx(hand[si], rel=1e-12), si
-        assert analytic[si] == pytest.approx(counted[si], rel=1e-12), si
+        assert executed[si] == pytest.approx(counted[si], rel=1e-12), si
     # fvcore, as the measurement path runs it (bench/flops.py traces each real generation step), agrees too
     from bench.flops import count_generation
     reset(net)

@@ -246,10 +246,12 @@ class AtScale(torch.nn.Module):
         return self.moe(x, 5)
 
 
-def test_dmoe_layer_records_the_path_and_counts_what_ran():
-    """ExpertFFN: the same output on both paths; stats hold the path calls and the pairs that ran; masked-dense
-    counts every expert's MACs, in the analytic count and in fvcore's trace alike."""
+def test_dmoe_layer_records_the_path_and_counts_routed_and_executed_macs():
+    """ExpertFFN: the same output on both paths; stats hold the path calls, the routed pairs and the pairs that ran.
+    The MAC count is the routed work on either path (fvcore's trace runs the routed pairs whatever path is asked);
+    inside counting_executed() masked-dense counts every expert's MACs."""
     from fvcore.nn import FlopCountAnalysis
+    from bench.analytic import counting_executed
     from bench.models.var import FFN
     from methods._moe import ExpertFFN, Router
     torch.manual_seed(0)
@@ -258,7 +260,7 @@ def test_dmoe_layer_records_the_path_and_counts_what_ran():
     labels = torch.from_numpy(np.random.default_rng(0).permutation(np.arange(H) % E)).long()
     moe = ExpertFFN(ffn, labels, Router(C, E), {5: 0.5})
     x = torch.randn(2, 36, C)
-    outs, per_token = {}, {}
+    outs, routed, executed = {}, {}, {}
     for path in (GROUPED, MASKED):
         moe.reset_stats()
         with _experts.forced(path), torch.no_grad():
@@ -267,27 +269,31 @@ def test_dmoe_layer_records_the_path_and_counts_what_ran():
         st = moe.stats[5]
         assert st["paths"] == {path: 2} and st["chooser"] == "forced"
         assert st["pairs_run"] == (st["pairs"] if path == GROUPED else 2 * 72 * E)
-        per_token[path] = moe.macs_per_token(5)
+        routed[path] = moe.macs_per_token(5)
+        with counting_executed():
+            executed[path] = moe.macs_per_token(5)
 
         with _experts.forced(path):
             fa = FlopCountAnalysis(AtScale(moe), (x,)).unsupported_ops_warnings(False).uncalled_modules_warnings(False)
             moe.reset_stats()
             total = fa.total()
+        assert moe.stats[5]["paths"] == {GROUPED: 1}
         assert total == pytest.approx(moe.macs_per_token(5) * 72, rel=1e-12), path
     assert torch.allclose(outs[GROUPED], outs[MASKED], atol=1e-5)
     router = C * 128 + 128 * E
-    assert per_token[MASKED] == 2 * C * H + router                     # masked-dense saves no FLOPs
-    assert per_token[GROUPED] < per_token[MASKED]
+    assert routed[GROUPED] == routed[MASKED] == executed[GROUPED] < 2 * C * H + router
+    assert executed[MASKED] == 2 * C * H + router                     # masked-dense saves no FLOPs
 
 
 def test_actvar_net_records_paths_and_the_row_column(tiny):
     """ActExpertFFN through a whole generation: the row's expert_paths column sums every layer's calls; a dense
     net has none (null)."""
+    from bench.analytic import counting_executed, dense_scale_macs
     from bench.measure import expert_paths, reset_stats
     from methods.actvar import expert_layers, expert_only_macs
     from tests.test_actvar import fresh
     net = fresh(tiny, "experts", {}, {5: 8, 6: 8})
-    macs = {}
+    macs, routed = {}, {}
     for path in (GROUPED, MASKED):
         reset_stats(net)
         with _experts.forced(path):
@@ -295,11 +301,40 @@ def test_actvar_net_records_paths_and_the_row_column(tiny):
         col = json.loads(expert_paths(net))
         calls = 2 * len(expert_layers(net))                            # two sparse scales per layer
         assert col == dict(calls={path: calls}, chooser="forced")
-        macs[path] = expert_only_macs(net, tiny, 2)
-    from bench.analytic import dense_scale_macs
+        with counting_executed():
+            macs[path] = expert_only_macs(net, tiny, 2)
+        routed[path] = expert_only_macs(net, tiny, 2)
+    assert routed[MASKED] == routed[GROUPED] == macs[GROUPED]        # top-K: the same routed pairs on both paths
     dense = [s.total for s in dense_scale_macs(tiny.var.cfg, 2)]
-    assert macs[GROUPED][6] < dense[6] < macs[MASKED][6]               # masked-dense: dense FFN + the router
+    assert macs[GROUPED][6] < dense[6] < macs[MASKED][6]               # masked-dense ran the dense FFN + the router
     assert expert_paths(tiny.var) is None
+
+
+def test_generation_reports_routed_and_executed_macs_and_keys_the_path(tiny):
+    """A generation's record: macs_ratio is the routed work on either path; macs_executed_ratio is what ran (above
+    it on masked-dense, equal on grouped); the generation key differs by path, so checkpoints never mix them."""
+    from bench.measure import generate_and_time, generation_key
+    from methods.actvar import expert_only_macs
+    from tests.test_actvar import fresh
+
+    class Stand:
+        name, config = "actvar-experts-standin", {}
+
+        def analytic_macs(self, net, bundle, batch):
+            return expert_only_macs(net, bundle, batch)
+
+        def row_metrics(self, net, bundle):
+            return {}
+    net = fresh(tiny, "experts", {}, {5: 8, 6: 8})
+    labels, rec, keys = torch.tensor([1, 4, 2, 7]), {}, {}
+    for path in (GROUPED, MASKED):
+        with _experts.forced(path):
+            gen, _, paired, _ = generate_and_time(Stand(), net, tiny, labels, 0, tiny.sampling, 2, 0, 0)
+            keys[path] = generation_key(Stand(), net, tiny, tiny.sampling, 0, 4, 2, "cpu")
+        rec[path] = (paired.macs_ratio, paired.macs_executed_ratio)
+    assert rec[GROUPED][0] == rec[MASKED][0] == rec[GROUPED][1] < 1 < rec[MASKED][1]
+    assert keys[GROUPED]["expert_execution"] == dict(path=GROUPED) != keys[MASKED]["expert_execution"]
+    assert "expert_execution" not in generation_key(Stand(), tiny.var, tiny, tiny.sampling, 0, 4, 2, "cpu")
 
 
 def test_rows_have_the_expert_paths_column():
@@ -346,9 +381,14 @@ def test_paths_are_differentiable():
     assert torch.allclose(grads[0], grads[2], atol=1e-5) and torch.allclose(grads[1], grads[2], atol=1e-5)
 
 
-def test_default_path_is_grouped_so_flop_columns_are_the_methods_routed_work(monkeypatch):
+def test_default_path_is_the_per_call_choice_and_keys_generation(monkeypatch, tmp_path):
+    """auto unless asked otherwise; the generation key (checkpoints, workers) carries the path and the cost model,
+    so batches generated on other paths are never mixed in."""
     from methods import _experts
     monkeypatch.delenv(_experts.ENV_PATH, raising=False)
-    assert _experts.requested_path() == "grouped"
-    monkeypatch.setenv(_experts.ENV_PATH, "auto")
+    monkeypatch.setenv("VARBENCH_CACHE", str(tmp_path))
     assert _experts.requested_path() == "auto"
+    cpu = torch.device("cpu")
+    assert _experts.execution_key(cpu, torch.float32) == dict(path="auto", coef=list(_experts.BUILTIN))
+    monkeypatch.setenv(_experts.ENV_PATH, "grouped")
+    assert _experts.execution_key(cpu, torch.float32) == dict(path="grouped")

@@ -161,6 +161,7 @@ def test_measure_dynamic_method_fidelity_stats_and_trial_key(tmp_path, monkeypat
     assert row["skipped_tokens"] == 8 * 2 * 64
     assert 6 <= row["timing_rounds"] <= 24 and row["speedup_ci_low"] <= row["speedup"] <= row["speedup_ci_high"]
     assert row["macs_ratio"] == pytest.approx(row["macs_analytic_all"] / sum(dense))
+    assert row["macs_executed_all"] == row["macs_analytic_all"] and row["macs_executed_ratio"] == row["macs_ratio"]
     assert row["fid_delta_ci_low"] <= row["fid_delta"] <= row["fid_delta_ci_high"]
     dense_row = measure(tiny, "dense", **dict(kw, trial_key="dense", results_dir=str(tmp_path / "dense-res")))
     assert row["fid"] - row["fid_delta"] == pytest.approx(dense_row["fid"])
