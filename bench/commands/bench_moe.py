@@ -4,7 +4,7 @@ Side by side in one run on the current device: the dense FFN fc2(relu(fc1 x)) an
 methods/_experts.py (grouped: selected experts only; masked-dense: every expert, unselected ones zeroed), at fixed
 active fractions (every token keeps round(f·E) random experts) and expert sizes, at the token counts of the
 last scales (CFG: 2 rows per image, times --batch). Timing: warm-up runs, then the repeats interleaved
-dense/grouped/masked-dense, each sample long enough to time (inner loop of >= --min-sample-ms); time saved =
+dense/grouped/masked-dense in a rotated order (ROTATION), each sample long enough to time (inner loop of >= --min-sample-ms); time saved =
 1 - median of the paired path/dense ratios, robust to drift of a shared machine; CUDA events on GPU. The router
 is timed separately (its cost is reported, not part of the ratio).
 
@@ -24,6 +24,15 @@ from bench.errors import BenchError
 
 ORDER = 72
 
+# Repeat r runs the three paths in the order rotated by r (dense-grouped-masked, grouped-masked-dense,
+# masked-dense-grouped), so in every 3 repeats each path runs once right after the previous repeat's small router
+# call and twice right after one of the other two large calls: what ran just before (large activations freed, caches
+# refilled) costs the next call time, and now costs every path alike. In the fixed order before, grouped always ran
+# right after dense and dense after the router; the same grouped call timed right after dense took 0.8-2.1% of
+# dense's time more than right after another grouped call (d16 shapes, e = 128, 1 thread, 21 repeats each, load
+# 1.1-1.4, 2026-11-30).
+ROTATION = 3
+
 # name -> (C, FFN width, patch sides of the timed scales)
 SHAPES = {
     "official-d16": (1024, 4096, (13, 16)),   # VAR-d16's last two scales
@@ -42,7 +51,8 @@ def register(sub):
     p.add_argument("--fractions", default="0.25,0.5,0.75", help="active expert fractions")
     p.add_argument("--batch", type=int, default=4, help="images per batch (tokens = 2·pn²·batch)")
     p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--repeats", type=int, default=7)
+    p.add_argument("--repeats", type=int, default=9,
+                   help=f"timed repeats per configuration (a multiple of {ROTATION} balances the rotated order)")
     p.add_argument("--min-sample-ms", type=float, default=20.0, help="repeat a call within one sample until this long")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch default)")
@@ -178,10 +188,10 @@ def run(a):
                         one = min(timer(dense), timer(grouped), timer(masked))
                         inner = max(1, min(1000, int(a.min_sample_ms / 1e3 / max(one, 1e-6))))
                         td, tg, tm, tr = [], [], [], []
-                        for _ in range(a.repeats):   # interleaved: drift affects all alike
-                            td.append(timer(dense, inner))
-                            tg.append(timer(grouped, inner))
-                            tm.append(timer(masked, inner))
+                        paths = [(dense, td), (grouped, tg), (masked, tm)]
+                        for r in range(a.repeats):   # interleaved: drift affects all alike
+                            for fn, ts in paths[r % 3:] + paths[:r % 3]:   # rotated: see ROTATION
+                                ts.append(timer(fn, inner))
                             tr.append(timer(lambda: router(x), inner))
                         (d50, d10, d90), (g50, g10, g90), (m50, _, _) = quantiles(td), quantiles(tg), quantiles(tm)
                         saved = lambda ts: 1 - quantiles([t / d for t, d in zip(ts, td)])[0]   # noqa: E731
