@@ -12,8 +12,9 @@ What happens, in order (nothing is written before step 1 has passed):
   4. the N samples, in batches of B: labels[i] = i mod num_classes, batch b seeded with batch_seed(seed, b)
      (SEED_SCHEME). These batches are also the absolute timing (the first `warmup_batches` excluded) and the peak
      memory measurement; the method's statistics (reset_stats protocol) cover all of them (row_metrics,
-     macs_analytic_all: the routed work; macs_executed_all: what the expert kernels ran). The first `timing_rounds` full batches after the warm-up are paired rounds: dense runs
-     the same batch right before or after (ABBA, bench.timing.PAIRED_PROTOCOL), giving `speedup` with its
+     macs_analytic_all: the routed work; macs_executed_all: what the expert kernels ran). The first
+     `timing_rounds` full batches after the warm-up are paired rounds: dense runs the same batch right before or
+     after (ABBA, bench.timing.PAIRED_PROTOCOL), giving `speedup` with its
      interval; too few batches are made up by extra rounds whose outputs are discarded. Batches a killed run
      finished are read back (bench/resume.py); with `workers` (GENERATION_WORKERS, e.g. other GPUs of a sweep
      trial), other processes generate batches from the last one down while this one generates and times its own;

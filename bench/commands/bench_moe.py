@@ -4,8 +4,9 @@ Side by side in one run on the current device: the dense FFN fc2(relu(fc1 x)) an
 methods/_experts.py (grouped: selected experts only; masked-dense: every expert, unselected ones zeroed), at fixed
 active fractions (every token keeps round(f·E) random experts) and expert sizes, at the token counts of the
 last scales (CFG: 2 rows per image, times --batch). Timing: warm-up runs, then the repeats interleaved
-dense/grouped/masked-dense in a rotated order (ROTATION), each sample long enough to time (inner loop of >= --min-sample-ms); time saved =
-1 - median of the paired path/dense ratios, robust to drift of a shared machine; CUDA events on GPU. The router
+dense/grouped/masked-dense in a rotated order (ROTATION), each sample long enough to time (inner loop of
+>= --min-sample-ms); time saved = 1 - median of the paired path/dense ratios, robust to drift of a shared machine;
+CUDA events on GPU. The router
 is timed separately (its cost is reported, not part of the ratio).
 
 The measurements calibrate the per-machine cost model that picks a path per call (methods/_experts.CostModel;
