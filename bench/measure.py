@@ -16,7 +16,7 @@ What happens, in order (nothing is written before step 1 has passed):
      `timing_rounds` full batches after the warm-up are paired rounds: dense runs the same batch right before or
      after (ABBA, bench.timing.PAIRED_PROTOCOL), giving `speedup` with its
      interval; too few batches are made up by extra rounds whose outputs are discarded. Batches a killed run
-     finished are read back (bench/resume.py); with `workers` (GENERATION_WORKERS, e.g. other GPUs of a sweep
+     finished are read back (bench/resume.py); with `workers` (GenerationWorkerPool, e.g. other GPUs of a sweep
      trial), other processes generate batches from the last one down while this one generates and times its own;
   5. dense outputs with the same labels and seeds, from the dense cache (keyed by everything they depend on) or
      generated once and cached (a dense run stores its own): same-seed fidelity;
@@ -33,7 +33,7 @@ import json
 import os
 import time
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Deque, Dict, List, Optional, Protocol, Sequence, Tuple
 
 import torch
 
@@ -51,18 +51,35 @@ DEFAULT_BATCH_SIZE = 50
 DEFAULT_FLOP_IMAGES = 1
 DEFAULT_TIMING_ROUNDS = 6    # paired ABBA rounds against dense (bench.timing.PAIRED_PROTOCOL)
 QUALITY_METRICS = ("fid", "isc", "prc", "kid")
-# What measure(workers=...) expects (bench/sweep/workers.py implements it with Ray actors, one GPU each):
-GENERATION_WORKERS = """
-    workers.session(role, key_text, ranges, labels, seed) -> session or None
-        role "method" (the method's N samples) or "dense" (the dense reference); key_text: the pass's
-        BatchStore key (batch_store_key), which a worker must reproduce from its own build or not be used
-    session.feed(todo, keep)    hand batch indices from the end of the deque `todo` to idle workers, leaving `keep`
-    session.collect(wait)       [(b, tokens per scale, uint8 images)] finished; wait: block for at least one
-    session.lost()              indices handed to workers that failed (this process generates them)
-    session.busy, .received, .used    batches in flight; batches returned; workers that returned any
-    session.close()             end of the pass (the workers stay for the next one)
-    workers.received            {role: batches workers returned in this measurement} (the row's worker_batches)
-"""
+class GenerationSession(Protocol):
+    """One generation pass (role "method": the method's N samples, or "dense": the dense reference) shared with
+    generation workers."""
+    busy: bool        # batches in flight
+    received: int     # batches the workers returned
+    used: int         # workers that returned any
+
+    def feed(self, todo: Deque[int], keep: int) -> None:
+        """Hand batch indices from the end of `todo` to idle workers, leaving `keep` of them."""
+
+    def collect(self, wait: bool) -> List[Tuple[int, List[torch.Tensor], torch.Tensor]]:
+        """Finished batches: (index, tokens per scale, uint8 images); wait: block for at least one."""
+
+    def lost(self) -> List[int]:
+        """Indices handed to workers that failed (this process generates them)."""
+
+    def close(self) -> None:
+        """End of the pass (the workers stay for the next one)."""
+
+
+class GenerationWorkerPool(Protocol):
+    """What measure(workers=...) expects: other processes that generate some of a pass's batches (bench/sweep/
+    workers.py implements it with Ray actors, one GPU each; the tests with an in-process fake)."""
+    received: Dict[str, int]     # {role: batches workers returned in this measurement} (the row's worker_batches)
+
+    def session(self, role: str, key_text: str, ranges: List[Tuple[int, int]], labels: torch.Tensor,
+                seed: int) -> Optional[GenerationSession]:
+        """A pass's session; key_text is its BatchStore key (batch_store_key), which a worker must reproduce from
+        its own build or not be used."""
 
 
 def batch_seed(seed: int, b: int) -> int:
@@ -278,7 +295,8 @@ def _to_uint8(images: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def generate_all(net, bundle, labels, seed, sampling, batch_size, *, timer=None, probe=None, what="generating",
-                 paired=None, dense_net=None, store=None, workers=None, role="method"):
+                 paired=None, dense_net=None, store=None, workers: Optional[GenerationWorkerPool] = None,
+                 role="method"):
     """The N samples batch by batch (SEED_SCHEME). Returns (tokens per scale, uint8 images, laps, peaks, sizes).
 
     With `paired` (bench.timing.PairedRounds) and `dense_net`, the batches it wants are paired rounds: dense runs
@@ -286,7 +304,7 @@ def generate_all(net, bundle, labels, seed, sampling, batch_size, *, timer=None,
     With `store` (bench.resume.BatchStore), batches a killed run finished are read back instead of generated (not
     timed: laps, peaks and sizes cover the batches generated here, the first of which is the warm-up) and every
     generated batch is saved.
-    With `workers` and a store (GENERATION_WORKERS protocol), other processes generate batches from the end of
+    With `workers` and a store (the GenerationWorkerPool protocol), other processes generate batches from the end of
     the list while this one generates (and times) them from the start; what they return is saved like this
     process's batches, so a kill loses nothing either way."""
     from collections import deque
@@ -454,7 +472,7 @@ class Generated:
 
 
 def generate_and_time(method, net, bundle, labels, seed: int, sampling, batch_size: int, warmup_batches: int,
-                      timing_rounds: int, store=None, workers=None):
+                      timing_rounds: int, store=None, workers: Optional[GenerationWorkerPool] = None):
     """Generation phase: the N samples, timed batch by batch with memory probes, the first `timing_rounds` full
     batches after the warm-up paired with dense (ABBA). Returns (Generated, TimingRecord, PairedTimingRecord,
     MemoryRecord). With `store`, batches of a killed run are resumed (generate_all): timing and the method's
@@ -519,7 +537,7 @@ def generate_and_time(method, net, bundle, labels, seed: int, sampling, batch_si
 
 
 def dense_reference(method, bundle, labels, seed: int, sampling, batch_size: int, cache_dir, gen: Generated,
-                    workers=None):
+                    workers: Optional[GenerationWorkerPool] = None):
     """Dense outputs with the same labels and seeds (cached), and the same-seed fidelity against them.
     Returns (dense uint8 images, FidelityRecord, the cache entry's path)."""
     from bench.quality import same_seed_fidelity
@@ -564,14 +582,14 @@ def measure(bundle, method, *, samples: int, seed: int = 0, sampling=None, batch
             trial_key: Optional[str] = None, extra: Optional[Dict[str, Any]] = None, cache_dir: Optional[str] = None,
             metrics: Sequence[str] = QUALITY_METRICS, bootstrap: int = 100, classifier: Optional[str] = None,
             reference_count: Optional[int] = None, timing_rounds: int = DEFAULT_TIMING_ROUNDS,
-            dtype: Optional[str] = None, workers=None) -> dict:
+            dtype: Optional[str] = None, workers: Optional[GenerationWorkerPool] = None) -> dict:
     """Measure `method` (a bench.registry.Method or a registered name) on `bundle`; append and return the row.
 
     Each phase returns typed records (bench/records.py) that log themselves; the row is their columns, the
     method's parameters (param_*) and statistics (row_metrics), then `extra` as given. With `trial_key`, the
     stored row replaces that trial's earlier row. `dtype` (bench/precision.py; default fp32): the autocast of the
     transformer forward in every generation of the measurement (FLOP count, timed batches and their paired dense
-    batches, dense reference). `workers` (GENERATION_WORKERS): other processes (GPUs) that generate some of the
+    batches, dense reference). `workers` (GenerationWorkerPool): other processes (GPUs) that generate some of the
     N samples and of the dense reference alongside this one. Raises BenchError (nothing written) on bad input."""
     from bench.env import environment
     from bench.precision import generation_dtype, normalize_dtype

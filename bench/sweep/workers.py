@@ -1,5 +1,5 @@
 """Generation workers: Ray actors that generate batches of one trial's samples alongside the trial, so that a large
-trial (50,000 ImageNet samples) uses several GPUs of a cluster. They implement bench.measure.GENERATION_WORKERS.
+trial (50,000 ImageNet samples) uses several GPUs of a cluster. They implement bench.measure.GenerationWorkerPool.
 
     workers = GenerationWorkers(job, count=3)        # inside a trial: 3 actors in the trial's placement group
     row = measure(bundle, method, ..., workers=workers)
