@@ -27,9 +27,10 @@ methods/_actvar_artifacts.py): gates.safetensors (router/selector per block, flo
 before/after, timings), DONE.
 Inference rates may differ from the trained ones (train_token_rate / train_weight_rate pick the artifact).
 
-FLOPs: analytic_macs counts what ran (methods/_tokens.gated_macs): projections and FFN over kept tokens, scores
-over the keys actually in each block's cache, K_w experts per kept token (2·C·H/N each) plus the router (C·N),
-the selector (C per scored token). Beside it, row_metrics gives eq. 12 literally (`eq12_flops_saved`, the
+FLOPs: analytic_macs counts the method's work (methods/_tokens.gated_macs): projections and FFN over kept tokens,
+scores over the keys actually in each block's cache, K_w experts per kept token (2·C·H/N each, whichever expert
+path ran them; inside bench.analytic.counting_executed() what the kernels ran) plus the router (C·N), the selector
+(C per scored token). Beside it, row_metrics gives eq. 12 literally (`eq12_flops_saved`, the
 paper's FLOPs = 2 MACs, per image with both CFG rows, L = the scale's tokens per row, H = C) and
 `eq12_saved_fraction` = eq12 ÷ (2 × dense MACs); `macs_saved_fraction` is ours from the recorded counts.
 """
@@ -175,7 +176,8 @@ class ActExpertFFN(nn.Module):
         st["usage"] += torch.bincount(top.reshape(-1).cpu(), minlength=self.num_experts)
 
     def recorded_macs(self, si: int) -> float:
-        """MACs this layer spent at scale si over the recorded calls: experts 2·C·e per pair, router C·N per token."""
+        """MACs of this layer at scale si over the recorded calls: experts 2·C·e per routed pair (per pair that ran
+        inside counting_executed()), router C·N per token."""
         st = self.stats.get(si)
         if not st or not st["tokens"]:
             raise BenchError(f"no recorded expert statistics at scale {si}; generate before counting FLOPs")
