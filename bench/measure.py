@@ -51,6 +51,8 @@ DEFAULT_BATCH_SIZE = 50
 DEFAULT_FLOP_IMAGES = 1
 DEFAULT_TIMING_ROUNDS = 6    # paired ABBA rounds against dense (bench.timing.PAIRED_PROTOCOL)
 QUALITY_METRICS = ("fid", "isc", "prc", "kid")
+
+
 class GenerationSession(Protocol):
     """One generation pass (role "method": the method's N samples, or "dense": the dense reference) shared with
     generation workers."""

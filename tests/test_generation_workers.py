@@ -119,7 +119,7 @@ def test_worker_resources_must_fit_the_cluster():
 
 
 def test_workers_only_for_trials_with_many_samples(tmp_path):
-    from bench.sweep.runner import SweepRunner
+    from bench.sweep.runner import SweepRunner, generation_worker_count
     from bench.sweep.spec import load_spec
     from bench.sweep.trials import expand
     y = tmp_path / "s.yaml"
@@ -128,8 +128,8 @@ def test_workers_only_for_trials_with_many_samples(tmp_path):
     t = expand(spec)[0]
     info = dict(address="local", version="test", num_cpus=2, nodes=1)
     for min_samples, expect in ((40, 3), (41, 1)):
-        r = SweepRunner(spec, [t], "s-test", str(tmp_path), info, cpus=1, gpus=0, generation_workers=3,
-                        generation_min_samples=min_samples)
+        n = generation_worker_count(3, spec["samples"], min_samples)
+        r = SweepRunner(spec, [t], "s-test", str(tmp_path), info, cpus=1, gpus=0, generation_workers=n)
         job = r.job(t, t.params)
         assert job["generation_workers"] == expect and job["extra"]["ray_generation_workers"] == expect
         assert job["worker_resources"] == {"CPU": 1.0}

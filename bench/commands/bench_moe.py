@@ -191,7 +191,7 @@ def run(a):
                         td, tg, tm, tr = [], [], [], []
                         paths = [(dense, td), (grouped, tg), (masked, tm)]
                         for r in range(a.repeats):   # interleaved: drift affects all alike
-                            for fn, ts in paths[r % 3:] + paths[:r % 3]:   # rotated: see ROTATION
+                            for fn, ts in paths[r % ROTATION:] + paths[:r % ROTATION]:   # see ROTATION
                                 ts.append(timer(fn, inner))
                             tr.append(timer(lambda: router(x), inner))
                         (d50, d10, d90), (g50, g10, g90), (m50, _, _) = quantiles(td), quantiles(tg), quantiles(tm)

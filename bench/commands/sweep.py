@@ -120,8 +120,8 @@ def run(a):
     verbose = getattr(a, "verbose", 0) > 0     # -v: each trial's measurement log and Ray worker output
     info = S.connect_ray(address, verbose)
     try:
-        min_samples = a.generation_min_samples or S.GENERATION_MIN_SAMPLES
-        workers = a.generation_workers if spec["samples"] >= min_samples else 1
+        workers = S.generation_worker_count(a.generation_workers, spec["samples"],
+                                            a.generation_min_samples or S.GENERATION_MIN_SAMPLES)
         cpus, gpus = S.resources(info, spec["device"], a.cpus_per_trial, a.gpus_per_trial, workers)
         print(f"ray {info['version']} {info['address']}: {info['nodes']} node(s), {info['num_cpus']:g} CPUs "
               f"(started in {info['start_s']:.1f} s); {cpus:g} CPU(s){f', {gpus:g} GPU(s)' if gpus else ''} per "
@@ -129,8 +129,7 @@ def run(a):
               + (f"; {workers} generation workers per trial" if workers > 1 else ""))
         S.ensure_manifest(a.results, invocation, models)
         runner = S.SweepRunner(spec, trials, sweep_id, a.results, info, cpus, gpus, a.concurrent, verbose,
-                               status_every_s=a.status_every, generation_workers=workers,
-                               generation_min_samples=min_samples)
+                               status_every_s=a.status_every, generation_workers=workers)
         ran, bad = runner.run()
     finally:
         import ray

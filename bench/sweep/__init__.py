@@ -14,8 +14,8 @@ from bench.sweep.trials import (Trial, derive_twin_params, expand, load_bundle, 
 from bench.sweep.store import (MANIFEST_DIR, SPEC_VERSION, Invocation, ensure_manifest, latest_sweep_id_in_rows,
                                manifest_dir, manifest_for, new_sweep_id, plan, read_manifests, resolve_invocation,
                                spec_fingerprint, stored_rows, validate_invocation, write_manifest)
-from bench.sweep.runner import (GENERATION_MIN_SAMPLES, SweepRunner, TrialProgress, check_address, connect_ray, resources, run_trial,
-                                trial_line, tune_progress)
+from bench.sweep.runner import (GENERATION_MIN_SAMPLES, SweepRunner, TrialProgress, check_address, connect_ray,
+                                generation_worker_count, resources, run_trial, trial_line, tune_progress)
 
 __all__ = [
     "MEASURE_KEYS", "SAMPLING_KEYS", "TOP_DEFAULTS", "absolutize_paths", "apply_override", "compact_keys",
@@ -26,6 +26,6 @@ __all__ = [
     "MANIFEST_DIR", "SPEC_VERSION", "Invocation", "ensure_manifest", "latest_sweep_id_in_rows", "manifest_dir",
     "manifest_for", "new_sweep_id", "plan", "read_manifests", "resolve_invocation", "spec_fingerprint",
     "stored_rows", "validate_invocation", "write_manifest",
-    "GENERATION_MIN_SAMPLES", "SweepRunner", "TrialProgress", "check_address", "connect_ray", "resources", "run_trial", "trial_line",
-    "tune_progress",
+    "GENERATION_MIN_SAMPLES", "SweepRunner", "TrialProgress", "check_address", "connect_ray",
+    "generation_worker_count", "resources", "run_trial", "trial_line", "tune_progress",
 ]

@@ -199,23 +199,28 @@ def trial_device(device: str, granted_gpus: List[str]) -> str:
 
 
 # ================================================================================================ one trial (worker)
+def trial_setup(job: dict):
+    """What a trial's process needs before it generates (the trial and its generation workers alike): the sweep's
+    modules imported, its thread count, the device Ray granted; returns (device, bundle, method, sampling)."""
+    import torch
+    from bench.registry import create_method
+    import_modules(job["modules"])
+    if job.get("threads"):
+        torch.set_num_threads(max(1, int(job["threads"])))
+    device = trial_device(job["device"], ray_gpu_ids())
+    if torch.device(device).type == "cuda" and torch.device(device).index is not None:
+        torch.cuda.set_device(torch.device(device))   # CUDA events and synchronize (bench/timing.py) use it
+    bundle = load_bundle(job["model"], device)
+    return device, bundle, create_method(job["method"], **job["params"]), sampling_for(job["spec_sampling"], bundle)
+
+
 def run_trial(job: dict) -> dict:
     """Measure one trial (called inside a Ray worker, or directly); returns a short summary, never raises."""
     import traceback
     t0 = time.time()
     try:
-        import torch
         from bench.measure import measure
-        from bench.registry import create_method
-        import_modules(job["modules"])
-        if job.get("threads"):
-            torch.set_num_threads(max(1, int(job["threads"])))
-        device = trial_device(job["device"], ray_gpu_ids())
-        if torch.device(device).type == "cuda" and torch.device(device).index is not None:
-            torch.cuda.set_device(torch.device(device))   # CUDA events and synchronize (bench/timing.py) use it
-        bundle = load_bundle(job["model"], device)
-        method = create_method(job["method"], **job["params"])
-        sampling = sampling_for(job["spec_sampling"], bundle)
+        _, bundle, method, sampling = trial_setup(job)
         workers = generation_workers(job)
         try:
             row = measure(bundle, method, samples=job["samples"], seed=job["seed"], sampling=sampling,
@@ -239,6 +244,12 @@ def run_trial(job: dict) -> dict:
     except Exception as e:  # a bug: keep the traceback for the driver to print
         return dict(status="error", error=f"{type(e).__name__}: {e}", traceback=traceback.format_exc(),
                     trial_s=round(time.time() - t0, 2))
+
+
+def generation_worker_count(requested: int, samples: int, min_samples: int = GENERATION_MIN_SAMPLES) -> int:
+    """Processes generating each trial's samples: the requested count for trials of at least `min_samples`
+    samples, else 1 (a worker costs a model load, which only many samples repay)."""
+    return requested if requested > 1 and samples >= min_samples else 1
 
 
 def generation_workers(job: dict):
@@ -297,15 +308,12 @@ class SweepRunner:
 
     def __init__(self, spec: dict, trials: List[Trial], sweep_id: str, results_dir: str, ray_info: dict,
                  cpus: float, gpus: float, concurrent: int = 1, verbose: bool = False,
-                 status_every_s: float = 60.0, generation_workers: int = 1,
-                 generation_min_samples: int = GENERATION_MIN_SAMPLES):
+                 status_every_s: float = 60.0, generation_workers: int = 1):
         self.spec, self.trials, self.sweep_id = spec, trials, sweep_id
         self.results_dir = os.path.abspath(results_dir)
         self.ray_info, self.cpus, self.gpus, self.concurrent = ray_info, cpus, gpus, concurrent
         self.verbose, self.status_every_s = verbose, status_every_s
-        # one process per trial unless its samples are many (workers cost a model load each)
-        self.workers = generation_workers if generation_workers > 1 and spec["samples"] >= generation_min_samples \
-            else 1
+        self.workers = generation_workers     # processes per trial (generation_worker_count)
         self.failed: Dict[str, str] = {}
         self.skipped: Dict[str, str] = {}
         self.interrupted = False     # Ctrl-C: Ray Tune stops the phase; later phases are not started

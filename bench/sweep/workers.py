@@ -1,7 +1,7 @@
 """Generation workers: Ray actors that generate batches of one trial's samples alongside the trial, so that a large
 trial (50,000 ImageNet samples) uses several GPUs of a cluster. They implement bench.measure.GenerationWorkerPool.
 
-    workers = GenerationWorkers(job, count=3)        # inside a trial: 3 actors in the trial's placement group
+    workers = GenerationWorkers(job, 3, {"GPU": 1})  # inside a trial: 3 actors in the trial's placement group
     row = measure(bundle, method, ..., workers=workers)
     workers.shutdown()
 
@@ -32,38 +32,29 @@ def _last_line(e: Exception) -> str:
 
 
 class GenerationActor:
-    """One worker process: the trial's model, method and sampling, built once per role."""
+    """One worker process: the trial's model, method and sampling (bench.sweep.runner.trial_setup, as the trial
+    itself), the net of each role built once."""
 
     def __init__(self, job: dict):
-        import torch
-        from bench.sweep.runner import ray_gpu_ids, trial_device
-        from bench.sweep.spec import import_modules
-        import_modules(job["modules"])
-        if job.get("threads"):
-            torch.set_num_threads(max(1, int(job["threads"])))
+        from bench.sweep.runner import trial_setup
         self.job = job
-        self.device = trial_device(job["device"], ray_gpu_ids())
+        self.device, self.bundle, self.method, self.sampling = trial_setup(job)
         self.nets: Dict[str, tuple] = {}
 
     def open(self, role: str) -> str:
         """Build what `role` generates with; returns the key text of its batches."""
         from bench.measure import batch_store_key
         from bench.precision import normalize_dtype
-        from bench.registry import create_method
-        from bench.sweep.trials import load_bundle, sampling_for
-        job = self.job
-        bundle = load_bundle(job["model"], self.device)
-        method = create_method(job["method"], **job["params"])
-        sampling = sampling_for(job["spec_sampling"], bundle)
+        job, bundle = self.job, self.bundle
         dtype = normalize_dtype(job["measure"].get("dtype"))
         net = bundle.var
         if role == "method":
-            net = method.build(bundle)
+            net = self.method.build(bundle)
             if hasattr(net, "eval"):
                 net.eval()
-        key = batch_store_key(role, method, net, bundle, sampling, job["seed"], job["samples"], job["batch_size"],
-                              self.device, dtype)
-        self.nets[role] = (net, bundle, sampling, dtype)
+        key = batch_store_key(role, self.method, net, bundle, self.sampling, job["seed"], job["samples"],
+                              job["batch_size"], self.device, dtype)
+        self.nets[role] = (net, bundle, self.sampling, dtype)
         return json.dumps(key, sort_keys=True, default=str)
 
     def generate(self, role: str, labels, seed: int):
