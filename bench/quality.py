@@ -347,9 +347,18 @@ def parse_reference(bundle, reference: Optional[str] = None, reference_count: Op
                              f"{', '.join(members) or '(none)'}")
         n_img = imgs[0][0] if imgs is not None else None
         n = min(n_img, reference_count) if (n_img and reference_count) else n_img
-        parts = (["mu/sigma"] if has_stats else []) + ([f"arr_0 {n} of {n_img} images"] if imgs is not None else [])
+        labels = members.get("arr_1")   # ADM-style labelled batches: (N,) class labels beside the images
+        sample = "all" if n == n_img else "stratified" if labels is not None else "random"
+        if sample == "stratified" and tuple(labels[0]) != (n_img,):
+            raise BenchError(f"{path}: arr_1 (labels) must have one entry per arr_0 image ({n_img}) to draw a "
+                             f"class-stratified subset of {n}, got shape {labels[0]}")
+        subset = {"all": "", "stratified": ", a seeded subset stratified by arr_1's classes",
+                  "random": ", a seeded random subset (no arr_1 labels to stratify by)"}[sample]
+        parts = (["mu/sigma"] if has_stats else []) + ([f"arr_0 {n} of {n_img} images{subset}"]
+                                                       if imgs is not None else [])
         return Reference("npz", f"npz:{os.path.realpath(path)} ({', '.join(parts)})", n, imgs is not None,
-                         dict(kind="npz", **_file_identity(path), count=n, size=size), path=path,
+                         dict(kind="npz", **_file_identity(path), count=n, size=size,
+                              **({"sample": sample} if sample != "all" else {})), path=path,
                          has_stats=has_stats, stats_dim=members["mu"][0][0] if has_stats and members["mu"][0] else None,
                          size=size)
     if not os.path.exists(path):
@@ -397,7 +406,17 @@ def _load_reference_images(ref: Reference) -> torch.Tensor:
         except OSError as e:
             raise BenchError(f"cannot read a reference image in {ref.desc}: {str(e).splitlines()[0][:160]}") from None
     with np.load(ref.info["path"], allow_pickle=False) as z:
-        arr = z["arr_0"][:ref.count]
+        sample = ref.identity.get("sample", "all")
+        if sample == "all":
+            arr = z["arr_0"]
+        else:   # the first images of a file may be one class (files written class by class): a seeded subset
+            n_img = len(z["arr_0"])
+            if sample == "stratified":
+                from bench.data import stratified_pick
+                pick = stratified_pick([str(c) for c in z["arr_1"].reshape(-1).tolist()], ref.count, 0)
+            else:
+                pick = np.sort(np.random.default_rng([0, 17]).permutation(n_img)[:ref.count])
+            arr = z["arr_0"][np.asarray(pick)]
     return torch.from_numpy(np.ascontiguousarray(arr)).permute(0, 3, 1, 2).contiguous()
 
 
@@ -420,6 +439,17 @@ def _atomic_savez(path: str, **arrays) -> None:
             np.savez(f, **arrays)
 
 
+def _checked_stats(mu: np.ndarray, sigma: np.ndarray, where: str) -> dict:
+    """FID statistics as float64, or one line (BenchError) when they cannot define a FID: a NaN or Inf in them
+    would make every FID of the run NaN."""
+    mu, sigma = np.asarray(mu, dtype=np.float64), np.asarray(sigma, dtype=np.float64)
+    if mu.ndim != 1 or sigma.shape != (len(mu), len(mu)):
+        raise BenchError(f"{where}: mu must be (D,) and sigma (D, D), got {mu.shape} and {sigma.shape}")
+    if not (np.isfinite(mu).all() and np.isfinite(sigma).all()):
+        raise BenchError(f"{where}: mu/sigma hold non-finite values (NaN or Inf); they cannot define a FID")
+    return dict(mu=mu, sigma=sigma)
+
+
 def reference_features(extractor: Extractor, ref: Reference, *, device="cpu", cache_dir: Optional[str] = None
                        ) -> Tuple[Optional[torch.Tensor], dict, Optional[torch.Tensor], bool, str]:
     """(features (N,D) or None, FID statistics {mu, sigma} float64, k-NN radii for precision (N,) or None,
@@ -431,22 +461,22 @@ def reference_features(extractor: Extractor, ref: Reference, *, device="cpu", ca
             with np.load(path, allow_pickle=False) as z:
                 feats = torch.from_numpy(z["features"]) if "features" in z.files else None
                 radii = torch.from_numpy(z["prc_radii"]) if "prc_radii" in z.files else None
-                stats = dict(mu=z["mu"].astype(np.float64), sigma=z["sigma"].astype(np.float64))
+                stats = _checked_stats(z["mu"], z["sigma"], path)
             logger.info(f"reusing cached reference features {key}")
             return feats, stats, radii, True, key
-        except (OSError, ValueError, KeyError, zipfile.BadZipFile):
+        except (OSError, ValueError, KeyError, zipfile.BadZipFile, BenchError):
             logger.info(f"cache file {path} is unreadable; recomputing")
     feats, stats, radii = None, None, None
     if ref.kind == "npz" and ref.info["has_stats"]:
         with np.load(ref.info["path"], allow_pickle=False) as z:  # the published statistics define the FID
-            stats = dict(mu=z["mu"].astype(np.float64), sigma=z["sigma"].astype(np.float64))
+            stats = _checked_stats(z["mu"], z["sigma"], ref.info["path"])
     if ref.has_images:
         t0 = time.time()
         images = _load_reference_images(ref)
         feats = extractor.extract(images, device)[extractor.feature_layer]
         logger.info(f"extracted {extractor.tag} features of {len(feats)} reference images in {time.time() - t0:.1f}s")
     if stats is None:
-        stats = fid_statistics(feats)
+        stats = _checked_stats(**fid_statistics(feats), where=f"the features of {ref.desc}")
     arrays = dict(mu=stats["mu"], sigma=stats["sigma"],
                   meta=np.array(json.dumps(dict(key=key, reference=ref.desc, count=ref.count, extractor=extractor.tag,
                                                 created=time.strftime("%Y-%m-%dT%H:%M:%S%z")))))
@@ -541,7 +571,8 @@ def fid_bootstrap(features: torch.Tensor, ref_stats: dict, fid: float, resamples
                      for _ in range(resamples)])
     lo_q, hi_q = np.quantile(boot, [(1 - level) / 2, 1 - (1 - level) / 2])
     shift = fid - float(boot.mean())
-    return max(0.0, float(lo_q) + shift), float(hi_q) + shift, boot
+    lo = float(lo_q) + shift
+    return (max(0.0, lo) if math.isfinite(lo) else lo), float(hi_q) + shift, boot   # max(0, nan) would be 0
 
 
 def _strata(labels: Optional[torch.Tensor], n: int) -> List[np.ndarray]:
@@ -569,6 +600,8 @@ def paired_fid_bootstrap(features: torch.Tensor, dense_features: torch.Tensor, r
     delta = fid_from_statistics(fid_statistics(f), ref_stats) - fid_from_statistics(fid_statistics(g), ref_stats)
     if torch.equal(f, g):   # identical sets: every resample differs by exactly 0
         return 0.0, 0.0, 0.0, np.zeros(resamples)
+    if resamples < 1:       # --bootstrap 0: the estimate without an interval
+        return delta, float("nan"), float("nan"), np.zeros(0)
     rng = np.random.default_rng(seed)
     boot = np.empty(resamples)
     for r in range(resamples):
@@ -592,8 +625,10 @@ def paired_accuracy_bootstrap(logits: torch.Tensor, dense_logits: torch.Tensor, 
     a = (logits.argmax(1).cpu() == lab).double().numpy()
     b = (dense_logits.argmax(1).cpu() == lab).double().numpy()
     delta = float(a.mean() - b.mean())
-    if np.array_equal(a, b) or resamples < 1:
+    if np.array_equal(a, b):   # every resample differs by exactly 0
         return delta, delta, delta
+    if resamples < 1:          # --bootstrap 0: the estimate without an interval
+        return delta, None, None
     groups = _strata(lab, len(a))
     rng = np.random.default_rng(seed)
     d = a - b
@@ -798,8 +833,7 @@ def quality_metrics(images: torch.Tensor, bundle, *, labels: Optional[torch.Tens
             d = (gen if torch.equal(to_uint8(paired_images).cpu(), images.cpu()) else
                  _paired_features(to_uint8(paired_images), extractor, paired_key, cache_dir, batch_size))
             out["class_accuracy_delta"], out["class_accuracy_delta_ci_low"], out["class_accuracy_delta_ci_high"] = \
-                paired_accuracy_bootstrap(gen[extractor.isc_layer], d[extractor.isc_layer], labels,
-                                          max(bootstrap, 1), seed)
+                paired_accuracy_bootstrap(gen[extractor.isc_layer], d[extractor.isc_layer], labels, bootstrap, seed)
     out.update(extractor=extractor.tag, reference=ref.desc, reference_count=ref.count, reference_cached=cached,
                reference_split=json.dumps(ref.info["record"]) if ref.info.get("record") else None,
                quality_samples=n, quality_metrics=",".join(metrics),
@@ -814,10 +848,13 @@ def quality_metrics(images: torch.Tensor, bundle, *, labels: Optional[torch.Tens
 
 def _paired_features(images: torch.Tensor, extractor: Extractor, key: Optional[str], cache_dir: Optional[str],
                      batch_size: Optional[int]) -> Dict[str, torch.Tensor]:
-    """Features of dense's same-seed images, cached on disk by (dense outputs entry, extractor)."""
+    """Features of dense's same-seed images, cached on disk by (dense outputs entry, the images' own bytes,
+    extractor): an entry regenerated with other content (a rebuilt entry, a nondeterministic GPU) is a new key."""
     path = None
     if key is not None:
-        h = hashlib.sha256(json.dumps([CACHE_VERSION, key, extractor.tag, tuple(images.shape)]).encode()).hexdigest()
+        content = hashlib.sha256(images.cpu().contiguous().numpy().tobytes()).hexdigest()
+        h = hashlib.sha256(json.dumps([CACHE_VERSION, key, extractor.name, extractor.sha256, content,
+                                       tuple(images.shape)]).encode()).hexdigest()
         path = os.path.join(cache_dir or default_cache_dir(), f"paired-features-{h[:20]}.npz")
         if os.path.isfile(path):
             try:
@@ -847,7 +884,7 @@ def paired_quality(images, feats, gen, dense_images, extractor, metrics, ref_fea
     dfeats = dense[extractor.feature_layer]
     if "fid" in metrics:
         with single_threaded(feats.shape[1] <= 512):
-            delta, lo, hi, _ = paired_fid_bootstrap(feats, dfeats, ref_stats, max(bootstrap, 1), seed, labels)
+            delta, lo, hi, _ = paired_fid_bootstrap(feats, dfeats, ref_stats, bootstrap, seed, labels)
         fid_dense = own["fid"] - delta
         out.update(fid_delta=delta, fid_delta_ci_low=lo, fid_delta_ci_high=hi,
                    fid_delta_pct=100 * delta / fid_dense if fid_dense > 0 else nan,
@@ -857,7 +894,7 @@ def paired_quality(images, feats, gen, dense_images, extractor, metrics, ref_fea
         out["isc_delta"] = own["isc_mean"] - isc_features_to_metric(dense[extractor.isc_layer], ISC_SPLITS, True,
                                                                     seed)[KEY_METRIC_ISC_MEAN]
     if ref_feats is not None and "prc" in metrics:
-        dev = feats.device
+        dev = images.device   # where the method's own precision/recall ran: dense itself gets exactly 0
         p, r = prc_features(dfeats.to(dev), ref_feats.to(dev), PRC_NEIGHBORHOOD, ref_radii)
         out.update(precision_delta=own["precision"] - p, recall_delta=own["recall"] - r)
     return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in out.items()}

@@ -161,7 +161,7 @@ def test_paired_bootstrap_excludes_zero_for_a_known_shift_and_is_narrower_than_u
     from bench.quality import fid_bootstrap, fid_from_statistics, fid_statistics, paired_fid_bootstrap
     f, labels = _features()
     ref = _ref_stats()
-    shifted = f + 0.3                                      # every sample moved: FID goes up by about 8 x 0.3^2
+    shifted = f + 0.15                                     # every sample moved by 0.15 in each dimension
     delta, lo, hi, _ = paired_fid_bootstrap(shifted, f, ref, 100, 0, labels)
     fid_f = fid_from_statistics(fid_statistics(f), ref)
     fid_s = fid_from_statistics(fid_statistics(shifted), ref)
@@ -169,7 +169,20 @@ def test_paired_bootstrap_excludes_zero_for_a_known_shift_and_is_narrower_than_u
     # the unpaired intervals of the two FIDs overlap although the shift is real; the paired one resolves it
     lo_f, hi_f, _ = fid_bootstrap(f, ref, fid_f, 100, 0, labels)
     lo_s, hi_s, _ = fid_bootstrap(shifted, ref, fid_s, 100, 0, labels)
-    assert (hi - lo) < (hi_f - lo_f) / 3
+    assert lo_s <= hi_f and (hi - lo) < (hi_f - lo_f) / 3
+
+
+def test_paired_bootstraps_without_resamples_give_no_interval():
+    """--bootstrap 0: the estimates, and no interval (not a one-resample 'interval' of zero width)."""
+    from bench.quality import paired_accuracy_bootstrap, paired_fid_bootstrap
+    f, labels = _features()
+    delta, lo, hi, boot = paired_fid_bootstrap(f + 0.3, f, _ref_stats(), 0, 0, labels)
+    assert delta > 0 and math.isnan(lo) and math.isnan(hi) and len(boot) == 0
+    assert paired_fid_bootstrap(f, f.clone(), _ref_stats(), 0, 0, labels)[:3] == (0.0, 0.0, 0.0)
+    dense = torch.nn.functional.one_hot(labels, 10).float()
+    worse = dense.clone()
+    worse[:40] = worse[:40].roll(1, dims=1)                 # 40 of 200 samples misclassified
+    assert paired_accuracy_bootstrap(worse, dense, labels, 0, 0) == (pytest.approx(-0.2), None, None)
 
 
 def test_sample_size_guidance():
@@ -177,7 +190,7 @@ def test_sample_size_guidance():
     assert samples_for_halfwidth(500, 2.0, 1.0) == 2000          # halve the width: 4x the samples
     assert samples_for_halfwidth(500, 0.0, 1.0) is None and samples_for_halfwidth(500, 1.0, 0.0) is None
     assert samples_for_halfwidth(100, 0.5, 1.0) == 25
-    assert not math.isnan(samples_for_halfwidth(10, 3.0, 1.0))
+    assert samples_for_halfwidth(10, 3.0, 1.0) == 90 and samples_for_halfwidth(10, math.nan, 1.0) is None
 
 
 def test_bad_input_one_line_exit_2(tmp_path):

@@ -194,6 +194,65 @@ def test_npz_references_stats_only_and_with_images(bundle, cache, tmp_path, real
         Q.check_reference(bundle, N, reference=str(tmp_path / "wrongdim.npz"))
 
 
+def test_npz_image_subsets_are_seeded_and_class_stratified(bundle, tmp_path):
+    """A subset of an .npz's images is not its first N (files are often written class by class): stratified by
+    arr_1's labels when it has them, else a seeded random subset; the description says which."""
+    labels = np.repeat(np.arange(10), 10)                       # class-sorted: 10 images of each class
+    imgs = np.broadcast_to(labels.astype(np.uint8)[:, None, None, None], (100, 4, 4, 3)).copy()
+    imgs[:, 0, 0, 0] = np.arange(100)                          # each image identifiable
+    np.savez(tmp_path / "labelled.npz", arr_0=imgs, arr_1=labels)
+    ref = Q.parse_reference(bundle, str(tmp_path / "labelled.npz"), 20)
+    got = Q._load_reference_images(ref)
+    assert ref.count == 20 and "stratified by arr_1" in ref.desc
+    assert np.bincount(got[:, 1, 1, 1].numpy(), minlength=10).tolist() == [2] * 10
+    assert torch.equal(got, Q._load_reference_images(Q.parse_reference(bundle, str(tmp_path / "labelled.npz"), 20)))
+    np.savez(tmp_path / "plain.npz", arr_0=imgs)
+    ref = Q.parse_reference(bundle, str(tmp_path / "plain.npz"), 20)
+    picked = Q._load_reference_images(ref)[:, 0, 0, 0].tolist()
+    assert "random subset" in ref.desc and len(set(picked)) == 20 and picked != list(range(20))
+    assert len(set(Q._load_reference_images(ref)[:, 1, 1, 1].tolist())) > 2   # not the first two classes
+    full = Q.parse_reference(bundle, str(tmp_path / "plain.npz"), None)
+    assert full.count == 100 and full.desc.endswith("(arr_0 100 of 100 images)")
+    assert torch.equal(Q._load_reference_images(full)[:, 0, 0, 0], torch.arange(100, dtype=torch.uint8))
+    np.savez(tmp_path / "badlabels.npz", arr_0=imgs, arr_1=labels[:50])
+    with pytest.raises(BenchError, match="one entry per arr_0 image"):
+        Q.parse_reference(bundle, str(tmp_path / "badlabels.npz"), 20)
+
+
+def test_non_finite_or_misshapen_reference_statistics_are_refused(bundle, tmp_path):
+    """Published mu/sigma with a NaN would make every FID NaN (and once gave a lower bound of 0): one line."""
+    ex = Q.resolve_extractor(bundle)
+    d = ex.feature_dim
+    for name, mu, sigma, msg in (("nan", np.full(d, np.nan), np.eye(d), "non-finite"),
+                                 ("inf", np.zeros(d), np.diag(np.full(d, np.inf)), "non-finite"),
+                                 ("shape", np.zeros(d), np.eye(d)[:, :3], r"sigma \(D, D\)")):
+        np.savez(tmp_path / f"{name}.npz", mu=mu, sigma=sigma)
+        with pytest.raises(BenchError, match=msg) as e:
+            Q.reference_features(ex, Q.parse_reference(bundle, str(tmp_path / f"{name}.npz")),
+                                 cache_dir=str(tmp_path / "cache"))
+        assert "\n" not in str(e.value)
+    assert not os.path.exists(tmp_path / "cache") or not os.listdir(tmp_path / "cache")   # nothing cached
+    f = torch.randn(50, 4, dtype=torch.float64)
+    lo, hi, _ = Q.fid_bootstrap(f, dict(mu=np.full(4, np.nan), sigma=np.eye(4)), float("nan"), 5, 0)
+    assert math.isnan(lo) and math.isnan(hi)     # not max(0, nan) == 0
+
+
+def test_paired_features_cache_follows_the_images(bundle, tmp_path):
+    """dense's features are cached per dense entry; images regenerated under the same entry are not served the
+    old features."""
+    ex = Q.resolve_extractor(bundle)
+    g = torch.Generator().manual_seed(0)
+    a = torch.randint(0, 256, (6, 3, 32, 32), generator=g, dtype=torch.uint8)
+    b = torch.randint(0, 256, (6, 3, 32, 32), generator=g, dtype=torch.uint8)
+    cache = str(tmp_path)
+    fa = Q._paired_features(a, ex, "dense-entry", cache, None)[ex.feature_layer]
+    assert len(os.listdir(cache)) == 1
+    assert torch.equal(Q._paired_features(a, ex, "dense-entry", cache, None)[ex.feature_layer], fa)
+    assert len(os.listdir(cache)) == 1                                             # the second call was a hit
+    fb = Q._paired_features(b, ex, "dense-entry", cache, None)[ex.feature_layer]
+    assert torch.equal(fb, ex.extract(b)[ex.feature_layer]) and not torch.equal(fa, fb)
+
+
 def test_check_reference_rejects_bad_settings(bundle, tiny, tmp_path):
     cases = [
         (dict(samples=1, metrics=("fid",)), "FID needs >= 2 samples"),
