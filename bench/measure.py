@@ -352,7 +352,7 @@ def generate_all(net, bundle, labels, seed, sampling, batch_size, *, timer=None,
             run_method = timed_batch(net, bundle, labels[s:e], batch_seed(seed, b), sampling, timer, probe)
             if paired is not None and paired.wants(fresh, e - s):
                 (gen, peak), lap = paired.run(b, run_method, dense_batch(dense_net, bundle, labels[s:e],
-                                                                         batch_seed(seed, b), sampling, timer))
+                                                                         batch_seed(seed, b), sampling, timer, probe))
             else:
                 (gen, peak), lap = run_method()
             if timer is not None:
@@ -393,9 +393,11 @@ def timed_batch(net, bundle, labels, seed: int, sampling, timer=None, probe=None
     return run
 
 
-def dense_batch(dense_net, bundle, labels, seed: int, sampling, timer):
-    """A callable timing dense on one batch (outputs discarded): () -> laps."""
-    run = timed_batch(dense_net, bundle, labels, seed, sampling, timer)
+def dense_batch(dense_net, bundle, labels, seed: int, sampling, timer, probe=None):
+    """A callable timing dense on one batch (outputs discarded): () -> laps. `probe`: the method's memory probe,
+    run around dense's batch too (its reading discarded), so that whatever it costs (CPU's sampling thread) is
+    paid by both arms of a round."""
+    run = timed_batch(dense_net, bundle, labels, seed, sampling, timer, probe)
     return lambda: run()[1]
 
 
@@ -436,10 +438,6 @@ def analytic_per_scale(method, net, bundle, batch: int) -> List[float]:
     if m is None:
         m = [s.total for s in dense_scale_macs(bundle.var.cfg, batch)]
     return [float(x) for x in m]
-
-
-def _finite_or_none(x):
-    return None if x is None else float(x)
 
 
 # ---------------------------------------------------------------------------------------------- the phases

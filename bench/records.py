@@ -6,8 +6,11 @@ with dtype and meaning in the field metadata, generate bench.results.SCHEMA, and
     row.update(flops.row())          # its columns
     schema_of(*RECORDS)              # {column: (dtype, meaning)}, in row order
 
-dtypes: string, int64, float64, bool, list<float64>, list<int64>, json (a string holding JSON). A field is null only
-where its `nullable` metadata says when (every other column of a measured row holds a finite value).
+dtypes: string, int64, float64, bool, list<float64>, list<int64>, json (a string holding JSON). A field is null
+where its `nullable` metadata says when, and where its phase was switched off: timing_rounds 0 (the paired timing
+columns), flop_images 0 (fvcore's counts), a quality metric not requested or without the reference it needs (its
+columns), bootstrap 0 (the intervals). Otherwise a measured row's column holds a finite value; a non-finite number
+is stored as null (bench.results), never as NaN.
 """
 from __future__ import annotations
 
@@ -148,7 +151,8 @@ class TimingRecord(Record):
     timing_batches: Optional[int] = column("int64", "batches in the time statistics (after warm-up)")
     warmup_batches: Optional[int] = column("int64", "leading batches excluded from the time statistics")
     timing_extra_batches: Optional[int] = column("int64",
-        "repeats of the last batch added for timing when N/B <= warmup_batches (their outputs are discarded)")
+        "batches run for timing only, outputs discarded: repeats of the last batch when N/B <= warmup_batches, "
+        "and both batches of each paired round the N samples did not provide")
     timer: Optional[str] = column("string", "perf_counter (CPU) | cuda_events (GPU, synchronised per batch)")
     resumed_batches: Optional[int] = column("int64",
         "batches of the N samples read back from a killed run's checkpoints (bench/resume.py), not generated here; "

@@ -91,13 +91,14 @@ def check_results_dir(results_dir: str) -> None:
 
 # ---------------------------------------------------------------------------------------------- writing
 def _plain(v):
-    """numpy scalars/arrays and tuples -> plain python values."""
+    """numpy scalars/arrays and tuples -> plain python values; NaN and Inf -> None (stored as null: a non-finite
+    number never reaches a row, and a value not computed, e.g. an interval without bootstrap, is null)."""
     if hasattr(v, "tolist") and not isinstance(v, (str, bytes)):
-        return v.tolist()
-    if isinstance(v, tuple):
+        return _plain(v.tolist())
+    if isinstance(v, (tuple, list)):
         return [_plain(x) for x in v]
-    if isinstance(v, list):
-        return [_plain(x) for x in v]
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
     return v
 
 

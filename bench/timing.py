@@ -31,7 +31,7 @@ EXTEND_HALFWIDTH = 0.08    # more rounds while the speedup interval is wider tha
 EXTEND_FACTOR = 4          # ... up to 4x the rounds asked for
 SPEEDUP_RESAMPLES = 2000
 PAIRED_PROTOCOL = (
-    "paired ABBA: after one warm-up batch of each, K rounds; round r runs one batch of the method and one batch of "
+    "paired ABBA: after at least one warm-up batch of each, K rounds (K+1 when K is odd); round r runs one batch of the method and one batch of "
     "dense (the loaded VAR) on the same labels and seeds, the method first in even rounds and dense first in odd "
     "ones; while the interval is wider than +-8% after K rounds, rounds continue in pairs (up to 4K); speedup = "
     "median over rounds of t_dense / t_method (whole batch: transformer, sampling, decode); 95% interval = "
@@ -39,11 +39,11 @@ PAIRED_PROTOCOL = (
     "(A/A: speedup_aa) and has speedup 1 by definition")
 # the thresholds of timing_noisy (documented in the README and in SCHEMA)
 NOISY_CV = 0.15            # coefficient of variation of the method's or dense's round laps
-NOISY_UTILIZATION = 0.6    # process CPU time / (wall x threads) during the rounds (CPU only)
-NOISY_LOAD_EXCESS = 1.0    # 1-min load average above cores + this, before or after the rounds (CPU only)
+NOISY_UTILIZATION = 0.6    # process CPU time / (wall x threads) over the generation phase (CPU only)
+NOISY_LOAD_EXCESS = 1.0    # 1-min load average above cores + this, before or after that phase (CPU only)
 NOISY_RULE = (f"timing_noisy: the CV of the method's or dense's round laps > {NOISY_CV}, or (CPU) process CPU "
-              f"time / (wall x threads) < {NOISY_UTILIZATION}, or (CPU) the 1-min load average before or after the "
-              f"rounds > cores + {NOISY_LOAD_EXCESS:g}")
+              f"time / (wall x threads) over the generation phase (which holds the rounds) < {NOISY_UTILIZATION}, or "
+              f"(CPU) the 1-min load average before or after that phase > cores + {NOISY_LOAD_EXCESS:g}")
 
 
 class BatchTimer:
@@ -122,7 +122,9 @@ class PairedRounds:
     a quiet one costs nothing extra."""
 
     def __init__(self, rounds: int, warmup: int, full_size: int, max_rounds: Optional[int] = None):
-        self.rounds, self.warmup, self.full_size = rounds, warmup, full_size
+        # at least one batch of the method before the first round, as dense gets one (warmup_batches 0 would pair a
+        # cold method with a warm dense)
+        self.rounds, self.warmup, self.full_size = rounds, max(1, warmup), full_size
         self.max_rounds = max(rounds, max_rounds if max_rounds is not None else EXTEND_FACTOR * rounds)
         self.done: List[PairedRound] = []
         self.dense_warm = False

@@ -84,10 +84,12 @@ def pareto_front(xs: Sequence[Optional[float]], ys: Sequence[Optional[float]]) -
 
 # ---------------------------------------------------------------------------------------------- paired terms
 RESOLUTION_RULE = (
+    "points are compared only with points paired against the same dense baseline (same model and sweep run); "
     "point A dominates point B only when the evidence separates them on both axes: A's speedup interval lies "
-    "wholly above B's and A's ΔFID interval wholly below B's (95% intervals). 'front': on the Pareto front of the "
-    "point estimates and dominated by no point; 'not resolved': off that front, but no point separates it; "
-    "'dominated': some point separates it on both axes")
+    "wholly above B's and A's ΔFID interval wholly below B's (95% intervals). 'front': no point is at least as "
+    "good on both point estimates and better on one, and none separates it; 'not resolved': off that front, but "
+    "no point separates it; 'dominated': some point separates it on both axes; 'incomplete': the row lacks a "
+    "paired value or interval")
 PAIRED_CI_TEXT = ("speedup = median over paired ABBA rounds of t_dense / t_method within each trial (same labels "
                   "and seeds), percentile-bootstrap 95% over rounds; ΔFID = FID(method) - FID(dense) on the same "
                   "seeds, paired class-stratified bootstrap 95% (same resample indices for both)")
@@ -108,21 +110,27 @@ def _complete(t) -> bool:
     return all(v is not None and not (isinstance(v, float) and math.isnan(v)) for v in t)
 
 
+def baseline_groups(df) -> List[Tuple[str, str]]:
+    """(sweep id, model) per row: the rows paired against the same dense baseline, which alone compare."""
+    return [(str(s or ""), str(m or "")) for s, m in zip(col(df, "sweep_id"), col(df, "model"))]
+
+
 def resolution(df) -> List[Optional[str]]:
-    """'front' | 'not resolved' | 'dominated' per row by RESOLUTION_RULE (None: the row has no paired values).
-    Speed is maximised, ΔFID minimised."""
+    """'front' | 'not resolved' | 'dominated' per row by RESOLUTION_RULE (None: incomplete, the row lacks a paired
+    value). Speed is maximised, ΔFID minimised; identical points get the same status."""
     sp, dq = paired_intervals(df)
     ok = [_complete(a) and _complete(b) for a, b in zip(sp, dq)]
-    xs = [-a[0] if o else None for a, o in zip(sp, ok)]          # pareto_front minimises both
-    ys = [b[0] if o else None for b, o in zip(dq, ok)]
-    front = pareto_front(xs, ys)
+    group = baseline_groups(df)
     out: List[Optional[str]] = []
     for i in range(len(sp)):
         if not ok[i]:
             out.append(None)
             continue
-        beaten = any(ok[j] and j != i and sp[j][1] > sp[i][2] and dq[j][2] < dq[i][1] for j in range(len(sp)))
-        out.append("dominated" if beaten else ("front" if front[i] else "not resolved"))
+        peers = [j for j in range(len(sp)) if ok[j] and j != i and group[j] == group[i]]
+        beaten = any(sp[j][1] > sp[i][2] and dq[j][2] < dq[i][1] for j in peers)
+        off_front = any(sp[j][0] >= sp[i][0] and dq[j][0] <= dq[i][0] and (sp[j][0] > sp[i][0] or dq[j][0] < dq[i][0])
+                        for j in peers)
+        out.append("dominated" if beaten else ("not resolved" if off_front else "front"))
     return out
 
 

@@ -24,17 +24,26 @@ def _paired(ctx: Context):
     return ctx.df, sp, dq, D.resolution(ctx.df)
 
 
-def _caption_rule(ctx: Context) -> str:
-    return f"Resolution rule: {D.RESOLUTION_RULE}. {ctx.caption()}"
+def _caption_rule(ctx: Context, status) -> str:
+    missing = sum(st is None for st in status)
+    shown = (f" {len(status) - missing} of the {len(status)} runs have every paired value and interval; the other "
+             f"{missing} are incomplete (listed in the table, not drawn)." if missing else "")
+    return f"Resolution rule: {D.RESOLUTION_RULE}.{shown} {ctx.caption()}"
 
 
 @register_report("paired", "speedup vs ΔFID against dense, paired, with what is resolved (headline)",
                  order=10, overview=True)
 def paired_tradeoff(ctx: Context) -> List[str]:
     df, sp, dq, status = _paired(ctx)
-    keys = [(k[0], "", "") for k in D.series_keys(df)] if ctx.by_method else D.series_keys(df)
+    series = [(k[0], "", "") for k in D.series_keys(df)] if ctx.by_method else D.series_keys(df)
+    models = [str(m or "") for m in D.col(df, "model")]
+    multi_model = len(set(models)) > 1   # one series per (series, model): each model has its own dense baseline
+    keys = [k + (m if multi_model else "",) for k, m in zip(series, models)]
     order = list(dict.fromkeys(keys))
     aa = list(zip(D.col(df, "speedup_aa_ci_low"), D.col(df, "speedup_aa_ci_high")))
+    if any(st is None for st in status):
+        ctx.note(f"paired_tradeoff: {sum(st is None for st in status)} incomplete run(s) not drawn (no paired "
+                 "value or interval)")
     plt = S.setup()
     fig, ax = plt.subplots(figsize=(S.SINGLE, S.HEIGHT + 0.3))
     ax.axvline(1.0, color="#888888", lw=0.6, ls=":")
@@ -51,7 +60,7 @@ def paired_tradeoff(ctx: Context) -> List[str]:
                     ax.plot([lo, hi], [0, 0], color=S.DENSE_COLOR, lw=2.5, alpha=0.3, solid_capstyle="butt",
                             label="dense A/A interval")
             ax.scatter([1.0], [0.0], marker="*", s=70, color=S.DENSE_COLOR, zorder=5,
-                       label=D.series_label(key, order))
+                       label=_label(key, order))
             continue
         c, m = S.color(i_color), S.marker(i_color)
         i_color += 1
@@ -62,7 +71,7 @@ def paired_tradeoff(ctx: Context) -> List[str]:
                         ecolor=c, elinewidth=0.7, alpha=max(alpha, 0.5), zorder=2)
             ax.scatter([s], [d], marker=m, s=22, zorder=3, alpha=alpha,
                        facecolors=c if filled else "none", edgecolors=c, linewidths=0.9)
-        ax.scatter([], [], marker=m, color=c, s=22, label=D.series_label(key, order))
+        ax.scatter([], [], marker=m, color=c, s=22, label=_label(key, order))
     for st, (filled, alpha, text) in STATUS_STYLE.items():   # legend entries for the marking
         if st in status:
             ax.scatter([], [], marker="o", s=22, alpha=alpha, facecolors="#555555" if filled else "none",
@@ -74,7 +83,15 @@ def paired_tradeoff(ctx: Context) -> List[str]:
                          "Speedup against ΔFID, both paired with dense inside each trial; dense sits at (1, 0) "
                          "(grey band: dense timed against itself, the timing noise floor). Filled points are on the "
                          "front, faded ones are not resolved, hollow ones are dominated with separated intervals. "
-                         + _caption_rule(ctx))
+                         + _caption_rule(ctx, status))
+
+
+def _label(key, order) -> str:
+    """series_label of (method, entry, twin), with the model when the figure holds several."""
+    label = D.series_label(key[:3], [k[:3] for k in order])
+    if key[0] == "dense":   # every model's dense sits at (1, 0): one legend entry
+        return label if next(k for k in order if k[0] == "dense") == key else "_nolegend_"
+    return label + (f" — {key[3]}" if key[3] else "")
 
 
 @register_report("paired_table", "every point in paired terms: speedup, ΔFID, intervals, status",
@@ -88,17 +105,18 @@ def paired_table(ctx: Context) -> List[str]:
     models = D.col(df, "model")
     header = ["Method", "Model", "MACs / dense", "MACs run / dense", "Speedup [95% CI]", "Time saved / FLOPs saved",
               "ΔFID [95% CI]", "ΔFID %", "N for ±1% ΔFID (est.)", "Status", "Timing"]
-    idx = sorted((i for i, s in enumerate(status) if s is not None),
-                 key=lambda i: (methods[i] != "dense", -(sp[i][0] or 0)))
+    idx = sorted(range(len(status)), key=lambda i: (status[i] is None, str(models[i]), methods[i] != "dense",
+                                                    -(sp[i][0] or 0)))
     rows = []
     for i in idx:
         rows.append([labels[i] or methods[i], models[i], S.fmt(ratio[i], ".3f"), S.fmt(executed[i], ".3f"),
                      D.speedup_text(*sp[i]),
                      S.fmt(eff[i], ".2f"), D.delta_text(*dq[i]), S.fmt(pct[i], "+.1f"),
-                     "-" if need[i] is None else f"{int(need[i]):,}", status[i], "noisy" if noisy[i] else "ok"])
+                     "-" if need[i] is None else f"{int(need[i]):,}", status[i] or "incomplete",
+                     "noisy" if noisy[i] else "ok"])
     return S.save_table(ctx.out_dir, "paired_summary", header, rows,
                         "Every point in paired terms against dense. 'MACs / dense' is the method's routed work (what "
                         "the papers count), 'MACs run / dense' what the kernels executed (expert layers: every "
                         "expert on masked-dense calls). 'N for ±1% ΔFID' estimates the samples per "
                         "point at which the ΔFID interval's half-width would reach 1% of dense FID (1/√N scaling "
-                        "of this run's paired bootstrap; an estimate). " + _caption_rule(ctx))
+                        "of this run's paired bootstrap; an estimate). " + _caption_rule(ctx, status))

@@ -68,6 +68,9 @@ def pareto_figures(ctx: Context) -> List[str]:
     files = []
     fids = D.col(df, "fid")
     rel, kind = D.relative_time(df)
+    unpaired = sum(r is None and f is not None for r, f in zip(rel, fids)) if kind == "paired" else 0
+    if unpaired:   # rows from before paired timing: their times are not comparable with paired ones
+        ctx.note(f"pareto_fid_vs_time: {unpaired} run(s) without a paired speedup not drawn")
     time_label = ("time / dense (1 / paired speedup)" if kind == "paired" else
                   "time / dense (UNPAIRED: different trials)")
     for stem, xs, xlabel in (("pareto_fid_vs_flops", D.gmacs(df, column), f"GMACs / image ({desc})"),
@@ -91,7 +94,9 @@ def pareto_figures(ctx: Context) -> List[str]:
         files += S.save_figure(fig, ctx.out_dir, stem, f"FID against {what} per method; the dotted staircase is "
                                f"the Pareto front of the point estimates (circled points; intervals ignored: "
                                f"paired_tradeoff says what is resolved), the black star the dense model, bars are "
-                               f"FID bootstrap intervals. {ctx.caption(desc)}")
+                               f"FID bootstrap intervals."
+                               + (f" {unpaired} run(s) without a paired speedup are not drawn."
+                                  if unpaired and "time" in stem else "") + f" {ctx.caption(desc)}")
     return files
 
 
@@ -121,7 +126,7 @@ def front_table(ctx: Context) -> List[str]:
         dmacs = f"{100 * (xs[i] * 1e9 / dm - 1):+.1f}%" if dm and xs[i] is not None else "-"
         rows.append([labels[i] or D.col(df, "method")[i], models[i], S.fmt(xs[i], ".4g"), dmacs, S.fmt(ms[i], ".3g"),
                      D.speedup_text(*sp[i]), S.fid_text(fids[i], lo[i], hi[i]), D.delta_text(*dq[i]),
-                     S.fmt(isc[i], ".3g"), status[i] or "-", "yes" if front[i] else "no"])
+                     S.fmt(isc[i], ".3g"), status[i] or "incomplete", "yes" if front[i] else "no"])
     return S.save_table(ctx.out_dir, "pareto_front", header, rows,
                         f"Pareto front of FID against MACs ({desc}) by point estimates, the dense baseline always "
                         f"listed; 'resolved' applies the paired rule ({D.RESOLUTION_RULE}). ms/img is this trial's "

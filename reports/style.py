@@ -3,6 +3,7 @@ caption sidecar, and Markdown/LaTeX tables."""
 from __future__ import annotations
 
 import os
+import re
 from typing import List, Optional, Sequence
 
 from bench.atomic import atomic_path, atomic_write_text
@@ -56,12 +57,19 @@ def save_figure(fig, out_dir: str, stem: str, caption: str) -> List[str]:
 
 
 # ---------------------------------------------------------------------------------------------- tables
+_TEX = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_", "{": r"\{",
+        "}": r"\}", "~": r"\textasciitilde{}", "^": r"\^{}",
+        # symbols pdflatex's default input encoding cannot take
+        "τ": r"$\tau$", "→": r"$\rightarrow$", "±": r"$\pm$", "α": r"$\alpha$", "β": r"$\beta$",
+        "γ": r"$\gamma$", "Δ": r"$\Delta$", "Σ": r"$\Sigma$", "√": r"$\surd$", "×": r"$\times$", "−": "--",
+        "—": "---", "–": "--", "·": r"$\cdot$", "½": r"$\frac{1}{2}$", "²": r"$^2$", "³": r"$^3$",
+        "≤": r"$\leq$", "≥": r"$\geq$", "≈": r"$\approx$", "…": r"\ldots{}", "ä": r"\"a"}
+_TEX_RE = re.compile("|".join(re.escape(k) for k in _TEX))
+
+
 def _tex_escape(s: str) -> str:
-    for a, b in (("\\", r"\textbackslash{}"), ("&", r"\&"), ("%", r"\%"), ("$", r"\$"), ("#", r"\#"),
-                 ("_", r"\_"), ("{", r"\{"), ("}", r"\}"), ("~", r"\textasciitilde{}"), ("^", r"\^{}")):
-        s = s.replace(a, b)
-    return s.replace("τ", r"$\tau$").replace("→", r"$\rightarrow$").replace("±", r"$\pm$") \
-        .replace("α", r"$\alpha$").replace("β", r"$\beta$").replace("γ", r"$\gamma$").replace("Δ", r"$\Delta$")
+    """LaTeX text for a table cell or caption, in one pass (a replacement is never escaped again)."""
+    return _TEX_RE.sub(lambda m: _TEX[m.group(0)], s)
 
 
 def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]], caption: str = "") -> str:

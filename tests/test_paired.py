@@ -74,6 +74,59 @@ def test_abba_rounds_recover_the_ratio_when_load_doubles_mid_run(rounds):
     assert aa["speedup_aa"] == pytest.approx(3.0)
 
 
+def test_the_method_is_warmed_up_even_with_no_warmup_batches():
+    """Dense is warmed once before the first round; the method's first batch is its warm-up, also with
+    warmup_batches 0 (a cold method against a warm dense measured 0.67 for a true 2.0)."""
+    paired = PairedRounds(2, warmup=0, full_size=4)
+    assert not paired.wants(0, 4) and paired.wants(1, 4)
+
+
+def test_both_arms_of_a_paired_round_carry_the_memory_probe(monkeypatch):
+    """The method's batches run inside the memory probe (on CPU without clear_refs, a sampling thread); dense's
+    batches of the same rounds must too, or the probe's cost biases every speedup."""
+    from bench import measure, memory
+    from bench import sampling as sampling_module
+    from bench.registry import create_method
+    from bench.zoo import tiny_bundle
+    state = dict(active=False, finishing=False)
+    calls = []
+
+    class CountingProbe:
+        kind = "counting"
+
+        def __init__(self, device):
+            pass
+
+        def start(self):
+            state["active"] = True
+
+        def stop(self):
+            state["active"] = False
+            return 0
+
+    real_generate, real_finish = sampling_module.generate, measure.finish_rounds
+
+    def generate(net, *a, **kw):
+        calls.append((net is bundle.var, state["active"], state["finishing"]))
+        return real_generate(net, *a, **kw)
+
+    def finish_rounds(*a, **kw):
+        state["finishing"] = True
+        return real_finish(*a, **kw)
+
+    monkeypatch.setattr(memory, "PeakMemory", CountingProbe)
+    monkeypatch.setattr(sampling_module, "generate", generate)
+    monkeypatch.setattr(measure, "finish_rounds", finish_rounds)
+    bundle = tiny_bundle()
+    method = create_method("cfg-skip")
+    net = method.build(bundle)
+    measure.time_paired(method, net, bundle, torch.arange(8) % 10, 0, bundle.sampling, 2, rounds=2)
+    dense_in_rounds = [c for c in calls if c[0] and not c[2]]
+    assert dense_in_rounds and any(not c[0] for c in calls)
+    # inside generate_all every batch of either arm runs inside the probe; finish_rounds' extra rounds in neither
+    assert all(active == (not finishing) for _, active, finishing in calls)
+
+
 def _run_until_complete(paired, method, dense):
     b = 1
     while not paired.complete:

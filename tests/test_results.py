@@ -42,6 +42,17 @@ def test_round_trip_types_lists_and_json(tmp_path):
     assert "[1.0, 2.5, 1.0]" in text and text.count("\n") == 3
 
 
+def test_non_finite_numbers_are_stored_as_null(tmp_path):
+    """A NaN or Inf (a metric not computed, an interval without bootstrap) never reaches a stored row: null."""
+    import numpy as np
+    import pyarrow.parquet as pq
+    append_row(str(tmp_path), _row(1, fid=float("nan"), fid_ci_high=np.float64("inf"),
+                                   macs_fvcore_per_scale=[1.0, float("nan")], precision=0.5))
+    t = pq.read_table(row_files(str(tmp_path))[0]).to_pylist()[0]
+    assert t["fid"] is None and t["fid_ci_high"] is None and t["macs_fvcore_per_scale"] == [1.0, None]
+    assert t["precision"] == 0.5
+
+
 def test_wrong_type_is_refused_before_writing(tmp_path):
     with pytest.raises(ValueError, match="samples"):
         append_row(str(tmp_path), _row(1, samples="many"))
