@@ -290,11 +290,14 @@ class PairedQualityRecord(Record):
     def summary(self) -> str:
         if self.fid_delta is None:
             return ""
+
+        def interval(lo, hi, spec):   # no interval without bootstrap resamples (--bootstrap 0)
+            return " (no interval)" if lo is None or hi is None else f" [{lo:{spec}}, {hi:{spec}}]"
         acc = "" if self.class_accuracy_delta is None else (
-            f", class_accuracy_delta {self.class_accuracy_delta:+.3f} [{self.class_accuracy_delta_ci_low:+.3f}, "
-            f"{self.class_accuracy_delta_ci_high:+.3f}]")
-        return (f"paired with dense: fid_delta {self.fid_delta:+.4g} [{self.fid_delta_ci_low:+.4g}, "
-                f"{self.fid_delta_ci_high:+.4g}]{acc}")
+            f", class_accuracy_delta {self.class_accuracy_delta:+.3f}"
+            + interval(self.class_accuracy_delta_ci_low, self.class_accuracy_delta_ci_high, "+.3f"))
+        return (f"paired with dense: fid_delta {self.fid_delta:+.4g}"
+                + interval(self.fid_delta_ci_low, self.fid_delta_ci_high, "+.4g") + acc)
 
 
 

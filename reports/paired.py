@@ -67,7 +67,9 @@ def paired_tradeoff(ctx: Context) -> List[str]:
         for i in idx:
             (s, slo, shi), (d, dlo, dhi) = sp[i], dq[i]
             filled, alpha, _ = STATUS_STYLE[status[i]]
-            ax.errorbar([s], [d], xerr=[[s - slo], [shi - s]], yerr=[[d - dlo], [dhi - d]], fmt="none",
+            # max(0, ...): matplotlib refuses a negative bar, which an estimate outside its own interval would give
+            ax.errorbar([s], [d], xerr=[[max(0.0, s - slo)], [max(0.0, shi - s)]],
+                        yerr=[[max(0.0, d - dlo)], [max(0.0, dhi - d)]], fmt="none",
                         ecolor=c, elinewidth=0.7, alpha=max(alpha, 0.5), zorder=2)
             ax.scatter([s], [d], marker=m, s=22, zorder=3, alpha=alpha,
                        facecolors=c if filled else "none", edgecolors=c, linewidths=0.9)

@@ -236,6 +236,9 @@ def test_paired_bootstraps_without_resamples_give_no_interval():
     worse = dense.clone()
     worse[:40] = worse[:40].roll(1, dims=1)                 # 40 of 200 samples misclassified
     assert paired_accuracy_bootstrap(worse, dense, labels, 0, 0) == (pytest.approx(-0.2), None, None)
+    from bench.records import PairedQualityRecord
+    line = PairedQualityRecord(fid_delta=delta, class_accuracy_delta=-0.2).summary()   # the run's log line
+    assert line.count("(no interval)") == 2 and f"{delta:+.4g}" in line
 
 
 def test_sample_size_guidance():

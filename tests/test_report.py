@@ -303,6 +303,17 @@ def test_paired_status_compares_within_a_dense_baseline_and_lists_incomplete_row
     assert "√" not in tex and "Δ" not in tex and r"$\surd$" in tex
 
 
+def test_paired_figure_survives_an_estimate_outside_its_interval(tmp_path):
+    """A bootstrap interval need not contain its estimate (few rounds, skewed resamples): drawn, not a crash."""
+    from bench.results import append_row
+    from reports import build_reports
+    d = str(tmp_path / "s")
+    append_row(d, _paired(_row("odd", "odd-1", "m/dense", "dense", DENSE_MACS, 10.0), (1.0, 1.0, 1.0), (0, 0, 0)))
+    append_row(d, _paired(_row("odd", "odd-1", "m/dmoe", "dmoe", 0.8e9, 10.5), (1.30, 1.31, 1.40), (0.5, 0.6, 0.9)))
+    build_reports(d, "odd", str(tmp_path / "out"))
+    assert os.path.getsize(tmp_path / "out" / "odd" / "paired_tradeoff.png") > 0
+
+
 def test_latex_escaping_is_one_pass():
     from reports.style import _tex_escape
     assert _tex_escape("a\\b {x}") == r"a\textbackslash{}b \{x\}"
