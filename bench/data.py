@@ -26,6 +26,9 @@ import torch
 from torch.utils.data import Dataset
 
 from bench.errors import BenchError
+from bench.log import get_logger
+
+logger = get_logger(__name__)
 
 SHAPES_CLASSES = ("circle", "square", "triangle", "plus", "ring", "star", "diamond", "crescent", "x-cross", "frame")
 SPLIT_SEEDS = {"train": 1_000, "val": 2_000, "test": 3_000}  # distinct streams: held-out images never seen in training
@@ -232,23 +235,33 @@ class ImageFolderData:
             raise BenchError(f"image folder not found: {root}")
         self.root = os.path.realpath(root)
         self.partition = dict(FOLDER_SPLIT, **(partition or {}))
-        classes = sorted(d for d in os.listdir(self.root) if os.path.isdir(os.path.join(self.root, d)))
+        classes = folder_classes(self.root)
         self.files: Dict[str, List[str]] = {}
+        skipped: List[str] = []
         for c in classes:
-            fs = sorted(os.path.relpath(os.path.join(dp, f), self.root)
-                        for dp, _, names in os.walk(os.path.join(self.root, c)) for f in names
-                        if f.lower().endswith(IMAGE_EXTS))
-            if fs:
-                self.files[c] = fs
+            fs, other = [], []
+            for dp, _, names in os.walk(os.path.join(self.root, c)):
+                for f in names:
+                    rel = os.path.relpath(os.path.join(dp, f), self.root)
+                    (fs if f.lower().endswith(IMAGE_EXTS) else other).append(rel)
+            if not fs:   # dropping it would shift every later class's label
+                raise BenchError(f"class folder {os.path.join(root, c)} has no images ({', '.join(IMAGE_EXTS)})"
+                                 + (f", only e.g. {sorted(other)[0]}" if other else "") + "; remove it or add images")
+            self.files[c] = sorted(fs)
+            skipped += [f for f in other if not os.path.basename(f).startswith(".")]
+        if skipped:
+            logger.warning(f"image folder {root}: {len(skipped)} file(s) that are not {', '.join(IMAGE_EXTS)} images "
+                           f"are not used (e.g. {sorted(skipped)[0]})")
         self.classes = list(self.files)
         if len(self.classes) < 2:
             found = f"one class ({self.classes[0]})" if self.classes else "no class subfolder with images"
             raise BenchError(f"image folder {root} has {found}; a class-conditional model needs >= 2 classes, "
                              f"one subfolder of images each ({', '.join(IMAGE_EXTS)}): DIR/<class>/*.png")
-        h = hashlib.sha256()
+        h = hashlib.sha256()   # names, sizes and modification times: an image rewritten in place is new data
         for c in self.classes:
             for f in self.files[c]:
-                h.update(f"{f}:{os.path.getsize(os.path.join(self.root, f))}\n".encode())
+                st = os.stat(os.path.join(self.root, f))
+                h.update(f"{f}:{st.st_size}:{st.st_mtime_ns}\n".encode())
         self.data_id = f"folder-{h.hexdigest()[:12]}"
         self._parts = self._partition()
 
@@ -327,11 +340,12 @@ def stratified_pick(groups: List[str], count: int, seed: int = 0) -> List[int]:
     quota = {g: count // len(names) for g in names}
     for gi in rng.permutation(len(names))[:count % len(names)]:
         quota[names[gi]] += 1
-    short = sum(max(0, quota[g] - len(by[g])) for g in names)   # classes too small: the rest go to the others
-    for g in names:
-        while short and quota[g] < len(by[g]):
-            quota[g] += 1
-            short -= 1
+    short = sum(max(0, quota[g] - len(by[g])) for g in names)   # classes too small: the rest go to the others,
+    while short and any(quota[g] < len(by[g]) for g in names):   # one at a time in turn (not all to the first)
+        for g in names:
+            if short and quota[g] < len(by[g]):
+                quota[g] += 1
+                short -= 1
     pick = []
     for gi, g in enumerate(names):
         order = np.random.default_rng([int(seed), 13, gi]).permutation(len(by[g]))
@@ -340,6 +354,11 @@ def stratified_pick(groups: List[str], count: int, seed: int = 0) -> List[int]:
 
 
 _FOLDERS: Dict[tuple, ImageFolderData] = {}
+
+
+def folder_classes(root: str) -> List[str]:
+    """The class names of a class-per-subfolder image folder: its subfolders, sorted (hidden ones left out)."""
+    return sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)) and not d.startswith("."))
 
 
 def folder_data(root: str, partition: Optional[dict] = None) -> ImageFolderData:
@@ -367,6 +386,9 @@ def load_split(data: str, split: str, count: Optional[int], size: int, seed: int
     if data == "shapes":
         if split not in SPLIT_SEEDS:
             raise BenchError(f"unknown split {split!r}; valid: {', '.join(SPLIT_SEEDS)}")
+        if seed != 0:   # each shapes split is one fixed seeded stream (SPLIT_SEEDS); a seed would be ignored
+            raise BenchError(f"a shapes split is one fixed seeded stream ({split}: seed {SPLIT_SEEDS[split]}); a "
+                             f"sample seed ({seed}) applies to image folders only")
         n = 20_000 if count is None else count
         ds = ShapesDataset(split, n, size)
         per = np.bincount(ds.labels.numpy(), minlength=len(ds.classes)).tolist()

@@ -1,10 +1,6 @@
 """Labelled image grids (rows of samples with a class label on the left)."""
 from __future__ import annotations
 
-import os
-
-import numpy as np
-
 
 def save_grid(images, rows: int, row_labels, path: str, title: str = "", cell: int = 96):
     """images: (N,3,H,W) in [0,1], N = rows * cols, row-major. Written atomically."""

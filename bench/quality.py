@@ -298,6 +298,10 @@ def parse_reference(bundle, reference: Optional[str] = None, reference_count: Op
         from bench.data import folder_data
         fd = folder_data(ds["path"], ds.get("partition"))
         _check_classes(fd.classes, bundle, f"image folder {ds['path']}")
+        if ds.get("data_id") not in (None, fd.data_id):   # its split would move: training images in the reference
+            raise BenchError(f"the image folder {ds['path']} changed since model {getattr(bundle, 'name', '?')} was "
+                             f"registered (identity {ds['data_id']} then, {fd.data_id} now), so its held-out split "
+                             f"may now hold training images; train and register again, or give --reference")
         _, _, rec = fd.sample("val", reference_count, 0)
         return Reference("split", f"{fd.data_id}:val ({rec.count} images, {min(rec.per_class)}-{max(rec.per_class)} "
                          f"per class, {size}px)", rec.count, True,

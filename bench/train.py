@@ -14,7 +14,6 @@ import sys
 import time
 from typing import Dict, List, Optional
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -53,12 +52,6 @@ def lr_at(step: int, total: int, base: float, warmup: int, final_ratio: float = 
 
 def _log(msg: str):
     logger.info(f"{time.strftime('%H:%M:%S')} {msg}")
-
-
-def load_images(data: str, count: int, image_size: int, split: str = "train", seed: int = 0):
-    """(N,3,H,W) in [-1,1], labels and class names of a class-stratified sample of a split (bench/data.py)."""
-    images, labels, classes, _ = load_split(data, split, count, image_size, seed)
-    return images, labels, classes
 
 
 def default_hflip(data: str, hflip: Optional[bool]) -> bool:
@@ -251,7 +244,7 @@ def train_var(out: str, vqvae_path: str, depth: int = 4, steps: int = 4000, batc
     start = tr.resume(model, opt)
     gen = torch.Generator().manual_seed(seed + start)
     model.train()
-    L, last = model.L, vq.v_patch_nums[-1] ** 2
+    last = vq.v_patch_nums[-1] ** 2
     t0 = time.time()
     for step in progress(range(start, steps), desc=f"train var-d{depth}", unit="step", logger=logger):
         for g in opt.param_groups:

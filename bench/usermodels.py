@@ -79,7 +79,7 @@ def register_model(name: str, vqvae: str, var: str, classifier: Optional[str] = 
                    force: bool = False) -> str:
     """Validate everything, then copy the weights and write the manifest atomically; returns the directory."""
     from bench.checkpoints import file_sha256
-    from bench.data import default_hflip_for, folder_data
+    from bench.data import default_hflip_for, folder_classes, folder_data
     from bench.sampling import SamplingConfig, validate_sampling
     from bench.train import code_commit
     from bench.zoo import BUILTIN, read_manifest
@@ -101,9 +101,10 @@ def register_model(name: str, vqvae: str, var: str, classifier: Optional[str] = 
                          f"not {vqvae} ({vq_sha[:12]})")
     classes = list(metas["var"].get("classes") or [])
     data = metas["var"]["args"].get("data", "shapes")
-    if metas["classifier"] is not None and len(metas["classifier"].get("classes") or classes) != len(classes):
-        raise BenchError(f"--classifier {classifier} has {len(metas['classifier']['classes'])} classes but the VAR "
-                         f"{len(classes)}")
+    if metas["classifier"] is not None and list(metas["classifier"].get("classes") or classes) != classes:
+        raise BenchError(f"--classifier {classifier} was trained on classes "
+                         f"{', '.join(metas['classifier']['classes'])} but the VAR on {', '.join(classes)} (the same "
+                         f"classes in the same order are needed for class accuracy)")
     if data == "shapes":
         dataset = dict(name="shapes", classes=classes, reference_split="val")
     else:
@@ -111,10 +112,14 @@ def register_model(name: str, vqvae: str, var: str, classifier: Optional[str] = 
         if fd.classes != classes:
             raise BenchError(f"the VAR was trained on classes {', '.join(classes)} but its folder {data} now has "
                              f"{', '.join(fd.classes)}")
-        trained_on = [r.get("data_id") for r in metas["var"].get("data_splits", [])]
-        if trained_on and trained_on[0] != fd.data_id:
-            raise BenchError(f"the image folder {data} changed since the VAR was trained on it (identity "
-                             f"{trained_on[0]} then, {fd.data_id} now)")
+        for role, meta in metas.items():   # every model trained on this folder as it is now: else its held-out
+            if meta is None:                 # split may hold images one of them was trained on
+                continue
+            trained_on = [r.get("data_id") for r in meta.get("data_splits") or []
+                          if r.get("data") == fd.root]   # records of this folder (its real path)
+            if trained_on and trained_on[0] != fd.data_id:
+                raise BenchError(f"the image folder {data} changed since the {role} was trained on it (identity "
+                                 f"{trained_on[0]} then, {fd.data_id} now); train it again on the folder as it is")
         dataset = dict(name="folder", path=fd.root, data_id=fd.data_id, classes=classes, partition=fd.partition,
                        reference_split="val")
     hflip = metas["var"].get("hflip", default_hflip_for(data))
@@ -124,7 +129,12 @@ def register_model(name: str, vqvae: str, var: str, classifier: Optional[str] = 
     if reference is not None:
         if not os.path.isdir(reference):
             raise BenchError(f"--reference must be an image folder (DIR/<class>/*.png), got {reference}")
-        subdirs = sorted(d for d in os.listdir(reference) if os.path.isdir(os.path.join(reference, d)))
+        if data != "shapes":   # the training folder itself (or a part of it) would put training images in FID
+            ref_real, root = os.path.realpath(reference), os.path.realpath(data)
+            if os.path.commonpath([ref_real, root]) in (ref_real, root):
+                raise BenchError(f"--reference {reference} is, holds or lies inside the training folder {data}; give "
+                                 f"a held-out folder, or none to use the folder's own held-out split")
+        subdirs = folder_classes(reference)
         if subdirs != classes:
             raise BenchError(f"reference folder {reference} has classes {', '.join(subdirs) or '(none)'} but the "
                              f"model was trained on {', '.join(classes)}; give a held-out folder of the same classes")

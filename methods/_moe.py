@@ -16,6 +16,7 @@ exactly these matmuls (the gathers/scatters are uncounted ops, and the oracle's 
 from __future__ import annotations
 
 import math
+import os
 from collections import OrderedDict
 from typing import Dict, Optional
 
@@ -40,6 +41,13 @@ def default_data(bundle) -> Optional[str]:
     return "shapes" if ds.get("name") == "shapes" else ds.get("path")
 
 
+def _is_own(data: Optional[str], own: Optional[str]) -> bool:
+    """Is `data` the model's own data, however the folder is spelled (imgs/ vs /abs/path/imgs)?"""
+    if data is None or own is None:
+        return data == own
+    return data == own or (data != "shapes" and own != "shapes" and os.path.realpath(data) == os.path.realpath(own))
+
+
 def data_scope(bundle, data: Optional[str] = None) -> dict:
     """What artifact keys add for the data they were made from: {} for `shapes` on a `shapes` model and for a model
     without data of its own (the shipped artifacts keep their keys; an official model's data is in the artifact's
@@ -50,10 +58,17 @@ def data_scope(bundle, data: Optional[str] = None) -> dict:
     data = data or own
     if own is None or (data == "shapes" and own == "shapes"):
         return {}
+    from bench.data import default_hflip_for
+    from bench.train import default_hflip
     ds = bundle.dataset or {}
-    if data == own and ds.get("data_id"):   # the registered identity: runs need no access to the folder
-        return {"data": ds["data_id"]}
-    return {"data": data_identity(data)}
+    own_data = _is_own(data, own)
+    # mirrored copies change what an artifact is made from: named where they differ from the data's default
+    # (a folder registered with mirroring), so the keys of the default cases stay as they were
+    hflip = default_hflip(data, ds.get("hflip") if own_data else None)
+    mirrored = {"hflip": hflip} if hflip != default_hflip_for(data) else {}
+    if own_data and ds.get("data_id"):   # the registered identity: runs need no access to the folder
+        return {"data": ds["data_id"], **mirrored}
+    return {"data": data_identity(data), **mirrored}
 
 
 def token_data(bundle, count: int, split: str = "train", data: Optional[str] = None, seed: int = 0):
@@ -67,15 +82,16 @@ def token_data(bundle, count: int, split: str = "train", data: Optional[str] = N
     if data is None:
         raise BenchError(f"model {bundle.name} has no dataset of its own; give --data <image folder> to `prepare`")
     ds = bundle.dataset or {}
-    hflip = default_hflip(data, ds.get("hflip") if data == own else None)
-    partition = ds.get("partition") if data == own else None
+    own_data = _is_own(data, own)
+    hflip = default_hflip(data, ds.get("hflip") if own_data else None)
+    partition = ds.get("partition") if own_data else None
     key = (bundle.model_id, data, split, count, seed, hflip, str(bundle.device))
     if key in _TOKEN_CACHE:
         _TOKEN_CACHE.move_to_end(key)
         note_split(_TOKEN_CACHE[key][1])
         return _TOKEN_CACHE[key][0]
     images, labels, _, rec = load_split(data, split, count, bundle.image_size, seed, partition)
-    if data == own and ds.get("data_id") not in (None, rec.data_id):
+    if own_data and ds.get("data_id") not in (None, rec.data_id):
         raise BenchError(f"the image folder {data} changed since model {bundle.name} was registered (identity "
                          f"{ds['data_id']} then, {rec.data_id} now); register it again")
     toks = tokenize(bundle.vqvae, images.to(bundle.device), hflip=hflip)

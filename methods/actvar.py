@@ -351,7 +351,6 @@ class _ActVARBase(Method):
         info = getattr(net, self.info_attr, {})
         out: Dict[str, Any] = dict(actvar_parts=self.parts, sparse_scales=self.scales(bundle))
         out[self.name.replace("-", "_") + "_artifact"] = os.path.basename(info.get("artifact", ""))
-        kt, kw = self.kept_tokens(bundle), self.kept_experts(bundle)
         if self.has_tokens:
             rates = self._rates(bundle, "token_rate")
             out["token_rate_per_scale"] = [rates.get(s) for s in range(S)]

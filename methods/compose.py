@@ -126,7 +126,6 @@ class Compose(Method):
             out[k if k not in tm else f"weight_{k}"] = v
         for k, v in tm.items():
             out[k if k not in wm else f"token_{k}"] = v
-        S = len(bundle.var.patch_nums)
         wscales = wm.get("sparse_scales") or wm.get("moe_scales") or wm.get("pruned_scales")
         out.update(compose_weight=self.config["weight"], compose_token=self.config["token"],
                    compose_weight_scales=wscales, compose_token_scales=gated,

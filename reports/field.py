@@ -8,7 +8,7 @@ speedup 1, ΔFID 0) and is ranked with the others: a method that is slower or wo
 Ranks follow the point estimates; the intervals beside them say which differences are resolved."""
 from __future__ import annotations
 
-from typing import Dict, List, Optional
+from typing import List
 
 from reports import data as D
 from reports import style as S

@@ -145,3 +145,110 @@ def test_artifact_keys_carry_the_data_identity_except_for_the_shipped_default(tm
     assert create_method("actvar").artifact_key(user)["data"] == "folder-registered"
     with pytest.raises(BenchError, match="changed since model .* was registered"):
         _moe.token_data(user, 4)
+
+
+def test_folder_identity_follows_rewritten_images_and_classes_are_never_dropped(tmp_path, caplog):
+    """The identity covers each image's modification time (an image rewritten at the same size is new data); a
+    class folder without usable images is an error (dropping it would shift every later label); other files are
+    named in a warning, not silently skipped."""
+    import logging
+    from bench.data import ImageFolderData
+    root = make_image_folder(tmp_path / "imgs", per_class=(6, 6, 6, 6))
+    before = ImageFolderData(root).data_id
+    f = os.path.join(root, "b", "0000.png")
+    st = os.stat(f)
+    os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))        # rewritten in place, same name and size
+    assert ImageFolderData(root).data_id != before
+    with open(os.path.join(root, "c", "notes.txt"), "w") as fh:
+        fh.write("not an image")
+    with caplog.at_level(logging.WARNING, logger="var_bench"):
+        fd = ImageFolderData(root)
+    assert fd.classes == ["a", "b", "c", "d"] and "c/notes.txt" not in fd.files["c"]
+    assert "1 file(s) that are not" in caplog.text and "notes.txt" in caplog.text
+    os.makedirs(os.path.join(root, "bb"))                             # between b and c: would shift c and d
+    with pytest.raises(BenchError, match="class folder .*bb has no images") as e:
+        ImageFolderData(root)
+    assert "\n" not in str(e.value)
+    with open(os.path.join(root, "bb", "x.tif"), "wb") as fh:
+        fh.write(b"tiff")
+    with pytest.raises(BenchError, match="has no images .*only e.g. bb/x.tif"):
+        ImageFolderData(root)
+
+
+def test_stratified_pick_spreads_a_small_class_shortfall_over_the_others():
+    from bench.data import stratified_pick
+    groups = ["a"] * 2 + ["b"] * 50 + ["c"] * 50
+    for count, want in ((10, [2, 4, 4]), (31, [2, 15, 14]), (102, [2, 50, 50])):
+        got = stratified_pick(groups, count, 0)
+        per = [sum(groups[i] == g for i in got) for g in "abc"]
+        assert sum(per) == count and per[0] == 2 and abs(per[1] - per[2]) <= 1 and sorted(per) == sorted(want)
+
+
+def test_shapes_split_refuses_a_seed_it_would_ignore():
+    from bench.data import load_split
+    with pytest.raises(BenchError, match="fixed seeded stream"):
+        load_split("shapes", "val", 4, 32, seed=7)
+
+
+def test_reference_of_a_changed_folder_is_refused(tmp_path, tiny):
+    """A registered folder model's held-out split is recomputed from the folder: once the folder changes, the
+    split moves and may take in training images, so the reference is refused rather than silently rebuilt."""
+    import copy
+    from bench.quality import parse_reference
+    root = make_image_folder(tmp_path / "imgs", classes=tuple("abcdefghij"), per_class=(6,) * 10)
+    b = copy.copy(tiny)
+    b.dataset = dict(name="folder", path=root, data_id="folder-registered", classes=list("abcdefghij"),
+                     image_size=32, hflip=False)
+    b.class_names, b.name = list("abcdefghij"), "mine"
+    with pytest.raises(BenchError, match="changed since model mine was registered"):
+        parse_reference(b)
+
+
+def test_artifact_keys_name_mirroring_and_any_spelling_of_the_own_folder(tmp_path, tiny, monkeypatch):
+    import copy
+    from methods import _moe
+    root = make_image_folder(tmp_path / "imgs")
+    user = copy.copy(tiny)
+    user.dataset = dict(name="folder", path=root, data_id="folder-registered", classes=list("abcd"), hflip=True)
+    assert _moe.data_scope(user) == {"data": "folder-registered", "hflip": True}
+    monkeypatch.chdir(tmp_path)
+    assert _moe.data_scope(user, "imgs/") == _moe.data_scope(user)           # the same folder, spelled otherwise
+    plain = copy.copy(user)
+    plain.dataset = dict(user.dataset, hflip=False)
+    assert _moe.data_scope(plain) == {"data": "folder-registered"}          # unmirrored keys as before
+
+
+def _fake_trained(tmp_path, name, meta):
+    """A weights file with the training metadata beside it (what `bench train` writes), for register's checks."""
+    w = tmp_path / f"{name}.safetensors"
+    w.write_bytes(b"weights of " + name.encode())
+    (tmp_path / f"{name}.json").write_text(json.dumps(meta))
+    return str(w)
+
+
+def test_register_refuses_mismatched_classes_changed_data_and_a_reference_inside_the_training_folder(
+        tmp_path, monkeypatch):
+    from bench.data import ImageFolderData
+    from bench.usermodels import register_model
+    monkeypatch.setenv("VARBENCH_HOME", str(tmp_path / "home"))
+    root = make_image_folder(tmp_path / "imgs", per_class=(6, 6, 6, 6))
+    fd = ImageFolderData(root)
+    split = dict(data=fd.root, data_id=fd.data_id, split="train")
+    vq = _fake_trained(tmp_path, "vq", dict(config=dict(v_patch_nums=[1, 2], ch_mult=[1, 2]), data_splits=[split]))
+    var = _fake_trained(tmp_path, "var", dict(classes=list("abcd"), args=dict(data=root), data_splits=[split],
+                                              config=dict(vocab_size=16), vqvae_sha256=None))
+    clf = _fake_trained(tmp_path, "clf", dict(classes=list("abcd"), config={}))
+    bad_clf = _fake_trained(tmp_path, "clf2", dict(classes=list("dcba")))
+    old_vq = _fake_trained(tmp_path, "vq2", dict(config=dict(v_patch_nums=[1, 2], ch_mult=[1, 2]),
+                                                 data_splits=[dict(split, data_id="folder-older")]))
+    cases = ((dict(vqvae=vq, var=var, classifier=bad_clf), "was trained on classes d, c, b, a but the VAR on a, b"),
+             (dict(vqvae=old_vq, var=var), "changed since the vqvae was trained on it"),
+             (dict(vqvae=vq, var=var, reference=os.path.join(root, "a")), "lies inside the training folder"),
+             (dict(vqvae=vq, var=var, reference=root), "is, holds or lies inside the training folder"))
+    for kw, msg in cases:
+        with pytest.raises(BenchError, match=msg) as e:
+            register_model("mine", **kw)
+        assert "\n" not in str(e.value)
+    assert not os.path.exists(tmp_path / "home" / "models" / "mine")
+    register_model("mine", vqvae=vq, var=var, classifier=clf)              # the consistent set registers
+    assert os.path.isfile(tmp_path / "home" / "models" / "mine" / "manifest.json")

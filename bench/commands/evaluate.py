@@ -14,7 +14,6 @@ from __future__ import annotations
 
 from bench.commands._common import (add_model_args, add_sampling_args, bundle_from_args, check_flags,
                                     check_writable_file, sampling_from_args)
-from bench.errors import BenchError
 
 ORDER = 35
 

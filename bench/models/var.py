@@ -9,8 +9,8 @@ index (None in the teacher-forced pass) so a replacement can act on chosen scale
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
-from typing import List, Optional, Sequence, Tuple
+from dataclasses import asdict, dataclass
+from typing import List, Optional, Tuple
 
 import torch
 import torch.nn as nn

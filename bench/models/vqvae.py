@@ -6,7 +6,7 @@ quantize.embedding, quantize.quant_resi.qresi_ls.*), so the released file loads 
 """
 from __future__ import annotations
 
-from typing import List, Optional, Sequence, Tuple
+from typing import List, Sequence, Tuple
 
 import numpy as np
 import torch
