@@ -95,6 +95,52 @@ def test_bad_method_values_fail_before_running():
         validate_trials(spec, expand(spec), models="skip")
 
 
+def test_points_the_method_sees_as_one_and_a_fixed_parameter_on_a_list_grid():
+    from bench.sweep import expand, load_spec, validate_trials
+    spec = load_spec("tau", sets=["points.dmoe.grid.tau=[1, 1.0]"])     # distinct as text, one config
+    with pytest.raises(BenchError, match="tau=1.0 .*run the same configuration of dmoe|run the same configuration"):
+        validate_trials(spec, expand(spec), models="skip")
+    # fixing a parameter on an explicit list of points keeps every point with what else it sets
+    spec = load_spec("activation", quick=True, sets=[
+        "points.rates.grid=[{token_rate: 0.5}, {token_rate: 0.6, weight_rate: 0.5}]",
+        "points.rates.params.token_rate=0.7"])
+    rates = [t for t in expand(spec) if t.entry == "rates"]
+    assert [(t.params["token_rate"], t.params.get("weight_rate")) for t in rates] == [(0.7, None), (0.7, 0.5)]
+
+
+def test_modules_of_the_wrong_type_are_one_line(tmp_path, monkeypatch):
+    from bench.sweep import load_spec
+    for value in ("5", "[5]"):
+        f = tmp_path / "m.yaml"
+        f.write_text(f"models: [tiny]\nmodules: {value}\npoints: {{d: {{method: dense}}}}\n")
+        with pytest.raises(BenchError, match="modules must be a list of module names") as e:
+            load_spec(str(f))
+        assert "\n" not in str(e.value)
+    f.write_text("models: [tiny]\nmodules: tests.sweep_standins\npoints: {d: {method: dense}}\n")
+    assert load_spec(str(f))["modules"] == ["tests.sweep_standins"]           # one name: a list of one
+
+
+def test_resume_from_rows_alone_refuses_rows_of_other_settings(tmp_path):
+    """Without a manifest the rows are all --resume has: trials run with another cfg or other parameters under
+    the same keys are not taken as done."""
+    from bench.results import append_row
+    from bench.sweep import expand, load_spec
+    from bench.sweep.store import latest_sweep_id_in_rows
+    spec = load_spec("tau", quick=True)
+    sid = "tau-rowsonly"
+    dmoe = next(t for t in expand(spec) if t.method == "dmoe" and not t.parent)
+    from bench.registry import create_method
+    config = create_method("dmoe", **dmoe.params).config
+    base = dict(sweep="tau", sweep_id=sid, trial_key=dmoe.key(sid), method="dmoe", samples=spec["samples"],
+                seed=spec["seed"], batch_size=spec["batch_size"], cfg=1.5, started_at="2026-01-01T00:00:00+00:00")
+    append_row(str(tmp_path), dict(base, run_id="r1", method_config=json.dumps(config, sort_keys=True)))
+    assert latest_sweep_id_in_rows(str(tmp_path), spec) == sid
+    with pytest.raises(BenchError, match="has cfg=.*not 4"):
+        latest_sweep_id_in_rows(str(tmp_path), load_spec("tau", quick=True, sets=["sampling.cfg=4"]))
+    with pytest.raises(BenchError, match="row of .*tau=0.7 was run with other settings \\(moe_scales="):
+        latest_sweep_id_in_rows(str(tmp_path), load_spec("tau", quick=True, sets=["points.dmoe.params.moe_scales=[6]"]))
+
+
 def _cli(capsys, *args):
     """The CLI in-process (bad input stops before anything heavy): (exit status, stdout, stderr)."""
     from bench.cli import main
@@ -110,7 +156,11 @@ def test_cli_bad_input_one_line_exit_2_nothing_written(tmp_path, capsys):
              ("sweep", "tau", "--address", "127.0.0.1:1"), ("sweep", "tau", "--address", "nohostport"),
              ("sweep", "depth", "--set", "models=tiny,shapes-d99"), ("sweep", "tau", "--cpus-per-trial", "-1"),
              ("sweep", "tau", "--quick", "--set", "points.dmoe.params.expert_size=0"),
-             ("sweep", "tau", "--set", "measure.timing_rounds=-1"), ("sweep", "tau", "--set", "measure.bootstrap=-2")]
+             ("sweep", "tau", "--set", "measure.timing_rounds=-1"), ("sweep", "tau", "--set", "measure.bootstrap=-2"),
+             # what each trial's measurement would refuse: refused before the manifest and the first trial
+             ("sweep", "tau", "--quick", "--set", "measure.metrics=bogus"),
+             ("sweep", "tau", "--quick", "--set", f"reference={tmp_path / 'none.npz'}"),
+             ("sweep", "tau", "--quick", "--set", "seed=4294967296000")]
     for args in cases:
         code, out, err = _cli(capsys, *args, "--results", res)
         err = err.strip()
@@ -188,6 +238,7 @@ def test_killed_sweep_resumes_to_the_full_grid_without_duplicates(tiny_sweep, tm
     first = _rows(str(res))
     assert 1 <= len(first) < 3
     sid = first["sweep_id"].iloc[0]
+    done_before = dict(zip(first["trial_key"], first["run_id"]))
     r = run_cli("sweep", yaml_path, "--results", str(res), "--resume", env=env)
     assert r.returncode == 0, r.stdout + r.stderr
     assert f"{sid} (resumed)" in r.stdout and "3/3 trials have rows" in r.stdout
@@ -195,6 +246,8 @@ def test_killed_sweep_resumes_to_the_full_grid_without_duplicates(tiny_sweep, tm
     keys = df["trial_key"].tolist()
     expected = [f"{sid}/tiny/dense", f"{sid}/tiny/budget/keep=0.5", f"{sid}/tiny/budget/keep=0.5/static"]
     assert sorted(keys) == sorted(expected)                  # every trial exactly once
+    # ...and the trials finished before the kill were not run again (a rerun would replace its row, same key)
+    assert {k: v for k, v in zip(df["trial_key"], df["run_id"]) if k in done_before} == done_before
     assert set(df["sweep_id"]) == {sid}
     parent = df[df["trial_key"] == expected[1]].iloc[0]
     twin = df[df["trial_key"] == expected[2]].iloc[0]
@@ -295,16 +348,21 @@ def test_sweep_on_a_ray_cluster(ray_head, tiny_sweep, tmp_path, kind):
     assert df["sweep_quick"].all() and set(df["ray_nodes"]) == {1}
 
 
-def test_driver_stores_a_row_written_on_another_node(tmp_path):
+def test_driver_stores_a_row_written_on_another_node(tmp_path, monkeypatch):
     """A trial's row comes back with its result; the driver stores it when its own store lacks it (a worker on
     another machine without shared storage) and never twice."""
+    from bench import results
     from bench.results import load_results
     from bench.sweep import SweepRunner
     runner = SweepRunner({"name": "x"}, [], "x-1", str(tmp_path), {}, 1, 0)
     row = dict(run_id="r1", sweep="x", sweep_id="x-1", trial_key="x-1/m/dense", method="dense", fid=1.5,
                macs_analytic_per_scale=[1.0, 2.0], started_at="2026-01-01T00:00:00+00:00")
+    writes = []
+    real_append = results.append_row
+    monkeypatch.setattr(results, "append_row", lambda d, r: writes.append(r) or real_append(d, r))
     for _ in range(2):
         runner.ensure_row(json.dumps(row))
+    assert len(writes) == 1                  # a same-named file would hide a second write: count them
     df = load_results(str(tmp_path))
     assert df["trial_key"].tolist() == ["x-1/m/dense"] and df["macs_analytic_per_scale"].iloc[0] == [1.0, 2.0]
 

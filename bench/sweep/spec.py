@@ -152,10 +152,12 @@ def normalize(raw: dict, where: str) -> dict:
     spec.update(copy.deepcopy({k: v for k, v in raw.items() if k != "version"}))
     for k in ("description", "figure", "device"):
         spec[k] = _check_type(f"{where}: {k}", spec[k] if spec[k] is not None else "", str)
-    for k, low in (("samples", 1), ("batch_size", 1), ("seed", 0)):
+    from bench.measure import MAX_SEED
+    for k, low, high in (("samples", 1, None), ("batch_size", 1, None), ("seed", 0, MAX_SEED)):
         spec[k] = _check_type(f"{where}: {k}", spec[k], int)
-        if spec[k] < low:
-            raise BenchError(f"{where}: {k} must be >= {low}, got {spec[k]}")
+        if spec[k] < low or (high is not None and spec[k] > high):
+            raise BenchError(f"{where}: {k} must be >= {low}" + (f" and <= {high}" if high else "")
+                             + f", got {spec[k]}")
     spec["reference"] = _check_type(f"{where}: reference", spec["reference"], str, nullable=True)
     spec["preset"] = _check_type(f"{where}: preset", spec["preset"], str, nullable=True)
     if isinstance(spec["models"], (str, dict)):
@@ -186,6 +188,7 @@ def normalize(raw: dict, where: str) -> dict:
             low = MEASURE_MINIMA.get(k) if sect == "measure" else None
             if low is not None and spec[sect][k] is not None and spec[sect][k] < low:
                 raise BenchError(f"{where}: {sect}.{k} must be >= {low}, got {spec[sect][k]}")
+    spec["modules"] = [spec["modules"]] if isinstance(spec["modules"], str) else spec["modules"]
     spec["modules"] = _check_type(f"{where}: modules", spec["modules"] or [], list)
     spec["quick"] = _check_type(f"{where}: quick", spec["quick"] or {}, dict)
     points = _check_type(f"{where}: points", spec["points"], dict)
@@ -199,9 +202,7 @@ def normalize(raw: dict, where: str) -> dict:
         e.setdefault("enabled", True)
         if isinstance(e["grid"], list):   # explicit points: one trial per mapping (no product)
             for i, pt in enumerate(e["grid"]):
-                pt = _check_type(f"{w}.grid[{i}]", pt, dict)
-                if not pt:
-                    raise BenchError(f"{w}.grid[{i}] is empty; give the point's parameters")
+                pt = _check_type(f"{w}.grid[{i}]", pt, dict)   # {}: the fixed parameters alone
                 both = sorted(set(pt) & set(e["params"]))
                 if both:
                     raise BenchError(f"{w}: {both[0]} is both a fixed parameter and set by grid[{i}]; keep one")
@@ -325,12 +326,13 @@ def apply_override(spec: dict, key: str, value, origin: str) -> None:
             e["params"].pop(parts[3], None)
         elif isinstance(e["grid"], dict):
             e["grid"].pop(parts[3], None)
-        else:
+        else:   # each point keeps what else it sets: a point left empty is the fixed parameters alone
+            kept: list = []
             for pt in e["grid"]:
                 pt.pop(parts[3], None)
-            e["grid"] = [pt for pt in e["grid"] if pt]
-            if not e["grid"]:
-                e["grid"] = {}
+                if pt not in kept:   # points that differed only in the now fixed parameter: one trial
+                    kept.append(pt)
+            e["grid"] = kept if any(kept) else {}
     if parts[0] == "points" and len(parts) == 6 and parts[4] in ("params", "from_parent"):
         other = "from_parent" if parts[4] == "params" else "params"
         spec["points"][parts[1]]["twins"][parts[3]][other].pop(parts[5], None)
@@ -346,7 +348,11 @@ def parse_sets(pairs: Sequence[str]) -> List[Tuple[str, Any]]:
     return out
 
 
-def import_modules(names: Sequence[str]) -> None:
+def import_modules(names, where: str = "sweep") -> None:
+    """Import a sweep's `modules:` (one name or a list of names; they register methods)."""
+    names = [names] if isinstance(names, str) else names
+    if not isinstance(names, list) or not all(isinstance(m, str) and m for m in names):
+        raise BenchError(f"{where}: modules must be a list of module names (e.g. [mypkg.methods]), got {names!r}")
     for m in names:
         try:
             importlib.import_module(m)
@@ -359,7 +365,7 @@ def load_spec(name: str, quick: bool = False, sets: Sequence[str] = ()) -> dict:
     path = sweep_path(name)
     raw = read_yaml(path)
     where = f"sweep {sweep_name(name)}"
-    import_modules(raw.get("modules") or [])
+    import_modules(raw.get("modules") or [], where)
     _check_methods(raw, where)
     spec = normalize(apply_preset(raw, where), where)
     changes = []

@@ -100,12 +100,30 @@ def latest_sweep_id_in_rows(results: str, spec: dict):
         return None
     last = df.sort_values("started_at").iloc[-1]
     rows = df[df["sweep_id"] == last["sweep_id"]]
+    sid = str(last["sweep_id"])
+    fix = "give the same --quick/--set, or start a new sweep without --resume"
     for col in ("samples", "seed", "batch_size"):
         if set(rows[col].dropna().astype(int)) - {int(spec[col])}:
-            raise BenchError(f"--resume: sweep {last['sweep_id']} (rows only, no manifest) has {col}="
-                             f"{sorted(set(rows[col].dropna().astype(int)))}, not {spec[col]}; give the same "
-                             f"--quick/--set, or start a new sweep without --resume")
-    return str(last["sweep_id"])
+            raise BenchError(f"--resume: sweep {sid} (rows only, no manifest) has {col}="
+                             f"{sorted(set(rows[col].dropna().astype(int)))}, not {spec[col]}; {fix}")
+    for col, want in spec["sampling"].items():   # settings the sweep fixes (None: each model's own)
+        if want is not None and col in rows.columns and set(rows[col].dropna()) - {want}:
+            raise BenchError(f"--resume: sweep {sid} (rows only, no manifest) has {col}="
+                             f"{sorted(set(rows[col].dropna()))}, not {want}; {fix}")
+    trials = {t.key(sid): t for t in expand(spec)}
+    for r in rows.to_dict("records"):   # a stored trial must be the trial of the same key now: same parameters
+        t = trials.get(r.get("trial_key"))
+        if t is None or t.parent:        # (a twin's parameters come from its parent's row)
+            continue
+        from bench.registry import create_method
+        config = json.loads(r.get("method_config") or "{}")
+        now = json.loads(json.dumps(create_method(t.method, **t.params).config, sort_keys=True, default=str))
+        differ = sorted(k for k in t.params if k in config and config[k] != now.get(k))
+        if differ or r.get("method") != t.method:
+            raise BenchError(f"--resume: sweep {sid}'s row of {t.point_id} was run with other settings "
+                             f"({', '.join(f'{k}={config[k]!r}' for k in differ) or 'method ' + str(r.get('method'))}"
+                             f"); {fix}")
+    return sid
 
 
 @dataclass
@@ -138,7 +156,10 @@ def resolve_invocation(spec: dict, results_dir: str, resume: bool, quick: bool =
                                  f"(quick={m['spec'].get('quick_applied')}, set={m['spec'].get('sets')}); resume "
                                  f"it without --quick/--set, or start a new sweep without --resume")
             trials = [Trial(**{k: v for k, v in t.items() if k != "key"}) for t in m["trials"]]
-            return Invocation(m["spec"], trials, m["sweep_id"], resumed=True, models_before=m["models"])
+            changed = "" if spec_fingerprint(spec) == spec_fingerprint(m["spec"]) else (
+                f"the sweep file's settings differ from those sweep {m['sweep_id']} started with; resuming it as "
+                f"recorded in its manifest (start a new sweep without --resume to run the file as it is now)")
+            return Invocation(m["spec"], trials, m["sweep_id"], resumed=True, models_before=m["models"], note=changed)
         sweep_id = latest_sweep_id_in_rows(results_dir, spec)
         if sweep_id:   # rows without their manifest (e.g. a copied store): the current settings must match
             return Invocation(spec, expand(spec), sweep_id, resumed=True,

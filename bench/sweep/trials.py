@@ -70,7 +70,8 @@ def expand(spec: dict) -> List[Trial]:
     ids = [t.point_id for t in trials]
     dup = sorted({i for i in ids if ids.count(i) > 1})
     if dup:
-        raise BenchError(f"sweep {spec.get('name', '')}: two trials share the point id {dup[0]!r}; list each model once")
+        raise BenchError(f"sweep {spec.get('name', '')}: two trials share the point id {dup[0]!r} (a model listed "
+                         f"twice, or grid values that print alike such as 0.5 and '0.5'); list each once")
     return trials
 
 
@@ -81,11 +82,19 @@ def validate_trials(spec: dict, trials: List[Trial], models: str = "load") -> Di
     from bench.registry import create_method
     from bench.env import check_device
     by_id = {t.point_id: t for t in trials}
+    same: Dict[tuple, str] = {}
     for t in trials:
         try:
-            create_method(t.method, **t.params)
+            config = create_method(t.method, **t.params).config
         except BenchError as e:
             raise BenchError(f"sweep {spec['name']}: point {t.point_id}: {e}") from None
+        if not t.parent:   # two points the method sees as one (tau 1 and 1.0) would measure it twice
+            key = (json.dumps(t.model, sort_keys=True, default=str), t.method,
+                   json.dumps(config, sort_keys=True, default=str))
+            if key in same:
+                raise BenchError(f"sweep {spec['name']}: points {same[key]} and {t.point_id} run the same "
+                                 f"configuration of {t.method}; list it once")
+            same[key] = t.point_id
         unknown = sorted(set(t.from_parent) - set(method_params(t.method)))
         if unknown:
             raise BenchError(f"sweep {spec['name']}: point {t.point_id}: from_parent sets unknown parameter "
@@ -145,6 +154,15 @@ def _check_model(spec: dict, m, trials: List[Trial], load: bool) -> dict:
     sampling = sampling_for(spec, bundle)
     from bench.sampling import validate_sampling
     validate_sampling(sampling, bundle.var.V)
+    from bench.measure import QUALITY_METRICS
+    from bench.quality import check_reference
+    ms = spec["measure"]
+    try:   # what each trial's measure() would refuse, refused here before the manifest and the first trial
+        check_reference(bundle, spec["samples"], spec["reference"], ms.get("inception_weights"),
+                        tuple(ms.get("metrics") or QUALITY_METRICS), reference_count=ms.get("reference_count"),
+                        classifier=ms.get("classifier"))
+    except BenchError as e:
+        raise BenchError(f"sweep {spec['name']}: model {model_key(m)}: {e}") from None
     return dict(model_id=bundle.model_id, source=bundle.source, depth=int(bundle.var.cfg.depth))
 
 
