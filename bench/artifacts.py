@@ -91,7 +91,8 @@ def write_artifact(kind: str, model_id: str, key: dict, out_root: Optional[str],
     """Write an artifact directory atomically: files go to a temp dir, DONE last, then one rename.
 
     write_files(tmp_dir) writes the files and returns the metadata (saved as meta.json). If the directory
-    appeared meanwhile (a parallel trial), the existing one wins unless force."""
+    appeared meanwhile (a parallel trial), the existing one wins unless force; one without DONE (incomplete, never
+    found by lookups) is replaced."""
     from bench.atomic import atomic_write_text
     from bench.checkpoints import file_sha256
     final = artifact_dir_for_writing(kind, model_id, key, out_root)
@@ -108,7 +109,7 @@ def write_artifact(kind: str, model_id: str, key: dict, out_root: Optional[str],
         files = {f: file_sha256(os.path.join(tmp, f)) for f in sorted(os.listdir(tmp))}
         mark_done(tmp, dict(kind=kind, key=key, files=files))
         if os.path.isdir(final):
-            if not force:
+            if not force and is_done(final):   # a complete one (e.g. a parallel writer's) stands
                 shutil.rmtree(tmp)
                 return final
             trash = f"{final}.old-{uuid.uuid4().hex[:6]}"

@@ -59,6 +59,8 @@ def load_tensors(path: str, what: str = "checkpoint", data: Optional[bytes] = No
 def check_finite(sd: Mapping[str, torch.Tensor], what: str) -> None:
     """Refuse weights holding NaN/Inf: they would crash sampling or silently decode black images."""
     def ok(k, v):
+        if v.is_complex():
+            v = torch.view_as_real(v)
         if not v.is_floating_point():
             return True
         if k.endswith(MASK_BUFFERS):  # an additive attention mask is -inf where masked, by design

@@ -276,8 +276,8 @@ def load_dense_outputs(path: str):
         t = load_file(path)
     except (SafetensorError, OSError, ValueError):
         return None  # a damaged entry is regenerated, never trusted
-    n = sum(1 for k in t if k.startswith("tokens."))
-    return [t[f"tokens.{si}"].long() for si in range(n)], t["images"]
+    from bench.resume import checked_outputs
+    return checked_outputs(t)   # None for a damaged or foreign entry: regenerated
 
 
 def store_dense_outputs(path: str, key: dict, tokens: List[torch.Tensor], images: torch.Tensor) -> None:

@@ -32,6 +32,23 @@ def batches_root(cache_dir: Optional[str]) -> str:
     return os.path.join(cache_dir or cache_root(), DIRNAME)
 
 
+def checked_outputs(t: dict, size: Optional[int] = None) -> Optional[Tuple[List[torch.Tensor], torch.Tensor]]:
+    """(tokens per scale as int64, images) from a stored {tokens.0..tokens.S-1, images} dict, or None unless it is
+    whole: consecutive token scales of integer dtype, uint8 images (N,3,H,W), N rows everywhere (N = size if given).
+    A damaged or foreign file is regenerated, never trusted."""
+    n = sum(1 for k in t if k.startswith("tokens."))
+    images = t.get("images")
+    if n == 0 or images is None or set(t) != {f"tokens.{si}" for si in range(n)} | {"images"}:
+        return None
+    tokens = [t[f"tokens.{si}"] for si in range(n)]
+    rows = len(images) if size is None else size
+    if images.dtype != torch.uint8 or images.dim() != 4 or images.shape[1] != 3 or len(images) != rows:
+        return None
+    if any(x.is_floating_point() or x.is_complex() or x.dim() != 2 or len(x) != rows for x in tokens):
+        return None
+    return [x.long() for x in tokens], images
+
+
 class BatchStore:
     def __init__(self, path: str, key: dict):
         self.path, self.key = path, key
@@ -59,12 +76,10 @@ class BatchStore:
                 t = {k: f.get_tensor(k) for k in f.keys()}
         except (SafetensorError, OSError, ValueError, RuntimeError):
             return None
-        n = sum(1 for k in t if k.startswith("tokens."))
-        images = t.get("images")
-        if n == 0 or images is None or len(images) != size:
-            return None
-        self.resumed += 1
-        return [t[f"tokens.{si}"].long() for si in range(n)], images
+        got = checked_outputs(t, size)
+        if got is not None:
+            self.resumed += 1
+        return got
 
     def save(self, b: int, tokens: List[torch.Tensor], images: torch.Tensor) -> None:
         from safetensors.torch import save_file

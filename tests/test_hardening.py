@@ -97,6 +97,53 @@ def test_non_finite_weights_are_refused_at_load(tmp_path):
         read_state_dict(str(tmp_path / "mask.safetensors"))
 
 
+def test_complex_weights_with_nan_or_inf_are_refused():
+    from bench.checkpoints import check_finite
+    check_finite({"z": torch.tensor([1 + 2j, 3 - 1j])}, "weights")
+    for bad in (complex(math.nan, 0), complex(0, math.inf)):
+        with pytest.raises(BenchError, match="non-finite"):
+            check_finite({"z": torch.tensor([1 + 2j, bad], dtype=torch.complex64)}, "weights")
+
+
+def test_stored_batches_and_dense_outputs_are_read_back_only_when_whole(tmp_path):
+    """A checkpointed batch (or dense entry) with the right key but damaged contents is regenerated, never
+    trusted: missing scale, float images, NaN, wrong row counts."""
+    from safetensors.torch import save_file
+    from bench.measure import load_dense_outputs
+    from bench.resume import BatchStore
+    store = BatchStore(str(tmp_path / "b"), {"k": 1})
+    tokens = [torch.zeros(2, 1, dtype=torch.long), torch.ones(2, 4, dtype=torch.long)]
+    images = torch.zeros(2, 3, 8, 8, dtype=torch.uint8)
+    store.save(0, tokens, images)
+    got = store.load(0, 2)
+    assert got is not None and [t.tolist() for t in got[0]] == [t.tolist() for t in tokens] and store.resumed == 1
+    meta = {"key": store.key_text}
+    good = {"tokens.0": tokens[0].int(), "tokens.1": tokens[1].int(), "images": images}
+    for bad in ({"tokens.0": tokens[0].int(), "tokens.2": tokens[1].int(), "images": images},   # a scale missing
+                dict(good, images=torch.full((2, 3, 8, 8), math.nan)),                        # float NaN images
+                dict(good, **{"tokens.1": tokens[1][:1].int()}),                               # too few rows
+                {"tokens.0": tokens[0].int(), "tokens.1": tokens[1].int()}):                   # no images
+        save_file(bad, store._file(0), metadata=meta)
+        assert store.load(0, 2) is None and store.resumed == 1
+        save_file(bad, str(tmp_path / "dense.safetensors"))
+        assert load_dense_outputs(str(tmp_path / "dense.safetensors")) is None
+    save_file(good, str(tmp_path / "dense.safetensors"))
+    assert load_dense_outputs(str(tmp_path / "dense.safetensors"))[1].shape == (2, 3, 8, 8)
+
+
+def test_an_incomplete_artifact_directory_is_replaced_not_returned(tmp_path):
+    from bench.artifacts import artifact_dir_for_writing, is_done, write_artifact
+
+    def files(d):
+        with open(os.path.join(d, "w.txt"), "w") as f:
+            f.write("x")
+        return {}
+    final = artifact_dir_for_writing("demo", "m", {"a": 1}, str(tmp_path))
+    os.makedirs(final)                                   # left by a crash or an older version: no DONE
+    assert write_artifact("demo", "m", {"a": 1}, str(tmp_path), files) == final
+    assert is_done(final) and os.path.isfile(os.path.join(final, "w.txt"))
+
+
 def test_non_finite_weights_through_the_cli(tmp_path, capsys):
     from tests.test_models import official_var_state_dict
     sd = official_var_state_dict(depth=1)
