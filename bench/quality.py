@@ -327,7 +327,8 @@ def parse_reference(bundle, reference: Optional[str] = None, reference_count: Op
                          record=record)
     path = str(reference)
     if os.path.isdir(path):
-        subdirs = sorted(d for d in os.listdir(path) if os.path.isdir(os.path.join(path, d)))
+        from bench.data import folder_classes
+        subdirs = folder_classes(path)   # the same class listing as training (hidden folders left out)
         if subdirs and ds.get("name") == "folder":   # a class-per-subfolder reference must have the model's classes
             _check_classes(subdirs, bundle, f"reference folder {path}")
         from torch_fidelity.utils import glob_samples_paths

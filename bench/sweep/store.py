@@ -110,12 +110,12 @@ def latest_sweep_id_in_rows(results: str, spec: dict):
         if want is not None and col in rows.columns and set(rows[col].dropna()) - {want}:
             raise BenchError(f"--resume: sweep {sid} (rows only, no manifest) has {col}="
                              f"{sorted(set(rows[col].dropna()))}, not {want}; {fix}")
+    from bench.registry import create_method
     trials = {t.key(sid): t for t in expand(spec)}
     for r in rows.to_dict("records"):   # a stored trial must be the trial of the same key now: same parameters
         t = trials.get(r.get("trial_key"))
         if t is None or t.parent:        # (a twin's parameters come from its parent's row)
             continue
-        from bench.registry import create_method
         config = json.loads(r.get("method_config") or "{}")
         now = json.loads(json.dumps(create_method(t.method, **t.params).config, sort_keys=True, default=str))
         differ = sorted(k for k in t.params if k in config and config[k] != now.get(k))
