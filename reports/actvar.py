@@ -58,7 +58,8 @@ def method_table(ctx: Context, stem: str, methods: Sequence[str], first_cols: Se
         rows.append(["VAR (dense)"] + [""] * (len(first_cols) - 1) + _metrics(df, i, column, **cols))
     for i in idx:
         rows.append(describe(i, meth) + _metrics(df, i, column, **cols))
-    return S.save_table(ctx.out_dir, stem, list(first_cols) + HEADER, rows, f"{caption} {ctx.caption(desc)}")
+    return S.save_table(ctx.out_dir, stem, list(first_cols) + HEADER, rows,
+                        f"{caption} {ctx.caption(desc, ctx.rows(dense[-1:], idx))}")
 
 
 def training_text(steps2) -> str:

@@ -21,10 +21,21 @@ class Context:
     def note(self, text: str) -> None:
         self.notes.append(text)
 
-    def caption(self, flops_desc: str = "") -> str:
+    def caption(self, flops_desc: str = "", shown=None) -> str:
+        """The facts of the rows a figure or table shows (`shown`: a DataFrame of them, default every row), and
+        how many of the report's rows that is when fewer."""
         from reports.data import caption_facts
         warn = "".join(f" WARNING: {w}." for w in self.warnings)
-        return caption_facts(self.df, flops_desc) + warn
+        rows = self.df if shown is None else shown
+        return caption_facts(rows, flops_desc, of=len(self.df) if len(rows) != len(self.df) else None) + warn
+
+    def rows(self, *parts) -> "object":
+        """The report's rows at the given positions (lists of positional indices) or in the given DataFrames
+        (subsets of self.df), each once, in table order: what a figure drew, for its caption."""
+        keep = set()
+        for part in parts:
+            keep.update(part.index if hasattr(part, "columns") else (self.df.index[i] for i in part))
+        return self.df[[i in keep for i in self.df.index]]
 
     def subset(self, mask) -> "Context":
         return Context(self.df[mask], self.out_dir, self.flops, self.notes, self.by_method, self.warnings)

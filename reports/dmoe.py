@@ -23,6 +23,12 @@ def _dmoe(ctx: Context):
     return d
 
 
+def _with_dense(ctx: Context, d):
+    """d's rows and the dense rows of d's models: what a DMoE figure draws, for its caption."""
+    dn = D.dense_rows(ctx.df)
+    return ctx.rows(d, dn[dn["model"].isin(set(D.col(d, "model")))] if "model" in dn.columns else dn)
+
+
 def _rel(values, ref):
     return [None if v is None or not ref else 100.0 * v / ref for v in values]
 
@@ -69,7 +75,7 @@ def tau_curve(ctx: Context) -> List[str]:
     return S.save_figure(fig, ctx.out_dir, "tau_tradeoff", "DMoE-VAR threshold τ: FID with bootstrap intervals (top) "
                          f"and MACs ({desc}) and time per image relative to the dense model (bottom; "
                          f"{'1 / paired speedup' if kind == 'paired' else 'absolute times of different trials'}). "
-                         f"{ctx.caption(desc)}")
+                         f"{ctx.caption(desc, _with_dense(ctx, d[[t is not None for t in taus]]))}")
 
 
 def _main_scale_set(d):
@@ -87,16 +93,16 @@ def active_experts(ctx: Context) -> List[str]:
     files = []
     for model in sorted({m for m in D.col(d, "model") if m}):
         dm = _main_scale_set(d[d["model"] == model])
-        rows = [(D.tau_scalar(t), D.tau_text(t), a, e) for t, a, e in
-                zip(D.col(dm, "param_tau"), D.col(dm, "active_experts_per_scale"), D.col(dm, "num_experts"))
-                if isinstance(a, list)]
+        rows = [(D.tau_scalar(t), D.tau_text(t), a, e, i) for t, a, e, i in
+                zip(D.col(dm, "param_tau"), D.col(dm, "active_experts_per_scale"), D.col(dm, "num_experts"),
+                    dm.index) if isinstance(a, list)]
         rows = sorted(rows, key=lambda r: -(r[0] or 0))[:8]
         if not rows:
             continue
         plt = S.setup()
         fig, ax = plt.subplots(figsize=(S.SINGLE, S.HEIGHT))
         scales = sorted({si for r in rows for si, v in enumerate(r[2]) if v is not None})
-        for k, (tau, text, act, E) in enumerate(rows):
+        for k, (tau, text, act, E, _) in enumerate(rows):
             ax.plot([s + 1 for s in scales], [act[s] for s in scales], marker=S.marker(k), color=S.color(k),
                     label=f"τ={text}")
         E = rows[0][3]
@@ -109,7 +115,8 @@ def active_experts(ctx: Context) -> List[str]:
         ax.legend(loc="best", ncol=2 if len(rows) > 4 else 1)
         stem = "active_experts_per_scale" + ("" if len(set(D.col(d, "model"))) == 1 else f"_{model}")
         files += S.save_figure(fig, ctx.out_dir, stem, f"Progressive narrowing: mean active experts per token (mean "
-                               f"over layers and all samples) on each MoE scale, {model}. {ctx.caption()}")
+                               f"over layers and all samples) on each MoE scale, {model}. "
+                               f"{ctx.caption(shown=dm.loc[[r[4] for r in rows]])}")
     if not files:
         raise Skip("no per-scale expert counts")
     return files
@@ -130,8 +137,8 @@ def expert_maps(ctx: Context) -> List[str]:
         raise Skip("no expert_maps column")
     model = sorted({m for m in D.col(d, "model") if m})[0]
     dm = _main_scale_set(d[d["model"] == model])
-    rows = [(D.tau_scalar(t), D.tau_text(t), _maps(m), e) for t, m, e in
-            zip(D.col(dm, "param_tau"), D.col(dm, "expert_maps"), D.col(dm, "num_experts"))]
+    rows = [(D.tau_scalar(t), D.tau_text(t), _maps(m), e, i) for t, m, e, i in
+            zip(D.col(dm, "param_tau"), D.col(dm, "expert_maps"), D.col(dm, "num_experts"), dm.index)]
     rows = sorted([r for r in rows if r[2]], key=lambda r: -(r[0] or 0))
     if not rows:
         raise Skip("expert_maps hold no maps")
@@ -167,12 +174,12 @@ def expert_maps(ctx: Context) -> List[str]:
     files += grid([r[2] and {si: v[0] for si, v in r[2].items() if v} for r in by_tau],
                   [f"τ={r[1]}" for r in by_tau], scales, "expert_maps_by_tau",
                   f"Expert allocation maps (active experts per token, mean over layers) of the first sample on each "
-                  f"MoE scale as τ decreases, {model}. {ctx.caption()}")
+                  f"MoE scale as τ decreases, {model}. {ctx.caption(shown=dm.loc[[r[4] for r in by_tau]])}")
     pick = min(rows, key=lambda r: abs((r[0] or 0) - 0.8))
     n = min(4, min(len(v) for v in pick[2].values()))
     files += grid([{si: v[k] for si, v in pick[2].items()} for k in range(n)], [f"sample {k}" for k in range(n)],
                   scales, "expert_maps_samples", f"Expert allocation maps of {n} samples at τ={pick[1]} (the value "
-                  f"closest to 0.8), {model}. {ctx.caption()}")
+                  f"closest to 0.8), {model}. {ctx.caption(shown=dm.loc[[pick[4]]])}")
     return files
 
 
@@ -187,7 +194,7 @@ def expert_size(ctx: Context) -> List[str]:
     models = D.col(d, "model")
     keys = list(dict.fromkeys(zip(models, taus)))
     rel, kind = D.relative_time(d, ctx.df)
-    panels = (("fid", fid_label(ctx.df), D.col(d, "fid")), ("macs", f"GMACs / image", D.gmacs(d, column)),
+    panels = (("fid", fid_label(ctx.df), D.col(d, "fid")), ("macs", "GMACs / image", D.gmacs(d, column)),
               ("time", "time / dense" + (" (paired)" if kind == "paired" else " (UNPAIRED)"), rel))
     lo, hi = D.col(d, "fid_ci_low"), D.col(d, "fid_ci_high")
     plt = S.setup()
@@ -216,7 +223,8 @@ def expert_size(ctx: Context) -> List[str]:
     fig.tight_layout()
     how = "1 / paired speedup" if kind == "paired" else "absolute times of different trials"
     return S.save_figure(fig, ctx.out_dir, "expert_size", f"DMoE-VAR expert granularity: FID, MACs ({desc}) and "
-                         f"time relative to dense ({how}) against expert size; dotted: dense. {ctx.caption(desc)}")
+                         f"time relative to dense ({how}) against expert size; dotted: dense. "
+                         f"{ctx.caption(desc, _with_dense(ctx, d[[s is not None for s in sizes]]))}")
 
 
 @register_report("scale_sensitivity", "per-scale sensitivity curves (DMoE fig. 4)", order=100)
@@ -243,7 +251,8 @@ def scale_sensitivity(ctx: Context) -> List[str]:
     ax.set_ylabel(fid_label(ctx.df))
     ax.legend(loc="best")
     return S.save_figure(fig, ctx.out_dir, "scale_sensitivity", "Sensitivity of each scale to sparsification: "
-                         f"DMoE-VAR applied to the given scale(s) only, τ varied along each curve. {ctx.caption(desc)}")
+                         f"DMoE-VAR applied to the given scale(s) only, τ varied along each curve. "
+                         f"{ctx.caption(desc, ctx.rows(d, dn))}")
 
 
 @register_report("depth", "the same grid at two depths (DMoE fig. 5)", order=110)

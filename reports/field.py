@@ -38,7 +38,7 @@ def _rows(ctx: Context) -> List[dict]:
         if m not in FAMILIES or ratio[i] is None:
             continue
         dense = m == "dense"
-        out.append(dict(method=m, label=labels[i] or m, saved=0.0 if dense else 1 - ratio[i],
+        out.append(dict(pos=i, method=m, label=labels[i] or m, saved=0.0 if dense else 1 - ratio[i],
                         sp=(1.0, None, None) if dense else sp[i], dq=(0.0, None, None) if dense else dq[i]))
     return out
 
@@ -104,14 +104,17 @@ def field(ctx: Context) -> List[str]:
     fig.legend(loc="upper center", bbox_to_anchor=(0.5, 1.12), ncol=5, handlelength=1.0)
     files = S.save_figure(fig, ctx.out_dir, "field_pareto",
                           "Every family: ΔFID against MACs saved (left; dashed: the budgets, each row counted within ±5 points) and "
-                          "against paired speedup (right); bars are 95% intervals. " + ctx.caption())
+                          "against paired speedup (right); bars are 95% intervals. "
+                          + ctx.caption(shown=ctx.rows([r["pos"] for r in rows if r["dq"][0] is not None])))
 
     header = ["Budget", "Family", "Setting", "MACs saved", "Speedup [95% CI]", "ΔFID [95% CI]", "Rank (speed)",
               "Rank (ΔFID)"]
-    table = []
+    table, listed = [], []
     for b in BUDGETS:
         for e in ranking(rows, b):
             r = e["row"]
+            if r is not None:
+                listed.append(r["pos"])
             if r is None:
                 table.append([f"{100 * b:.0f}%", family_name(e["family"]),
                               f"out of reach (nearest {100 * e['nearest']:.0f}%)", "-", "-", "-", "-", "-"])
@@ -123,5 +126,5 @@ def field(ctx: Context) -> List[str]:
                           f"Each family at each budget: its row nearest to the budget within ±{100 * WINDOW:.0f} "
                           "points of transformer MACs saved (else out of reach), ranked by paired speedup "
                           "(1 = fastest) and by ΔFID (1 = lowest); dense is the 0% reference, ranked with them. "
-                          + ctx.caption())
+                          + ctx.caption(shown=ctx.rows(listed)))
     return files

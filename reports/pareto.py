@@ -130,7 +130,8 @@ def front_table(ctx: Context) -> List[str]:
     return S.save_table(ctx.out_dir, "pareto_front", header, rows,
                         f"Pareto front of FID against MACs ({desc}) by point estimates, the dense baseline always "
                         f"listed; 'resolved' applies the paired rule ({D.RESOLUTION_RULE}). ms/img is this trial's "
-                        f"absolute time (not comparable across trials); Speedup is paired. {ctx.caption(desc)}")
+                        f"absolute time (not comparable across trials); Speedup is paired. "
+                        f"{ctx.caption(desc, ctx.rows(idx))}")
 
 
 @register_report("twins", "dynamic methods vs their static twins at equal FLOPs", order=50)
@@ -167,7 +168,7 @@ def twins(ctx: Context) -> List[str]:
     files = S.save_table(ctx.out_dir, "dynamic_vs_static", header, rows,
                          f"Each dynamic point against its static twin at equal FLOPs (the twin's parameters are "
                          f"derived from the dynamic point's measured MACs; a dynamic point costing more than dense gets the "
-                         f"unpruned model, marked). {ctx.caption(desc)}")
+                         f"unpruned model, marked). {ctx.caption(desc, ctx.rows([i for pair in pairs for i in pair]))}")
     plt = S.setup()
     fig, ax = plt.subplots(figsize=(S.SINGLE, S.HEIGHT))
     dyn = [p for p, _ in pairs]
@@ -188,5 +189,6 @@ def twins(ctx: Context) -> List[str]:
     ax.legend(loc="best")
     methods = sorted({D.nice_method(m) for m in (D.col(df, 'method')[i] for i in dyn) if m})
     files += S.save_figure(fig, ctx.out_dir, "dynamic_vs_static_plot", f"{', '.join(methods)} against static twins at "
-                           f"equal FLOPs (dotted lines join each pair). {ctx.caption(desc)}")
+                           f"equal FLOPs (dotted lines join each pair). "
+                           f"{ctx.caption(desc, ctx.rows([i for pair in pairs for i in pair], dense))}")
     return files

@@ -164,6 +164,24 @@ def test_report_writes_every_expected_file(report_out):
     assert "64 samples" in cap and "shapes-d4" in cap and "Test CPU" in cap
 
 
+def test_captions_count_the_runs_a_figure_shows(report_out):
+    """A figure or table drawing part of a sweep's rows states how many of them it shows, and its facts are
+    theirs; one drawing every row states the sweep's count alone."""
+    out = report_out[0]
+
+    def cap(stem):
+        return open(os.path.join(out, "tau", f"{stem}.md")).read()
+    assert "9 runs;" in cap("pareto_fid_vs_flops") and "shown" not in cap("pareto_fid_vs_flops")
+    assert "9 runs;" in cap("dynamic_vs_static_plot")          # 4 pairs and dense: every row
+    assert "5 runs shown of the 9 in this report" in cap("tau_tradeoff")       # 4 DMoE points and dense
+    assert "5 runs shown of the 9 in this report" in cap("pareto_front")       # the front, dense listed
+    assert "8 runs shown of the 9 in this report" in cap("dynamic_vs_static")  # the 4 pairs
+    assert "4 runs shown of the 9 in this report" in cap("expert_maps_by_tau")
+    assert "1 runs shown of the 9 in this report" in cap("expert_maps_samples")
+    act = open(os.path.join(out, "activation", "actvar_components.md")).read()
+    assert " runs shown of the 8 in this report" in act
+
+
 def test_front_table_lists_the_known_front(store, report_out, tmp_path):
     from reports import build_reports
     one = str(tmp_path / "one")
