@@ -277,7 +277,8 @@ def caption_facts(df, flops_desc: str = "", of: Optional[int] = None) -> str:
     def uniq(name):
         vals = sorted({str(v) for v in col(df, name) if v is not None})
         return ", ".join(vals) if vals else "?"
-    parts = [f"{len(df)} runs" + (f" shown of the {of} in this report" if of is not None else ""), f"model {uniq('model')} (depth {uniq('model_depth')})",
+    parts = [f"{len(df)} run{'' if len(df) == 1 else 's'}" + (f" shown of the {of} in this report" if of is not None
+                                                            else ""), f"model {uniq('model')} (depth {uniq('model_depth')})",
              f"{uniq('samples')} samples per run (seed {uniq('seed')}, batch {uniq('batch_size')})",
              f"cfg {uniq('cfg')}, top-k {uniq('top_k')}, top-p {uniq('top_p')}",
              f"FID with {uniq('extractor')} against {uniq('reference')}; FID intervals: class-stratified "

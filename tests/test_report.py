@@ -177,7 +177,7 @@ def test_captions_count_the_runs_a_figure_shows(report_out):
     assert "5 runs shown of the 9 in this report" in cap("pareto_front")       # the front, dense listed
     assert "8 runs shown of the 9 in this report" in cap("dynamic_vs_static")  # the 4 pairs
     assert "4 runs shown of the 9 in this report" in cap("expert_maps_by_tau")
-    assert "1 runs shown of the 9 in this report" in cap("expert_maps_samples")
+    assert "1 run shown of the 9 in this report" in cap("expert_maps_samples")
     act = open(os.path.join(out, "activation", "actvar_components.md")).read()
     assert " runs shown of the 8 in this report" in act
 
