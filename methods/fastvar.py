@@ -17,6 +17,10 @@ on run dense (the release prunes layers 3..27 of Infinity's 32).
 Translation to the embedded default (7 scales, sides 1,2,3,4,5,6,8): the release prunes two large scales with
 ratios 0.4 then 0.5; we prune the last two (6×6 at 0.4, 8×8 at 0.5), restoring from the 5×5 scale. Its layer
 range scales with depth: start = round(3/32·depth), end = depth − round(4/32·depth) (d16: layers 2..13).
+Not translated: the release's Infinity code also skips Infinity's last two scales (48², 64²) outright ("100%
+pruning ratio at the last two scales is acceptable"), so its 2.7× comes with two steps dropped; this default skips
+nothing (that step is methods/skip_scales.py). The release's HART setting prunes the last two scales, as here, at
+0.5 / 0.75 in every layer.
 
 Cost: projections and FFN over the K kept tokens, scores over (kept query, key present); the frequency score,
 interpolation, gather and scatter are elementwise or data movement (0 MACs), as fvcore counts them.
@@ -70,11 +74,16 @@ def predicted_macs(cfg, kept: Dict[int, int], layers: range) -> List[float]:
 
 
 class FastVARGate(Gate):
-    """Which scales are pruned (kept counts), which layers prune, and which scale's outputs restore the rest."""
+    """Which scales are pruned (kept counts), which layers prune, and which scale's outputs restore the rest.
+
+    The cache-scale outputs are kept here, per block index, not on the block: a composition may run the cache scale
+    and a pruned scale on different VARs' blocks (DMoE's dense_weights=original switches weights at its first MoE
+    scale), and block i of either restores from what block i computed at the cache scale."""
 
     def __init__(self, kept: Dict[int, int], layers: range, cache_scale: int):
         super().__init__(kept)
         self.layers, self.cache_scale = layers, cache_scale
+        self.cached: Dict[int, Dict[str, torch.Tensor]] = {}
 
     def prunes(self, index: int, si: Optional[int]) -> bool:
         return self.active(si) and index in self.layers
@@ -85,7 +94,7 @@ class FastVARBlock(TokenGatedBlock):
 
     def reset_stats(self):
         super().reset_stats()
-        self.cached: Dict[str, torch.Tensor] = {}
+        self.gate.cached.pop(self.index, None)
         self.last_idx_ffn: Dict[int, torch.Tensor] = {}
 
     def forward(self, x, cond_BD, attn_bias=None, cache=None, si: Optional[int] = None):
@@ -100,26 +109,27 @@ class FastVARBlock(TokenGatedBlock):
             x = x + a
             f = blk.ffn(_ln_mod(blk, x, s2, sh2), si).mul(g2)
             if si == g.cache_scale and self.index in g.layers:
-                self.cached = dict(attn=a, ffn=f)
+                g.cached[self.index] = dict(attn=a, ffn=f)
             self._record(si, rows, n, n, int(cache.k.shape[2]), 0, None)
             return x + f
-        if set(self.cached) != {"attn", "ffn"} or self.cached["attn"].shape[0] != rows:
+        mine = g.cached.get(self.index, {})
+        if set(mine) != {"attn", "ffn"} or mine["attn"].shape[0] != rows:
             raise RuntimeError(f"fastvar: block {self.index} pruned scale {si} before caching scale {g.cache_scale}")
         K, pn = g.kept[si], int(round(math.sqrt(n)))
         idx = topk_positions(frequency_score(x), K)
         idx_e = idx.unsqueeze(-1).expand(-1, -1, C)
         a = blk.attn(_ln_mod(blk, x.gather(1, idx_e), s1, sh1), None, cache).mul_(g1)   # appends K keys/values
-        x = x + self._restore("attn", pn).scatter(1, idx_e, a)
+        x = x + self._restore(mine["attn"], pn).scatter(1, idx_e, a)
         idx_f = topk_positions(frequency_score(x), K)
         idx_fe = idx_f.unsqueeze(-1).expand(-1, -1, C)
         f = blk.ffn(_ln_mod(blk, x.gather(1, idx_fe), s2, sh2), si).mul(g2)
         self._record(si, rows, n, K, int(cache.k.shape[2]), 0, idx)
         self.last_idx_ffn[si] = idx_f
-        return x + self._restore("ffn", pn).scatter(1, idx_fe, f)
+        return x + self._restore(mine["ffn"], pn).scatter(1, idx_fe, f)
 
-    def _restore(self, part: str, pn: int) -> torch.Tensor:
-        """The cache-scale output of `part`, area-interpolated to pn×pn, as (rows, pn², C)."""
-        c = self.cached[part]
+    @staticmethod
+    def _restore(c: torch.Tensor, pn: int) -> torch.Tensor:
+        """A cache-scale sub-layer output c, area-interpolated to pn×pn, as (rows, pn², C)."""
         rows, m, C = c.shape
         pc = int(round(math.sqrt(m)))
         up = F.interpolate(c.transpose(1, 2).reshape(rows, C, pc, pc), size=(pn, pn), mode="area")

@@ -124,14 +124,21 @@ class SkipVAR(Method):
 
     def decision_scale(self, num_scales: int) -> int:
         c = self.config
-        _steps.check_last(self.name, "skip", c["skip"], num_scales, allow_all=False)
-        _steps.check_last(self.name, "uncond", c["uncond"], num_scales, allow_all=False)
+        given = c["decision_scale"]
+        if given is not None and not 1 <= given <= num_scales - 2:
+            raise BenchError(f"method {self.name}: decision_scale={given} must follow scale 0 and leave at least one "
+                             f"scale to the strategies in a model with {num_scales} scales; valid: 1..{num_scales - 2}")
+        # the decision follows scale 1 at the earliest, so the strategies act on at most the last S-2 scales
+        for name in ("skip", "uncond"):
+            if not 1 <= c[name] <= num_scales - 2:
+                raise BenchError(f"method {self.name}: {name}={c[name]} is out of range for a model with {num_scales} "
+                                 f"scales (the decision needs scales 0 and 1 before it); valid: 1..{num_scales - 2}")
         tail = max(c["skip"], c["uncond"])
-        d = num_scales - 1 - tail if c["decision_scale"] is None else c["decision_scale"]
-        if not 1 <= d <= num_scales - 1 - tail:
-            raise BenchError(f"method {self.name}: decision_scale={d} must leave the last {tail} scales to the "
-                             f"strategies and follow scale 0; valid: 1..{num_scales - 1 - tail}")
-        return d
+        if given is not None and given > num_scales - 1 - tail:
+            raise BenchError(f"method {self.name}: decision_scale={given} leaves {num_scales - 1 - given} scale(s) after "
+                             f"it, fewer than skip={c['skip']} / uncond={c['uncond']} act on; valid: decision_scale "
+                             f"1..{num_scales - 1 - tail} with these, or skip and uncond 1..{num_scales - 1 - given}")
+        return num_scales - 1 - tail if given is None else given
 
     def check_model(self, bundle):
         self.decision_scale(len(bundle.var.patch_nums))

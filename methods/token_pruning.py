@@ -33,7 +33,7 @@ class FixedTokens(Method):
         Param("token_rate", float, 0.75, "kept share of each pruned scale's tokens: one value or one per scale",
               low=0.0, high=1.0, low_open=True, list_ok=True),
         Param("criterion", str, "norm", "how block 0 chooses", choices=("norm", "random", "selector")),
-        Param("seed", int, 0, "criterion=random: seed", low=0),
+        Param("seed", int, 0, "criterion=random: seed", low=0, high=2 ** 40),   # seed*1000 + scale fits int64
         Param("weights", str, "original", "original model, or the selector artifact's fine-tuned weights",
               choices=("original", "artifact")),
         Param("selector_from", str, "actvar-tokens", "ActVAR artifact giving the selector (criterion=selector) "

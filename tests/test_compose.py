@@ -109,6 +109,25 @@ def test_dmoe_with_actvar_tokens(tiny, monkeypatch, dense_weights):
     assert set(maps) <= {"4"}                                       # per-token maps only where all tokens ran
 
 
+@pytest.mark.parametrize("dense_weights", ["finetuned", "original"])
+def test_dmoe_with_fastvar_across_the_weight_switch(tiny, monkeypatch, dense_weights):
+    """FastVAR caching scale 3 and pruning scales 4-5 under DMoE on scales 4-6: with dense_weights=original the
+    cache scale runs on the original VAR and the pruned scales on the fine-tuned one, and they share the cache
+    (it used to raise 'pruned scale 4 before caching scale 3'). FLOPs agree with FlopCounterMode."""
+    monkeypatch.setenv("VARBENCH_CACHE", tiny_dmoe())
+    m = create_method("compose", weight="dmoe", token="fastvar",
+                      **{f"weight.{k}": v for k, v in DMOE.items()}, **{"weight.tau": 0.5,
+                         "weight.dense_weights": dense_weights, "token.scales": [4, 5]})
+    net = m.build(tiny)
+    assert (type(net).__name__ == "SwitchNet") == (dense_weights == "original")
+    out, counted = counted_generate(net, tiny.vqvae, torch.tensor([0, 5]))
+    assert m.analytic_macs(net, tiny, 2) == pytest.approx(counted, rel=1e-9)
+    again, _ = counted_generate(net, tiny.vqvae, torch.tensor([0, 5]))
+    assert all(torch.equal(a, b) for a, b in zip(out.tokens, again.tokens))     # the cache is rebuilt per batch
+    row = m.row_metrics(net, tiny)
+    assert row["fastvar_cache_scale"] == 3 and row["sparse_scales"] == [4, 5]
+
+
 def test_incompatible_compositions_raise_one_line(tiny):
     cases = [
         (dict(weight="dmoe", token="dmoe"), "token='dmoe' is a 'weight' method"),

@@ -110,7 +110,8 @@ def test_fastvar_keeps_top_frequency_tokens_and_restores_the_rest(tiny3):
     reset(net)
     generate(net, tiny3.vqvae, LABELS, 0, SAMPLING, decode=False)
     for i, b in enumerate(net.blocks):
-        assert b.cached["attn"].shape == (6, 25, 32)                # cache scale: 5x5, the last one before pruning
+        cached = b.gate.cached[b.index]
+        assert cached["attn"].shape == (6, 25, 32)                  # cache scale: 5x5, the last one before pruning
         for si, k in ((5, 22), (6, 32)):                            # 36 - floor(36*0.4), 64 - 32
             x = io[("in", i, si)]
             idx = b.last_idx[si]
@@ -119,7 +120,7 @@ def test_fastvar_keeps_top_frequency_tokens_and_restores_the_rest(tiny3):
             pn = tiny3.var.patch_nums[si]
             pruned = torch.ones(6, pn * pn, dtype=torch.bool).scatter_(1, idx, False)
             pruned &= torch.ones_like(pruned).scatter_(1, b.last_idx_ffn[si], False)
-            restored = x + b._restore("attn", pn) + b._restore("ffn", pn)    # cached outputs, area-upsampled
+            restored = x + b._restore(cached["attn"], pn) + b._restore(cached["ffn"], pn)   # area-upsampled
             assert pruned.any()
             assert torch.allclose(io[("out", i, si)][pruned], restored[pruned], atol=1e-6)
             assert not torch.allclose(io[("out", i, si)][~pruned], restored[~pruned], atol=1e-6)
@@ -220,8 +221,14 @@ def test_skipvar_chooses_a_strategy_per_sample(tiny):
 def test_skipvar_bad_parameters(tiny):
     with pytest.raises(BenchError, match=r"uncond_below=0.1 is below skip_below=0.2"):
         create_method("skipvar", uncond_below=0.1)
-    with pytest.raises(BenchError, match=r"decision_scale=5 must leave the last 2 scales to the strategies"):
+    with pytest.raises(BenchError, match=r"decision_scale=5 leaves 1 scale\(s\) after it, fewer than skip=1 / "
+                                         r"uncond=2 act on; valid: decision_scale 1..4 with these, or skip and uncond 1..1"):
         create_method("skipvar", decision_scale=5).check_model(tiny)
+    with pytest.raises(BenchError, match=r"decision_scale=6 must follow scale 0 .*; valid: 1..5"):
+        create_method("skipvar", decision_scale=6).check_model(tiny)
+    for name in ("skip", "uncond"):      # 6 of 7 scales would leave the decision no scale to follow
+        with pytest.raises(BenchError, match=rf"{name}=6 is out of range for a model with 7 scales .*; valid: 1..5"):
+            create_method("skipvar", **{name: 6}).check_model(tiny)
     with pytest.raises(BenchError, match=r"measure='fft' is not allowed; valid: one of diff, ratio"):
         create_method("skipvar", measure="fft")
     with pytest.raises(BenchError, match=r"skip=7 is out of range"):

@@ -93,6 +93,8 @@ def test_bad_inputs(tiny, monkeypatch, tmp_path):
         create_method("fixed-tokens", token_rate=0.0)
     with pytest.raises(BenchError, match="valid: 0..6"):
         create_method("fixed-tokens", scales=[3, 8]).check_model(tiny)
+    with pytest.raises(BenchError, match=r"seed=18446744073709552 is out of range; valid: int in \[0, 1099511627776\]"):   # was an int64 overflow mid-run
+        create_method("fixed-tokens", criterion="random", seed=18446744073709552)
     with pytest.raises(BenchError, match="run `python -m bench prepare actvar-tokens --model tiny"):
         create_method("fixed-tokens", criterion="selector").build(tiny)
     with pytest.raises(BenchError, match="run `python -m bench prepare actvar --model tiny"):
