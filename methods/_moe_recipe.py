@@ -182,7 +182,7 @@ def balanced_kmeans(X: np.ndarray, n_clusters: int, seed: int = 0, iters: int = 
     labels = None
     it = 0
     for it in range(1, iters + 1):
-        d2 = ((X[:, None, :] - centers[None, :, :]) ** 2).sum(-1)          # (n, k)
+        d2 = _squared_distances(X, centers)                                 # (n, k)
         rows, cols = linear_sum_assignment(np.repeat(d2, size, axis=1))    # slot j·size+s belongs to centroid j
         new = np.empty(n, dtype=np.int64)
         new[rows] = cols // size
@@ -192,6 +192,14 @@ def balanced_kmeans(X: np.ndarray, n_clusters: int, seed: int = 0, iters: int = 
         centers = np.stack([X[labels == j].mean(0) for j in range(n_clusters)])
     inertia = float(sum(((X[labels == j] - centers[j]) ** 2).sum() for j in range(n_clusters)))
     return labels, dict(iterations=it, inertia=inertia, unbalanced_kmeans_inertia=float(km.inertia_))
+
+
+def _squared_distances(X: np.ndarray, centers: np.ndarray, budget: int = 1 << 26) -> np.ndarray:
+    """(n, k) squared distances, computed in row blocks whose (rows, k, C) difference stays within `budget` bytes
+    (all at once it is n·k·C float64s: 4 GiB at d16 with 128 experts), with the same arithmetic as all at once."""
+    n, C = X.shape
+    step = max(1, budget // (8 * C * centers.shape[0]))
+    return np.concatenate([((X[i:i + step, None, :] - centers[None, :, :]) ** 2).sum(-1) for i in range(0, n, step)])
 
 
 @torch.no_grad()

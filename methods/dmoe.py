@@ -256,6 +256,11 @@ class DMoE(Method):
             key = RECIPE.key(EXPERTS, dict(values, expert_size=size), scope)
             d = artifact_dir_for_writing(EXPERTS, bundle.model_id, key, out_root)
             if is_done(d) and not force:
+                meta = read_meta(d)
+                old = dict(router_images=meta.get("router_recipe", {}).get("images"), data=meta.get("data"))
+                new = dict(router_images=values["router_images"], data=data)
+                if old != new:
+                    raise BenchError(f"{d} was made with {old}, not {new}; pass --force to redo it")
                 log(f"reusing the expert split {d}")
             else:
                 d = write_experts(bundle, ft_var, key, size, values["router_steps"], values["prepare_seed"], data,

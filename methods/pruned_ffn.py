@@ -205,7 +205,11 @@ class PrunedFFNMethod(Method):
     def check_model(self, bundle, data: Optional[str] = None):
         from bench.artifacts import find_artifact
         self.scales(bundle)
-        self.effective_fraction(bundle)
+        fraction = self.effective_fraction(bundle)
+        H = bundle.var.blocks[0].ffn.fc1.out_features
+        if kept_neurons(H, fraction) < 1:
+            raise BenchError(f"method pruned-ffn: fraction={fraction:g} keeps no FFN neuron of {H}; valid: "
+                             f"[0, {(H - 0.5) / H:.6g})")
         c = self.config
         key = self.calib_key(bundle, data)
         ft_key = self.finetune_key(bundle, data)
@@ -237,6 +241,11 @@ class PrunedFFNMethod(Method):
         else:  # prepare --out: exactly there
             d = artifact_dir_for_writing("pruned-calib", bundle.model_id, key, out_root)
             d = d if os.path.isfile(os.path.join(d, "DONE")) else None
+        if d is not None and not force and data is not None:
+            # a model without data of its own keys its calibration without the data: the metadata says which
+            old = read_meta(d).get("data")
+            if old is None or os.path.realpath(old) != os.path.realpath(data):
+                raise BenchError(f"{d} was calibrated on data {old!r}, not {data!r}; pass --force to redo it")
         if d is None or force:
             data = data or _moe.default_data(bundle) or (read_meta(ft_dir).get("data") if ft_dir else None)
             c = self.config

@@ -131,6 +131,17 @@ def test_balanced_kmeans_equal_sizes_and_reproducible():
         balanced_kmeans(X, 7)
 
 
+def test_kmeans_distances_in_row_blocks_equal_all_at_once():
+    """The balanced k-means' distances are computed in row blocks (bounded memory at d16 sizes), bitwise equal to
+    the all-at-once difference."""
+    from methods._moe_recipe import _squared_distances
+    rng = np.random.default_rng(1)
+    X, c = rng.normal(size=(37, 5)), rng.normal(size=(4, 5))
+    whole = ((X[:, None, :] - c[None]) ** 2).sum(-1)
+    for budget in (1, 8 * 5 * 4 * 3, 1 << 26):        # one row, three rows, all rows per block
+        assert np.array_equal(_squared_distances(X, c, budget), whole)
+
+
 def test_router_training_lowers_its_loss(cache_env):
     b = cache_env
     ft = _moe_artifacts.load_finetuned_var(b, _find("dmoe-finetune", b))
@@ -388,4 +399,9 @@ def test_prepare_cli(tmp_path, monkeypatch, capsys):
     assert code == 0 and err.count("reusing") == 3
     code, err = cli(capsys, *args[:-1], "16", "--lr", "0.1")
     assert code == 2 and "pass --force" in err
+    over = list(args)
+    over[over.index("--router-images") + 1] = "8"       # the experts' recorded router data, not in their key
+    code, err = cli(capsys, *over)
+    last = err.strip().splitlines()[-1]                  # after the log line reusing the fine-tune
+    assert code == 2 and "'router_images': 4" in last and "pass --force" in last
     assert sorted(os.listdir(cache / "artifacts")) == sorted(os.path.basename(d) for d in dirs)

@@ -140,6 +140,7 @@ def test_bad_inputs(tiny, cache):
             pruned(**kw)
     for kw, msg in [(dict(scales=[7]), "scales index 7 out of range; valid: 0..6"),
                     (dict(match_fraction=0.01), "out of reach"),
+                    (dict(fraction=0.999), r"fraction=0.999 keeps no FFN neuron of 128; valid: \[0, 0.996094\)"),
                     (dict(weights="finetuned"), "run `python -m bench prepare dmoe --model tiny")]:
         with pytest.raises(BenchError, match=msg):
             pruned(**kw).check_model(tiny)
@@ -158,3 +159,22 @@ def test_prepare_cli(tmp_path, monkeypatch, capsys):
     assert r.returncode == 0, r.stderr
     d = r.stdout.splitlines()[0]
     assert os.path.isfile(os.path.join(d, "DONE")) and os.path.isfile(os.path.join(d, "importance.safetensors"))
+
+
+def test_calibration_of_a_model_without_data_is_not_reused_for_other_data(tiny, tmp_path, monkeypatch):
+    """An official-like model (no dataset of its own) keys its calibration without the data; prepare with other
+    --data must refuse the one made from the first (it used to return it silently), and --force redoes it."""
+    import dataclasses
+    from bench.artifacts import read_meta
+    from methods.pruned_ffn import PrunedFFNMethod, RECIPE
+    from tests.imagefolder import make_image_folder
+    monkeypatch.setenv("VARBENCH_CACHE", str(tmp_path / "cache"))
+    off = dataclasses.replace(tiny, dataset=None, model_id="tiny-no-data")
+    folder = make_image_folder(str(tmp_path / "imgs"), size=tiny.image_size)
+    v = RECIPE.values(weights="original", calib_images=4)
+    d1 = PrunedFFNMethod.prepare(off, v, None, data="shapes")
+    assert PrunedFFNMethod.prepare(off, v, None, data="shapes") == d1          # the same data: reused
+    with pytest.raises(BenchError, match=r"was calibrated on data 'shapes', not .*imgs'; pass --force"):
+        PrunedFFNMethod.prepare(off, v, None, data=folder)
+    d2 = PrunedFFNMethod.prepare(off, v, None, data=folder, force=True)
+    assert read_meta(d2)["data"] == folder
