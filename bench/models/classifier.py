@@ -1,7 +1,6 @@
 """A small CNN classifier of the embedded dataset; its penultimate layer is our offline FID feature space."""
 from __future__ import annotations
 
-import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
