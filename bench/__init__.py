@@ -1,4 +1,25 @@
 """var-bench: benchmark & ablation harness for efficiency methods on Visual AutoRegressive (VAR) image models."""
+import importlib.abc
+import importlib.machinery
+import os
+import sys
+
+# Our other top-level packages live beside this one. `python -m bench` puts the working directory first on sys.path,
+# and a folder there with one of their names (`report` writes ./reports/out by default; a user keeps YAMLs in
+# ./sweeps/) would be imported as an empty namespace package in their place; so they are always found here.
+OWN_PACKAGES = ("methods", "reports", "sweeps")
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+class _OwnPackages(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name in OWN_PACKAGES:
+            return importlib.machinery.PathFinder.find_spec(name, [_ROOT])
+        return None
+
+
+if not any(isinstance(f, _OwnPackages) for f in sys.meta_path):
+    sys.meta_path.insert(0, _OwnPackages())
 
 
 def _version() -> str:

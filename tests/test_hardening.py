@@ -484,3 +484,18 @@ def test_vqvae_is_frozen_and_its_bicubic_residuals_are_contiguous(tiny):
         for h in hooks:
             h.remove()
     assert len(seen) >= len(pns) and all(seen)   # as released: .contiguous() after the bicubic upsample
+
+
+def test_folders_named_like_our_packages_in_the_working_directory_do_not_shadow_them(tmp_path):
+    """`python -m bench` puts the working directory first on sys.path: its ./reports (which `report` itself writes
+    by default), ./sweeps or ./methods folder used to be imported as an empty namespace package in place of ours
+    (report: ImportError; sweep --list: TypeError). Run as an installed user would, without PYTHONPATH."""
+    for name in ("reports", "sweeps", "methods"):
+        (tmp_path / name).mkdir()
+    env = {"PYTHONPATH": "", "HOME": str(tmp_path / "home")}
+    r = run_cli("sweep", "--list", cwd=tmp_path, env=env)
+    assert r.returncode == 0 and "tau" in r.stdout, r.stderr
+    r = run_cli("report", "--results", tmp_path / "no-results", cwd=tmp_path, env=env)
+    assert r.returncode == 2 and "Traceback" not in r.stderr and r.stderr.strip().count("\n") == 0, r.stderr
+    r = run_cli("run", "--method", "nosuch", cwd=tmp_path, env=env)
+    assert r.returncode == 2 and "unknown method 'nosuch'; valid:" in r.stderr and "dense" in r.stderr, r.stderr
