@@ -6,6 +6,7 @@ import importlib
 import os
 import pkgutil
 import sys
+from typing import Optional
 
 from bench.errors import BenchError
 
@@ -53,9 +54,24 @@ def add_verbosity_args(p: argparse.ArgumentParser) -> None:
                    help="fewer messages: warnings only (-qq: errors only)")
 
 
+def blank_argument(argv) -> Optional[str]:
+    """The first empty or blank argument, named by its option (`--out ""` would mean the working directory to some
+    commands and nothing to others): none of ours takes an empty value."""
+    for i, tok in enumerate(argv):
+        if tok.startswith("--") and "=" in tok and not tok.split("=", 1)[1].strip():
+            return tok.split("=", 1)[0]
+        if not tok.strip():
+            return argv[i - 1] if i and argv[i - 1].startswith("-") else f"argument {i + 1}"
+    return None
+
+
 def main(argv=None):
     from bench.log import setup_logging
     parser = build_parser()
+    blank = blank_argument(sys.argv[1:] if argv is None else list(argv))
+    if blank is not None:
+        print(f"error: {blank} is empty; give a value, or leave the option out for its default", file=sys.stderr)
+        sys.exit(2)
     args = parser.parse_args(argv)
     setup_logging(getattr(args, "verbose", 0) - getattr(args, "quiet", 0))
     if not getattr(args, "func", None):

@@ -46,6 +46,11 @@ SEED_SCHEME = ("labels[i] = i % num_classes; batch b holds images b*B .. b*B+B-1
                "torch.Generator(device).manual_seed(seed * 1000003 + b)")
 SEED_MULTIPLIER = 1000003
 MAX_SEED = 2 ** 40          # batch seeds stay far below 2**63
+# Upper bounds of the counts a user sets: beyond them a run would not finish (or not fit in memory), never useful.
+MAX_WARMUP_BATCHES = 1000
+MAX_TIMING_ROUNDS = 1000
+MAX_BOOTSTRAP = 100_000
+MAX_THREADS = 512           # torch crashes (SIGSEGV) when asked for 100000 intra-op threads
 DENSE_CACHE_VERSION = 1
 DEFAULT_BATCH_SIZE = 50
 DEFAULT_FLOP_IMAGES = 1
@@ -161,7 +166,7 @@ def validate(bundle, method, *, samples, seed, sampling, batch_size, flop_images
     seed = _check_int("seed", seed, 0, MAX_SEED)
     batch_size = _check_int("batch size", batch_size, 1)
     flop_images = min(_check_int("flop images", flop_images, 0), samples)
-    warmup_batches = _check_int("warm-up batches", warmup_batches, 0)
+    warmup_batches = _check_int("warm-up batches", warmup_batches, 0, MAX_WARMUP_BATCHES)
     validate_sampling(sampling, bundle.var.V)
     check_dtype(dtype, bundle.device)
     method.check_model(bundle)
@@ -608,7 +613,8 @@ def measure(bundle, method, *, samples: int, seed: int = 0, sampling=None, batch
         inception_weights=inception_weights, metrics=metrics, cache_dir=cache_dir, classifier=classifier,
         reference_count=reference_count, dtype=dtype)
     dtype = normalize_dtype(dtype)   # validate() checked that the device supports it
-    timing_rounds = _check_int("timing rounds", timing_rounds, 0)
+    timing_rounds = _check_int("timing rounds", timing_rounds, 0, MAX_TIMING_ROUNDS)
+    _check_int("bootstrap", bootstrap, 0, MAX_BOOTSTRAP)
     check_free_space(bundle, samples, results_dir, cache_dir)
     device = bundle.device
     phases: Dict[str, float] = {}

@@ -40,6 +40,7 @@ EXTRACTOR_NAME = "var-bench-classifier"    # our classifier, as registered with 
 INCEPTION_NAME = "inception-v3-compat"     # torch-fidelity's TF-compatible Inception-v3
 METRICS = ("fid", "isc", "prc", "kid")
 DEFAULT_REFERENCE_COUNT = 5000             # held-out shapes images (render ~3 ms each once, then cached)
+MAX_REFERENCE_COUNT = 1_000_000            # more reference images than any FID protocol uses (ImageNet: 50k)
 ISC_SPLITS = 10                            # torch-fidelity's default
 KID_SUBSETS = 100                          # torch-fidelity's default
 KID_SUBSET_SIZE = 1000                     # torch-fidelity's default, lowered to min(N, reference) for small sets
@@ -248,6 +249,9 @@ def resolve_extractor(bundle=None, inception_weights: Optional[str] = None,
                          f"--inception-weights) or a classifier .safetensors")
     if not os.path.isfile(path):
         raise BenchError(f"quality classifier weights not found: {path}")
+    if classifier:   # a user's file: readable and finite now, not after the generation (small: read it whole)
+        from bench.checkpoints import read_state_dict
+        read_state_dict(path, "quality classifier")
     return Extractor(EXTRACTOR_NAME, path, _classifier_config_for(path))
 
 
@@ -288,8 +292,8 @@ def parse_reference(bundle, reference: Optional[str] = None, reference_count: Op
     """Validate a reference spec (no images are read): None (the model's held-out set), 'shapes[:split]',
     an image folder, or an .npz with mu/sigma (FID statistics) and/or arr_0 (N,H,W,3) uint8 images."""
     valid = "valid: none (embedded models), shapes[:val|test], an image folder, or an .npz with mu/sigma and/or arr_0"
-    if reference_count is not None and reference_count < 1:
-        raise BenchError(f"reference count must be >= 1, got {reference_count}")
+    if reference_count is not None and not 1 <= reference_count <= MAX_REFERENCE_COUNT:
+        raise BenchError(f"reference count must be in 1..{MAX_REFERENCE_COUNT}, got {reference_count}")
     ds = getattr(bundle, "dataset", None) or {}
     size = int(getattr(bundle, "image_size", 0) or ds.get("image_size", 32))
     if reference is None and ds.get("reference"):   # a user's model registered with its own held-out folder
@@ -361,6 +365,9 @@ def parse_reference(bundle, reference: Optional[str] = None, reference_count: Op
                   "random": ", a seeded random subset (no arr_1 labels to stratify by)"}[sample]
         parts = (["mu/sigma"] if has_stats else []) + ([f"arr_0 {n} of {n_img} images{subset}"]
                                                        if imgs is not None else [])
+        if has_stats:   # published statistics that cannot define a FID: refused now, not after the generation
+            with np.load(path, allow_pickle=False) as z:
+                _checked_stats(z["mu"], z["sigma"], path)
         return Reference("npz", f"npz:{os.path.realpath(path)} ({', '.join(parts)})", n, imgs is not None,
                          dict(kind="npz", **_file_identity(path), count=n, size=size,
                               **({"sample": sample} if sample != "all" else {})), path=path,
@@ -766,7 +773,8 @@ def check_reference(bundle, samples: int, reference: Optional[str] = None, incep
                     metrics: Sequence[str] = METRICS, *, reference_count: Optional[int] = None,
                     classifier: Optional[str] = None) -> dict:
     """Validate quality settings before any generation; raises BenchError (one line) or returns a summary
-    {extractor, reference, reference_count, notes}. Reads no images (folder listings and .npz headers only)."""
+    {extractor, reference, reference_count, notes}. Reads no images: folder listings, .npz headers and FID
+    statistics, a given classifier's weights."""
     _, extractor, ref, notes = _prepare(bundle, samples, reference, inception_weights, metrics, reference_count,
                                         classifier)
     return dict(extractor=extractor.tag, reference=ref.desc, reference_count=ref.count, notes=notes)

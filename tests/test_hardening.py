@@ -499,3 +499,87 @@ def test_folders_named_like_our_packages_in_the_working_directory_do_not_shadow_
     assert r.returncode == 2 and "Traceback" not in r.stderr and r.stderr.strip().count("\n") == 0, r.stderr
     r = run_cli("run", "--method", "nosuch", cwd=tmp_path, env=env)
     assert r.returncode == 2 and "unknown method 'nosuch'; valid:" in r.stderr and "dense" in r.stderr, r.stderr
+
+
+# ------------------------------------------------------------------------- the CLI review of 2026-11-30
+@pytest.mark.parametrize("args,msg", [
+    (["run", "--threads", "100000"], "--threads must be in 1..512"),                      # torch: SIGSEGV
+    (["run", "--warmup-batches", "99999"], "--warmup-batches must be in 0..1000"),        # never finished
+    (["run", "--timing-rounds", "99999999"], "--timing-rounds must be in 0..1000"),
+    (["run", "--bootstrap", "1000000000"], "--bootstrap must be in 0..100000"),
+    (["run", "--metrics", "fid", "--reference-count", "999999999"], "reference count must be in 1..1000000"),
+    (["run", "--results", ""], "--results is empty"),                                     # was ./rows/*.parquet
+    (["run", "--cache-dir="], "--cache-dir is empty"),
+    (["run", "--trial-key", " "], "--trial-key is empty"),
+    (["bench-moe", "--fractions", "nan"], "--fractions values must be in (0.0, 1.0]"),   # was a ValueError
+    (["bench-moe", "--min-sample-ms", "nan"], "--min-sample-ms must be >= 0"),
+    (["bench-moe", "--seed", "-1"], "--seed must be in 0..1099511627776"),
+    (["bench-moe", "--shapes", "0:0:0"], "C, FFN and every pn must be >= 1"),            # printed empty tables
+    (["bench-moe", "--shapes", "default", "--expert-sizes", "7"], "none divides shape default's FFN width 512"),
+    (["bench-moe", "--json", ""], "--json is empty"),                                     # silently wrote nothing
+    (["bench-noise", "--load-procs", "100000"], "--load-procs must be in 1..256"),
+    (["sweep", "tau", "--dry-run", "--cpus-per-trial", "nan"], "--cpus-per-trial must be a finite number >= 0"),
+    (["sweep", "tau", "--dry-run", "--status-every", "inf"], "--status-every must be a finite number of seconds"),
+    (["sweep", "tau", "--dry-run", "--set", "measure.warmup_batches=99999999"],
+     "measure.warmup_batches must be <= 1000"),
+])
+def test_cli_refuses_in_one_line_what_used_to_crash_or_run_forever(args, msg, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("VARBENCH_CACHE", str(tmp_path / "cache"))
+    monkeypatch.chdir(tmp_path)
+    code, out, err = _cli(args + (["--results", tmp_path / "res"] if args[0] in ("run", "sweep") and
+                                  "--results" not in args else []), capsys)
+    assert code == 2 and msg in err and err.count("\n") == 0, err
+    assert os.listdir(tmp_path) == []                               # nothing written, not even the cache
+
+
+def test_sweep_file_that_is_not_text_or_not_readable_is_one_line(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_bytes(b"\xff\xfe\x00name: x\n")
+    code, _, err = _cli(["sweep", bad, "--dry-run", "--results", tmp_path / "res"], capsys)
+    assert code == 2 and "not UTF-8 text" in err and err.count("\n") == 0, err
+    if os.path.isfile("/proc/self/mem"):                           # a file whose reading fails (EIO)
+        code, _, err = _cli(["sweep", "/proc/self/mem", "--dry-run", "--results", tmp_path / "res"], capsys)
+        assert code == 2 and "sweep file /proc/self/mem cannot be read" in err and err.count("\n") == 0, err
+
+
+def test_manifests_of_the_wrong_shape_are_skipped_with_a_warning(tmp_path, caplog):
+    """A manifest that is JSON but not a manifest ([1, 2]; trials: 5) used to crash resume and report."""
+    from bench.sweep.store import manifest_dir, read_manifests
+    d = manifest_dir(str(tmp_path))
+    os.makedirs(d)
+    for name, body in (("list.json", [1, 2]), ("ints.json", {"sweep_id": "x", "spec": {}, "trials": 5})):
+        with open(os.path.join(d, name), "w") as f:
+            json.dump(body, f)
+    assert read_manifests(str(tmp_path)) == []
+    assert "skipping sweep manifest list.json: not a manifest" in caplog.text
+    r = run_cli("report", "--results", tmp_path, "--out", tmp_path / "out")
+    assert r.returncode in (0, 2) and "Traceback" not in r.stderr, r.stderr
+
+
+def test_sweep_cache_dir_that_is_a_file_is_refused_before_the_manifest(tmp_path, capsys):
+    f = tmp_path / "a-file"
+    f.write_text("x")
+    code, _, err = _cli(["sweep", "tau", "--dry-run", "--results", tmp_path / "res", "--set",
+                         f"measure.cache_dir={f}"], capsys)
+    assert code == 2 and "cache directory" in err and "is not a directory" in err, err
+    assert not (tmp_path / "res").exists()
+
+
+def test_a_broken_classifier_or_reference_is_refused_before_generating(tiny, tmp_path, capsys, monkeypatch):
+    """A corrupt classifier file and published statistics with a NaN used to be found after the generation, which
+    left batch checkpoints in the cache; now nothing is generated or written."""
+    import numpy as np
+    monkeypatch.setenv("VARBENCH_CACHE", str(tmp_path / "cache"))
+    bad_cls = tmp_path / "cls.safetensors"
+    bad_cls.write_bytes(b"not a safetensors file")
+    mu, sigma = np.zeros(128), np.eye(128)
+    mu[3] = np.nan
+    npz = tmp_path / "ref.npz"
+    np.savez(npz, mu=mu, sigma=sigma)
+    common = ["run", "--model", "tiny", "--samples", "2", "--batch-size", "2", "--metrics", "fid",
+              "--results", tmp_path / "res"]
+    code, _, err = _cli(common + ["--classifier", bad_cls], capsys)
+    assert code == 2 and "quality classifier" in err and err.count("\n") == 0, err
+    code, _, err = _cli(common + ["--reference", npz], capsys)
+    assert code == 2 and "non-finite" in err and err.count("\n") == 0, err
+    assert not (tmp_path / "cache").exists() and not (tmp_path / "res").exists()

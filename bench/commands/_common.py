@@ -50,9 +50,9 @@ def check_benchmark_args(a, **ranges) -> None:
     """Check the shared bench-* options and the command's own integer flags (`ranges`, as check_flags), normalise
     --dtype (checked against --device), then set torch's threads."""
     import torch
-    from bench.measure import MAX_SEED
+    from bench.measure import MAX_SEED, MAX_THREADS
     from bench.precision import check_dtype
-    check_flags(a, samples=(1,), batch_size=(1,), seed=(0, MAX_SEED), threads=(1,), **ranges)
+    check_flags(a, samples=(1,), batch_size=(1,), seed=(0, MAX_SEED), threads=(1, MAX_THREADS), **ranges)
     a.dtype = check_dtype(a.dtype, check_device(a.device))
     if a.threads is not None:
         torch.set_num_threads(a.threads)

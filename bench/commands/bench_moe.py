@@ -73,9 +73,13 @@ def parse_shapes(text):
             continue
         try:
             c, h, pns = name.split(":")
-            out.append((name, int(c), int(h), tuple(int(p) for p in pns.split("/"))))
+            shape = (name, int(c), int(h), tuple(int(p) for p in pns.split("/")))
         except ValueError:
             raise BenchError(f"unknown shape {name!r}; valid: {', '.join(SHAPES)}, or C:FFN:pn/pn") from None
+        if min(shape[1], shape[2], *shape[3]) < 1:
+            raise BenchError(f"shape {name!r}: C, FFN and every pn must be >= 1; valid: {', '.join(SHAPES)}, or "
+                             f"C:FFN:pn/pn")
+        out.append(shape)
     if not out:
         raise BenchError("--shapes is empty")
     return out
@@ -86,7 +90,7 @@ def parse_list(text, typ, flag, low, high=None):
         vals = [typ(x) for x in text.split(",") if x.strip()]
     except ValueError:
         raise BenchError(f"{flag} must be comma-separated {typ.__name__}s, got {text!r}") from None
-    if not vals or any(v <= low or (high is not None and v > high) for v in vals):
+    if not vals or any(not v > low or (high is not None and not v <= high) for v in vals):   # NaN fails both
         rng = f"in ({low}, {high}]" if high is not None else f"> {low}"
         raise BenchError(f"{flag} values must be {rng}, got {text!r}")
     return vals
@@ -131,10 +135,16 @@ def run(a):
     shapes = parse_shapes(a.shapes)
     sizes = parse_list(a.expert_sizes, int, "--expert-sizes", 0)
     fracs = parse_list(a.fractions, float, "--fractions", 0.0, 1.0)
-    for flag, v, lo in (("--batch", a.batch, 1), ("--warmup", a.warmup, 0), ("--repeats", a.repeats, 1),
-                        ("--threads", a.threads, 0), ("--min-sample-ms", a.min_sample_ms, 0)):
-        if v < lo:
-            raise BenchError(f"{flag} must be >= {lo}, got {v}")
+    from bench.measure import MAX_SEED, MAX_THREADS
+    for flag, v, lo, hi in (("--batch", a.batch, 1, None), ("--warmup", a.warmup, 0, None),
+                            ("--repeats", a.repeats, 1, None), ("--threads", a.threads, 0, MAX_THREADS),
+                            ("--min-sample-ms", a.min_sample_ms, 0, None), ("--seed", a.seed, 0, MAX_SEED)):
+        if not v >= lo or (hi is not None and v > hi) or v == float("inf"):     # NaN fails v >= lo
+            raise BenchError(f"{flag} must be {'>= ' + str(lo) if hi is None else f'in {lo}..{hi}'}, got {v}")
+    for name, C, H, pns in shapes:
+        if not any(H % s == 0 for s in sizes):
+            raise BenchError(f"--expert-sizes {a.expert_sizes}: none divides shape {name}'s FFN width {H}; valid: "
+                             f"divisors of {H}, e.g. {', '.join(str(d) for d in (32, 64, 128, 256) if H % d == 0)}")
     if a.json:
         check_writable_file(a.json, (".json",))
     device = torch.device(check_device(a.device))

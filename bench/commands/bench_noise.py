@@ -11,6 +11,7 @@ from bench.commands._common import add_benchmark_args
 
 ORDER = 92
 MAX_LOAD_S = 1800      # the busy processes end by themselves after this, whatever happens to this process
+MAX_LOAD_PROCS = 256   # busy processes of the loaded pass (default: one per core)
 
 
 def register(sub):
@@ -63,10 +64,10 @@ def run(a):
     from bench.atomic import atomic_write_text
     from bench.commands._common import bundle_from_args, check_benchmark_args, check_writable_file, sampling_from_args
     from bench.env import describe, environment
-    from bench.measure import sample_labels, time_paired
+    from bench.measure import MAX_TIMING_ROUNDS, sample_labels, time_paired
     from bench.precision import generation_dtype
     from bench.registry import create_method
-    check_benchmark_args(a, rounds=(1,), load_procs=(1,))
+    check_benchmark_args(a, rounds=(1, MAX_TIMING_ROUNDS), load_procs=(1, MAX_LOAD_PROCS))
     if a.json:
         check_writable_file(a.json, (".json",))
     bundle = bundle_from_args(a)

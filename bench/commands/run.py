@@ -57,15 +57,16 @@ def run(a):
     import torch
     from bench.commands._common import bundle_from_args, check_device, check_flags, sampling_from_args
     from bench.checkpoints import check_writable_dir
-    from bench.measure import MAX_SEED, dense_cache_dir, measure
+    from bench.measure import (MAX_BOOTSTRAP, MAX_SEED, MAX_THREADS, MAX_TIMING_ROUNDS, MAX_WARMUP_BATCHES,
+                               dense_cache_dir, measure)
     from bench.precision import check_dtype
     from bench.registry import create_method, parse_overrides
     from bench.results import check_results_dir
     preset = _apply_preset(a)
     # cheap checks first, in the order a user fixes them; nothing is written before measure() has validated all
-    check_flags(a, samples=(1,), seed=(0, MAX_SEED), batch_size=(1,), flop_images=(0,), warmup_batches=(0,),
-                timing_rounds=(0,),
-                threads=(1,), bootstrap=(0,))
+    check_flags(a, samples=(1,), seed=(0, MAX_SEED), batch_size=(1,), flop_images=(0,),
+                warmup_batches=(0, MAX_WARMUP_BATCHES), timing_rounds=(0, MAX_TIMING_ROUNDS),
+                threads=(1, MAX_THREADS), bootstrap=(0, MAX_BOOTSTRAP))
     metrics = tuple(m.strip() for m in a.metrics.split(",") if m.strip())
     method = create_method(a.method, **parse_overrides(a.set))
     check_results_dir(a.results)

@@ -82,11 +82,11 @@ def run(a):
         raise BenchError(f"--generation-workers must be >= 1, got {a.generation_workers}")
     if a.generation_min_samples is not None and a.generation_min_samples < 1:
         raise BenchError(f"--generation-min-samples must be >= 1, got {a.generation_min_samples}")
-    if a.status_every <= 0:
-        raise BenchError(f"--status-every must be > 0, got {a.status_every:g}")
+    if not 0 < a.status_every < float("inf"):        # NaN fails too
+        raise BenchError(f"--status-every must be a finite number of seconds > 0, got {a.status_every:g}")
     for flag, v in (("--cpus-per-trial", a.cpus_per_trial), ("--gpus-per-trial", a.gpus_per_trial)):
-        if v is not None and v < 0:
-            raise BenchError(f"{flag} must be >= 0, got {v:g}")
+        if v is not None and not 0 <= v < float("inf"):
+            raise BenchError(f"{flag} must be a finite number >= 0, got {v:g}")
     sets = list(a.set)
     if a.model:
         sets.append(f"models={a.model}")

@@ -63,7 +63,7 @@ import importlib
 import json
 import math
 import os
-from typing import Any, Dict, List, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from bench.errors import BenchError
 
@@ -76,9 +76,18 @@ MEASURE_KEYS = {"flop_images": int, "warmup_batches": int, "timing_rounds": int,
                 "classifier": str, "reference_count": int, "inception_weights": str, "cache_dir": str,
                 "dtype": str}
 MEASURE_MINIMA = {"flop_images": 0, "warmup_batches": 0, "timing_rounds": 0, "bootstrap": 0, "reference_count": 1}
+MEASURE_MAXIMA = {"warmup_batches": "MAX_WARMUP_BATCHES", "timing_rounds": "MAX_TIMING_ROUNDS",
+                  "bootstrap": "MAX_BOOTSTRAP", "reference_count": "MAX_REFERENCE_COUNT"}   # bench.measure / quality
 ENTRY_KEYS = ("method", "params", "grid", "twins", "enabled")
 TWIN_KEYS = ("method", "params", "from_parent")
 MODEL_KEYS = ("name", "var_ckpt", "vae_ckpt", "depth", "patch_nums")
+
+
+def _measure_maximum(key: str) -> Optional[int]:
+    import bench.measure
+    import bench.quality
+    name = MEASURE_MAXIMA.get(key)
+    return None if name is None else getattr(bench.measure, name, None) or getattr(bench.quality, name)
 
 
 # ================================================================================================ sweep files
@@ -113,6 +122,10 @@ def read_yaml(path: str) -> dict:
             data = yaml.safe_load(f)
     except yaml.YAMLError as e:
         raise BenchError(f"sweep file {path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    except UnicodeDecodeError:
+        raise BenchError(f"sweep file {path}: not UTF-8 text; valid: a YAML file") from None
+    except OSError as e:
+        raise BenchError(f"sweep file {path} cannot be read ({e.strerror or e})") from None
     if not isinstance(data, dict):
         raise BenchError(f"sweep file {path}: expected a mapping at the top level")
     return data
@@ -188,6 +201,9 @@ def normalize(raw: dict, where: str) -> dict:
             low = MEASURE_MINIMA.get(k) if sect == "measure" else None
             if low is not None and spec[sect][k] is not None and spec[sect][k] < low:
                 raise BenchError(f"{where}: {sect}.{k} must be >= {low}, got {spec[sect][k]}")
+            high = _measure_maximum(k) if sect == "measure" else None
+            if high is not None and spec[sect][k] is not None and spec[sect][k] > high:
+                raise BenchError(f"{where}: {sect}.{k} must be <= {high}, got {spec[sect][k]}")
     spec["modules"] = [spec["modules"]] if isinstance(spec["modules"], str) else spec["modules"]
     spec["modules"] = _check_type(f"{where}: modules", spec["modules"] or [], list)
     spec["quick"] = _check_type(f"{where}: quick", spec["quick"] or {}, dict)

@@ -40,6 +40,12 @@ def write_manifest(results_dir: str, manifest: dict) -> str:
     return path
 
 
+def _manifest_shape_ok(m) -> bool:
+    return (isinstance(m, dict) and isinstance(m.get("sweep_id"), str) and isinstance(m.get("spec"), dict)
+            and isinstance(m.get("trials"), list) and all(isinstance(t, dict) for t in m["trials"])
+            and isinstance(m.get("models", []), (list, dict)))
+
+
 def read_manifests(results_dir: str, name: Optional[str] = None) -> List[dict]:
     """Sweep manifests of the store, oldest first (by creation time)."""
     d = manifest_dir(results_dir)
@@ -52,6 +58,10 @@ def read_manifests(results_dir: str, name: Optional[str] = None) -> List[dict]:
                         m = json.load(fh)
                 except (OSError, ValueError) as e:
                     logger.warning(f"skipping unreadable sweep manifest {f}: {e}")
+                    continue
+                if not _manifest_shape_ok(m):
+                    logger.warning(f"skipping sweep manifest {f}: not a manifest (expects an object with sweep_id, "
+                                   f"spec, models and a list of trial objects)")
                     continue
                 if name is None or m.get("sweep") == name:
                     out.append(m)
@@ -155,7 +165,11 @@ def resolve_invocation(spec: dict, results_dir: str, resume: bool, quick: bool =
                 raise BenchError(f"--resume: sweep {m['sweep_id']} was run with other settings "
                                  f"(quick={m['spec'].get('quick_applied')}, set={m['spec'].get('sets')}); resume "
                                  f"it without --quick/--set, or start a new sweep without --resume")
-            trials = [Trial(**{k: v for k, v in t.items() if k != "key"}) for t in m["trials"]]
+            try:
+                trials = [Trial(**{k: v for k, v in t.items() if k != "key"}) for t in m["trials"]]
+            except TypeError as e:
+                raise BenchError(f"--resume: the manifest of sweep {m['sweep_id']} has a malformed trial ({e}); start "
+                                 f"a new sweep without --resume") from None
             changed = "" if spec_fingerprint(spec) == spec_fingerprint(m["spec"]) else (
                 f"the sweep file's settings differ from those sweep {m['sweep_id']} started with; resuming it as "
                 f"recorded in its manifest (start a new sweep without --resume to run the file as it is now)")

@@ -158,6 +158,9 @@ def _check_model(spec: dict, m, trials: List[Trial], load: bool) -> dict:
     from bench.quality import check_reference
     ms = spec["measure"]
     try:   # what each trial's measure() would refuse, refused here before the manifest and the first trial
+        from bench.checkpoints import check_writable_dir
+        from bench.measure import dense_cache_dir
+        check_writable_dir(dense_cache_dir(ms.get("cache_dir")), "cache directory")
         check_reference(bundle, spec["samples"], spec["reference"], ms.get("inception_weights"),
                         tuple(ms.get("metrics") or QUALITY_METRICS), reference_count=ms.get("reference_count"),
                         classifier=ms.get("classifier"))
