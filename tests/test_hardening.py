@@ -583,3 +583,23 @@ def test_a_broken_classifier_or_reference_is_refused_before_generating(tiny, tmp
     code, _, err = _cli(common + ["--reference", npz], capsys)
     assert code == 2 and "non-finite" in err and err.count("\n") == 0, err
     assert not (tmp_path / "cache").exists() and not (tmp_path / "res").exists()
+
+
+def test_model_and_checkpoints_together_are_refused(tmp_path, capsys, monkeypatch):
+    """--model used to be ignored without a word when checkpoints were given (or set in the environment)."""
+    code, _, err = _cli(["sample", "--model", "shapes-d6", "--var-ckpt", "v.pth", "--vae-ckpt", "a.pth",
+                         "--classes", "0", "--out", tmp_path / "x.png"], capsys)
+    assert code == 2 and "--model shapes-d6 and --var-ckpt / --vae-ckpt name two models" in err, err
+    monkeypatch.setenv("VARBENCH_VAR_CKPT", "v.pth")
+    code, _, err = _cli(["run", "--model", "tiny", "--results", tmp_path / "res"], capsys)
+    assert code == 2 and "--model tiny and VARBENCH_VAR_CKPT name two models" in err, err
+    assert os.listdir(tmp_path) == []
+
+
+def test_results_of_an_unknown_sweep_is_an_error_not_an_empty_table(tmp_path, capsys):
+    from bench.results import append_row
+    append_row(str(tmp_path), {"run_id": "r1", "sweep": "tau", "method": "dense", "started_at": "2026-11-30"})
+    code, _, err = _cli(["results", "show", "--results", tmp_path, "--sweep", "nosuch"], capsys)
+    assert code == 2 and "no rows of sweep 'nosuch'" in err and "valid: tau" in err, err
+    code, out, _ = _cli(["results", "show", "--results", tmp_path, "--sweep", "tau"], capsys)
+    assert code == 0 and "1 rows" in out

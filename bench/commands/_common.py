@@ -10,7 +10,8 @@ from bench.sampling import validate_sampling
 
 def add_model_args(p):
     g = p.add_argument_group("model")
-    g.add_argument("--model", default="default", help="embedded model name (see `python -m bench models`)")
+    g.add_argument("--model", default=None, help="embedded model name (see `python -m bench models`; default: "
+                   "default); not with --var-ckpt/--vae-ckpt")
     g.add_argument("--var-ckpt", default=None, help="official var_d*.pth (or VARBENCH_VAR_CKPT)")
     g.add_argument("--vae-ckpt", default=None, help="official vae_ch160v4096z32.pth (or VARBENCH_VAE_CKPT)")
     g.add_argument("--depth", type=int, default=None, help="official VAR depth (default: read from the checkpoint)")
@@ -60,7 +61,13 @@ def check_benchmark_args(a, **ranges) -> None:
 
 def bundle_from_args(a):
     from bench.zoo import load_model
-    return load_model(a.model, a.var_ckpt, a.vae_ckpt, a.depth, check_device(a.device), a.patch_nums)
+    ckpts = [f for f, v in (("--var-ckpt", a.var_ckpt), ("--vae-ckpt", a.vae_ckpt),
+                            ("VARBENCH_VAR_CKPT", os.environ.get("VARBENCH_VAR_CKPT")),
+                            ("VARBENCH_VAE_CKPT", os.environ.get("VARBENCH_VAE_CKPT"))) if v]
+    if a.model is not None and ckpts:   # the checkpoints would win and --model be ignored without a word
+        raise BenchError(f"--model {a.model} and {' / '.join(ckpts)} name two models; valid: --model NAME (an "
+                         f"embedded or registered model) or official checkpoints, not both")
+    return load_model(a.model or "default", a.var_ckpt, a.vae_ckpt, a.depth, check_device(a.device), a.patch_nums)
 
 
 def check_flags(a, **ranges) -> None:
