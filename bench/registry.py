@@ -232,5 +232,7 @@ def parse_overrides(pairs: Sequence[str]) -> Dict[str, Any]:
         k, sep, v = p.partition("=")
         if not sep or not k.strip():
             raise BenchError(f"expected key=value, got {p!r}")
+        if k.strip() in out:   # the last one would win without a word
+            raise BenchError(f"{k.strip()} given twice ({out[k.strip()]!r}, then {v.strip()!r}); give it once")
         out[k.strip()] = v.strip()
     return out

@@ -603,3 +603,14 @@ def test_results_of_an_unknown_sweep_is_an_error_not_an_empty_table(tmp_path, ca
     assert code == 2 and "no rows of sweep 'nosuch'" in err and "valid: tau" in err, err
     code, out, _ = _cli(["results", "show", "--results", tmp_path, "--sweep", "tau"], capsys)
     assert code == 0 and "1 rows" in out
+
+
+def test_a_setting_given_twice_is_refused(tmp_path, capsys):
+    """--set tau=0.8 --set tau=0.7 used to keep the last one without a word."""
+    code, _, err = _cli(["run", "--method", "dmoe", "--set", "tau=0.8", "--set", "tau=0.7",
+                         "--results", tmp_path / "res"], capsys)
+    assert code == 2 and "tau given twice ('0.8', then '0.7'); give it once" in err, err
+    code, _, err = _cli(["sweep", "tau", "--dry-run", "--results", tmp_path / "res", "--set", "models=tiny",
+                         "--model", "default"], capsys)
+    assert code == 2 and "--set models given twice" in err, err
+    assert os.listdir(tmp_path) == []

@@ -360,6 +360,8 @@ def parse_sets(pairs: Sequence[str]) -> List[Tuple[str, Any]]:
         k, sep, v = p.partition("=")
         if not sep or not k.strip():
             raise BenchError(f"--set expects KEY=VALUE, got {p!r}")
+        if any(k.strip() == seen for seen, _ in out):   # the last one would win without a word
+            raise BenchError(f"--set {k.strip()} given twice (--model is --set models=); give it once")
         out.append((k.strip(), _parse_value(v.strip())))
     return out
 
