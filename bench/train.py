@@ -12,7 +12,7 @@ import os
 import subprocess
 import sys
 import time
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -173,12 +173,44 @@ def train_vqvae(out: str, steps: int = 3000, batch: int = 32, lr: float = 5e-4, 
                           **_data_meta(data, hflip, train_rec, val_rec)))
 
 
+def vqvae_image_size(cfg: dict) -> int:
+    """The image side a VQ-VAE config works at: its last patch side times its downsampling (2 per extra level)."""
+    return int(cfg["v_patch_nums"][-1]) * 2 ** (len(cfg["ch_mult"]) - 1)
+
+
+def trained_meta(path: str, kind: str, what: Optional[str] = None) -> dict:
+    """The metadata `<name>.json` that `train <kind>` wrote beside `path`, refused in one line if the weights or it
+    are missing, unreadable, or of another kind (`what` names the flag in the messages)."""
+    what = what or f"{kind} weights"
+    if not os.path.isfile(path):
+        raise BenchError(f"{what}: file not found: {path}; give the {kind}.safetensors written by "
+                         f"`python -m bench train {kind}`")
+    side = os.path.splitext(path)[0] + ".json"
+    if not os.path.isfile(side):
+        raise BenchError(f"{what}: {path} has no training metadata beside it ({side}); give the {kind}.safetensors "
+                         f"written by `python -m bench train {kind}`")
+    try:
+        with open(side) as f:
+            meta = json.load(f)
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise BenchError(f"{what}: cannot read its training metadata {side}: {e}") from None
+    if not isinstance(meta, dict) or not isinstance(meta.get("config"), dict):
+        raise BenchError(f"{what}: {side} is not the training metadata of `python -m bench train {kind}` (no config)")
+    if meta.get("kind", kind) != kind:
+        raise BenchError(f"{what}: {path} holds a {meta['kind']}, not a {kind} ({side}); give the "
+                         f"{kind}.safetensors written by `python -m bench train {kind}`")
+    return meta
+
+
+def trained_vqvae_config(path: str, what: Optional[str] = None) -> dict:
+    cfg = trained_meta(path, "vqvae", what or "VQ-VAE")["config"]
+    if not isinstance(cfg.get("v_patch_nums"), list) or not cfg["v_patch_nums"] or "ch_mult" not in cfg:
+        raise BenchError(f"{what or 'VQ-VAE'}: the config beside {path} has no v_patch_nums / ch_mult")
+    return cfg
+
+
 def load_trained_vqvae(path: str) -> VQVAE:
-    meta_path = os.path.splitext(path)[0] + ".json"
-    if not os.path.isfile(meta_path):
-        raise BenchError(f"VQ-VAE metadata not found next to the weights: {meta_path}")
-    with open(meta_path) as f:
-        cfg = json.load(f)["config"]
+    cfg = trained_vqvae_config(path)
     model = VQVAE(**cfg)
     model.load_state_dict(read_state_dict(path, "VQ-VAE checkpoint"), strict=True)
     return model.eval()
@@ -202,14 +234,36 @@ def tokenize(vqvae: VQVAE, images: torch.Tensor, batch: int = 200, hflip: bool =
     return out
 
 
+def var_shape(depth: int, width_per_depth: int = 32, width: Optional[int] = None,
+              heads: Optional[int] = None) -> Tuple[int, int]:
+    """(embedding width, heads) of a VAR of the embedded family, refused in one line naming the flags when the
+    depth, widths or heads are not positive or the width does not split into the heads. Defaults: width =
+    width_per_depth * depth; heads = depth when it divides the width (the release's recipe), else width // 32."""
+    for flag, v in (("--depth", depth), ("--width-per-depth", width_per_depth), ("--width", width),
+                    ("--heads", heads)):
+        if v is not None and v < 1:
+            raise BenchError(f"{flag} must be >= 1, got {v}")
+    C = width if width is not None else width_per_depth * depth
+    src = f"--width {C}" if width is not None else f"width {C} (--width-per-depth {width_per_depth} x --depth {depth})"
+    if heads is not None:
+        H = heads
+    elif C % depth == 0:
+        H = depth
+    else:
+        H = C // 32
+        if H < 1 or C % H:
+            raise BenchError(f"{src} is divisible neither by --depth {depth} nor by width // 32 heads; give "
+                             f"--heads H with H a divisor of {C}, or a width that --depth divides")
+    if C % H:
+        raise BenchError(f"{src} is not divisible by --heads {H}; valid --heads: a divisor of {C}")
+    return C, H
+
+
 def var_config(depth: int, vqvae: VQVAE, num_classes: int, width_per_depth: int = 32, width: Optional[int] = None,
                heads: Optional[int] = None) -> VARConfig:
     """The embedded family: the release's recipe (heads = depth) at half width per layer, unless width/heads are
     given (the depth-sweep model keeps the default's width so that only depth changes)."""
-    C = width or width_per_depth * depth
-    H = heads or (depth if C % depth == 0 else C // 32)
-    if C % H:
-        raise BenchError(f"width {C} is not divisible by {H} heads")
+    C, H = var_shape(depth, width_per_depth, width, heads)
     return VARConfig(depth=depth, embed_dim=C, num_heads=H, vocab_size=vqvae.vocab_size,
                      Cvae=vqvae.Cvae, num_classes=num_classes, patch_nums=tuple(vqvae.v_patch_nums))
 
@@ -218,6 +272,7 @@ def train_var(out: str, vqvae_path: str, depth: int = 4, steps: int = 4000, batc
               seed: int = 0, data: str = "shapes", count: int = 20_000, width_per_depth: int = 32,
               label_smooth: float = 0.0, width: Optional[int] = None, heads: Optional[int] = None,
               hflip: Optional[bool] = None):
+    var_shape(depth, width_per_depth, width, heads)   # before the tokens are cached in `out`
     vq = load_trained_vqvae(vqvae_path)
     image_size = vq.image_size
     torch.manual_seed(seed)
@@ -345,20 +400,25 @@ def ship(name: str, vqvae_path: str, var_path: str, classifier_path: Optional[st
          alias: Optional[str] = None):
     """Copy trained weights into bench/assets and record them in the manifest."""
     from bench.zoo import ASSETS, MANIFEST, read_manifest
-    metas = {}
+    metas = {}   # all three checked before anything is written
     for kind, p in (("vqvae", vqvae_path), ("var", var_path), ("classifier", classifier_path)):
         if p is None:
             continue
-        with open(os.path.splitext(p)[0] + ".json") as f:
-            metas[kind] = json.load(f)
+        metas[kind] = trained_meta(p, kind, f"--{kind}")
+    paths = dict(vqvae=vqvae_path, var=var_path, classifier=classifier_path)
+    for kind, meta in metas.items():
+        for key in ("args", "history", "command", "code_commit", "steps") + (("classes",) if kind == "var" else ()):
+            if key not in meta:
+                raise BenchError(f"--{kind}: the metadata beside {paths[kind]} has no {key!r}; give the "
+                                 f"{kind}.safetensors written by `python -m bench train {kind}`")
+    trained_vqvae_config(vqvae_path, "--vqvae")
+    # shipped in float16 to stay small; loading casts back to float32, and every artifact derived later
+    # (method fine-tunes) starts from these rounded weights, so nothing depends on the fp32 originals
+    sds = {kind: {k: (v.half() if v.is_floating_point() else v) for k, v in read_state_dict(paths[kind]).items()}
+           for kind in metas}   # every file read (a corrupt one refused) before any is written
     os.makedirs(ASSETS, exist_ok=True)
     files, sha = {}, {}
-    for kind, p in (("vqvae", vqvae_path), ("var", var_path), ("classifier", classifier_path)):
-        if p is None:
-            continue
-        # shipped in float16 to stay small; loading casts back to float32, and every artifact derived later
-        # (method fine-tunes) starts from these rounded weights, so nothing depends on the fp32 originals
-        sd = {k: (v.half() if v.is_floating_point() else v) for k, v in read_state_dict(p).items()}
+    for kind, sd in sds.items():
         tmp = os.path.join(ASSETS, f".{kind}.tmp.safetensors")
         save_state_dict(sd, tmp)
         h = file_sha256(tmp)

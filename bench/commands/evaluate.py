@@ -93,7 +93,9 @@ def run(a):
     from bench.models.var import VAR
 
     # ---- validate everything before generating anything
-    check_flags(a, samples=(2, None, " (FID needs a covariance)"), seed=(0,), batch_size=(1,), bootstrap=(0,))
+    from bench.measure import MAX_BOOTSTRAP, MAX_SEED
+    check_flags(a, samples=(2, None, " (FID needs a covariance)"), seed=(0, MAX_SEED), batch_size=(1,),
+                bootstrap=(0, MAX_BOOTSTRAP))
     if a.out:
         check_writable_file(a.out, (".json",))
     bundle = bundle_from_args(a)

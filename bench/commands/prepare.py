@@ -28,7 +28,7 @@ import argparse
 import os
 import time
 
-from bench.commands._common import add_model_args, bundle_from_args
+from bench.commands._common import add_model_args, bundle_from_args, check_flags
 from bench.errors import BenchError
 
 ORDER = 40
@@ -89,6 +89,19 @@ def check_data_classes(data, bundle) -> None:
                          f"{IMAGENET_CLASSES} class folders (calibration takes a class-stratified sample of it)")
 
 
+def check_seeds(recipe, values) -> None:
+    """A recipe's seeds (a setting named *seed) are bounded like every seed of the bench (0..MAX_SEED): a larger
+    one overflows torch's 64-bit generator seed mid-run."""
+    from types import SimpleNamespace
+
+    from bench.measure import MAX_SEED
+    for s in recipe.settings:
+        if s.name.endswith("seed"):
+            v = values[s.name]
+            for one in (v if isinstance(v, (list, tuple)) else [v]):
+                check_flags(SimpleNamespace(**{s.dest: one}), **{s.dest: (0, MAX_SEED)})
+
+
 def run(a):
     from bench.cli import OneLineParser
     from bench.registry import list_methods, method_class
@@ -106,11 +119,13 @@ def run(a):
         from bench.log import setup_logging
         setup_logging(getattr(a, "verbose", 0) + getattr(args, "verbose", 0)
                       - getattr(a, "quiet", 0) - getattr(args, "quiet", 0))
-    if args.threads < 0:
-        raise BenchError(f"--threads must be >= 0, got {args.threads}")
+    from bench.commands.train import threads_range
+    check_flags(args, threads=threads_range())
     out_root = None
     if args.out is not None:
         out_root = os.path.abspath(args.out)
+        if os.path.exists(out_root) and not os.path.isdir(out_root):
+            raise BenchError(f"--out {args.out!r} is an existing file; give a directory (the artifact root)")
         parent = out_root if os.path.isdir(out_root) else os.path.dirname(out_root)
         if not os.path.isdir(parent):
             raise BenchError(f"--out: directory does not exist: {parent}")
@@ -119,6 +134,7 @@ def run(a):
     if args.data is not None and args.data != "shapes" and not os.path.isdir(args.data):
         raise BenchError(f"--data: image folder not found: {args.data}; valid: 'shapes' or an image folder")
     values = cls.recipe.from_args(args, cls)
+    check_seeds(cls.recipe, values)
     import torch
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -1,9 +1,8 @@
 """`python -m bench sample`: a labelled grid of class-conditional samples."""
 from __future__ import annotations
 
-from bench.commands._common import (add_model_args, add_sampling_args, bundle_from_args, check_writable_file,
-                                    parse_classes, sampling_from_args)
-from bench.errors import BenchError
+from bench.commands._common import (add_model_args, add_sampling_args, bundle_from_args, check_flags,
+                                    check_writable_file, parse_classes, sampling_from_args)
 
 ORDER = 10
 
@@ -23,11 +22,9 @@ def run(a):
     import torch
     from bench.grid import save_grid
     from bench.sampling import generate
+    from bench.measure import MAX_SEED
     check_writable_file(a.out, (".png", ".jpg", ".jpeg"))
-    if not 1 <= a.per_class <= 64:
-        raise BenchError(f"--per-class must be in 1..64, got {a.per_class}")
-    if a.seed < 0:
-        raise BenchError(f"--seed must be >= 0, got {a.seed}")
+    check_flags(a, per_class=(1, 64), seed=(0, MAX_SEED))
     bundle = bundle_from_args(a)
     classes = parse_classes(a.classes, bundle.num_classes)
     sampling = sampling_from_args(a, bundle)

@@ -19,22 +19,74 @@ def _kv(text: str) -> dict:
     return out
 
 
+def threads_range():
+    """check_flags range of --threads in train and prepare: 0 keeps torch's default (run and bench-* take 1..)."""
+    from bench.measure import MAX_THREADS
+    return 0, MAX_THREADS, " (0: torch default)"
+
+
+def image_size_rule(what: str, vqvae=None):
+    """(valid sizes as a list or range, their description) of --image-size for `train vqvae|classifier`."""
+    from bench.train import DEFAULT_VQVAE, vqvae_image_size
+    if what == "vqvae":
+        size = vqvae_image_size(DEFAULT_VQVAE)
+        return [size], (f"{size} (the VQ-VAE's last patch side {DEFAULT_VQVAE['v_patch_nums'][-1]} x its "
+                        f"downsampling {2 ** (len(DEFAULT_VQVAE['ch_mult']) - 1)})")
+    if vqvae is not None:
+        from bench.train import trained_vqvae_config
+        size = vqvae_image_size(trained_vqvae_config(vqvae, "--vqvae"))
+        return [size], f"{size} (the image size of --vqvae {vqvae}, whose reconstructions it also trains on)"
+    return range(8, 1025, 8), "a multiple of 8 in 8..1024 (the classifier pools three times by 2)"
+
+
+def _physical_memory() -> int:
+    """Bytes of RAM (0 where the system does not say)."""
+    import os
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):
+        return 0
+
+
 def check_args(a) -> None:
     """Refuse bad training arguments before any data is loaded or anything is written."""
     import math
     import os
     from bench.checkpoints import check_writable_dir
+    from bench.commands._common import check_flags
     from bench.errors import BenchError
+    from bench.measure import MAX_SEED
+    if a.what == "ship":
+        from bench.usermodels import NAME_RE
+        for flag in ("name", "alias"):
+            v = getattr(a, flag)
+            if v is not None and not NAME_RE.match(v):
+                raise BenchError(f"--{flag} {v!r} must be 1-64 letters, digits, '.', '_' or '-' (not starting "
+                                 "with '.', '_' or '-')")
     for flag in ("steps", "batch", "count"):
         v = getattr(a, flag, None)
         if v is not None and v < 1:
             raise BenchError(f"--{flag} must be a positive integer, got {v}")
     if getattr(a, "lr", None) is not None and not (math.isfinite(a.lr) and a.lr > 0):
         raise BenchError(f"--lr must be a finite positive number, got {a.lr}")
-    if getattr(a, "threads", 0) < 0:
-        raise BenchError(f"--threads must be >= 0 (0: torch default), got {a.threads}")
-    if getattr(a, "image_size", 1) < 1:
-        raise BenchError(f"--image-size must be a positive integer, got {a.image_size}")
+    check_flags(a, **{k: r for k, r in dict(seed=(0, MAX_SEED), threads=threads_range()).items() if hasattr(a, k)})
+    if a.what == "var":
+        from bench.train import var_shape
+        check_flags(a, depth=(1,), width_per_depth=(1,), width=(1,), heads=(1,))
+        var_shape(a.depth, a.width_per_depth, a.width, a.heads)
+    for flag in ("vqvae", "var", "classifier"):
+        if getattr(a, flag, None) is not None:
+            from bench.train import trained_meta
+            trained_meta(getattr(a, flag), flag, f"--{flag}")
+    if getattr(a, "image_size", None) is not None:
+        valid, rule = image_size_rule(a.what, getattr(a, "vqvae", None))
+        if a.image_size not in valid:
+            raise BenchError(f"--image-size must be {rule}, got {a.image_size}")
+        need, have = a.count * 3 * a.image_size ** 2 * 4, _physical_memory()
+        if a.data == "shapes" and have and need > have:   # the training images are held as float32 tensors
+            raise BenchError(f"--count {a.count} images at --image-size {a.image_size} need {need / 2 ** 30:.0f} GiB "
+                             f"as float32, more than this machine's {have / 2 ** 30:.0f} GiB; lower --count or "
+                             "--image-size")
     out = getattr(a, "out", None)
     if out is not None:
         if os.path.exists(out) and not os.path.isdir(out):
