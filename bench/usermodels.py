@@ -54,6 +54,8 @@ def parse_sampling(text: str) -> Dict[str, float]:
         if not sep or k.strip() not in SAMPLING_KEYS:
             raise BenchError(f"--sampling: bad item {part!r}; valid keys: {', '.join(SAMPLING_KEYS)} "
                              f"(e.g. cfg=3.0,top_k=100,top_p=0.95)")
+        if k.strip() in out:
+            raise BenchError(f"--sampling: {k.strip()} given twice; give it once")
         try:
             out[k.strip()] = int(v) if k.strip() == "top_k" else float(v)
         except ValueError:

@@ -211,3 +211,15 @@ def test_ship_checks_its_inputs_first(tmp_path, capsys, vqvae, make, needle):
     before = _assets()
     refused(*cli(capsys, "train", "ship", *args), needle)
     assert _assets() == before
+
+
+def test_sampling_settings_unknown_or_twice_are_refused():
+    """`train ship --sampling` had a parser of its own that ignored unknown keys (cfgg=2); it and `register` now
+    share one that also refuses a key given twice (cfg=3,cfg=4 kept the last)."""
+    from bench.errors import BenchError
+    from bench.usermodels import parse_sampling
+    assert parse_sampling("cfg=3.0,top_k=100,top_p=0.95") == dict(cfg=3.0, top_k=100, top_p=0.95)
+    with pytest.raises(BenchError, match=r"bad item 'cfgg=2'; valid keys: cfg, top_k, top_p"):
+        parse_sampling("cfgg=2")
+    with pytest.raises(BenchError, match=r"--sampling: cfg given twice; give it once"):
+        parse_sampling("cfg=3,cfg=4")

@@ -6,19 +6,6 @@ import argparse
 ORDER = 50
 
 
-def _kv(text: str) -> dict:
-    from bench.errors import BenchError
-    out = {}
-    for part in filter(None, text.split(",")):
-        k, _, v = part.partition("=")
-        try:
-            out[k.strip()] = float(v) if "." in v else int(v)
-        except ValueError:
-            raise BenchError(f"--sampling: {part!r} is not KEY=NUMBER; valid keys: cfg, top_k, top_p "
-                             "(e.g. cfg=2.0,top_k=100,top_p=0.95)") from None
-    return out
-
-
 def threads_range():
     """check_flags range of --threads in train and prepare: 0 keeps torch's default (run and bench-* take 1..)."""
     from bench.measure import MAX_THREADS
@@ -154,7 +141,8 @@ def _run(a):
         train.train_classifier(a.out, a.vqvae, a.steps, a.batch, a.lr, a.seed, a.data, a.count, a.image_size,
                                hflip=a.hflip)
     elif a.what == "ship":
-        s = _kv(a.sampling)
+        from bench.usermodels import parse_sampling   # unknown keys (cfgg=2) were ignored by a parser of its own
+        s = parse_sampling(a.sampling)
         train.ship(a.name, a.vqvae, a.var, a.classifier, dict(cfg=float(s.get("cfg", 1.5)), top_k=int(s.get("top_k", 0)),
                    top_p=float(s.get("top_p", 0.0))), a.alias)
     return 0
