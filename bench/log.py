@@ -23,6 +23,19 @@ def get_logger(module: str) -> logging.Logger:
     return logging.getLogger(f"{ROOT}.{module.rsplit('.', 1)[-1]}")
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever sys.stderr is at each message, not the one at setup: a process that swaps it (pytest's
+    capture between in-process commands, a notebook) would otherwise log into a closed stream."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value):
+        pass
+
+
 def setup_logging(verbosity: int = 0, stream=None, prefix: str = "") -> None:
     """Console logging of the var_bench hierarchy: INFO by default, DEBUG at verbosity >= 1, WARNING at -1,
     ERROR at <= -2; `prefix` starts every line (a sweep trial's id in its worker). Replaces an earlier setup
@@ -33,7 +46,7 @@ def setup_logging(verbosity: int = 0, stream=None, prefix: str = "") -> None:
     for h in list(root.handlers):
         if getattr(h, "_var_bench", False):
             root.removeHandler(h)
-    handler = logging.StreamHandler(stream or sys.stderr)
+    handler = logging.StreamHandler(stream) if stream is not None else _StderrHandler()
     handler.setFormatter(logging.Formatter(prefix + ("%(message)s" if level > logging.DEBUG else
                                                     "%(asctime)s %(name)s %(levelname)s: %(message)s")))
     handler._var_bench = True

@@ -41,8 +41,9 @@ def write_manifest(results_dir: str, manifest: dict) -> str:
 
 
 def _manifest_shape_ok(m) -> bool:
-    return (isinstance(m, dict) and isinstance(m.get("sweep_id"), str) and isinstance(m.get("spec"), dict)
-            and isinstance(m.get("trials"), list) and all(isinstance(t, dict) for t in m["trials"])
+    """What readers rely on (reports: sweep, sweep_id, trials; resume also spec and models)."""
+    return (isinstance(m, dict) and isinstance(m.get("sweep_id"), str) and isinstance(m.get("trials"), list)
+            and all(isinstance(t, dict) for t in m["trials"]) and isinstance(m.get("spec", {}), dict)
             and isinstance(m.get("models", []), (list, dict)))
 
 
@@ -161,6 +162,9 @@ def resolve_invocation(spec: dict, results_dir: str, resume: bool, quick: bool =
         previous = read_manifests(results_dir, spec["name"])
         if previous:
             m = previous[-1]
+            if not isinstance(m.get("spec"), dict) or "models" not in m:
+                raise BenchError(f"--resume: the manifest of sweep {m['sweep_id']} has no spec or models; start a new "
+                                 f"sweep without --resume")
             if (quick or sets) and spec_fingerprint(spec) != spec_fingerprint(m["spec"]):
                 raise BenchError(f"--resume: sweep {m['sweep_id']} was run with other settings "
                                  f"(quick={m['spec'].get('quick_applied')}, set={m['spec'].get('sets')}); resume "
