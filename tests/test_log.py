@@ -49,3 +49,15 @@ def test_every_command_takes_verbosity_flags():
     for name, p in [("(top)", parser), *sub.choices.items()]:
         opts = p._option_string_actions
         assert {"-v", "--verbose", "-q", "--quiet"} <= set(opts), name
+
+
+def test_console_logging_follows_the_current_stderr(monkeypatch):
+    """Set up while one stderr is current, a message after it was swapped goes to the new one (pytest's capture
+    swaps it between in-process commands; the old stream is closed by then)."""
+    first, second = io.StringIO(), io.StringIO()
+    monkeypatch.setattr("sys.stderr", first)
+    L.setup_logging(0)
+    monkeypatch.setattr("sys.stderr", second)
+    first.close()
+    L.get_logger("bench.measure").warning("after the swap")
+    assert second.getvalue() == "after the swap\n"
