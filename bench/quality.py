@@ -249,9 +249,6 @@ def resolve_extractor(bundle=None, inception_weights: Optional[str] = None,
                          f"--inception-weights) or a classifier .safetensors")
     if not os.path.isfile(path):
         raise BenchError(f"quality classifier weights not found: {path}")
-    if classifier:   # a user's file: readable and finite now, not after the generation (small: read it whole)
-        from bench.checkpoints import read_state_dict
-        read_state_dict(path, "quality classifier")
     return Extractor(EXTRACTOR_NAME, path, _classifier_config_for(path))
 
 
@@ -365,9 +362,6 @@ def parse_reference(bundle, reference: Optional[str] = None, reference_count: Op
                   "random": ", a seeded random subset (no arr_1 labels to stratify by)"}[sample]
         parts = (["mu/sigma"] if has_stats else []) + ([f"arr_0 {n} of {n_img} images{subset}"]
                                                        if imgs is not None else [])
-        if has_stats:   # published statistics that cannot define a FID: refused now, not after the generation
-            with np.load(path, allow_pickle=False) as z:
-                _checked_stats(z["mu"], z["sigma"], path)
         return Reference("npz", f"npz:{os.path.realpath(path)} ({', '.join(parts)})", n, imgs is not None,
                          dict(kind="npz", **_file_identity(path), count=n, size=size,
                               **({"sample": sample} if sample != "all" else {})), path=path,
@@ -777,6 +771,13 @@ def check_reference(bundle, samples: int, reference: Optional[str] = None, incep
     statistics, a given classifier's weights."""
     _, extractor, ref, notes = _prepare(bundle, samples, reference, inception_weights, metrics, reference_count,
                                         classifier)
+    # what would otherwise be found only after the generation (both small: read whole)
+    if classifier and extractor.name == EXTRACTOR_NAME:   # a user's classifier: readable and finite
+        from bench.checkpoints import read_state_dict
+        read_state_dict(extractor.weights, "quality classifier")
+    if ref.kind == "npz" and ref.info.get("has_stats"):   # published statistics that can define a FID
+        with np.load(ref.info["path"], allow_pickle=False) as z:
+            _checked_stats(z["mu"], z["sigma"], ref.info["path"])
     return dict(extractor=extractor.tag, reference=ref.desc, reference_count=ref.count, notes=notes)
 
 

@@ -66,14 +66,8 @@ def parse_sampling(text: str) -> Dict[str, float]:
 def _meta(path: Optional[str], kind: str) -> Optional[dict]:
     if path is None:
         return None
-    if not os.path.isfile(path):
-        raise BenchError(f"--{kind}: file not found: {path}")
-    side = os.path.splitext(path)[0] + ".json"
-    if not os.path.isfile(side):
-        raise BenchError(f"--{kind}: {path} has no training metadata beside it ({side}); register weights made by "
-                         f"`python -m bench train {kind}`")
-    with open(side) as f:
-        return json.load(f)
+    from bench.train import trained_meta   # the same checks as `train ship`: present, readable, of this kind
+    return trained_meta(path, kind, f"--{kind}")
 
 
 def register_model(name: str, vqvae: str, var: str, classifier: Optional[str] = None,

@@ -144,7 +144,7 @@ def run(a):
     for name, C, H, pns in shapes:
         if not any(H % s == 0 for s in sizes):
             raise BenchError(f"--expert-sizes {a.expert_sizes}: none divides shape {name}'s FFN width {H}; valid: "
-                             f"divisors of {H}, e.g. {', '.join(str(d) for d in (32, 64, 128, 256) if H % d == 0)}")
+                             f"divisors of {H} ({', '.join(str(d) for d in range(1, H + 1) if H % d == 0)})")
     if a.json:
         check_writable_file(a.json, (".json",))
     device = torch.device(check_device(a.device))

@@ -35,13 +35,12 @@ def _load(a):
     from bench.results import load_results
     if not os.path.isdir(a.results):
         raise BenchError(f"no results directory {a.results!r}; `python -m bench run` writes one")
-    if a.sweep is None:
-        return load_results(a.results)
-    df = load_results(a.results)
-    have = sorted({str(s) for s in df["sweep"] if s}) if "sweep" in df.columns else []
-    if a.sweep not in have:    # as `report --sweep`: an unknown name is an error, not an empty table
+    df = load_results(a.results, sweep=a.sweep)
+    if a.sweep is not None and df.empty:    # as `report --sweep`: an unknown name is an error, not an empty table
+        every = load_results(a.results)
+        have = sorted({str(s) for s in every["sweep"] if s}) if "sweep" in every.columns else []
         raise BenchError(f"no rows of sweep {a.sweep!r} in {a.results}; valid: {', '.join(have) or '(no sweep rows)'}")
-    return df[df["sweep"] == a.sweep].reset_index(drop=True)
+    return df
 
 
 def run(a):

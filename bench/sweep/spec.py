@@ -63,7 +63,7 @@ import importlib
 import json
 import math
 import os
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Sequence, Tuple
 
 from bench.errors import BenchError
 
@@ -76,18 +76,18 @@ MEASURE_KEYS = {"flop_images": int, "warmup_batches": int, "timing_rounds": int,
                 "classifier": str, "reference_count": int, "inception_weights": str, "cache_dir": str,
                 "dtype": str}
 MEASURE_MINIMA = {"flop_images": 0, "warmup_batches": 0, "timing_rounds": 0, "bootstrap": 0, "reference_count": 1}
-MEASURE_MAXIMA = {"warmup_batches": "MAX_WARMUP_BATCHES", "timing_rounds": "MAX_TIMING_ROUNDS",
-                  "bootstrap": "MAX_BOOTSTRAP", "reference_count": "MAX_REFERENCE_COUNT"}   # bench.measure / quality
+
 ENTRY_KEYS = ("method", "params", "grid", "twins", "enabled")
 TWIN_KEYS = ("method", "params", "from_parent")
 MODEL_KEYS = ("name", "var_ckpt", "vae_ckpt", "depth", "patch_nums")
 
 
-def _measure_maximum(key: str) -> Optional[int]:
-    import bench.measure
-    import bench.quality
-    name = MEASURE_MAXIMA.get(key)
-    return None if name is None else getattr(bench.measure, name, None) or getattr(bench.quality, name)
+def measure_maxima() -> Dict[str, int]:
+    """The upper bounds measure() holds its counts to (bench.measure, bench.quality)."""
+    from bench.measure import MAX_BOOTSTRAP, MAX_TIMING_ROUNDS, MAX_WARMUP_BATCHES
+    from bench.quality import MAX_REFERENCE_COUNT
+    return dict(warmup_batches=MAX_WARMUP_BATCHES, timing_rounds=MAX_TIMING_ROUNDS, bootstrap=MAX_BOOTSTRAP,
+                reference_count=MAX_REFERENCE_COUNT)
 
 
 # ================================================================================================ sweep files
@@ -201,7 +201,7 @@ def normalize(raw: dict, where: str) -> dict:
             low = MEASURE_MINIMA.get(k) if sect == "measure" else None
             if low is not None and spec[sect][k] is not None and spec[sect][k] < low:
                 raise BenchError(f"{where}: {sect}.{k} must be >= {low}, got {spec[sect][k]}")
-            high = _measure_maximum(k) if sect == "measure" else None
+            high = measure_maxima().get(k) if sect == "measure" else None
             if high is not None and spec[sect][k] is not None and spec[sect][k] > high:
                 raise BenchError(f"{where}: {sect}.{k} must be <= {high}, got {spec[sect][k]}")
     spec["modules"] = [spec["modules"]] if isinstance(spec["modules"], str) else spec["modules"]
