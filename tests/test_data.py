@@ -238,7 +238,7 @@ def test_register_refuses_mismatched_classes_changed_data_and_a_reference_inside
     var = _fake_trained(tmp_path, "var", dict(classes=list("abcd"), args=dict(data=root), data_splits=[split],
                                               config=dict(vocab_size=16), vqvae_sha256=None))
     clf = _fake_trained(tmp_path, "clf", dict(classes=list("abcd"), config={}))
-    bad_clf = _fake_trained(tmp_path, "clf2", dict(classes=list("dcba")))
+    bad_clf = _fake_trained(tmp_path, "clf2", dict(classes=list("dcba"), config={}))
     old_vq = _fake_trained(tmp_path, "vq2", dict(config=dict(v_patch_nums=[1, 2], ch_mult=[1, 2]),
                                                  data_splits=[dict(split, data_id="folder-older")]))
     cases = ((dict(vqvae=vq, var=var, classifier=bad_clf), "was trained on classes d, c, b, a but the VAR on a, b"),
