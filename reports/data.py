@@ -88,8 +88,9 @@ RESOLUTION_RULE = (
     "point A dominates point B only when the evidence separates them on both axes: A's speedup interval lies "
     "wholly above B's and A's ΔFID interval wholly below B's (95% intervals). 'front': no point is at least as "
     "good on both point estimates and better on one, and none separates it; 'not resolved': off that front, but "
-    "no point separates it; 'dominated': some point separates it on both axes; 'incomplete': the row lacks a "
-    "paired value or interval")
+    "no point separates it; 'dominated': some point separates it on both axes; 'excluded': a quality measure the "
+    "ΔFID axis does not show (Δ class accuracy, Δ precision, Δ recall) is resolved worse than dense, so the point "
+    "is neither on the front nor counted against others; 'incomplete': the row lacks a paired value or interval")
 PAIRED_CI_TEXT = ("speedup = median over paired ABBA rounds of t_dense / t_method within each trial (same labels "
                   "and seeds), percentile-bootstrap 95% over rounds; ΔFID = FID(method) - FID(dense) on the same "
                   "seeds, paired class-stratified bootstrap 95% (same resample indices for both)")
@@ -116,17 +117,23 @@ def baseline_groups(df) -> List[Tuple[str, str]]:
 
 
 def resolution(df) -> List[Optional[str]]:
-    """'front' | 'not resolved' | 'dominated' per row by RESOLUTION_RULE (None: incomplete, the row lacks a paired
-    value). Speed is maximised, ΔFID minimised; identical points get the same status."""
+    """'front' | 'not resolved' | 'dominated' | 'excluded' per row by RESOLUTION_RULE (None: incomplete, the row
+    lacks a paired value). Speed is maximised, ΔFID minimised; identical points get the same status; a point an
+    off-axis quality measure calls worse (reports.quality_vector.quality_call) is 'excluded', compared with no other."""
+    from reports.quality_vector import FRONT_AXES, quality_calls   # here: that module reads columns through this one
     sp, dq = paired_intervals(df)
     ok = [_complete(a) and _complete(b) for a, b in zip(sp, dq)]
+    admissible = [c.admissible(FRONT_AXES) for c in quality_calls(df)]
     group = baseline_groups(df)
     out: List[Optional[str]] = []
     for i in range(len(sp)):
         if not ok[i]:
             out.append(None)
             continue
-        peers = [j for j in range(len(sp)) if ok[j] and j != i and group[j] == group[i]]
+        if not admissible[i]:
+            out.append("excluded")
+            continue
+        peers = [j for j in range(len(sp)) if ok[j] and admissible[j] and j != i and group[j] == group[i]]
         beaten = any(sp[j][1] > sp[i][2] and dq[j][2] < dq[i][1] for j in peers)
         off_front = any(sp[j][0] >= sp[i][0] and dq[j][0] <= dq[i][0] and (sp[j][0] > sp[i][0] or dq[j][0] < dq[i][0])
                         for j in peers)
@@ -227,6 +234,12 @@ def series_label(key: Tuple[str, str, str], keys: Sequence[Tuple[str, str, str]]
     if len(same_method) > 1:
         label += f" ({entry}{'/' + twin if twin else ''})"
     return label
+
+
+def point_labels(df) -> List[str]:
+    """A short name per row for captions and axes: its sweep point id, else its method label, else its method."""
+    return [str(p or lab or m or "?") for p, lab, m in zip(col(df, "sweep_point"), col(df, "method_label"),
+                                                           col(df, "method"))]
 
 
 def dense_rows(df):

@@ -11,8 +11,10 @@ from __future__ import annotations
 from typing import List
 
 from reports import data as D
+from reports import quality_vector as Q
 from reports import style as S
 from reports.context import Context, Skip
+from reports.pareto import resolved_legend_entries, resolved_markers
 from reports.registry import register_report
 
 FAMILIES = ("dense", "dmoe", "actvar", "pruned-ffn", "fixed-tokens", "fastvar", "skip-scales", "cfg-skip", "skipvar")
@@ -33,13 +35,15 @@ def _rows(ctx: Context) -> List[dict]:
         raise Skip("fewer than two efficiency families with MACs ratios (the field sweep compares them)")
     sp, dq = D.paired_intervals(df)
     ratio, labels = D.col(df, "macs_ratio"), D.col(df, "method_label")
+    flags, calls, vector = Q.resolved_flags(df), Q.quality_calls(df), Q.vector_cells(df)
     out = []
     for i, m in enumerate(methods):
         if m not in FAMILIES or ratio[i] is None:
             continue
         dense = m == "dense"
         out.append(dict(pos=i, method=m, label=labels[i] or m, saved=0.0 if dense else 1 - ratio[i],
-                        sp=(1.0, None, None) if dense else sp[i], dq=(0.0, None, None) if dense else dq[i]))
+                        sp=(1.0, None, None) if dense else sp[i], dq=(0.0, None, None) if dense else dq[i],
+                        resolved=flags[i], call=calls[i], vector=vector[i]))
     return out
 
 
@@ -73,6 +77,7 @@ def field(ctx: Context) -> List[str]:
     fams = [f for f in FAMILIES if any(r["method"] == f for r in rows)]
     plt = S.setup()
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(S.DOUBLE, S.HEIGHT + 0.4))
+    marked = any(r["resolved"] is not None for r in rows)
     i_color = 0
     for fam in fams:
         mine = sorted((r for r in rows if r["method"] == fam), key=lambda r: r["saved"])
@@ -89,8 +94,13 @@ def field(ctx: Context) -> List[str]:
                 d, lo, hi = r["dq"]
                 if lo is not None and hi is not None:
                     ax.plot([x(r)] * 2, [lo, hi], color=c, lw=0.7, alpha=0.6, zorder=1)
-            ax.scatter([x(r) for r in pts], [r["dq"][0] for r in pts], color=c, marker=m, s=s, zorder=3,
-                       label=family_name(fam) if ax is a1 else None, edgecolors="none")
+            if fam == "dense":
+                ax.scatter([x(r) for r in pts], [r["dq"][0] for r in pts], color=c, marker=m, s=s, zorder=3,
+                           label=family_name(fam) if ax is a1 else None, edgecolors="none")
+            else:   # filled where ΔFID is resolved, hollow where not (every point filled on rows that do not say)
+                resolved_markers(ax, [x(r) for r in pts], [r["dq"][0] for r in pts], range(len(pts)),
+                                 [r["resolved"] for r in pts], c, m, s, family_name(fam) if ax is a1 else None,
+                                 marked)
             if len(pts) > 1 and fam != "dense" and ax is a1:
                 ax.plot([x(r) for r in pts], [r["dq"][0] for r in pts], color=c, lw=0.7, alpha=0.5, zorder=2)
     for b in BUDGETS:
@@ -101,14 +111,18 @@ def field(ctx: Context) -> List[str]:
     a1.set_xlabel("transformer MACs saved vs dense (%)")
     a2.set_xlabel("speedup over dense (×, paired)")
     a1.set_ylabel("ΔFID vs dense (paired, 95% CI)")
+    if marked:
+        resolved_legend_entries(a1, ctx.df)
     fig.legend(loc="upper center", bbox_to_anchor=(0.5, 1.12), ncol=5, handlelength=1.0)
     files = S.save_figure(fig, ctx.out_dir, "field_pareto",
                           "Every family: ΔFID against MACs saved (left; dashed: the budgets, each row counted within ±5 points) and "
-                          "against paired speedup (right); bars are 95% intervals. "
+                          "against paired speedup (right); bars are 95% intervals."
+                          + (Q.resolved_caption(ctx.df) if marked else "") + " "
                           + ctx.caption(shown=ctx.rows([r["pos"] for r in rows if r["dq"][0] is not None])))
 
-    header = ["Budget", "Family", "Setting", "MACs saved", "Speedup [95% CI]", "ΔFID [95% CI]", "Rank (speed)",
-              "Rank (ΔFID)"]
+    header = ["Budget", "Family", "Setting", "MACs saved", "Speedup [95% CI]", *Q.vector_header(), "Rank (speed)",
+              "Rank (ΔFID)", "Quality vector"]
+    blank = ["-"] * len(Q.MEASURES)
     table, listed = [], []
     for b in BUDGETS:
         for e in ranking(rows, b):
@@ -117,14 +131,18 @@ def field(ctx: Context) -> List[str]:
                 listed.append(r["pos"])
             if r is None:
                 table.append([f"{100 * b:.0f}%", family_name(e["family"]),
-                              f"out of reach (nearest {100 * e['nearest']:.0f}%)", "-", "-", "-", "-", "-"])
+                              f"out of reach (nearest {100 * e['nearest']:.0f}%)", "-", "-", *blank, "-", "-", "-"])
                 continue
+            call = r["call"]
             table.append([f"{100 * b:.0f}%", family_name(e["family"]), r["label"], f"{100 * r['saved']:.1f}%",
-                          D.speedup_text(*r["sp"]), D.delta_text(*r["dq"]), str(e.get("rank_speed", "-")),
-                          str(e.get("rank_fid", "-"))])
+                          D.speedup_text(*r["sp"]), *r["vector"], str(e.get("rank_speed", "-")),
+                          str(e.get("rank_fid", "-")),
+                          "dense" if e["family"] == "dense" else call.summary])
     files += S.save_table(ctx.out_dir, "field_ranking", header, table,
                           f"Each family at each budget: its row nearest to the budget within ±{100 * WINDOW:.0f} "
                           "points of transformer MACs saved (else out of reach), ranked by paired speedup "
                           "(1 = fastest) and by ΔFID (1 = lowest); dense is the 0% reference, ranked with them. "
+                          f"Ranks follow point estimates; 'Quality vector' names the measures resolved better or "
+                          f"worse than dense ({Q.QUALITY_RULE}).{Q.level_note(ctx.df)} "
                           + ctx.caption(shown=ctx.rows(listed)))
     return files

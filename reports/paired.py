@@ -5,15 +5,19 @@ from __future__ import annotations
 from typing import List
 
 from reports import data as D
+from reports import quality_vector as Q
 from reports import style as S
 from reports.context import Context, Skip
 from reports.registry import register_report
 
-STATUS_STYLE = {  # status -> (filled, alpha, legend text)
-    "front": (True, 1.0, "front"),
-    "not resolved": (True, 0.35, "not resolved"),
-    "dominated": (False, 1.0, "dominated (resolved)"),
+STATUS_STYLE = {  # status -> (alpha, overlay, legend text); the fill says whether ΔFID is resolved by sample count
+    "front": (1.0, "ring", "front (ringed)"),
+    "not resolved": (1.0, None, "off the front, not separated"),
+    "dominated": (0.35, None, "dominated, separated (faded)"),
+    "excluded": (0.35, "x", "excluded: a quality measure resolved worse (×)"),
 }
+OVERLAY = {"ring": dict(marker="o", s=70, facecolors="none", edgecolors="#444444", linewidths=0.7),
+           "x": dict(marker="x", s=40, color="#000000", linewidths=0.8)}
 
 
 def _paired(ctx: Context):
@@ -28,7 +32,9 @@ def _caption_rule(ctx: Context, status) -> str:
     missing = sum(st is None for st in status)
     shown = (f" {len(status) - missing} of the {len(status)} runs have every paired value and interval; the other "
              f"{missing} are incomplete (listed in the table, not drawn)." if missing else "")
-    return f"Resolution rule: {D.RESOLUTION_RULE}.{shown} {ctx.caption()}"
+    calls = Q.quality_calls(ctx.df)
+    return (f"Resolution rule: {D.RESOLUTION_RULE}. Quality vector: {Q.QUALITY_RULE}."
+            f"{Q.excluded_text(ctx.df, calls, range(len(calls)))}{Q.level_note(ctx.df)}{shown} {ctx.caption()}")
 
 
 @register_report("paired", "speedup vs ΔFID against dense, paired, with what is resolved (headline)",
@@ -41,6 +47,7 @@ def paired_tradeoff(ctx: Context) -> List[str]:
     keys = [k + (m if multi_model else "",) for k, m in zip(series, models)]
     order = list(dict.fromkeys(keys))
     aa = list(zip(D.col(df, "speedup_aa_ci_low"), D.col(df, "speedup_aa_ci_high")))
+    flags = Q.resolved_flags(df)
     if any(st is None for st in status):
         ctx.note(f"paired_tradeoff: {sum(st is None for st in status)} incomplete run(s) not drawn (no paired "
                  "value or interval)")
@@ -66,26 +73,33 @@ def paired_tradeoff(ctx: Context) -> List[str]:
         i_color += 1
         for i in idx:
             (s, slo, shi), (d, dlo, dhi) = sp[i], dq[i]
-            filled, alpha, _ = STATUS_STYLE[status[i]]
+            alpha, overlay, _ = STATUS_STYLE[status[i]]
             # max(0, ...): matplotlib refuses a negative bar, which an estimate outside its own interval would give
             ax.errorbar([s], [d], xerr=[[max(0.0, s - slo)], [max(0.0, shi - s)]],
                         yerr=[[max(0.0, d - dlo)], [max(0.0, dhi - d)]], fmt="none",
                         ecolor=c, elinewidth=0.7, alpha=max(alpha, 0.5), zorder=2)
             ax.scatter([s], [d], marker=m, s=22, zorder=3, alpha=alpha,
-                       facecolors=c if filled else "none", edgecolors=c, linewidths=0.9)
+                       facecolors="none" if flags[i] is False else c, edgecolors=c, linewidths=0.9)
+            if overlay:
+                ax.scatter([s], [d], zorder=4, **OVERLAY[overlay])
         ax.scatter([], [], marker=m, color=c, s=22, label=_label(key, order))
-    for st, (filled, alpha, text) in STATUS_STYLE.items():   # legend entries for the marking
+    for st, (alpha, overlay, text) in STATUS_STYLE.items():   # legend entries for the marking
         if st in status:
-            ax.scatter([], [], marker="o", s=22, alpha=alpha, facecolors="#555555" if filled else "none",
-                       edgecolors="#555555", label=text)
+            ax.scatter([], [], **(OVERLAY[overlay] if overlay else dict(marker="o", s=22, color="#555555")),
+                       alpha=alpha, label=text)
+    if any(f is not None for f in flags):
+        for text, face in zip(Q.resolved_legend(df), ("#555555", "none")):
+            ax.scatter([], [], marker="o", s=22, facecolors=face, edgecolors="#555555", linewidths=0.9, label=text)
     ax.set_xlabel("speedup over dense (×, paired, 95% CI)")
     ax.set_ylabel("ΔFID vs dense (paired, 95% CI)")
     ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), handlelength=1.2)
     return S.save_figure(fig, ctx.out_dir, "paired_tradeoff",
                          "Speedup against ΔFID, both paired with dense inside each trial; dense sits at (1, 0) "
-                         "(grey band: dense timed against itself, the timing noise floor). Filled points are on the "
-                         "front, faded ones are not resolved, hollow ones are dominated with separated intervals. "
-                         + _caption_rule(ctx, status))
+                         "(grey band: dense timed against itself, the timing noise floor). Ringed points are on the "
+                         "front, plain ones off it but not separated, faded ones dominated with separated intervals, "
+                         "crossed ones excluded because a quality measure is resolved worse than dense; filled "
+                         "markers have their ΔFID resolved by sample count, hollow ones not ("
+                         + "; ".join(Q.resolved_legend(df)) + "). " + _caption_rule(ctx, status))
 
 
 def _label(key, order) -> str:
@@ -94,6 +108,12 @@ def _label(key, order) -> str:
     if key[0] == "dense":   # every model's dense sits at (1, 0): one legend entry
         return label if next(k for k in order if k[0] == "dense") == key else "_nolegend_"
     return label + (f" — {key[3]}" if key[3] else "")
+
+
+def _samples_text(df):
+    """Per row: the sample count, with why a resolving run stopped there."""
+    return ["-" if n is None else f"{int(n):,}" + (f" ({why})" if why else "")
+            for n, why in zip(D.col(df, "samples"), D.col(df, "resolve_stop_reason"))]
 
 
 @register_report("paired_table", "every point in paired terms: speedup, ΔFID, intervals, status",
@@ -105,16 +125,20 @@ def paired_table(ctx: Context) -> List[str]:
     executed = D.col(df, "macs_executed_ratio")
     pct, need, noisy = D.col(df, "fid_delta_pct"), D.col(df, "fid_delta_samples_for_1pct"), D.col(df, "timing_noisy")
     models = D.col(df, "model")
+    calls, vector = Q.quality_calls(df), Q.vector_cells(df)
     header = ["Method", "Model", "MACs / dense", "MACs run / dense", "Speedup [95% CI]", "Time saved / FLOPs saved",
-              "ΔFID [95% CI]", "ΔFID %", "N for ±1% ΔFID (est.)", "Status", "Timing"]
+              *Q.vector_header(), "ΔFID %", "Samples", "N for ±1% ΔFID (est.)", "Status", "Timing"]
     idx = sorted(range(len(status)), key=lambda i: (status[i] is None, str(models[i]), methods[i] != "dense",
                                                     -(sp[i][0] or 0)))
+    samples = _samples_text(df)
     rows = []
     for i in idx:
+        st = status[i] or "incomplete"
         rows.append([labels[i] or methods[i], models[i], S.fmt(ratio[i], ".3f"), S.fmt(executed[i], ".3f"),
                      D.speedup_text(*sp[i]),
-                     S.fmt(eff[i], ".2f"), D.delta_text(*dq[i]), S.fmt(pct[i], "+.1f"),
-                     "-" if need[i] is None else f"{int(need[i]):,}", status[i] or "incomplete",
+                     S.fmt(eff[i], ".2f"), *vector[i], S.fmt(pct[i], "+.1f"), samples[i],
+                     "-" if need[i] is None else f"{int(need[i]):,}",
+                     f"{st}: {calls[i].reason(Q.FRONT_AXES)}" if st == "excluded" else st,
                      "noisy" if noisy[i] else "ok"])
     return S.save_table(ctx.out_dir, "paired_summary", header, rows,
                         "Every point in paired terms against dense. 'MACs / dense' is the method's routed work (what "

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import List
 
 from reports import data as D
+from reports import quality_vector as Q
 from reports import style as S
 from reports.context import Context, Skip
 from reports.registry import register_report
@@ -16,12 +17,33 @@ def _intervals(ax, xs, los, his, c):
             ax.plot([x, x], [lo, hi], color=c, lw=0.8, alpha=0.7, zorder=1)
 
 
-def scatter_by_series(ax, df, xs, ys, ctx: Context, front_mask=None, connect=True):
-    """One colour+marker per series (method/entry/twin); dense as a black star; bootstrap intervals as bars."""
+def resolved_markers(ax, xs, ys, idx, flags, c, m, size, label, marked: bool):
+    """Scatter the points `idx` of one series: filled where ΔFID is resolved, hollow where not (quality_vector.
+    resolved_flags); every point filled when no row of the figure says (`marked` False: older rows)."""
+    filled = [i for i in idx if not marked or flags[i]]
+    hollow = [i for i in idx if marked and not flags[i]]
+    for part, face in ((filled, c), (hollow, "none")):
+        if part:
+            ax.scatter([xs[i] for i in part], [ys[i] for i in part], marker=m, s=size, zorder=3, label=label,
+                       facecolors=face, edgecolors=c, linewidths=0.9)
+            label = "_nolegend_"   # one legend entry per series
+
+
+def resolved_legend_entries(ax, df) -> None:
+    """The legend's filled/hollow meaning (grey circles)."""
+    for text, face in zip(Q.resolved_legend(df), ("#555555", "none")):
+        ax.scatter([], [], marker="o", s=22, facecolors=face, edgecolors="#555555", linewidths=0.9, label=text)
+
+
+def scatter_by_series(ax, df, xs, ys, ctx: Context, front_mask=None, connect=True) -> bool:
+    """One colour+marker per series (method/entry/twin); dense as a black star; bootstrap intervals as bars;
+    filled / hollow markers for resolved / unresolved ΔFID. Returns whether that marking was drawn."""
     keys = [(k[0], "", "") for k in D.series_keys(df)] if ctx.by_method else D.series_keys(df)
     order = list(dict.fromkeys(keys))
     los, his = D.col(df, "fid_ci_low"), D.col(df, "fid_ci_high")
     models = D.col(df, "model")
+    flags = Q.resolved_flags(df)
+    marked = any(f is not None for f in flags)
     multi_model = len(set(models)) > 1
     i_color = 0
     for key in order:
@@ -36,8 +58,11 @@ def scatter_by_series(ax, df, xs, ys, ctx: Context, front_mask=None, connect=Tru
         for mi, model in enumerate(sorted({models[i] for i in idx}, key=str)):
             sub = sorted((i for i in idx if models[i] == model), key=lambda i: xs[i])
             lab = label + (f" — {model}" if multi_model else "")
-            ax.scatter([xs[i] for i in sub], [ys[i] for i in sub], color=c, marker=m, s=size, zorder=3,
-                       label=lab, edgecolors="none")
+            if key[0] == "dense":
+                ax.scatter([xs[i] for i in sub], [ys[i] for i in sub], color=c, marker=m, s=size, zorder=3,
+                           label=lab, edgecolors="none")
+            else:
+                resolved_markers(ax, xs, ys, sub, flags, c, m, size, lab, marked)
             if connect and len(sub) > 1 and key[0] != "dense":
                 ax.plot([xs[i] for i in sub], [ys[i] for i in sub], color=c, lw=0.8, alpha=0.6, zorder=2,
                         ls="-" if mi == 0 else "--")
@@ -49,6 +74,9 @@ def scatter_by_series(ax, df, xs, ys, ctx: Context, front_mask=None, connect=Tru
                     zorder=2, label="Pareto front")
             ax.scatter([xs[i] for i in f], [ys[i] for i in f], s=60, facecolors="none", edgecolors="#444444",
                        linewidths=0.8, zorder=4)
+    if marked:
+        resolved_legend_entries(ax, df)
+    return marked
 
 
 def fid_label(df) -> str:
@@ -67,6 +95,7 @@ def pareto_figures(ctx: Context) -> List[str]:
         raise Skip("no MAC column (macs_analytic_all / macs_analytic / macs_fvcore)")
     files = []
     fids = D.col(df, "fid")
+    calls = Q.quality_calls(df)
     rel, kind = D.relative_time(df)
     unpaired = sum(r is None and f is not None for r, f in zip(rel, fids)) if kind == "paired" else 0
     if unpaired:   # rows from before paired timing: their times are not comparable with paired ones
@@ -80,8 +109,8 @@ def pareto_figures(ctx: Context) -> List[str]:
             continue
         plt = S.setup()
         fig, ax = plt.subplots(figsize=(S.SINGLE, S.HEIGHT))
-        front = D.pareto_front(xs, fids)
-        scatter_by_series(ax, df, xs, fids, ctx, front)
+        front, excluded = Q.admissible_front(xs, fids, calls)
+        marked = scatter_by_series(ax, df, xs, fids, ctx, front)
         ax.set_xlabel(xlabel)
         ax.set_ylabel(fid_label(df))
         if len(ax.get_legend_handles_labels()[1]) > 5:   # many series: beside the axes, off the data
@@ -93,8 +122,11 @@ def pareto_figures(ctx: Context) -> List[str]:
             "time relative to dense from absolute times of different trials (not comparable on a shared machine)")
         files += S.save_figure(fig, ctx.out_dir, stem, f"FID against {what} per method; the dotted staircase is "
                                f"the Pareto front of the point estimates (circled points; intervals ignored: "
-                               f"paired_tradeoff says what is resolved), the black star the dense model, bars are "
-                               f"FID bootstrap intervals."
+                               f"paired_tradeoff says what is resolved) over the points no quality measure calls "
+                               f"worse ({Q.QUALITY_RULE}), the black star the dense model, bars are FID bootstrap "
+                               f"intervals."
+                               + Q.excluded_text(df, calls, sorted(excluded))
+                               + (Q.resolved_caption(df) if marked else "")
                                + (f" {unpaired} run(s) without a paired speedup are not drawn."
                                   if unpaired and "time" in stem else "") + f" {ctx.caption(desc)}")
     return files
@@ -107,8 +139,10 @@ def front_table(ctx: Context) -> List[str]:
     if not column or not D.has_values(df, "fid"):
         raise Skip("needs FID and a MAC column")
     xs, fids = D.gmacs(df, column), D.col(df, "fid")
-    front = D.pareto_front(xs, fids)
-    idx = sorted((i for i, on in enumerate(front) if on), key=lambda i: xs[i])
+    calls = Q.quality_calls(df)
+    front, excluded = Q.admissible_front(xs, fids, calls)
+    # the front, and the points the estimates alone would put there but a quality measure excludes (with why)
+    idx = sorted((i for i, on in enumerate(front) if on or i in excluded), key=lambda i: xs[i])
     dense_idx = [i for i, m in enumerate(D.col(df, "method")) if m == "dense"]
     for i in dense_idx:          # the baseline is always listed, on the front or not
         if i not in idx:
@@ -118,17 +152,21 @@ def front_table(ctx: Context) -> List[str]:
     isc = D.col(df, "isc_mean")
     sp, dq = D.paired_intervals(df)
     status = D.resolution(df)
+    vector = Q.vector_cells(df)
     header = ["Method", "Model", "GMACs/img", "ΔMACs vs dense", "ms/img", "Speedup [95% CI]", "FID [95% CI]",
-              "ΔFID [95% CI]", "IS", "resolved", "on front"]
+              *Q.vector_header(), "IS", "resolved", "on front"]
     rows = []
     for i in idx:
         dm = D.dense_value(df, models[i], column)
         dmacs = f"{100 * (xs[i] * 1e9 / dm - 1):+.1f}%" if dm and xs[i] is not None else "-"
         rows.append([labels[i] or D.col(df, "method")[i], models[i], S.fmt(xs[i], ".4g"), dmacs, S.fmt(ms[i], ".3g"),
-                     D.speedup_text(*sp[i]), S.fid_text(fids[i], lo[i], hi[i]), D.delta_text(*dq[i]),
-                     S.fmt(isc[i], ".3g"), status[i] or "incomplete", "yes" if front[i] else "no"])
+                     D.speedup_text(*sp[i]), S.fid_text(fids[i], lo[i], hi[i]), *vector[i],
+                     S.fmt(isc[i], ".3g"), status[i] or "incomplete",
+                     "yes" if front[i] else f"no: {excluded[i]}" if i in excluded else "no"])
     return S.save_table(ctx.out_dir, "pareto_front", header, rows,
-                        f"Pareto front of FID against MACs ({desc}) by point estimates, the dense baseline always "
+                        f"Pareto front of FID against MACs ({desc}) by point estimates over the points no quality "
+                        f"measure calls worse ({Q.QUALITY_RULE}); a point the estimates alone would put on it but a "
+                        f"measure excludes is listed with the measure that decided. The dense baseline is always "
                         f"listed; 'resolved' applies the paired rule ({D.RESOLUTION_RULE}). ms/img is this trial's "
                         f"absolute time (not comparable across trials); Speedup is paired. "
                         f"{ctx.caption(desc, ctx.rows(idx))}")
