@@ -146,3 +146,45 @@ def paired_table(ctx: Context) -> List[str]:
                         "expert on masked-dense calls). 'N for ±1% ΔFID' estimates the samples per "
                         "point at which the ΔFID interval's half-width would reach 1% of dense FID (1/√N scaling "
                         "of this run's paired bootstrap; an estimate). " + _caption_rule(ctx, status))
+
+
+CALL_COLOURS = {Q.BETTER: S.color(2), Q.WORSE: S.color(1), Q.UNRESOLVED: "#888888", None: "#bbbbbb"}
+
+
+@register_report("quality_vector", "ΔFID beside Δ class accuracy, Δ precision and Δ recall, each with its interval "
+                 "and what it resolves (headline)", order=15)
+def quality_vector_figure(ctx: Context) -> List[str]:
+    df = ctx.df
+    present = [m for m in Q.MEASURES if D.has_values(df, m.column)]
+    if not D.has_values(df, "fid_delta") or len(present) < 2:
+        raise Skip("needs ΔFID and at least one other paired quality measure (Δ class accuracy, precision, recall)")
+    methods, names, calls = D.col(df, "method"), D.point_labels(df), Q.quality_calls(df)
+    deltas = D.col(df, "fid_delta")
+    order = sorted((i for i in range(len(df)) if methods[i] != "dense" and deltas[i] is not None),
+                   key=lambda i: deltas[i])
+    plt = S.setup()
+    fig, axes = plt.subplots(1, len(present), sharey=True, squeeze=False,
+                             figsize=(max(S.SINGLE, 1.7 * len(present) + 1.2), max(S.HEIGHT, 0.8 + 0.16 * len(order))))
+    ys = list(range(len(order)))[::-1]           # the lowest ΔFID at the top
+    for ax, m in zip(axes[0], present):
+        v, lo, hi = D.col(df, m.column), D.col(df, f"{m.column}_ci_low"), D.col(df, f"{m.column}_ci_high")
+        for y, i in zip(ys, order):
+            if v[i] is None:
+                continue
+            c = CALL_COLOURS[calls[i].calls[m.name]]
+            if lo[i] is not None and hi[i] is not None:
+                ax.plot([lo[i], hi[i]], [y, y], color=c, lw=0.9, zorder=1)
+            ax.scatter([v[i]], [y], color=c, s=14, zorder=2)
+        ax.axvline(0.0, color=S.DENSE_COLOR, lw=0.6, ls=":")
+        ax.set_xlabel(f"{m.header} ({'lower' if m.lower_is_better else 'higher'} is better)")
+    axes[0][0].set_yticks(ys)
+    axes[0][0].set_yticklabels([names[i] for i in order])
+    for call, c in CALL_COLOURS.items():
+        if call is not None:
+            axes[0][-1].scatter([], [], color=c, s=14, label=call)
+    axes[0][-1].legend(loc="upper left", bbox_to_anchor=(1.02, 1.0))
+    return S.save_figure(fig, ctx.out_dir, "quality_vector",
+                         "Every point's quality vector against dense, paired on the same labels and seeds: one panel "
+                         "per measure, bars are intervals, coloured by what each resolves; points in ΔFID order "
+                         f"(lowest at the top), dense is the dotted 0. {Q.QUALITY_RULE}."
+                         f"{Q.excluded_text(df, calls, order)}{Q.level_note(df)} {ctx.caption(shown=ctx.rows(order))}")

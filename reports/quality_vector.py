@@ -94,8 +94,9 @@ def quality_calls(df) -> List[QualityCall]:
 
 def admissible_front(xs, ys, calls: Sequence[QualityCall]):
     """(front mask, {row: reason}) of the Pareto front (reports.data.pareto_front, both minimised; y is FID or
-    ΔFID) over the points no other measure calls worse; the reasons name each point that the point estimates alone would have put on the front.
-    Excluded points neither join the front nor push others off it: a resolved loss is not an option to offer."""
+    ΔFID) over the points no other measure calls worse; the reasons name each point that the point estimates
+    alone would have put on the front. Excluded points neither join the front nor push others off it: a hidden
+    resolved loss is not an option to offer."""
     ok = [c.admissible(FRONT_AXES) for c in calls]
     front = D.pareto_front([x if k else None for x, k in zip(xs, ok)], ys)
     naive = D.pareto_front(xs, ys)

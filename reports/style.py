@@ -63,7 +63,8 @@ _TEX = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#
         "τ": r"$\tau$", "→": r"$\rightarrow$", "±": r"$\pm$", "α": r"$\alpha$", "β": r"$\beta$",
         "γ": r"$\gamma$", "Δ": r"$\Delta$", "Σ": r"$\Sigma$", "√": r"$\surd$", "×": r"$\times$", "−": "--",
         "—": "---", "–": "--", "·": r"$\cdot$", "½": r"$\frac{1}{2}$", "²": r"$^2$", "³": r"$^3$",
-        "≤": r"$\leq$", "≥": r"$\geq$", "≈": r"$\approx$", "…": r"\ldots{}", "ä": r"\"a"}
+        "≤": r"$\leq$", "≥": r"$\geq$", "≈": r"$\approx$", "…": r"\ldots{}", "ä": r"\"a",
+        "<": r"$<$", ">": r"$>$"}   # OT1 text mode prints < and > as inverted ! and ?
 _TEX_RE = re.compile("|".join(re.escape(k) for k in _TEX))
 
 
@@ -79,10 +80,13 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]], caption
 
 
 def latex_table(header: Sequence[str], rows: Sequence[Sequence[str]], caption: str = "", label: str = "",
-                bold_rows: Optional[Sequence[int]] = None) -> str:
+                bold_rows: Optional[Sequence[int]] = None, spec: Optional[str] = None, wide: bool = False) -> str:
+    """A booktabs table; spec: the column spec (default: first column left, the others right, for numbers; give
+    p{...} columns where cells are sentences), wide: across both columns (table*)."""
     bold = set(bold_rows or [])
-    spec = "l" + "r" * (len(header) - 1)
-    out = [r"\begin{table}[t]", r"\centering", r"\small", rf"\begin{{tabular}}{{{spec}}}", r"\toprule",
+    spec = spec or "l" + "r" * (len(header) - 1)
+    env = "table*" if wide else "table"
+    out = [rf"\begin{{{env}}}[t]", r"\centering", r"\small", rf"\begin{{tabular}}{{{spec}}}", r"\toprule",
            " & ".join(_tex_escape(h) for h in header) + r" \\", r"\midrule"]
     for i, r in enumerate(rows):
         cells = [_tex_escape(str(c)) for c in r]
@@ -94,7 +98,7 @@ def latex_table(header: Sequence[str], rows: Sequence[Sequence[str]], caption: s
         out.append(rf"\caption{{{_tex_escape(caption)}}}")
     if label:
         out.append(rf"\label{{{label}}}")
-    out.append(r"\end{table}")
+    out.append(rf"\end{{{env}}}")
     return "\n".join(out) + "\n"
 
 
