@@ -308,7 +308,21 @@ class FidelityRecord(Record):
         "fraction of tokens equal to the dense run with the same seeds")
     fidelity_token_agreement_per_scale: Optional[List[float]] = column("list<float64>", "the same, per scale")
     fidelity_psnr_db: Optional[float] = column("float64",
-        "PSNR of the images against the dense images (inf when identical)")
+        "mean over images of the per-image PSNR (dB, peak 1.0) against the dense image with the same seed and "
+        "label (identical images count as 100 dB)")
+    psnr_to_dense_ci_low: Optional[float] = column("float64",
+        "percentile bootstrap interval at the run's level (quality_level) of fidelity_psnr_db over images, "
+        "class-stratified ([estimate, estimate] when every per-image value is equal), low end")
+    psnr_to_dense_ci_high: Optional[float] = column("float64", "the same, high end")
+    ssim_to_dense: Optional[float] = column("float64",
+        "mean over images of the per-image SSIM against the dense image with the same seed and label (torchmetrics "
+        "structural_similarity_index_measure, data range 1, 11-px Gaussian window; identical images count 1)",
+        nullable="null for images under 6 px on a side (SSIM's window)")
+    ssim_to_dense_ci_low: Optional[float] = column("float64",
+        "percentile bootstrap interval of ssim_to_dense as psnr_to_dense_ci_low, low end",
+        nullable="null for images under 6 px on a side")
+    ssim_to_dense_ci_high: Optional[float] = column("float64", "the same, high end",
+                                                    nullable="null for images under 6 px on a side")
     dense_cache: Optional[str] = column("string",
         "dense reference outputs: reused (from the cache) | stored (this dense run) | generated (for this "
         "run, then cached)")

@@ -283,7 +283,9 @@ def test_same_seed_fidelity():
     imgs = torch.rand(6, 3, 8, 8, generator=g)
     same = Q.same_seed_fidelity(toks, [t.clone() for t in toks], imgs, imgs.clone())
     assert same == dict(fidelity_token_agreement=1.0, fidelity_token_agreement_per_scale=[1.0, 1.0, 1.0],
-                        fidelity_psnr_db=Q.PSNR_CAP_DB)
+                        fidelity_psnr_db=Q.PSNR_CAP_DB, psnr_to_dense_ci_low=Q.PSNR_CAP_DB,
+                        psnr_to_dense_ci_high=Q.PSNR_CAP_DB, ssim_to_dense=1.0, ssim_to_dense_ci_low=1.0,
+                        ssim_to_dense_ci_high=1.0)
     other = [t.clone() for t in toks]
     other[2][:3] = (other[2][:3] + 1) % 64  # half the rows of the last scale differ everywhere
     noisy = imgs + 0.01 * torch.randn(imgs.shape, generator=g)  # MSE 1e-4 -> 40 dB
