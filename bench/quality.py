@@ -620,6 +620,20 @@ def mean_interval(values, estimate: float, groups: List[np.ndarray], resamples: 
     return float(lo), float(hi)
 
 
+def paired_mean_interval(a, b, delta: float, groups: List[np.ndarray], resamples: int, seed: int,
+                         level: float = 0.95) -> Tuple[Optional[float], Optional[float]]:
+    """Interval of mean(a) - mean(b) for paired per-sample values (a[i], b[i] share label and seed): the same
+    resample indices for both, i.e. mean_interval of a - b. Identical arms give [delta, delta] even without
+    resamples, as paired_fid_bootstrap and paired_accuracy_bootstrap do."""
+    a = np.asarray(torch.as_tensor(a).cpu().double()).reshape(-1)
+    b = np.asarray(torch.as_tensor(b).cpu().double()).reshape(-1)
+    if a.shape != b.shape:
+        raise BenchError(f"paired per-sample values differ in count: {a.size} vs {b.size}")
+    if np.array_equal(a, b):
+        return delta, delta
+    return mean_interval(a - b, delta, groups, resamples, seed, level)
+
+
 def paired_fid_bootstrap(features: torch.Tensor, dense_features: torch.Tensor, ref_stats: dict, resamples: int,
                          seed: int, labels: Optional[torch.Tensor] = None,
                          level: float = 0.95) -> Tuple[float, float, float, np.ndarray]:
@@ -728,17 +742,25 @@ def knn_radii(features: torch.Tensor, k: int = PRC_NEIGHBORHOOD) -> torch.Tensor
     return calc_cdist_full(features, features).kthvalue(k + 1).values
 
 
-def prc_features(gen: torch.Tensor, ref: torch.Tensor, k: int = PRC_NEIGHBORHOOD,
-                 ref_radii: Optional[torch.Tensor] = None) -> Tuple[float, float]:
-    """torch-fidelity's improved precision/recall (`calculate_precision_recall_full`, same numbers, tested), with
-    the reference's k-NN radii — the n_ref² part of the work — passed in from the reference cache."""
+def prc_indicators(gen: torch.Tensor, ref: torch.Tensor, k: int = PRC_NEIGHBORHOOD,
+                   ref_radii: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The per-sample indicators whose means are improved precision and recall: (bool (n_gen,): generated sample
+    inside some reference point's k-NN ball, bool (n_ref,): reference point inside some generated sample's ball)."""
     from torch_fidelity.metric_prc import calc_cdist_full
     gen_radii = knn_radii(gen, k)
     ref_radii = knn_radii(ref, k) if ref_radii is None else ref_radii.to(gen_radii.device)
     dist_ref_gen = calc_cdist_full(ref, gen)
-    recall = (dist_ref_gen <= gen_radii).any(dim=1).float().mean().item()   # real inside the generated manifold
-    precision = (dist_ref_gen.T <= ref_radii).any(dim=1).float().mean().item()  # generated inside the real one
+    recall = (dist_ref_gen <= gen_radii).any(dim=1)   # real inside the generated manifold
+    precision = (dist_ref_gen.T <= ref_radii).any(dim=1)  # generated inside the real one
     return precision, recall
+
+
+def prc_features(gen: torch.Tensor, ref: torch.Tensor, k: int = PRC_NEIGHBORHOOD,
+                 ref_radii: Optional[torch.Tensor] = None) -> Tuple[float, float]:
+    """torch-fidelity's improved precision/recall (`calculate_precision_recall_full`, same numbers, tested), with
+    the reference's k-NN radii — the n_ref² part of the work — passed in from the reference cache."""
+    precision, recall = prc_indicators(gen, ref, k, ref_radii)
+    return precision.float().mean().item(), recall.float().mean().item()
 
 
 def metric_requirements(n: int, n_ref: Optional[int], metrics: Sequence[str], ref_has_images: bool = True) -> List[str]:
@@ -820,21 +842,24 @@ def quality_metrics(images: torch.Tensor, bundle, *, labels: Optional[torch.Tens
                     seed: int = 0, cache_dir: Optional[str] = None,
                     reference_count: Optional[int] = None, classifier: Optional[str] = None,
                     batch_size: Optional[int] = None, paired_images: Optional[torch.Tensor] = None,
-                    paired_key: Optional[str] = None) -> dict:
-    """FID (+ bootstrap 95% interval), IS, precision/recall, KID of generated images against a reference set.
+                    paired_key: Optional[str] = None, level: float = 0.95) -> dict:
+    """FID (+ bootstrap interval), IS, precision/recall, KID of generated images against a reference set.
 
     images: uint8 (N,3,H,W) (float [0,1] is converted); features are extracted on images.device. labels: the
     conditioning classes of the images (stratify the FID bootstrap; see fid_bootstrap). `seed` drives the
-    bootstrap, KID subsets and IS split shuffle. Metrics not requested come back NaN.
+    bootstrap, KID subsets and IS split shuffle. `level`: the confidence level of every interval computed here
+    (recorded as quality_level). Metrics not requested come back NaN.
 
     paired_images: dense's images with the same labels and seeds (sample i of both shares them): adds fid_delta
     (paired bootstrap interval, paired_fid_bootstrap), fid_delta_pct, the sample-size guidance, and the
-    differences of precision, recall and IS. paired_key names them for the feature cache (None: no caching)."""
+    differences of precision, recall (with paired intervals, paired_quality) and IS. paired_key names them for the
+    feature cache (None: no caching)."""
     t0 = time.time()
     if not torch.is_tensor(images) or images.dim() != 4 or images.shape[1] != 3:
         raise BenchError(f"images must be a (N,3,H,W) tensor, got {getattr(images, 'shape', type(images))}")
     if bootstrap < 0:
         raise BenchError(f"bootstrap must be >= 0 resamples, got {bootstrap}")
+    _check_level(level)
     images = to_uint8(images)
     n = len(images)
     if labels is not None and len(labels) != n:
@@ -854,31 +879,36 @@ def quality_metrics(images: torch.Tensor, bundle, *, labels: Optional[torch.Tens
             out["fid"] = fid_from_statistics(fid_statistics(feats), ref_stats)
             if bootstrap > 0:
                 out["fid_ci_low"], out["fid_ci_high"], _ = fid_bootstrap(feats, ref_stats, out["fid"], bootstrap,
-                                                                         seed, labels)
+                                                                         seed, labels, level)
     if "isc" in metrics:
         from torch_fidelity.metric_isc import KEY_METRIC_ISC_MEAN, KEY_METRIC_ISC_STD, isc_features_to_metric
         r = isc_features_to_metric(gen[extractor.isc_layer], ISC_SPLITS, True, seed)
         out["isc_mean"], out["isc_std"] = r[KEY_METRIC_ISC_MEAN], r[KEY_METRIC_ISC_STD]
     if ref_feats is not None and "kid" in metrics:
         out["kid_mean"], out["kid_std"] = kid_features(feats, ref_feats, KID_SUBSETS, kid_size, seed)
+    prc = None   # the per-sample indicators behind precision and recall (their paired intervals)
     if ref_feats is not None and "prc" in metrics:
         dev = images.device  # pairwise distances on the GPU when there is one
-        out["precision"], out["recall"] = prc_features(feats.to(dev), ref_feats.to(dev), PRC_NEIGHBORHOOD, ref_radii)
+        prc = prc_indicators(feats.to(dev), ref_feats.to(dev), PRC_NEIGHBORHOOD, ref_radii)
+        out["precision"], out["recall"] = (x.float().mean().item() for x in prc)
     with_acc = _accuracy_applies(extractor, gen[extractor.isc_layer], labels, bundle)
     out["class_accuracy"] = class_accuracy(gen[extractor.isc_layer], labels) if with_acc else None
     if paired_images is not None:
         out.update(paired_quality(images, feats, gen, to_uint8(paired_images), extractor, metrics, ref_feats, ref_stats,
-                                  ref_radii, out, labels, bootstrap, seed, paired_key, cache_dir, batch_size))
+                                  ref_radii, out, labels, bootstrap, seed, paired_key, cache_dir, batch_size,
+                                  level=level, prc=prc))
         if with_acc:
             d = (gen if torch.equal(to_uint8(paired_images).cpu(), images.cpu()) else
                  _paired_features(to_uint8(paired_images), extractor, paired_key, cache_dir, batch_size))
             out["class_accuracy_delta"], out["class_accuracy_delta_ci_low"], out["class_accuracy_delta_ci_high"] = \
-                paired_accuracy_bootstrap(gen[extractor.isc_layer], d[extractor.isc_layer], labels, bootstrap, seed)
+                paired_accuracy_bootstrap(gen[extractor.isc_layer], d[extractor.isc_layer], labels, bootstrap, seed,
+                                          level)
     out.update(extractor=extractor.tag, reference=ref.desc, reference_count=ref.count, reference_cached=cached,
                reference_split=json.dumps(ref.info["record"]) if ref.info.get("record") else None,
                quality_samples=n, quality_metrics=",".join(metrics),
                quality_bootstrap=bootstrap if "fid" in metrics else 0,
-               quality_seed=seed, quality_bootstrap_stratified=labels is not None and "fid" in metrics,
+               quality_seed=seed, quality_level=level,
+               quality_bootstrap_stratified=labels is not None and "fid" in metrics,
                quality_kid_subset_size=kid_size if "kid" in metrics else None,
                quality_isc_splits=ISC_SPLITS if "isc" in metrics else None,
                quality_prc_neighborhood=PRC_NEIGHBORHOOD if "prc" in metrics else None,
@@ -909,8 +939,22 @@ def _paired_features(images: torch.Tensor, extractor: Extractor, key: Optional[s
 
 
 def paired_quality(images, feats, gen, dense_images, extractor, metrics, ref_feats, ref_stats, ref_radii, own: dict,
-                   labels, bootstrap: int, seed: int, key, cache_dir, batch_size) -> dict:
-    """The quality columns paired with dense on the same seeds (see quality_metrics)."""
+                   labels, bootstrap: int, seed: int, key, cache_dir, batch_size, level: float = 0.95,
+                   prc: Optional[Tuple[torch.Tensor, torch.Tensor]] = None) -> dict:
+    """The quality columns paired with dense on the same seeds (see quality_metrics). prc: the method's own
+    per-sample precision/recall indicators (prc_indicators; recomputed when not given).
+
+    Intervals of precision_delta and recall_delta at `level` from `bootstrap` resamples (`seed`), percentile
+    bootstrap of a mean of per-sample differences (identical indicators: [delta, delta]; bootstrap 0: none):
+    - precision is a mean over generated samples of "inside some reference point's k-NN ball"; sample i of the
+      method and of dense share label and seed, so the resample draws the same class-stratified indices from both
+      indicator vectors (as paired_accuracy_bootstrap). The reference balls are held fixed.
+    - recall is a mean over reference points of "inside some generated sample's k-NN ball". Resampling the
+      generated samples would need their k-NN radii recomputed per resample (an N² distance pass each), so the
+      interval resamples the reference points instead, the same indices for both arms, with both generated sets
+      (and so their balls) fixed. It covers the variability from which reference images probe the two manifolds;
+      it leaves out the variability from which seeds were drawn (the generated balls), so it is narrower than a
+      full interval of the difference would be; read it as a lower bound on the uncertainty of recall_delta."""
     nan = float("nan")
     n = len(feats)
     if len(dense_images) != n:
@@ -920,11 +964,13 @@ def paired_quality(images, feats, gen, dense_images, extractor, metrics, ref_fea
     else:
         dense = _paired_features(dense_images, extractor, key, cache_dir, batch_size)
     out = dict(fid_delta=nan, fid_delta_ci_low=nan, fid_delta_ci_high=nan, fid_delta_pct=nan,
-               fid_delta_samples_for_1pct=None, precision_delta=nan, recall_delta=nan, isc_delta=nan)
+               fid_delta_samples_for_1pct=None, precision_delta=nan, precision_delta_ci_low=nan,
+               precision_delta_ci_high=nan, recall_delta=nan, recall_delta_ci_low=nan, recall_delta_ci_high=nan,
+               isc_delta=nan)
     dfeats = dense[extractor.feature_layer]
     if "fid" in metrics:
         with single_threaded(feats.shape[1] <= 512):
-            delta, lo, hi, _ = paired_fid_bootstrap(feats, dfeats, ref_stats, bootstrap, seed, labels)
+            delta, lo, hi, _ = paired_fid_bootstrap(feats, dfeats, ref_stats, bootstrap, seed, labels, level)
         fid_dense = own["fid"] - delta
         out.update(fid_delta=delta, fid_delta_ci_low=lo, fid_delta_ci_high=hi,
                    fid_delta_pct=100 * delta / fid_dense if fid_dense > 0 else nan,
@@ -935,8 +981,15 @@ def paired_quality(images, feats, gen, dense_images, extractor, metrics, ref_fea
                                                                     seed)[KEY_METRIC_ISC_MEAN]
     if ref_feats is not None and "prc" in metrics:
         dev = images.device   # where the method's own precision/recall ran: dense itself gets exactly 0
-        p, r = prc_features(dfeats.to(dev), ref_feats.to(dev), PRC_NEIGHBORHOOD, ref_radii)
-        out.update(precision_delta=own["precision"] - p, recall_delta=own["recall"] - r)
+        mp, mr = prc if prc is not None else prc_indicators(feats.to(dev), ref_feats.to(dev), PRC_NEIGHBORHOOD,
+                                                            ref_radii)
+        dp, dr = prc_indicators(dfeats.to(dev), ref_feats.to(dev), PRC_NEIGHBORHOOD, ref_radii)
+        p_delta = own["precision"] - dp.float().mean().item()
+        r_delta = own["recall"] - dr.float().mean().item()
+        p_lo, p_hi = paired_mean_interval(mp, dp, p_delta, _strata(labels, n), bootstrap, seed, level)
+        r_lo, r_hi = paired_mean_interval(mr, dr, r_delta, [np.arange(len(dr))], bootstrap, seed, level)
+        out.update(precision_delta=p_delta, precision_delta_ci_low=p_lo, precision_delta_ci_high=p_hi,
+                   recall_delta=r_delta, recall_delta_ci_low=r_lo, recall_delta_ci_high=r_hi)
     return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in out.items()}
 
 

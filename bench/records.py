@@ -237,8 +237,8 @@ class MemoryRecord(Record):
 class QualityRecord(Record):
     """Quality of the N images against the reference (bench/quality.py)."""
     fid: Optional[float] = column("float64", "Fréchet distance to the reference set in the extractor's feature space")
-    fid_ci_low: Optional[float] = column("float64", "bootstrap 95% interval, low end")
-    fid_ci_high: Optional[float] = column("float64", "bootstrap 95% interval, high end")
+    fid_ci_low: Optional[float] = column("float64", "bootstrap interval at quality_level (default 95%), low end")
+    fid_ci_high: Optional[float] = column("float64", "the same, high end")
     isc_mean: Optional[float] = column("float64", "Inception score (extractor's classes)")
     isc_std: Optional[float] = column("float64", "Inception score std over splits")
     precision: Optional[float] = column("float64", "improved precision (k-NN manifolds)")
@@ -271,19 +271,31 @@ class PairedQualityRecord(Record):
     fid_delta: Optional[float] = column("float64",
         "FID(method) - FID(dense), same seeds, same reference (0 for dense)")
     fid_delta_ci_low: Optional[float] = column("float64",
-        "paired class-stratified bootstrap 95% interval (same resample indices for both), low end")
+        "paired class-stratified bootstrap interval at quality_level (same resample indices for both), low end")
     fid_delta_ci_high: Optional[float] = column("float64", "the same, high end")
     fid_delta_pct: Optional[float] = column("float64", "100 x fid_delta / FID(dense)")
     fid_delta_samples_for_1pct: Optional[int] = column("int64",
         "estimated N at which the fid_delta interval half-width reaches 1% of dense FID (1/sqrt(N) scaling; "
         "null when the interval is 0)", nullable="null when the ΔFID interval has zero width (dense)")
     precision_delta: Optional[float] = column("float64", "precision(method) - precision(dense), same seeds")
+    precision_delta_ci_low: Optional[float] = column("float64",
+        "paired class-stratified percentile bootstrap interval at quality_level of precision_delta over the "
+        "generated samples' inside-the-reference-manifold indicators (same resample indices for both; reference "
+        "balls fixed; [0, 0] for dense), low end")
+    precision_delta_ci_high: Optional[float] = column("float64", "the same, high end")
     recall_delta: Optional[float] = column("float64", "recall(method) - recall(dense), same seeds")
+    recall_delta_ci_low: Optional[float] = column("float64",
+        "percentile bootstrap interval at quality_level of recall_delta over the reference points' "
+        "inside-the-generated-manifold indicators (same reference indices for both arms), with both generated "
+        "sets fixed: the reference-sample variability only, not the seeds' (narrower than a full interval; "
+        "bench.quality.paired_quality; [0, 0] for dense), low end")
+    recall_delta_ci_high: Optional[float] = column("float64", "the same, high end")
     isc_delta: Optional[float] = column("float64", "IS(method) - IS(dense), same seeds")
     class_accuracy_delta: Optional[float] = column("float64", "class_accuracy(method) - class_accuracy(dense), same "
                                                    "seeds", nullable="null with the Inception extractor")
-    class_accuracy_delta_ci_low: Optional[float] = column("float64", "paired class-stratified bootstrap 95% "
-                                                          "interval, low end", nullable="null with Inception")
+    class_accuracy_delta_ci_low: Optional[float] = column("float64", "paired class-stratified bootstrap "
+                                                          "interval at quality_level, low end",
+                                                          nullable="null with Inception")
     class_accuracy_delta_ci_high: Optional[float] = column("float64", "the same, high end",
                                                            nullable="null with Inception")
 

@@ -1,4 +1,4 @@
-"""Per-sample measures with intervals (bench/quality.py): same-seed PSNR/SSIM to dense.
+"""Per-sample measures with intervals (bench/quality.py): same-seed PSNR/SSIM to dense, paired Δprecision/Δrecall.
 
 Small synthetic sets only: images and features are built here, nothing is generated or extracted."""
 import numpy as np
@@ -109,6 +109,44 @@ def test_tiny_images_have_no_ssim():
     r = _fid(images, ref)
     assert r["ssim_to_dense"] is None and r["ssim_to_dense_ci_low"] is None and r["ssim_to_dense_ci_high"] is None
     assert r["fidelity_psnr_db"] is not None and r["psnr_to_dense_ci_low"] <= r["fidelity_psnr_db"]
+
+
+def _features(n, shift=0.0, seed=0, d=8):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, d, generator=g) + shift
+
+
+def test_prc_indicators_are_the_precision_recall_of_prc_features():
+    gen, ref = _features(80, 0.3), _features(120, seed=1)
+    p, r = Q.prc_indicators(gen, ref)
+    assert p.shape == (80,) and r.shape == (120,) and p.dtype == r.dtype == torch.bool
+    assert (p.float().mean().item(), r.float().mean().item()) == Q.prc_features(gen, ref)
+
+
+def test_precision_recall_delta_intervals():
+    """The paired intervals paired_quality reports: the same resample indices for both arms (precision: over the
+    generated samples, class-stratified; recall: over the reference points, generated sets fixed)."""
+    labels = torch.arange(100) % 5
+    ref = _features(150, seed=1)
+    method, dense = _features(100, 0.8, seed=2), _features(100, 0.0, seed=3)
+    mp, mr = Q.prc_indicators(method, ref)
+    dp, dr = Q.prc_indicators(dense, ref)
+    p_delta = mp.float().mean().item() - dp.float().mean().item()
+    r_delta = mr.float().mean().item() - dr.float().mean().item()
+    assert p_delta < 0 and r_delta != 0
+    p95 = Q.paired_mean_interval(mp, dp, p_delta, Q._strata(labels, 100), 200, 0, 0.95)
+    r95 = Q.paired_mean_interval(mr, dr, r_delta, [np.arange(150)], 200, 0, 0.95)
+    for (lo, hi), est in ((p95, p_delta), (r95, r_delta)):
+        assert lo < est < hi
+    assert p95[1] < 0   # the shifted method is resolved worse in precision
+    p99 = Q.paired_mean_interval(mp, dp, p_delta, Q._strata(labels, 100), 200, 0, 0.99)
+    assert p99[0] <= p95[0] and p99[1] >= p95[1]
+    # identical sets (dense itself): [0, 0], with or without resamples; different sets without resamples: none
+    assert Q.paired_mean_interval(dp, dp.clone(), 0.0, Q._strata(labels, 100), 200, 0) == (0.0, 0.0)
+    assert Q.paired_mean_interval(dr, dr.clone(), 0.0, [np.arange(150)], 0, 0) == (0.0, 0.0)
+    assert Q.paired_mean_interval(mp, dp, p_delta, Q._strata(labels, 100), 0, 0) == (None, None)
+    with pytest.raises(BenchError, match="differ in count"):
+        Q.paired_mean_interval(mp, dr, 0.0, [np.arange(100)], 10, 0)
 
 
 def test_paired_accuracy_bootstrap_numbers_are_unchanged_by_the_shared_resampler():

@@ -297,6 +297,49 @@ def test_same_seed_fidelity():
         Q.same_seed_fidelity(toks[:2], toks, imgs, imgs)
 
 
+OLD_KEYS = {   # quality_metrics' keys with paired images, before the per-sample intervals and quality_level
+    "fid", "fid_ci_low", "fid_ci_high", "isc_mean", "isc_std", "precision", "recall", "kid_mean", "kid_std",
+    "class_accuracy", "fid_delta", "fid_delta_ci_low", "fid_delta_ci_high", "fid_delta_pct",
+    "fid_delta_samples_for_1pct", "precision_delta", "recall_delta", "isc_delta", "class_accuracy_delta",
+    "class_accuracy_delta_ci_low", "class_accuracy_delta_ci_high", "extractor", "reference", "reference_count",
+    "reference_cached", "reference_split", "quality_samples", "quality_metrics", "quality_bootstrap", "quality_seed",
+    "quality_bootstrap_stratified", "quality_kid_subset_size", "quality_isc_splits", "quality_prc_neighborhood",
+    "quality_cache_key", "quality_notes", "quality_s"}
+NEW_KEYS = {"precision_delta_ci_low", "precision_delta_ci_high", "recall_delta_ci_low", "recall_delta_ci_high",
+            "quality_level"}
+
+
+def test_paired_precision_recall_intervals_and_the_level(bundle, cache, real_sets):
+    """quality_metrics with dense's images: the old keys with the same values as the estimates they always were,
+    plus the Δprecision/Δrecall intervals and quality_level; level=0.99 widens every interval; dense against itself
+    gets [0, 0]."""
+    (a, la), (b, _), _ = real_sets
+    kw = dict(labels=la, bootstrap=30, paired_images=b)
+    q = _q(a, bundle, cache, **kw)
+    assert set(q) - OLD_KEYS == NEW_KEYS and OLD_KEYS <= set(q)
+    assert q["quality_level"] == 0.95
+    base = _q(b, bundle, cache, labels=la, metrics=("prc",))
+    assert q["precision_delta"] == pytest.approx(q["precision"] - base["precision"])
+    assert q["recall_delta"] == pytest.approx(q["recall"] - base["recall"])
+    for m in ("precision_delta", "recall_delta", "fid_delta", "class_accuracy_delta"):
+        lo, hi = q[f"{m}_ci_low"], q[f"{m}_ci_high"]
+        assert lo <= q[m] <= hi and (lo < hi or m == "class_accuracy_delta"), m   # both sets may be all correct
+    wide = _q(a, bundle, cache, level=0.99, **kw)
+    assert wide["quality_level"] == 0.99
+    follow = ("quality_level", "quality_s", "reference_cached", "fid_delta_samples_for_1pct")   # N for the width
+    same_estimates = lambda r: {k: v for k, v in r.items()   # noqa: E731
+                                if not k.endswith(("_ci_low", "_ci_high")) and k not in follow}
+    assert same_estimates(wide) == same_estimates(q)
+    assert wide["fid_delta_samples_for_1pct"] >= q["fid_delta_samples_for_1pct"]
+    for m in ("fid", "precision_delta", "recall_delta", "fid_delta", "class_accuracy_delta"):
+        assert wide[f"{m}_ci_low"] <= q[f"{m}_ci_low"] and wide[f"{m}_ci_high"] >= q[f"{m}_ci_high"], m
+    same = _q(a, bundle, cache, labels=la, bootstrap=30, paired_images=a, metrics=("prc",))
+    assert [same[k] for k in ("precision_delta", "precision_delta_ci_low", "precision_delta_ci_high",
+                              "recall_delta", "recall_delta_ci_low", "recall_delta_ci_high")] == [0.0] * 6
+    with pytest.raises(BenchError, match="level"):
+        _q(a, bundle, cache, level=95)
+
+
 def test_evaluate_cli_bad_input_exits_2_and_writes_nothing(tmp_path, capsys):
     from bench.cli import main
     out = tmp_path / "cert.json"
