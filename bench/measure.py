@@ -23,6 +23,9 @@ What happens, in order (nothing is written before step 1 has passed):
   6. quality (bench.quality.quality_metrics) of the N images, and paired with dense's images of step 5:
      `fid_delta` with a paired class-stratified bootstrap interval;
   7. append the row atomically (bench/results.py).
+With `resolve` (bench/resolve.py), steps 5-6 are a look at the first N samples of a fixed schedule of looks; while
+none decides, the method's samples grow to the next look (its earlier batches read back from their checkpoints,
+dense's from the cache) and steps 5-6 run again at the schedule's corrected level; the row holds the last look.
 """
 from __future__ import annotations
 
@@ -260,10 +263,12 @@ def batch_store_key(role: str, method, net, bundle, sampling, seed: int, samples
                     dtype: Optional[str] = None) -> dict:
     """The key of a generation pass's batch checkpoints (bench.resume.BatchStore): role "method" (the method's N
     samples, generation_key) or "dense" (the dense reference). Generation workers compute it from their own build."""
-    if role == "dense":
-        return dict(dense_cache_key(bundle, sampling, seed, samples, batch_size, device, dtype),
-                    purpose="dense reference")
-    return generation_key(method, net, bundle, sampling, seed, samples, batch_size, device, dtype)
+    key = (dict(dense_cache_key(bundle, sampling, seed, samples, batch_size, device, dtype), purpose="dense reference")
+           if role == "dense" else generation_key(method, net, bundle, sampling, seed, samples, batch_size, device, dtype))
+    # batch b's outputs do not depend on N (SEED_SCHEME): a run with more samples, or --resolve's next look, reads
+    # back the batches an earlier one made
+    del key["samples"]
+    return key
 
 
 def dense_cache_path(key: dict, cache_dir: Optional[str]) -> str:
@@ -542,8 +547,11 @@ def generate_and_time(method, net, bundle, labels, seed: int, sampling, batch_si
 
 
 def dense_reference(method, bundle, labels, seed: int, sampling, batch_size: int, cache_dir, gen: Generated,
-                    workers: Optional[GenerationWorkerPool] = None):
-    """Dense outputs with the same labels and seeds (cached), and the same-seed fidelity against them.
+                    workers: Optional[GenerationWorkerPool] = None, keep_batches: bool = False,
+                    bootstrap: int = 100, level: float = 0.95):
+    """Dense outputs with the same labels and seeds (cached), and the same-seed fidelity against them (intervals
+    from `bootstrap` resamples at `level`). keep_batches: leave dense's batch checkpoints in the cache (--resolve:
+    a later look, or the next point, reads them back instead of generating them again).
     Returns (dense uint8 images, FidelityRecord, the cache entry's path)."""
     from bench.quality import same_seed_fidelity
     from bench.records import FidelityRecord
@@ -565,10 +573,12 @@ def dense_reference(method, bundle, labels, seed: int, sampling, batch_size: int
         ref = generate_all(bundle.var, bundle, labels, seed, sampling, batch_size, what="dense reference",
                            store=store, workers=workers, role="dense")[:2]
         store_dense_outputs(path, key, *ref)
-        store.clear()    # the dense cache holds them now
+        if not keep_batches:
+            store.clear()    # the dense cache holds them now
         status = "generated"
     logger.info(f"dense reference: {'reused cached outputs' if status == 'reused' else 'stored in the cache'} ({path})")
-    f = same_seed_fidelity(gen.tokens, ref[0], gen.images.float().div(255), ref[1].float().div(255))
+    f = same_seed_fidelity(gen.tokens, ref[0], gen.images.float().div(255), ref[1].float().div(255), labels=labels,
+                           resamples=bootstrap, seed=seed, level=level)
     return ref[1], FidelityRecord(dense_cache=status, **f), path
 
 
@@ -580,6 +590,20 @@ def quality_records(q: dict):
     return pick(QualityRecord), pick(PairedQualityRecord), {k: v for k, v in q.items() if k.startswith("quality_")}
 
 
+def check_resolve(resolve, max_samples, samples: int, batch_size: int, bootstrap: int, metrics):
+    """The --resolve plan (bench.resolve.ResolvePlan), or None without --resolve; its inputs checked."""
+    if resolve is None:
+        if max_samples is not None:
+            raise BenchError("max samples is the budget of resolve; give resolve too (e.g. --resolve 1), or drop it")
+        return None
+    from bench.resolve import make_plan
+    if max_samples is not None:
+        max_samples = _check_int("max samples", max_samples, 1)
+    if bootstrap < 1 or "fid" not in metrics:
+        raise BenchError("resolve decides on the paired ΔFID interval: it needs the fid metric and bootstrap >= 1")
+    return make_plan(samples, max_samples, batch_size, resolve)
+
+
 # ---------------------------------------------------------------------------------------------- the call
 def measure(bundle, method, *, samples: int, seed: int = 0, sampling=None, batch_size: int = DEFAULT_BATCH_SIZE,
             results_dir: str = "results", reference: Optional[str] = None, inception_weights: Optional[str] = None,
@@ -587,7 +611,8 @@ def measure(bundle, method, *, samples: int, seed: int = 0, sampling=None, batch
             trial_key: Optional[str] = None, extra: Optional[Dict[str, Any]] = None, cache_dir: Optional[str] = None,
             metrics: Sequence[str] = QUALITY_METRICS, bootstrap: int = 100, classifier: Optional[str] = None,
             reference_count: Optional[int] = None, timing_rounds: int = DEFAULT_TIMING_ROUNDS,
-            dtype: Optional[str] = None, workers: Optional[GenerationWorkerPool] = None) -> dict:
+            dtype: Optional[str] = None, workers: Optional[GenerationWorkerPool] = None,
+            resolve: Optional[float] = None, max_samples: Optional[int] = None) -> dict:
     """Measure `method` (a bench.registry.Method or a registered name) on `bundle`; append and return the row.
 
     Each phase returns typed records (bench/records.py) that log themselves; the row is their columns, the
@@ -595,11 +620,15 @@ def measure(bundle, method, *, samples: int, seed: int = 0, sampling=None, batch
     stored row replaces that trial's earlier row. `dtype` (bench/precision.py; default fp32): the autocast of the
     transformer forward in every generation of the measurement (FLOP count, timed batches and their paired dense
     batches, dense reference). `workers` (GenerationWorkerPool): other processes (GPUs) that generate some of the
-    N samples and of the dense reference alongside this one. Raises BenchError (nothing written) on bad input."""
+    N samples and of the dense reference alongside this one. `resolve` (a % of dense FID; bench/resolve.py): the
+    samples are the first look of a fixed schedule up to `max_samples`; after each look the paired ΔFID interval
+    (at the schedule's corrected level) decides whether the method's samples grow to the next look (dense's are read
+    from the cache where an earlier point made them); FLOPs, timing and the method's statistics come from the first
+    look, quality and fidelity from the last. Raises BenchError (nothing written) on bad input."""
     from bench.env import environment
     from bench.precision import generation_dtype, normalize_dtype
     from bench.quality import quality_metrics
-    from bench.records import EnvironmentRecord, MethodSetup, RunIdentity, RunSetup, RunTimes
+    from bench.records import EnvironmentRecord, MethodSetup, ResolveRecord, RunIdentity, RunSetup, RunTimes
     from bench.registry import Method, create_method
     from bench.results import append_row, new_run_id
 
@@ -615,7 +644,8 @@ def measure(bundle, method, *, samples: int, seed: int = 0, sampling=None, batch
     dtype = normalize_dtype(dtype)   # validate() checked that the device supports it
     timing_rounds = _check_int("timing rounds", timing_rounds, 0, MAX_TIMING_ROUNDS)
     _check_int("bootstrap", bootstrap, 0, MAX_BOOTSTRAP)
-    check_free_space(bundle, samples, results_dir, cache_dir)
+    plan = check_resolve(resolve, max_samples, samples, batch_size, bootstrap, metrics)
+    check_free_space(bundle, plan.max_samples if plan else samples, results_dir, cache_dir)
     device = bundle.device
     phases: Dict[str, float] = {}
 
@@ -633,7 +663,7 @@ def measure(bundle, method, *, samples: int, seed: int = 0, sampling=None, batch
         net = method.build(bundle)
         if isinstance(net, torch.nn.Module):
             net.eval()
-    labels = sample_labels(samples, bundle.num_classes)
+    labels = sample_labels(plan.max_samples if plan else samples, bundle.num_classes)   # looks: prefixes
     with phase("flops"), generation_dtype(dtype):
         flops = count_flops(method, net, bundle, labels, seed, sampling, flop_images)
         flops.log()
@@ -641,8 +671,8 @@ def measure(bundle, method, *, samples: int, seed: int = 0, sampling=None, batch
     store = BatchStore.for_key(batch_store_key("method", method, net, bundle, sampling, seed, samples, batch_size,
                                                device, dtype), cache_dir)
     with phase("generate"), generation_dtype(dtype):
-        gen, timing, paired, memory = generate_and_time(method, net, bundle, labels, seed, sampling, batch_size,
-                                                        warmup_batches, timing_rounds, store=store,
+        gen, timing, paired, memory = generate_and_time(method, net, bundle, labels[:samples], seed, sampling,
+                                                        batch_size, warmup_batches, timing_rounds, store=store,
                                                         workers=workers)
         flops.macs_analytic_all, flops.macs_analytic_all_per_scale = sum(gen.macs_all_per_scale), gen.macs_all_per_scale
         flops.macs_executed_all = gen.macs_executed_all
@@ -651,19 +681,52 @@ def measure(bundle, method, *, samples: int, seed: int = 0, sampling=None, batch
             logger.info(f"expert execution: {flops.expert_paths}")
         for rec in (timing, memory, paired):
             rec.log()
-    with phase("dense_reference"), generation_dtype(dtype):
-        dense_images, fidelity, dense_path = dense_reference(method, bundle, labels, seed, sampling, batch_size,
-                                                             cache_dir, gen, workers)
-    with phase("quality"):
-        q = quality_metrics(gen.images.to(device), bundle, labels=labels[:len(gen.images)], reference=reference,
-                            inception_weights=inception_weights, metrics=metrics, bootstrap=bootstrap, seed=seed,
-                            cache_dir=None if cache_dir is None else os.path.join(cache_dir, "quality"),
-                            reference_count=reference_count, classifier=classifier,
-                            paired_images=(gen.images if method.name == "dense" else dense_images).to(device),
-                            paired_key=dense_path)
-        quality, paired_quality, quality_extras = quality_records(q)
-        quality.log()
-        paired_quality.log()
+    level = plan.level if plan else 0.95
+    found: Dict[str, Any] = {}
+
+    def look(n: int, level: float):
+        """Quality and fidelity of the first n samples (generating the method's missing batches, and dense's)."""
+        if n > len(gen.images):
+            with phase("generate"), generation_dtype(dtype):
+                gen.tokens, gen.images = generate_all(net, bundle, labels[:n], seed, sampling, batch_size,
+                                                      what=f"generating (look at {n})", store=store,
+                                                      workers=workers)[:2]
+        with phase("dense_reference"), generation_dtype(dtype):
+            dense_images, fidelity, dense_path = dense_reference(method, bundle, labels[:n], seed, sampling,
+                                                                 batch_size, cache_dir, gen, workers,
+                                                                 keep_batches=plan is not None, bootstrap=bootstrap,
+                                                                 level=level)
+        with phase("quality"):
+            q = quality_metrics(gen.images.to(device), bundle, labels=labels[:n], reference=reference,
+                                inception_weights=inception_weights, metrics=metrics, bootstrap=bootstrap, seed=seed,
+                                cache_dir=None if cache_dir is None else os.path.join(cache_dir, "quality"),
+                                reference_count=reference_count, classifier=classifier,
+                                paired_images=(gen.images if method.name == "dense" else dense_images).to(device),
+                                paired_key=dense_path, level=level,
+                                interval="normal" if plan is not None else "percentile")
+        found.update(q=q, fidelity=fidelity)
+        from bench.resolve import Look
+        return Look(n, q["fid_delta"], q.get("fid_delta_ci_low"), q.get("fid_delta_ci_high"),
+                    q["fid"] - q["fid_delta"])
+
+    resolve_rec = ResolveRecord()
+    if plan is None:
+        look(samples, level)
+    else:
+        from bench.resolve import run_looks
+
+        def said(lk, reason):
+            hw = lk.halfwidth_pct
+            logger.info(f"resolve: look at {lk.samples} samples: ΔFID {lk.delta:+.4g} [{lk.low:+.4g}, {lk.high:+.4g}] "
+                        f"(level {plan.level:.4f}), half-width {hw:.3g}% of dense FID (target {plan.target_pct:g}%)"
+                        f" -> {reason or 'next look'}")
+        resolve_rec = ResolveRecord(**run_looks(plan, look, said).columns())
+        resolve_rec.log()
+    q, fidelity = found["q"], found["fidelity"]
+    quality, paired_quality, quality_extras = quality_records(q)
+    quality.log()
+    paired_quality.log()
+    samples = len(gen.images)
 
     identity = RunIdentity(run_id=new_run_id(), sweep=sweep or "", sweep_id=sweep_id or "", trial_key=trial_key or "")
     setup = MethodSetup(method=method.name, method_kind=method.kind, method_label=method.label,
@@ -676,7 +739,7 @@ def measure(bundle, method, *, samples: int, seed: int = 0, sampling=None, batch
                    top_p=float(sampling.top_p), more_smooth=bool(sampling.more_smooth), device=str(device),
                    dtype=dtype)
     row: Dict[str, Any] = {**identity.row(), **setup.row(), **params}
-    for rec in (run, flops, timing, paired, memory, quality, paired_quality, fidelity,
+    for rec in (run, flops, timing, paired, memory, quality, paired_quality, fidelity, resolve_rec,
                 EnvironmentRecord(**environment(device))):
         row.update(rec.row())
     row.update(quality_extras)

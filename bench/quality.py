@@ -583,6 +583,9 @@ def fid_bootstrap(features: torch.Tensor, ref_stats: dict, fid: float, resamples
     return (max(0.0, lo) if math.isfinite(lo) else lo), float(hi_q) + shift, boot   # max(0, nan) would be 0
 
 
+INTERVALS = ("percentile", "normal")   # bootstrap intervals: centred percentiles, or estimate ± z·sd
+
+
 def _strata(labels: Optional[torch.Tensor], n: int) -> List[np.ndarray]:
     if labels is None:
         return [np.arange(n)]
@@ -635,13 +638,17 @@ def paired_mean_interval(a, b, delta: float, groups: List[np.ndarray], resamples
 
 
 def paired_fid_bootstrap(features: torch.Tensor, dense_features: torch.Tensor, ref_stats: dict, resamples: int,
-                         seed: int, labels: Optional[torch.Tensor] = None,
-                         level: float = 0.95) -> Tuple[float, float, float, np.ndarray]:
+                         seed: int, labels: Optional[torch.Tensor] = None, level: float = 0.95,
+                         interval: str = "percentile") -> Tuple[float, float, float, np.ndarray]:
     """FID(method) - FID(dense) and its 95% interval, from a paired bootstrap: sample i of the method and of
     dense share label and seed, so each resample draws the SAME indices (class-stratified, as fid_bootstrap) from
     both feature sets and takes the difference of their FIDs. What the two share (which classes and seeds were
     drawn, the reference) cancels, leaving the spread of the difference itself. The interval is centred on the
-    estimate as in fid_bootstrap. Returns (delta, low, high, resampled deltas)."""
+    estimate as in fid_bootstrap. interval="normal": delta ± z·sd(resampled deltas) instead of the percentiles, for
+    levels whose tails hold too few resamples to read percentiles from (bench/resolve.py's corrected levels).
+    Returns (delta, low, high, resampled deltas)."""
+    if interval not in INTERVALS:
+        raise BenchError(f"interval must be one of {', '.join(INTERVALS)}, got {interval!r}")
     f, g = features.double().cpu(), dense_features.double().cpu()
     if f.shape != g.shape:
         raise BenchError(f"paired features differ in shape: {tuple(f.shape)} vs {tuple(g.shape)}")
@@ -657,6 +664,10 @@ def paired_fid_bootstrap(features: torch.Tensor, dense_features: torch.Tensor, r
     for r in range(resamples):
         idx = torch.from_numpy(np.concatenate([grp[rng.integers(0, len(grp), len(grp))] for grp in groups]))
         boot[r] = fid_of(f[idx]) - fid_of(g[idx])
+    if interval == "normal":
+        from scipy.stats import norm
+        half = float(norm.ppf(1 - (1 - level) / 2)) * float(boot.std(ddof=1)) if resamples > 1 else float("nan")
+        return delta, delta - half, delta + half, boot
     lo_q, hi_q = np.quantile(boot, [(1 - level) / 2, 1 - (1 - level) / 2])
     shift = delta - float(boot.mean())
     return delta, float(lo_q) + shift, float(hi_q) + shift, boot
@@ -736,10 +747,15 @@ def kid_features(features_1: torch.Tensor, features_2: torch.Tensor, subsets: in
     return float(np.mean(mmds)), float(np.std(mmds))
 
 
+CDIST_ROWS = 10000   # torch-fidelity's calc_cdist_full block: rows of these blocks give its numbers exactly
+
+
 def knn_radii(features: torch.Tensor, k: int = PRC_NEIGHBORHOOD) -> torch.Tensor:
-    """Distance of each point to its k-th nearest neighbour (itself excluded), as torch-fidelity computes it."""
+    """Distance of each point to its k-th nearest neighbour (itself excluded), as torch-fidelity computes it, one
+    block of CDIST_ROWS rows at a time: the full N×N matrix would hold 14 GB at N = 60,000."""
     from torch_fidelity.metric_prc import calc_cdist_full
-    return calc_cdist_full(features, features).kthvalue(k + 1).values
+    return torch.cat([calc_cdist_full(block, features, CDIST_ROWS).kthvalue(k + 1, dim=1).values
+                      for block in features.split(CDIST_ROWS)])
 
 
 def prc_indicators(gen: torch.Tensor, ref: torch.Tensor, k: int = PRC_NEIGHBORHOOD,
@@ -842,7 +858,7 @@ def quality_metrics(images: torch.Tensor, bundle, *, labels: Optional[torch.Tens
                     seed: int = 0, cache_dir: Optional[str] = None,
                     reference_count: Optional[int] = None, classifier: Optional[str] = None,
                     batch_size: Optional[int] = None, paired_images: Optional[torch.Tensor] = None,
-                    paired_key: Optional[str] = None, level: float = 0.95) -> dict:
+                    paired_key: Optional[str] = None, interval: str = "percentile", level: float = 0.95) -> dict:
     """FID (+ bootstrap interval), IS, precision/recall, KID of generated images against a reference set.
 
     images: uint8 (N,3,H,W) (float [0,1] is converted); features are extracted on images.device. labels: the
@@ -853,7 +869,8 @@ def quality_metrics(images: torch.Tensor, bundle, *, labels: Optional[torch.Tens
     paired_images: dense's images with the same labels and seeds (sample i of both shares them): adds fid_delta
     (paired bootstrap interval, paired_fid_bootstrap), fid_delta_pct, the sample-size guidance, and the
     differences of precision, recall (with paired intervals, paired_quality) and IS. paired_key names them for the
-    feature cache (None: no caching)."""
+    feature cache (None: no caching).
+    interval: how the ΔFID interval is read from its bootstrap (INTERVALS: percentile, or normal for --resolve)."""
     t0 = time.time()
     if not torch.is_tensor(images) or images.dim() != 4 or images.shape[1] != 3:
         raise BenchError(f"images must be a (N,3,H,W) tensor, got {getattr(images, 'shape', type(images))}")
@@ -896,7 +913,7 @@ def quality_metrics(images: torch.Tensor, bundle, *, labels: Optional[torch.Tens
     if paired_images is not None:
         out.update(paired_quality(images, feats, gen, to_uint8(paired_images), extractor, metrics, ref_feats, ref_stats,
                                   ref_radii, out, labels, bootstrap, seed, paired_key, cache_dir, batch_size,
-                                  level=level, prc=prc))
+                                  interval=interval, level=level, prc=prc))
         if with_acc:
             d = (gen if torch.equal(to_uint8(paired_images).cpu(), images.cpu()) else
                  _paired_features(to_uint8(paired_images), extractor, paired_key, cache_dir, batch_size))
@@ -939,8 +956,8 @@ def _paired_features(images: torch.Tensor, extractor: Extractor, key: Optional[s
 
 
 def paired_quality(images, feats, gen, dense_images, extractor, metrics, ref_feats, ref_stats, ref_radii, own: dict,
-                   labels, bootstrap: int, seed: int, key, cache_dir, batch_size, level: float = 0.95,
-                   prc: Optional[Tuple[torch.Tensor, torch.Tensor]] = None) -> dict:
+                   labels, bootstrap: int, seed: int, key, cache_dir, batch_size, interval: str = "percentile",
+                   level: float = 0.95, prc: Optional[Tuple[torch.Tensor, torch.Tensor]] = None) -> dict:
     """The quality columns paired with dense on the same seeds (see quality_metrics). prc: the method's own
     per-sample precision/recall indicators (prc_indicators; recomputed when not given).
 
@@ -970,7 +987,8 @@ def paired_quality(images, feats, gen, dense_images, extractor, metrics, ref_fea
     dfeats = dense[extractor.feature_layer]
     if "fid" in metrics:
         with single_threaded(feats.shape[1] <= 512):
-            delta, lo, hi, _ = paired_fid_bootstrap(feats, dfeats, ref_stats, bootstrap, seed, labels, level)
+            delta, lo, hi, _ = paired_fid_bootstrap(feats, dfeats, ref_stats, bootstrap, seed, labels, level,
+                                                    interval=interval)
         fid_dense = own["fid"] - delta
         out.update(fid_delta=delta, fid_delta_ci_low=lo, fid_delta_ci_high=hi,
                    fid_delta_pct=100 * delta / fid_dense if fid_dense > 0 else nan,

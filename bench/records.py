@@ -14,6 +14,7 @@ is stored as null (bench.results), never as NaN.
 """
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field, fields
 from typing import Any, Dict, List, Optional
 
@@ -341,6 +342,34 @@ class FidelityRecord(Record):
 
 
 @dataclass
+class ResolveRecord(Record):
+    """Sample size as a target (bench/resolve.py): the looks of `--resolve` and why they stopped."""
+    resolve_target_pct: Optional[float] = column("float64",
+        "target half-width of the paired ΔFID interval, in % of dense FID", nullable="null without --resolve")
+    resolved: Optional[bool] = column("bool",
+        "the paired ΔFID interval reached the target half-width or excludes 0", nullable="null without --resolve")
+    resolve_stop_reason: Optional[str] = column("string",
+        "why the looks stopped: halfwidth (target reached) | excludes_zero (the difference is resolved) | "
+        "max_samples (budget spent, not resolved)", nullable="null without --resolve")
+    resolve_level: Optional[float] = column("float64",
+        "confidence level of each look's intervals: 1 - 0.05/looks planned (Bonferroni over the fixed schedule), "
+        "so that the interval at whichever look stops covers with >= 95%", nullable="null without --resolve")
+    resolve_looks: Optional[str] = column("json",
+        "the looks taken: [{samples, fid_delta, ci_low, ci_high, halfwidth_pct}] in order",
+        nullable="null without --resolve")
+    max_samples: Optional[int] = column("int64", "the sample budget of --resolve (the schedule's last look)",
+                                        nullable="null without --resolve")
+
+    def summary(self) -> str:
+        if self.resolve_target_pct is None:
+            return ""
+        looks = json.loads(self.resolve_looks or "[]")
+        n = looks[-1]["samples"] if looks else 0
+        return (f"resolve ±{self.resolve_target_pct:g}%: {'resolved' if self.resolved else 'not resolved'} "
+                f"({self.resolve_stop_reason}) after {len(looks)} look(s), {n} samples, level {self.resolve_level:.4f}")
+
+
+@dataclass
 class EnvironmentRecord(Record):
     """The environment the run was measured in (bench/env.py)."""
     env_harness: Optional[str] = column("string", "var-bench version")
@@ -371,7 +400,7 @@ class RunTimes(Record):
 
 # in row order; a row holds param_<name> columns after MethodSetup's and method extras (row_metrics) at the end
 RECORDS = (RunIdentity, MethodSetup, RunSetup, FlopsRecord, TimingRecord, PairedTimingRecord, MemoryRecord,
-           QualityRecord, PairedQualityRecord, FidelityRecord, EnvironmentRecord, RunTimes)
+           QualityRecord, PairedQualityRecord, FidelityRecord, ResolveRecord, EnvironmentRecord, RunTimes)
 PARAM_COLUMN = ("param_<name>", ("any", "one column per method parameter; scalars as is, lists as JSON strings"))
 
 

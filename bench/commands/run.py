@@ -48,6 +48,13 @@ def register(sub):
                                                       "(default: the model's shipped one)")
     g.add_argument("--metrics", default=",".join(QUALITY_METRICS), help="comma-separated subset of %(default)s")
     g.add_argument("--bootstrap", type=int, default=100, help="FID bootstrap resamples (default 100)")
+    g.add_argument("--resolve", type=float, default=None, metavar="PCT",
+                   help="sample size as a target: --samples is the first look; the method's samples double (dense's "
+                        "reused from the cache) until the paired ΔFID interval's half-width is <= PCT %% of dense FID, "
+                        "or it excludes 0, or --max-samples is reached; intervals corrected for the repeated looks "
+                        "(bench/resolve.py)")
+    g.add_argument("--max-samples", type=int, default=None,
+                   help="the budget of --resolve: its last look (default 20 x --samples)")
     p.add_argument("--sweep", default="", help="sweep name recorded in the row")
     p.add_argument("--trial-key", default=None, help="store the row under this key (re-running replaces it)")
     p.set_defaults(func=run)
@@ -58,7 +65,7 @@ def run(a):
     from bench.commands._common import bundle_from_args, check_device, check_flags, sampling_from_args
     from bench.checkpoints import check_writable_dir
     from bench.measure import (MAX_BOOTSTRAP, MAX_SEED, MAX_THREADS, MAX_TIMING_ROUNDS, MAX_WARMUP_BATCHES,
-                               dense_cache_dir, measure)
+                               check_resolve, dense_cache_dir, measure)
     from bench.precision import check_dtype
     from bench.registry import create_method, parse_overrides
     from bench.results import check_results_dir
@@ -68,6 +75,7 @@ def run(a):
                 warmup_batches=(0, MAX_WARMUP_BATCHES), timing_rounds=(0, MAX_TIMING_ROUNDS),
                 threads=(1, MAX_THREADS), bootstrap=(0, MAX_BOOTSTRAP))
     metrics = tuple(m.strip() for m in a.metrics.split(",") if m.strip())
+    check_resolve(a.resolve, a.max_samples, a.samples, a.batch_size, a.bootstrap, metrics)
     method = create_method(a.method, **parse_overrides(a.set))
     check_results_dir(a.results)
     check_writable_dir(dense_cache_dir(a.cache_dir), "cache directory")
@@ -84,7 +92,8 @@ def run(a):
                   flop_images=a.flop_images, warmup_batches=a.warmup_batches, sweep=a.sweep,
                   trial_key=a.trial_key, cache_dir=a.cache_dir, metrics=metrics, bootstrap=a.bootstrap,
                   classifier=a.classifier, reference_count=a.reference_count, timing_rounds=a.timing_rounds,
-                  dtype=dtype, extra=dict(preset=a.preset) if a.preset else None)
+                  dtype=dtype, extra=dict(preset=a.preset) if a.preset else None, resolve=a.resolve,
+                  max_samples=a.max_samples)
     giga = lambda v: v / 1e9 if v else float("nan")  # noqa: E731  (no FLOP count with --flop-images 0)
     print(f"{row['method_label']} on {row['model']} ({row['dtype']}): {giga(row['macs_total']):.4g} GMACs/image (transformer "
           f"{giga(row['macs_fvcore']):.4g}), "
@@ -93,7 +102,11 @@ def run(a):
           f"{row['fid']:.4g}, ΔFID vs dense {_num(row.get('fid_delta'), '+.3g')} "
           f"[{_num(row.get('fid_delta_ci_low'), '+.3g')}, {_num(row.get('fid_delta_ci_high'), '+.3g')}], "
           f"token agreement vs dense "
-          f"{row['fidelity_token_agreement']:.4f}; row appended to {a.results}")
+          f"{row['fidelity_token_agreement']:.4f}"
+          + (f"; {row['samples']} samples, {'resolved' if row['resolved'] else 'not resolved'} "
+             f"({row['resolve_stop_reason']}) at ±{row['resolve_target_pct']:g}%, level {row['resolve_level']:.4f}"
+             if row.get("resolve_target_pct") is not None else "")
+          + f"; row appended to {a.results}")
     return 0
 
 

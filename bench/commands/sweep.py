@@ -24,6 +24,11 @@ def register(sub):
                         "points.dmoe.grid.tau=0.9,0.7, sampling.cfg=2); unknown keys list the valid ones")
     p.add_argument("--model", default=None, help="shortcut for --set models=NAME[,NAME]")
     p.add_argument("--device", default=None, help="shortcut for --set device=DEV (cpu, cuda, cuda:N)")
+    p.add_argument("--resolve", default=None, metavar="PCT",
+                   help="shortcut for --set measure.resolve=PCT: each trial's samples grow by looks until its paired "
+                        "ΔFID interval is within ±PCT%% of dense FID or excludes 0 (bench/resolve.py)")
+    p.add_argument("--max-samples", default=None, metavar="N", help="shortcut for --set measure.max_samples=N "
+                                                                     "(the budget of --resolve)")
     p.add_argument("--results", default="results", help="results store directory (default ./results)")
     p.add_argument("--resume", action="store_true",
                    help="continue the latest sweep of this name in the store (same sweep_id): run only the trials "
@@ -92,6 +97,10 @@ def run(a):
         sets.append(f"models={a.model}")
     if a.device:
         sets.append(f"device={a.device}")
+    if a.resolve is not None:
+        sets.append(f"measure.resolve={a.resolve}")
+    if a.max_samples is not None:
+        sets.append(f"measure.max_samples={a.max_samples}")
     spec = S.load_spec(a.name, quick=a.quick, sets=sets)
     S.absolutize_paths(spec)
     check_results_dir(a.results)

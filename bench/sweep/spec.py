@@ -26,7 +26,8 @@ YAML schema (every key optional except `points`; sweeps/tau.yaml is a commented 
     sampling: {}               # cfg, top_k, top_p, more_smooth: overrides of the model's own settings
     reference: null            # quality reference (null: the model's held-out set)
     measure: {}                # further measure() options: flop_images, warmup_batches, timing_rounds, metrics, bootstrap,
-                               #   classifier, reference_count, inception_weights, cache_dir, dtype (fp32|bf16|fp16)
+                               #   classifier, reference_count, inception_weights, cache_dir, dtype (fp32|bf16|fp16),
+                               #   resolve (% of dense FID) with max_samples: samples grow by looks (bench/resolve.py)
     modules: []                # extra Python modules that register methods (imported by driver and trials)
     points:                    # named entries; each expands to the product of its grid axes
       NAME:
@@ -35,6 +36,7 @@ YAML schema (every key optional except `points`; sweeps/tau.yaml is a commented 
         grid: {tau: [1.0, 0.8, 0.6]}            # axes: one trial per combination, in this order; or a
                                                 #   list of mappings, one trial each (no product)
         enabled: true
+        models: [default]      # optional: the sweep's models this entry runs on (default: all of them)
         twins:                 # one extra trial per point of this entry, scheduled after it
           TWIN:
             method: pruned-ffn
@@ -74,10 +76,11 @@ SAMPLING_KEYS = {"cfg": float, "top_k": int, "top_p": float, "more_smooth": bool
 # measure() options a sweep may set (bench/measure.py); types for validation of --set values
 MEASURE_KEYS = {"flop_images": int, "warmup_batches": int, "timing_rounds": int, "metrics": list, "bootstrap": int,
                 "classifier": str, "reference_count": int, "inception_weights": str, "cache_dir": str,
-                "dtype": str}
-MEASURE_MINIMA = {"flop_images": 0, "warmup_batches": 0, "timing_rounds": 0, "bootstrap": 0, "reference_count": 1}
+                "dtype": str, "resolve": float, "max_samples": int}
+MEASURE_MINIMA = {"flop_images": 0, "warmup_batches": 0, "timing_rounds": 0, "bootstrap": 0, "reference_count": 1,
+                  "max_samples": 1}
 
-ENTRY_KEYS = ("method", "params", "grid", "twins", "enabled")
+ENTRY_KEYS = ("method", "params", "grid", "twins", "enabled", "models")
 TWIN_KEYS = ("method", "params", "from_parent")
 MODEL_KEYS = ("name", "var_ckpt", "vae_ckpt", "depth", "patch_nums")
 
@@ -230,6 +233,7 @@ def normalize(raw: dict, where: str) -> dict:
         e["grid"] = e["grid"] if isinstance(e["grid"], list) else _check_type(f"{w}.grid", e["grid"] or {}, dict)
         e["twins"] = _check_type(f"{w}.twins", e["twins"] or {}, dict)
         e["enabled"] = _check_type(f"{w}.enabled", e["enabled"], bool)
+        e["models"] = _entry_models(w, e.get("models"), spec["models"])
         for p, vals in (e["grid"].items() if isinstance(e["grid"], dict) else ()):
             if not isinstance(vals, list) or not vals:
                 raise BenchError(f"{w}.grid.{p} must be a non-empty list of values, got {vals!r}")
@@ -254,6 +258,20 @@ def normalize(raw: dict, where: str) -> dict:
     return spec
 
 
+def _entry_models(w: str, models, sweep_models):
+    """An entry's `models`: a subset of the sweep's model keys, or None (all of them, whatever --set models= says)."""
+    from bench.sweep.trials import model_key
+    keys = [model_key(m) for m in sweep_models]
+    if models is None:
+        return None
+    models = [models] if isinstance(models, str) else _check_type(f"{w}.models", models, list)
+    bad = [m for m in models if m not in keys]
+    if bad or not models:
+        raise BenchError(f"{w}.models: {bad[0] if bad else 'an empty list'!r} is not a model of this sweep; "
+                         f"valid: {', '.join(keys)}")
+    return list(dict.fromkeys(models))
+
+
 def _check_method_section(w: str, what: str, name, section, allowed: Sequence[str]) -> dict:
     """What a point entry and a twin share: a name usable in trial keys, known keys, a method and its params."""
     if not isinstance(name, str) or "/" in name or "=" in name:
@@ -275,7 +293,7 @@ def valid_keys(spec: dict) -> List[str]:
     keys += [f"sampling.{k}" for k in SAMPLING_KEYS] + [f"measure.{k}" for k in MEASURE_KEYS]
     for name, e in spec["points"].items():
         pre = f"points.{name}"
-        keys += [f"{pre}.enabled", f"{pre}.grid"]
+        keys += [f"{pre}.enabled", f"{pre}.grid", f"{pre}.models"]
         for p in method_params(e["method"]):
             keys += [f"{pre}.params.{p}"] + ([f"{pre}.grid.{p}"] if isinstance(e["grid"], dict) else [])
         for tname, t in e["twins"].items():

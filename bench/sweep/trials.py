@@ -53,7 +53,7 @@ def expand(spec: dict) -> List[Trial]:
     for m in spec["models"]:
         mk = model_key(m)
         for name, e in spec["points"].items():
-            if not e["enabled"]:
+            if not e["enabled"] or (e.get("models") is not None and mk not in e["models"]):
                 continue
             if isinstance(e["grid"], list):
                 points = [dict(pt) for pt in e["grid"]]
@@ -159,8 +159,11 @@ def _check_model(spec: dict, m, trials: List[Trial], load: bool) -> dict:
     ms = spec["measure"]
     try:   # what each trial's measure() would refuse, refused here before the manifest and the first trial
         from bench.checkpoints import check_writable_dir
-        from bench.measure import dense_cache_dir
+        from bench.measure import check_resolve, dense_cache_dir
         check_writable_dir(dense_cache_dir(ms.get("cache_dir")), "cache directory")
+        check_resolve(ms.get("resolve"), ms.get("max_samples"), spec["samples"], spec["batch_size"],
+                      100 if ms.get("bootstrap") is None else ms["bootstrap"],
+                      tuple(ms.get("metrics") or QUALITY_METRICS))
         check_reference(bundle, spec["samples"], spec["reference"], ms.get("inception_weights"),
                         tuple(ms.get("metrics") or QUALITY_METRICS), reference_count=ms.get("reference_count"),
                         classifier=ms.get("classifier"))
