@@ -423,6 +423,54 @@ def test_a_grpc_server_that_is_not_a_gcs_is_refused_and_a_gcs_is_accepted():
             server.stop(0)
 
 
+def test_a_gcs_that_wants_a_token_is_refused_up_front_without_one(monkeypatch, tmp_path):
+    """A GCS with token authentication answers UNAUTHENTICATED: without a token here, one line at once (ray.init
+    would log an error every few seconds for about a minute); with RAY_AUTH_MODE=token and a token, accepted."""
+    from concurrent import futures
+    import grpc
+    from bench.sweep.runner import check_address
+
+    class TokenGcs(grpc.GenericRpcHandler):
+        def service(self, details):
+            if details.method == "/ray.rpc.NodeInfoGcsService/GetClusterId":
+                return grpc.unary_unary_rpc_method_handler(
+                    lambda req, ctx: ctx.abort(grpc.StatusCode.UNAUTHENTICATED, "token required"))
+            return None
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2), handlers=(TokenGcs(),))
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    monkeypatch.setenv("HOME", str(tmp_path))
+    for var in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"):
+        monkeypatch.delenv(var, raising=False)
+    try:
+        t = time.time()
+        with pytest.raises(BenchError, match="requires token authentication and no token is set") as e:
+            check_address(f"127.0.0.1:{port}")
+        assert time.time() - t < 10 and "\n" not in str(e.value) and "RAY_AUTH_MODE=token" in str(e.value)
+        monkeypatch.setenv("RAY_AUTH_MODE", "token")
+        monkeypatch.setenv("RAY_AUTH_TOKEN", "secret")
+        assert check_address(f"127.0.0.1:{port}") == f"127.0.0.1:{port}"
+    finally:
+        server.stop(0)
+
+
+def test_the_printed_resume_command_repeats_every_flag():
+    import shlex
+    from bench.cli import build_parser
+    from bench.commands.sweep import resume_command
+    argv = ["sweep", "tau", "--quick", "--set", "samples=32", "--set", "points.dmoe.grid.tau=0.9,0.7",
+            "--results", "/tmp/my store", "--address", "auto", "--cpus-per-trial", "1", "--resolve", "2",
+            "--max-samples", "4000", "--concurrent", "2", "--status-every", "5"]
+    a = build_parser().parse_args(argv)
+    words = shlex.split(resume_command(a))
+    assert words[:5] == ["python", "-m", "bench", "sweep", "tau"] and "--resume" in words
+    again = build_parser().parse_args(words[3:])
+    for k in ("name", "quick", "set", "results", "address", "cpus_per_trial", "resolve", "max_samples", "concurrent",
+              "status_every", "model", "device", "gpus_per_trial", "generation_workers"):
+        assert getattr(again, k) == getattr(a, k), k
+    assert again.resume
+
+
 # ------------------------------------------------------------------------------------------- 9. checkpoint errors
 def test_unreadable_checkpoints_are_named_in_our_words(tmp_path):
     from bench.checkpoints import read_state_dict

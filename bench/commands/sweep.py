@@ -74,6 +74,29 @@ def print_list():
     return 0
 
 
+def resume_command(a) -> str:
+    """The command that finishes this sweep: every flag it was started with, and --resume."""
+    import shlex
+    words = ["python", "-m", "bench", "sweep", a.name, "--resume"]
+    if a.quick:
+        words.append("--quick")
+    for s in a.set:
+        words += ["--set", s]
+    for flag, value in (("--model", a.model), ("--device", a.device), ("--resolve", a.resolve),
+                        ("--max-samples", a.max_samples), ("--results", a.results), ("--address", a.address),
+                        ("--cpus-per-trial", a.cpus_per_trial), ("--gpus-per-trial", a.gpus_per_trial),
+                        ("--generation-min-samples", a.generation_min_samples)):
+        if value is not None:
+            words += [flag, f"{value:g}" if isinstance(value, float) else str(value)]
+    for flag, value, default in (("--concurrent", a.concurrent, 1), ("--generation-workers", a.generation_workers, 1),
+                                 ("--status-every", a.status_every, 60.0)):
+        if value != default:
+            words += [flag, f"{value:g}"]
+    if getattr(a, "verbose", 0):
+        words.insert(3, "-" + "v" * a.verbose)
+    return shlex.join(words)
+
+
 def run(a):
     from bench import sweep as S
     from bench.results import check_results_dir
@@ -134,7 +157,7 @@ def run(a):
         cpus, gpus = S.resources(info, spec["device"], a.cpus_per_trial, a.gpus_per_trial, workers)
         print(f"ray {info['version']} {info['address']}: {info['nodes']} node(s), {info['num_cpus']:g} CPUs "
               f"(started in {info['start_s']:.1f} s); {cpus:g} CPU(s){f', {gpus:g} GPU(s)' if gpus else ''} per "
-              f"trial, {a.concurrent} at a time"
+              f"trial ({S.trial_threads(cpus)} torch thread(s) each: one per CPU), {a.concurrent} at a time"
               + (f"; {workers} generation workers per trial" if workers > 1 else ""))
         S.ensure_manifest(a.results, invocation, models)
         runner = S.SweepRunner(spec, trials, sweep_id, a.results, info, cpus, gpus, a.concurrent, verbose,
@@ -152,6 +175,6 @@ def run(a):
     if have < len(trials):
         if runner.interrupted:
             print("  interrupted: the remaining trials were not started")
-        print(f"  rerun the missing trials with: python -m bench sweep {a.name} --resume --results {a.results}")
+        print(f"  rerun the missing trials with: {resume_command(a)}")
         return 130 if runner.interrupted else 1
     return 0

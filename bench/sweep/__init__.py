@@ -15,7 +15,8 @@ from bench.sweep.store import (MANIFEST_DIR, SPEC_VERSION, Invocation, ensure_ma
                                manifest_dir, manifest_for, new_sweep_id, plan, read_manifests, resolve_invocation,
                                spec_fingerprint, stored_rows, validate_invocation, write_manifest)
 from bench.sweep.runner import (GENERATION_MIN_SAMPLES, SweepRunner, TrialProgress, check_address, connect_ray,
-                                generation_worker_count, resources, run_trial, trial_line, tune_progress)
+                                generation_worker_count, resources, run_trial, trial_line, trial_threads,
+                                tune_progress)
 
 __all__ = [
     "MEASURE_KEYS", "SAMPLING_KEYS", "TOP_DEFAULTS", "absolutize_paths", "apply_override", "compact_keys",
@@ -27,5 +28,5 @@ __all__ = [
     "manifest_for", "new_sweep_id", "plan", "read_manifests", "resolve_invocation", "spec_fingerprint",
     "stored_rows", "validate_invocation", "write_manifest",
     "GENERATION_MIN_SAMPLES", "SweepRunner", "TrialProgress", "check_address", "connect_ray",
-    "generation_worker_count", "resources", "run_trial", "trial_line", "tune_progress",
+    "generation_worker_count", "resources", "run_trial", "trial_line", "trial_threads", "tune_progress",
 ]

@@ -101,9 +101,21 @@ def _probe_grpc(target: str, gcs: bool, timeout: float = 5.0) -> Optional[str]:
             return f"the port is open but no Ray (gRPC) server answered within {timeout:g} s"
         if code == grpc.StatusCode.UNIMPLEMENTED:
             return "something answers there, but it is not a Ray cluster's GCS"
-        return None   # e.g. UNAUTHENTICATED: a GCS that wants a token (ray.init reports that itself)
+        if code == grpc.StatusCode.UNAUTHENTICATED and not ray_token_configured():
+            # ray.init would log an authentication error every few seconds for about a minute before failing
+            return ("the cluster requires token authentication and no token is set here; set RAY_AUTH_MODE=token "
+                    "and the cluster's token in RAY_AUTH_TOKEN or ~/.ray/auth_token")
+        return None   # a GCS (one that wants the token we have)
     finally:
         channel.close()
+
+
+def ray_token_configured() -> bool:
+    """Ray's token authentication is switched on here and a token is at hand (environment or ~/.ray/auth_token)."""
+    if os.environ.get("RAY_AUTH_MODE", "").lower() != "token":
+        return False
+    path = os.environ.get("RAY_AUTH_TOKEN_PATH") or os.path.join(os.path.expanduser("~"), ".ray", "auth_token")
+    return bool(os.environ.get("RAY_AUTH_TOKEN", "").strip()) or os.path.isfile(path)
 
 
 def connect_ray(address: Optional[str], verbose: bool) -> dict:
@@ -303,6 +315,12 @@ def trial_line(done: int, total: int, trial: Trial, res: dict) -> str:
             f"{_fmt(res.get('time_median_s'))} s/batch{paired} | {res.get('trial_s', 0):.0f} s")
 
 
+def trial_threads(cpus: float) -> int:
+    """torch threads of a trial: one per CPU Ray gives it (at least one), so that a trial on a shared machine
+    keeps to its share instead of spreading over every core."""
+    return max(1, int(cpus))
+
+
 class SweepRunner:
     """Runs the pending trials of one sweep invocation, phase by phase, through Ray Tune."""
 
@@ -331,7 +349,7 @@ class SweepRunner:
                     spec_sampling={"sampling": dict(s["sampling"])}, measure=dict(s["measure"]),
                     modules=list(s["modules"]),
                     results_dir=self.results_dir, sweep=s["name"], sweep_id=self.sweep_id,
-                    trial_key=t.key(self.sweep_id), extra=extra, verbose=self.verbose, threads=int(self.cpus),
+                    trial_key=t.key(self.sweep_id), extra=extra, verbose=self.verbose, threads=trial_threads(self.cpus),
                     generation_workers=self.workers, worker_resources=trial_resources(self.cpus, self.gpus))
 
     def ensure_row(self, row_json: Optional[str]) -> None:
