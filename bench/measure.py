@@ -40,25 +40,17 @@ from typing import Any, Deque, Dict, List, Optional, Protocol, Sequence, Tuple
 
 import torch
 
+# The seed scheme, the bounds of the counts a user sets and the defaults are defined in bench.defaults (where the CLI
+# parsers read them without importing torch) and re-exported here.
+from bench.defaults import (DEFAULT_BATCH_SIZE, DEFAULT_FLOP_IMAGES, DEFAULT_TIMING_ROUNDS, MAX_BOOTSTRAP,  # noqa: F401
+                            MAX_SEED, MAX_THREADS, MAX_TIMING_ROUNDS, MAX_WARMUP_BATCHES, QUALITY_METRICS,
+                            SEED_MULTIPLIER, SEED_SCHEME)
 from bench.errors import BenchError, RowNotStored
 from bench.log import get_logger
 
 logger = get_logger(__name__)
 
-SEED_SCHEME = ("labels[i] = i % num_classes; batch b holds images b*B .. b*B+B-1 and is sampled with "
-               "torch.Generator(device).manual_seed(seed * 1000003 + b)")
-SEED_MULTIPLIER = 1000003
-MAX_SEED = 2 ** 40          # batch seeds stay far below 2**63
-# Upper bounds of the counts a user sets: beyond them a run would not finish (or not fit in memory), never useful.
-MAX_WARMUP_BATCHES = 1000
-MAX_TIMING_ROUNDS = 1000
-MAX_BOOTSTRAP = 100_000
-MAX_THREADS = 512           # torch crashes (SIGSEGV) when asked for 100000 intra-op threads
 DENSE_CACHE_VERSION = 1
-DEFAULT_BATCH_SIZE = 50
-DEFAULT_FLOP_IMAGES = 1
-DEFAULT_TIMING_ROUNDS = 6    # paired ABBA rounds against dense (bench.timing.PAIRED_PROTOCOL)
-QUALITY_METRICS = ("fid", "isc", "prc", "kid")
 
 
 class GenerationSession(Protocol):

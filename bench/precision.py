@@ -23,11 +23,11 @@ from typing import Iterator, List, Optional
 
 import torch
 
+from bench.defaults import DEFAULT_DTYPE, DTYPE_ALIASES as ALIASES  # noqa: F401  (the names, torch-free, for the CLI)
 from bench.errors import BenchError
 
-DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}   # None: no autocast
-ALIASES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}      # bench-moe's spelling
-DEFAULT_DTYPE = "fp32"
+# fp32 -> None (no autocast), bf16 -> torch.bfloat16, fp16 -> torch.float16
+DTYPES = {short: None if long == "float32" else getattr(torch, long) for long, short in ALIASES.items()}
 
 _CURRENT: contextvars.ContextVar[str] = contextvars.ContextVar("varbench_generation_dtype", default=DEFAULT_DTYPE)
 

@@ -3,9 +3,17 @@ from __future__ import annotations
 
 import os
 
-from bench.env import check_device  # noqa: F401  (the library's checks, used by commands through here)
+from bench.defaults import DEFAULT_BATCH_SIZE, DEFAULT_DTYPE, DTYPE_NAMES
 from bench.errors import BenchError
-from bench.sampling import validate_sampling
+
+# Only torch-free modules at module level: every command's register() reads this module, and parsing (--help,
+# --version, argument errors) must not import torch (tests/test_cli_instant.py). Heavy modules load in the functions.
+
+
+def check_device(device):
+    """bench.env.check_device (the library's check, used by commands through here), imported when called."""
+    from bench.env import check_device
+    return check_device(device)
 
 
 def add_model_args(p):
@@ -28,16 +36,14 @@ def add_sampling_args(p):
 
 
 def add_dtype_arg(p):
-    from bench.precision import DTYPES
-    p.add_argument("--dtype", default="fp32", help=f"{' | '.join(DTYPES)}: autocast of the VAR transformer forward "
-                   "(sampling and VQ-VAE decode stay float32; the paired dense side runs in the same dtype; "
+    p.add_argument("--dtype", default=DEFAULT_DTYPE, help=f"{' | '.join(DTYPE_NAMES)}: autocast of the VAR transformer "
+                   "forward (sampling and VQ-VAE decode stay float32; the paired dense side runs in the same dtype; "
                    "default %(default)s)")
 
 
 def add_benchmark_args(p, samples: int, samples_help: str = "N images"):
     """The options the bench-* timing commands share: model, sampling, dtype, N images, batch size, seed, torch
     threads."""
-    from bench.measure import DEFAULT_BATCH_SIZE
     add_model_args(p)
     add_sampling_args(p)
     add_dtype_arg(p)
@@ -84,6 +90,7 @@ def check_flags(a, **ranges) -> None:
 
 def sampling_from_args(a, bundle):
     from dataclasses import replace
+    from bench.sampling import validate_sampling
     s = bundle.sampling
     if a.cfg is not None:
         s = replace(s, cfg=a.cfg)

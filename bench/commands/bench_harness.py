@@ -17,7 +17,7 @@ ORDER = 90
 
 
 def register(sub):
-    from bench.measure import DEFAULT_FLOP_IMAGES
+    from bench.defaults import DEFAULT_FLOP_IMAGES
     p = sub.add_parser("bench-harness", help="benchmark: harness wall time / raw generation time (target <= 1.2)")
     add_benchmark_args(p, samples=1000)
     p.add_argument("--flop-images", type=int, default=DEFAULT_FLOP_IMAGES)

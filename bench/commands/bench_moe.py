@@ -17,10 +17,9 @@ saved, negative: slower than dense).
 """
 from __future__ import annotations
 
-import json
-import platform
 import time
 
+from bench.defaults import DTYPE_ALIASES
 from bench.errors import BenchError
 
 ORDER = 72
@@ -41,7 +40,7 @@ SHAPES = {
 }
 
 
-DTYPES = ("float32", "bfloat16", "float16")
+DTYPES = tuple(DTYPE_ALIASES)   # float32, bfloat16, float16
 
 
 def register(sub):
@@ -127,6 +126,9 @@ def quantiles(xs):
 
 
 def run(a):
+    import json
+    import platform
+
     import torch
     import torch.nn.functional as F
     from bench.commands._common import check_device, check_writable_file

@@ -15,7 +15,7 @@ MAX_LOAD_PROCS = 256   # busy processes of the loaded pass (default: one per cor
 
 
 def register(sub):
-    from bench.measure import DEFAULT_TIMING_ROUNDS
+    from bench.defaults import DEFAULT_TIMING_ROUNDS
     p = sub.add_parser("bench-noise", help="benchmark: paired speedups on a quiet vs a loaded machine")
     add_benchmark_args(p, samples=200, samples_help="N images per point and pass")
     p.add_argument("--rounds", type=int, default=DEFAULT_TIMING_ROUNDS, help="paired rounds per point")

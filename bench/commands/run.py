@@ -7,8 +7,8 @@ ORDER = 20
 
 
 def register(sub):
-    from bench.measure import (DEFAULT_BATCH_SIZE, DEFAULT_FLOP_IMAGES, DEFAULT_TIMING_ROUNDS, QUALITY_METRICS,
-                               SEED_SCHEME)
+    from bench.defaults import (DEFAULT_BATCH_SIZE, DEFAULT_FLOP_IMAGES, DEFAULT_TIMING_ROUNDS, QUALITY_METRICS,
+                                SEED_SCHEME)
     p = sub.add_parser("run", help="measure a method: FLOPs, time, memory, quality, fidelity -> one results row",
                        description="Generate N samples with a method and append one tidy row (FLOPs by fvcore and by "
                                    "formula, time, peak memory, FID/IS/PR/KID, same-seed fidelity vs dense) to the "
