@@ -367,6 +367,29 @@ def test_driver_stores_a_row_written_on_another_node(tmp_path, monkeypatch):
     assert df["trial_key"].tolist() == ["x-1/m/dense"] and df["macs_analytic_per_scale"].iloc[0] == [1.0, 2.0]
 
 
+def test_a_trial_ended_by_ctrl_c_is_reported_interrupted_not_failed(tmp_path, caplog):
+    """After a Ctrl-C Ray Tune has put back the default SIGINT handler: a trial without a result is then
+    'interrupted' (and the sweep says how to resume), while the same outcome otherwise is a dead worker."""
+    import logging
+    import signal
+    from bench.sweep import SweepRunner, Trial, TrialProgress
+    from bench.log import counter_bar
+    t = Trial("m/dense", "m", "dense", "dense", {})
+    for handler, word in ((signal.default_int_handler, "FAILED: the trial's worker died"), (signal.SIG_DFL,
+                                                                                           "interrupted (Ctrl-C)")):
+        runner = SweepRunner({"name": "x"}, [t], "x-1", str(tmp_path), {}, 1, 0)
+        previous = signal.signal(signal.SIGINT, handler)
+        try:
+            with counter_bar(1, "x", "trial") as runner.bar, caplog.at_level(logging.INFO, logger="var_bench"):
+                caplog.clear()
+                TrialProgress(runner, {"m/dense": t}, 0, 1).record("m/dense", None)
+        finally:
+            signal.signal(signal.SIGINT, previous)
+        assert word in caplog.text
+        assert runner.interrupted == (handler is signal.SIG_DFL)
+        assert ("m/dense" in runner.failed) == (handler is not signal.SIG_DFL)
+
+
 def test_twin_parameters_come_from_the_parent_row():
     from bench.sweep import Trial, derive_twin_params
     t = Trial("m/a/x=1/tw", "m", "a", "fixed-tokens", {"criterion": "norm"}, parent="m/a/x=1",

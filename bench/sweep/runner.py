@@ -439,6 +439,13 @@ class SweepRunner:
         return len(progress.seen)
 
 
+def interrupted_by_user() -> bool:
+    """Ray Tune's SIGINT handler, on a Ctrl-C, ends the run and puts back the default handler (a second Ctrl-C then
+    stops at once): a trial that ends without a result after that was interrupted, not crashed."""
+    import signal
+    return signal.getsignal(signal.SIGINT) is signal.SIG_DFL
+
+
 class TrialProgress:
     """The log of one phase as Ray Tune reports it: one line per finished trial; Ray's own status in one line at most
     every runner.status_every_s. Ray Tune takes it as made by tune_progress()."""
@@ -463,6 +470,12 @@ class TrialProgress:
         runner = self.runner
         runner.bar.update(1)
         if result is None:
+            if interrupted_by_user():
+                runner.interrupted = True
+                runner.skipped[pid] = "interrupted (Ctrl-C); its finished batches are kept for --resume"
+                logger.info(f"[{self.done}/{self.total}] {pid}: interrupted (Ctrl-C); its finished batches are kept, "
+                            f"--resume continues from them")
+                return
             runner.failed[pid] = "the trial's worker died"
             logger.info(f"[{self.done}/{self.total}] {pid}: FAILED: the trial's worker died (see Ray's log)")
             return
