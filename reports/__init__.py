@@ -9,7 +9,8 @@ reports.registry.register_report (name, one-line description, index order, overv
 reports.context.Context (the rows of one sweep invocation) and returns the files it wrote, or raises
 reports.context.Skip with the reason it does not apply (a missing column, a single τ ...). Generators are chosen by
 what the rows contain, not by the sweep's name, so a custom sweep gets every figure its columns support.
-Output: <out_root>/<sweep>/ (PNG + PDF + caption .md per figure, .md + .tex per table, README.md index) and
+Output: <out_root>/<sweep>/ (PNG + PDF + caption .md per figure, .md + .tex per table, index.html: every figure and
+table on one self-contained page with the warnings and run facts, README.md index) and
 <out_root>/all/ (the overview reports over every method of every sweep).
 """
 from __future__ import annotations
@@ -23,6 +24,7 @@ from bench.errors import BenchError, choices_error
 from bench.log import get_logger
 from reports import data as D
 from reports.context import Context, Skip
+from reports.html import PAGE
 from reports.registry import Report, list_reports
 
 for _module in pkgutil.iter_modules(__path__):
@@ -74,12 +76,14 @@ def build_reports(results_dir: str, sweep: Optional[str] = None, out_root: str =
         all_warnings += [f"{name}: {w}" for w in warnings]
         for w in warnings:
             logger.warning(f"  WARNING ({name}): {w}")
-        files, skipped = run_generators(Context(part, out_dir, flops, warnings=warnings), list_reports())
+        ctx = Context(part, out_dir, flops, warnings=warnings)
+        files, skipped = run_generators(ctx, list_reports())
         notes += [f"{name}: {s}" for s in skipped]
         written += files
         if files:
-            written.append(write_index(out_dir, name, part, files, skipped, warnings))
-        logger.info(f"report {name}: {len(files)} files in {out_dir}")
+            written += write_pages(out_dir, name, part, files, skipped, warnings, ctx.notes)
+        logger.info(f"report {name}: {len(files)} files in {out_dir} (page: {os.path.join(out_dir, PAGE)})"
+                    if files else f"report {name}: nothing drawn")
         if skipped:
             logger.info(f"  not drawn for {name}: {'; '.join(skipped)}")
     if sweep is None:
@@ -92,13 +96,14 @@ def build_reports(results_dir: str, sweep: Optional[str] = None, out_root: str =
         import pandas as pd
         allrows = pd.concat(list(runs.values()), ignore_index=True)
         out_dir = os.path.join(out_root, OVERVIEW)
-        files, skipped = run_generators(Context(allrows, out_dir, flops, by_method=True, warnings=all_warnings),
-                                        list_reports(overview=True))
+        ctx = Context(allrows, out_dir, flops, by_method=True, warnings=all_warnings)
+        files, skipped = run_generators(ctx, list_reports(overview=True))
         notes += [f"{OVERVIEW}: {s}" for s in skipped]
         if files:
             written += files
-            written.append(write_index(out_dir, "every sweep and run", allrows, files, skipped, all_warnings))
-        logger.info(f"report {OVERVIEW}: {len(files)} files in {out_dir}")
+            written += write_pages(out_dir, "every sweep and run", allrows, files, skipped, all_warnings, ctx.notes)
+        logger.info(f"report {OVERVIEW}: {len(files)} files in {out_dir} (page: {os.path.join(out_dir, PAGE)})"
+                    if files else f"report {OVERVIEW}: nothing drawn")
         if skipped:
             logger.info(f"  not drawn for {OVERVIEW}: {'; '.join(skipped)}")
     return written, notes
@@ -119,6 +124,15 @@ def manifest_trials(results_dir: str) -> dict:
     """{sweep_id: trials its manifest lists} of the store's sweeps."""
     from bench.sweep import read_manifests
     return {m.get("sweep_id"): len(m.get("trials") or []) for m in read_manifests(results_dir)}
+
+
+def write_pages(out_dir: str, title: str, df, files: List[str], skipped: List[str], warnings: Sequence[str],
+                partial: Sequence[str]) -> List[str]:
+    """The report's index.html (reports.html: every figure and table on one page) and its README.md index."""
+    from reports.html import write_page
+    what = {r.name: r.what for r in list_reports()}
+    page = write_page(out_dir, title, df, files, skipped, warnings, partial, what)
+    return [page, write_index(out_dir, title, df, files + [page], skipped, warnings)]
 
 
 def write_index(out_dir: str, title: str, df, files: List[str], skipped: List[str],

@@ -40,3 +40,9 @@ def run_cli(*args, cwd=None, env=None):
     e.update(env or {})
     return subprocess.run([sys.executable, "-m", "bench", *map(str, args)], capture_output=True, text=True,
                           cwd=cwd or ROOT, env=e, timeout=900)
+
+
+def pytest_configure(config):
+    # headless-browser tests (chromium + chromedriver + selenium); skipped without them unless
+    # VARBENCH_REQUIRE_BROWSER=1 (CI) makes that a failure
+    config.addinivalue_line("markers", "browser: drives a headless Chromium; deselect with -m \"not browser\"")

@@ -32,5 +32,6 @@ def run(a):
     if not os.path.isdir(probe) or not os.access(probe, os.W_OK):
         raise BenchError(f"output directory {out!r} cannot be written ({probe})")
     written, _ = build_reports(a.results, a.sweep, out, a.sweep_id, a.flops)
-    print(f"wrote {len(written)} files under {out}")
+    pages = [f for f in written if os.path.basename(f) == "index.html"]
+    print(f"wrote {len(written)} files under {out}" + "".join(f"\n  open {p}" for p in pages))
     return 0
