@@ -190,9 +190,13 @@ def load_results(results_dir: str = "results", sweep: Optional[str] = None):
     for p in row_files(results_dir):
         try:
             with pq.ParquetFile(p) as f:  # cheaper than read_table's dataset machinery for one-row files
-                tables.append(f.read(use_threads=False))
+                table = f.read(use_threads=False)
         except (OSError, pa.ArrowInvalid) as e:  # cannot happen through append_row; never hide it silently
             print(f"warning: skipping unreadable results file {p}: {e}", file=sys.stderr)
+            continue
+        table = _conform(table, p)
+        if table is not None:
+            tables.append(table)
     if not tables:
         return pd.DataFrame({k: pd.Series(dtype=_pandas_dtype(t)) for k, (t, _) in SCHEMA.items()
                              if t != "any"})
@@ -203,12 +207,82 @@ def load_results(results_dir: str = "results", sweep: Optional[str] = None):
     df = pd.concat(frames, ignore_index=True, sort=False) if len(frames) > 1 else frames[0]
     for k, (t, _) in SCHEMA.items():
         if k in df.columns:
-            df[k] = _coerce(df[k], t)
+            try:
+                df[k] = _coerce(df[k], t)
+            except (TypeError, ValueError) as e:   # _conform made every row's cell a `t`: not expected
+                print(f"warning: results column {k} left as stored in {results_dir}, not {t}: {e}", file=sys.stderr)
     if sweep is not None:
         df = df[df["sweep"] == sweep]
     if "started_at" in df.columns:
         df = df.sort_values(["started_at", "run_id"], kind="stable")
     return df.reset_index(drop=True)
+
+
+# the columns every row of this harness has (append_row through bench.measure, and every sweep row): a file
+# without them holds a row of another schema (another tool's table, a hand-made file)
+IDENTITY = ("run_id", "method")
+
+
+def _arrow_type(t: str):
+    import pyarrow as pa
+    return {"list<float64>": pa.list_(pa.float64()), "list<int64>": pa.list_(pa.int64()),
+            "json": pa.string()}.get(t) or pa.type_for_alias(_ARROW[t])
+
+
+def _fits(typ, t: str) -> bool:
+    """Does an arrow column type hold SCHEMA dtype `t` as it is (nothing to convert)?"""
+    import pyarrow.types as at
+    if at.is_null(typ):
+        return True
+    if t == "int64":
+        return at.is_integer(typ)
+    if t == "float64":
+        return at.is_floating(typ) or at.is_integer(typ)
+    if t == "bool":
+        return at.is_boolean(typ)
+    if t in ("string", "json"):
+        return at.is_string(typ) or at.is_large_string(typ)
+    if t.startswith("list<"):
+        return (at.is_list(typ) or at.is_large_list(typ)) and (
+            at.is_null(typ.value_type) or at.is_integer(typ.value_type)
+            or (t == "list<float64>" and at.is_floating(typ.value_type)))
+    return True
+
+
+def _conform(table, path: str):
+    """One stored row made to fit SCHEMA, or None (the row left out of the frame, the file kept): a column of another
+    type is converted where the value converts exactly ("16" -> 16, 16.0 -> 16); a value that does not convert, or
+    a file without the IDENTITY columns (a row of another schema), leaves the row out; a non-finite number becomes
+    null. Each is said on stderr, naming the file and the column."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    missing = [c for c in IDENTITY if c not in table.column_names]
+    if missing:
+        print(f"warning: skipping results file {path}: a row of another schema (no {', '.join(missing)} column; "
+              f"columns: {', '.join(table.column_names[:8])}{', ...' if len(table.column_names) > 8 else ''})",
+              file=sys.stderr)
+        return None
+    for i, name in enumerate(table.column_names):
+        t = SCHEMA.get(name, (None,))[0]
+        if t not in _ARROW:
+            continue
+        col = table.column(i)
+        if not _fits(col.type, t):
+            try:
+                conv = col.cast(_arrow_type(t))     # safe: 16.5 -> int64 or "many" -> int64 fail
+            except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError) as e:
+                value = col.to_pylist()[0] if len(col) else None
+                print(f"warning: skipping results file {path}: column {name} holds {value!r} ({col.type}), not {t} "
+                      f"({str(e).splitlines()[0]})", file=sys.stderr)
+                return None
+            print(f"warning: results file {path}: column {name} stored as {col.type}, read as {t}", file=sys.stderr)
+            table, col = table.set_column(i, name, conv), conv
+        if t == "float64" and pa.types.is_floating(col.type) and col.null_count < len(col) \
+                and not pc.all(pc.is_finite(col)).as_py():
+            print(f"warning: results file {path}: column {name} holds a non-finite number, read as null",
+                  file=sys.stderr)
+            table = table.set_column(i, name, pc.if_else(pc.is_finite(col), col, pa.scalar(None, col.type)))
+    return table
 
 
 def _frame(table):

@@ -38,7 +38,7 @@ def _load(a):
     df = load_results(a.results, sweep=a.sweep)
     if a.sweep is not None and df.empty:    # as `report --sweep`: an unknown name is an error, not an empty table
         every = load_results(a.results)
-        have = sorted({str(s) for s in every["sweep"] if s}) if "sweep" in every.columns else []
+        have = sorted({s for s in every["sweep"] if isinstance(s, str) and s}) if "sweep" in every.columns else []
         raise BenchError(f"no rows of sweep {a.sweep!r} in {a.results}; valid: {', '.join(have) or '(no sweep rows)'}")
     return df
 
@@ -62,23 +62,28 @@ def run(a):
     if a.last:
         df = df.tail(a.last)
     cols = [(c, h, f) for c, h, f in SHOW_COLUMNS if c in df.columns]
+    import pandas as pd
     rows = []
     for _, r in df.iterrows():
         cells = []
         for c, _, f in cols:
             v = r[c]
-            if c == "macs_total" and v == v and v is not None:
+            if pd.api.types.is_scalar(v) and pd.isna(v):   # None, NaN and pandas' NA (a nullable Int64/boolean cell)
+                cells.append("-")
+                continue
+            if c == "macs_total":
                 v = v / 1e9
-            if c == "mem_peak_bytes" and v == v and v is not None:
+            if c == "mem_peak_bytes":
                 v = v / 2 ** 20
-            cells.append(fmt(v, f) if f else ("-" if v is None else str(v)))
+            cells.append(fmt(v, f) if f else str(v))
         rows.append(cells)
     heads = [h for _, h, _ in cols]
     widths = [max([len(h)] + [len(row[i]) for row in rows]) for i, h in enumerate(heads)]
     print("  ".join(h.ljust(w) for h, w in zip(heads, widths)))
     for row in rows:
         print("  ".join(c.ljust(w) for c, w in zip(row, widths)))
-    sweeps = sorted(set(df["sweep"])) if "sweep" in df.columns and len(df) else []
+    sweeps = sorted({s if isinstance(s, str) else "" for s in df["sweep"]}) if "sweep" in df.columns and len(df) \
+        else []   # a row without a sweep column reads as NaN there: "(none)", as an empty sweep
     names = ", ".join(s or "(none)" for s in sweeps)
     print(f"{len(df)} rows in {a.results}" + (f" (sweeps: {names})" if sweeps else ""))
     return 0

@@ -1,0 +1,78 @@
+"""Issue 25, the last hostile-input list: each input once ended in a traceback, a wasted run or a wrong result; now
+one line `error: ...` (exit 2, nothing written) or a warning that names what was left out."""
+import json
+import os
+
+import pytest
+
+from bench.errors import BenchError
+
+
+def _cli(args, capsys):
+    """In-process `python -m bench ...`: (exit code, stdout, stderr)."""
+    from bench.cli import main
+    with pytest.raises(SystemExit) as e:
+        main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return e.value.code, out, err.strip()
+
+
+# ------------------------------------------------------------------------ 2. rows of another schema or wrong types
+def _good_row(i=1, **kw):
+    r = dict(run_id=f"r{i}", sweep="s", method="dense", samples=10, seed=i, fid=2.5, mem_peak_bytes=2 ** 20,
+             macs_total=1e9, started_at=f"2026-01-01T00:00:0{i}+00:00")
+    r.update(kw)
+    return r
+
+
+def _write_parquet(path, columns):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    pq.write_table(pa.table(columns), path)
+
+
+def test_load_results_skips_a_row_of_another_schema_with_a_warning(tmp_path, capsys):
+    from bench.results import append_row, load_results
+    append_row(str(tmp_path), _good_row())
+    other = tmp_path / "rows" / "run-other.parquet"
+    _write_parquet(str(other), {"run_id": ["x"], "foo": [1.0], "samples": [None]})
+    df = load_results(str(tmp_path))
+    err = capsys.readouterr().err
+    assert list(df["run_id"]) == ["r1"]
+    assert f"skipping results file {other}: a row of another schema (no method column" in err, err
+    assert other.exists()                                     # left out of the frame, never deleted
+
+
+def test_load_results_converts_or_skips_cells_of_the_wrong_type_naming_file_and_column(tmp_path, capsys):
+    from bench.results import append_row, load_results
+    append_row(str(tmp_path), _good_row())
+    bad = tmp_path / "rows" / "run-bad.parquet"
+    _write_parquet(str(bad), {"run_id": ["y"], "method": ["dense"], "samples": ["many"], "started_at": ["2026-02"]})
+    odd = tmp_path / "rows" / "run-odd.parquet"
+    _write_parquet(str(odd), {"run_id": ["z"], "method": ["dense"], "samples": ["16"], "seed": [3.0],
+                              "fid": [float("inf")], "more_smooth": ["true"], "started_at": ["2026-03"]})
+    df = load_results(str(tmp_path))
+    err = capsys.readouterr().err
+    assert list(df["run_id"]) == ["r1", "z"]
+    assert f"skipping results file {bad}: column samples holds 'many' (string), not int64" in err, err
+    assert f"results file {odd}: column samples stored as string, read as int64" in err, err
+    assert f"results file {odd}: column fid holds a non-finite number, read as null" in err, err
+    assert df["samples"].dtype == "int64" and list(df["samples"]) == [10, 16] and list(df["seed"]) == [1, 3]
+    assert df["fid"].isna().tolist() == [False, True] and df["more_smooth"].tolist()[1] is True
+
+
+def test_results_show_over_rows_of_another_schema_and_missing_cells(tmp_path, capsys):
+    """`results show` used to stop on 'boolean value of NA is ambiguous' (a nullable Int64 cell) and on a row
+    without a sweep column."""
+    from bench.results import append_row
+    append_row(str(tmp_path), _good_row())
+    _write_parquet(str(tmp_path / "rows" / "run-x.parquet"), {"run_id": ["x"], "foo": [1.0]})
+    _write_parquet(str(tmp_path / "rows" / "run-y.parquet"), {"run_id": ["y"], "method": ["dense"],
+                                                               "samples": ["many"]})
+    _write_parquet(str(tmp_path / "rows" / "run-z.parquet"), {"run_id": ["z"], "method": ["dense"],
+                                                               "samples": [16], "started_at": ["2027"]})
+    code, out, err = _cli(["results", "show", "--results", tmp_path], capsys)
+    assert code == 0, err
+    assert "2 rows in" in out and "sweeps: (none), s" in out
+    assert "row of another schema" in err and "column samples holds 'many'" in err
