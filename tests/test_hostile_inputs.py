@@ -76,3 +76,24 @@ def test_results_show_over_rows_of_another_schema_and_missing_cells(tmp_path, ca
     assert code == 0, err
     assert "2 rows in" in out and "sweeps: (none), s" in out
     assert "row of another schema" in err and "column samples holds 'many'" in err
+
+
+# ------------------------------------------------------------------------------- 1. bench-moe sizes beyond memory
+def test_bench_moe_refuses_a_shape_that_cannot_fit_in_memory(tmp_path, capsys):
+    """1000000:4000000:1 asked torch for 16 TB and ended in a traceback."""
+    out = tmp_path / "moe.json"
+    code, _, err = _cli(["bench-moe", "--shapes", "1000000:4000000:1", "--no-calibrate", "--json", out], capsys)
+    assert code == 2 and err.startswith("error: shape 1000000:4000000:1 does not fit in memory: its tensors need "
+                                        "about 87.3 TiB") and "more than the " in err and "\n" not in err, err
+    assert not out.exists()
+
+
+def test_bench_moe_memory_estimate_names_the_limit(monkeypatch):
+    import torch
+    from bench.commands import bench_moe
+    shapes = bench_moe.parse_shapes("default,official-d16")
+    monkeypatch.setattr(bench_moe, "memory_limit", lambda device: (50 * 2 ** 20, "free memory of test"))
+    with pytest.raises(BenchError, match=r"shape official-d16 does not fit in memory: .*187 MiB.* more than the "
+                                         r"50 MiB free memory of test"):
+        bench_moe.check_memory(shapes, [32, 64, 128, 256], 4, 4, torch.device("cpu"))
+    bench_moe.check_memory(shapes[:1], [32, 64, 128, 256], 4, 4, torch.device("cpu"))   # 4.35 MiB fits

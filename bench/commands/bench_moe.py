@@ -95,6 +95,58 @@ def parse_list(text, typ, flag, low, high=None):
     return vals
 
 
+def tensor_bytes(C: int, H: int, pns, batch: int, sizes, element: int) -> int:
+    """About the most memory one shape's tensors hold at once (an estimate, on the low side of what runs): the
+    weights four times (W1, W2, the expert layout's copy of W2 and the dense copy masked-dense makes of it) plus the
+    float32 randn and scaled temporaries of one weight; at the largest token count T = 2·pn²·batch the input,
+    the FFN activations of two paths and three outputs, and the random expert choice (rand, argsort, mask) for
+    the most experts H/e."""
+    T = 2 * max(pns) ** 2 * batch
+    E = max((H // e for e in sizes if H % e == 0), default=1)
+    return element * (4 * H * C + 2 * T * H + 3 * T * C) + 8 * H * C + 13 * T * E
+
+
+def memory_limit(device):
+    """(bytes this process may allocate on `device`, what that is), or (None, why not known)."""
+    if device.type == "cuda":
+        import torch
+        free, _ = torch.cuda.mem_get_info(device)
+        return free, f"free memory of {device}"
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024, "available memory (MemAvailable)"
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        import os
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), "physical memory"
+    except (AttributeError, ValueError, OSError):
+        return None, "unknown"
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB", "PiB"):
+        if n < 1024 or unit == "PiB":
+            return f"{n:.3g} {unit}"
+        n /= 1024
+
+
+def check_memory(shapes, sizes, batch: int, element: int, device) -> None:
+    """Refuse, before anything is allocated, a shape whose tensors cannot fit in the device's memory."""
+    limit, what = memory_limit(device)
+    if limit is None:
+        return
+    for name, C, H, pns in shapes:
+        need = tensor_bytes(C, H, pns, batch, sizes, element)
+        if need > limit:
+            raise BenchError(f"shape {name} does not fit in memory: its tensors need about {human_bytes(need)} (C={C}, "
+                             f"FFN={H}, {2 * max(pns) ** 2 * batch} tokens at --batch {batch}, {element} bytes an "
+                             f"element), more than the {human_bytes(limit)} {what}; valid: shapes and --batch whose "
+                             f"weights (4·C·FFN) and activations fit, e.g. {', '.join(SHAPES)}")
+
+
 class Timer:
     """Wall time of a callable: CUDA events on GPU (after a synchronize), perf_counter on CPU."""
 
@@ -151,6 +203,7 @@ def run(a):
         check_writable_file(a.json, (".json",))
     device = torch.device(check_device(a.device))
     dtype = getattr(torch, a.dtype)
+    check_memory(shapes, sizes, a.batch, torch.empty((), dtype=dtype).element_size(), device)
     if a.threads:
         torch.set_num_threads(a.threads)
     timer = Timer(device)
