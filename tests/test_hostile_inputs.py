@@ -97,3 +97,46 @@ def test_bench_moe_memory_estimate_names_the_limit(monkeypatch):
                                          r"50 MiB free memory of test"):
         bench_moe.check_memory(shapes, [32, 64, 128, 256], 4, 4, torch.device("cpu"))
     bench_moe.check_memory(shapes[:1], [32, 64, 128, 256], 4, 4, torch.device("cpu"))   # 4.35 MiB fits
+
+
+# ------------------------------------------------------------------- 4. output files checked before any work
+OUTPUTS = [(["bench-noise", "--json"], ".json"), (["bench-moe", "--no-calibrate", "--json"], ".json"),
+           (["evaluate", "--out"], ".json"), (["sample", "--out"], ".png"), (["results", "export", "--csv"], ".csv")]
+
+
+def _no_work(monkeypatch):
+    """Loading a model or a device is work: the output check comes first."""
+    import importlib
+
+    def work(*a, **k):
+        raise AssertionError("work started before the output was checked")
+    for mod in ("_common", "evaluate", "sample", "bench_noise", "bench_moe"):
+        m = importlib.import_module(f"bench.commands.{mod}")
+        for name in ("bundle_from_args", "check_device"):
+            if hasattr(m, name):
+                monkeypatch.setattr(m, name, work)
+
+
+@pytest.mark.parametrize("args,ext", OUTPUTS, ids=[a[0] for a, _ in OUTPUTS])
+def test_an_output_path_that_is_a_directory_is_refused_before_any_work(args, ext, tmp_path, capsys, monkeypatch):
+    """bench-noise --json DIR ran the whole benchmark, then failed on the write."""
+    _no_work(monkeypatch)
+    d = tmp_path / f"out{ext}"
+    d.mkdir()
+    extra = ["--results", tmp_path] if args[0] == "results" else []
+    code, _, err = _cli(args + [d] + extra, capsys)
+    assert code == 2 and err == f"error: {args[-1]} '{d}' is a directory; give a file path, e.g. " \
+                                f"{os.path.join(d, 'out' + ext)}", err
+    assert os.listdir(tmp_path) == [d.name] and os.listdir(d) == []
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="needs Linux /proc")
+@pytest.mark.parametrize("args,ext", OUTPUTS, ids=[a[0] for a, _ in OUTPUTS])
+def test_an_output_path_where_no_file_can_be_created_is_refused_before_any_work(args, ext, tmp_path, capsys,
+                                                                               monkeypatch):
+    """/proc takes no new files, though os.access says it is writable (to root): a probe file finds it."""
+    _no_work(monkeypatch)
+    extra = ["--results", tmp_path] if args[0] == "results" else []
+    code, _, err = _cli(args + [f"/proc/varbench-out{ext}"] + extra, capsys)
+    assert code == 2 and err.startswith(f"error: output directory is not writable: /proc ({args[-1]} /proc/"), err
+    assert "\n" not in err

@@ -117,12 +117,26 @@ def parse_classes(text: str, num_classes: int):
     return cls
 
 
-def check_writable_file(path: str, exts=None):
-    """Fail before any work if the output cannot be written (nothing is created here)."""
-    d = os.path.dirname(os.path.abspath(path)) or "."
+def check_writable_file(path: str, exts=None, flag: str = "output") -> None:
+    """Fail before any work if the output file cannot be written: a wrong extension, a directory at the path, a
+    missing or read-only directory. The directory is tried with a probe file (created and removed at once), so a
+    read-only filesystem or one that refuses new files (/proc) is found even where os.access says yes (root)."""
+    import tempfile
     if exts and not path.lower().endswith(tuple(exts)):
-        raise BenchError(f"output {path!r} must end with one of {', '.join(exts)}")
+        raise BenchError(f"{flag} {path!r} must end with one of {', '.join(exts)}")
+    if os.path.isdir(path):
+        name = "out" + (exts[0] if exts else "")
+        raise BenchError(f"{flag} {path!r} is a directory; give a file path, e.g. {os.path.join(path, name)}")
+    if os.path.lexists(path) and not os.path.isfile(path):
+        raise BenchError(f"{flag} {path!r} exists and is not a regular file; give a file path")
+    d = os.path.dirname(os.path.abspath(path)) or "."
     if not os.path.isdir(d):
-        raise BenchError(f"output directory does not exist: {d}")
-    if not os.access(d, os.W_OK):
-        raise BenchError(f"output directory is not writable: {d}")
+        raise BenchError(f"output directory does not exist: {d} ({flag} {path})")
+    if not os.access(d, os.W_OK | os.X_OK):
+        raise BenchError(f"output directory is not writable: {d} ({flag} {path})")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".varbench-probe-", dir=d)
+    except OSError as e:
+        raise BenchError(f"output directory is not writable: {d} ({flag} {path}: {e.strerror or e})") from None
+    os.close(fd)
+    os.remove(probe)

@@ -200,7 +200,7 @@ def run(a):
             raise BenchError(f"--expert-sizes {a.expert_sizes}: none divides shape {name}'s FFN width {H}; valid: "
                              f"divisors of {H} ({', '.join(str(d) for d in range(1, H + 1) if H % d == 0)})")
     if a.json:
-        check_writable_file(a.json, (".json",))
+        check_writable_file(a.json, (".json",), "--json")
     device = torch.device(check_device(a.device))
     dtype = getattr(torch, a.dtype)
     check_memory(shapes, sizes, a.batch, torch.empty((), dtype=dtype).element_size(), device)

@@ -67,9 +67,9 @@ def run(a):
     from bench.measure import MAX_TIMING_ROUNDS, sample_labels, time_paired
     from bench.precision import generation_dtype
     from bench.registry import create_method
+    if a.json:   # before any work: the whole benchmark used to run, then fail on the write
+        check_writable_file(a.json, (".json",), "--json")
     check_benchmark_args(a, rounds=(1, MAX_TIMING_ROUNDS), load_procs=(1, MAX_LOAD_PROCS))
-    if a.json:
-        check_writable_file(a.json, (".json",))
     bundle = bundle_from_args(a)
     sampling = sampling_from_args(a, bundle)
     last3 = list(range(len(bundle.var.patch_nums) - 3, len(bundle.var.patch_nums)))

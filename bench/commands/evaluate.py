@@ -97,7 +97,7 @@ def run(a):
     check_flags(a, samples=(2, None, " (FID needs a covariance)"), seed=(0, MAX_SEED), batch_size=(1,),
                 bootstrap=(0, MAX_BOOTSTRAP))
     if a.out:
-        check_writable_file(a.out, (".json",))
+        check_writable_file(a.out, (".json",), "--out")
     bundle = bundle_from_args(a)
     sampling = sampling_from_args(a, bundle)
     ref = quality.parse_reference(bundle, a.reference, a.reference_count)

@@ -51,7 +51,7 @@ def run(a):
         return 0
     if a.results_command == "export":
         from bench.commands._common import check_writable_file
-        check_writable_file(a.csv, (".csv",))
+        check_writable_file(a.csv, (".csv",), "--csv")
         df = _load(a)
         to_csv(df, a.csv)
         print(f"wrote {a.csv} ({len(df)} rows, {len(df.columns)} columns)")

@@ -23,7 +23,7 @@ def run(a):
     from bench.grid import save_grid
     from bench.sampling import generate
     from bench.measure import MAX_SEED
-    check_writable_file(a.out, (".png", ".jpg", ".jpeg"))
+    check_writable_file(a.out, (".png", ".jpg", ".jpeg"), "--out")
     check_flags(a, per_class=(1, 64), seed=(0, MAX_SEED))
     bundle = bundle_from_args(a)
     classes = parse_classes(a.classes, bundle.num_classes)
