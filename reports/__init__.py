@@ -11,7 +11,9 @@ reports.context.Skip with the reason it does not apply (a missing column, a sing
 what the rows contain, not by the sweep's name, so a custom sweep gets every figure its columns support.
 Output: <out_root>/<sweep>/ (PNG + PDF + caption .md per figure, .md + .tex per table, index.html: every figure and
 table on one self-contained page with the warnings and run facts, README.md index) and
-<out_root>/all/ (the overview reports over every method of every sweep).
+<out_root>/all/ (the overview reports over every method of every sweep; not written when the rows hold one sweep,
+whose report it would repeat). methods.md in each: the shared protocol (samples, seeds, machine, intervals, what
+paired means, the rules, the symbols) that every caption refers to instead of repeating it.
 """
 from __future__ import annotations
 
@@ -78,6 +80,8 @@ def build_reports(results_dir: str, sweep: Optional[str] = None, out_root: str =
             logger.warning(f"  WARNING ({name}): {w}")
         ctx = Context(part, out_dir, flops, warnings=warnings)
         files, skipped = run_generators(ctx, list_reports())
+        if files:   # the protocol every caption refers to, once per report output
+            written.append(write_methods(out_dir, part, flops, warnings, name))
         notes += [f"{name}: {s}" for s in skipped]
         written += files
         if files:
@@ -92,12 +96,19 @@ def build_reports(results_dir: str, sweep: Optional[str] = None, out_root: str =
         if absent:
             notes.append(f"no rows of the shipped sweeps {', '.join(absent)}")
             logger.info(f"no rows yet of the shipped sweeps {', '.join(absent)} (python -m bench sweep NAME)")
-    if sweep is None and len(df):
+    if sweep is None and len(runs) == 1:   # the overview of one sweep is that sweep's report again
+        notes.append(f"{OVERVIEW}: not written: the rows hold one sweep ({next(iter(runs))}), whose report it would "
+                     f"repeat")
+        logger.info(f"report {OVERVIEW}: not written: the rows hold one sweep ({next(iter(runs))}); its report is "
+                    f"in {os.path.join(out_root, next(iter(runs)))}")
+    elif sweep is None and len(df):
         import pandas as pd
         allrows = pd.concat(list(runs.values()), ignore_index=True)
         out_dir = os.path.join(out_root, OVERVIEW)
         ctx = Context(allrows, out_dir, flops, by_method=True, warnings=all_warnings)
         files, skipped = run_generators(ctx, list_reports(overview=True))
+        if files:
+            written.append(write_methods(out_dir, allrows, flops, all_warnings, "every sweep and run"))
         notes += [f"{OVERVIEW}: {s}" for s in skipped]
         if files:
             written += files
@@ -107,6 +118,11 @@ def build_reports(results_dir: str, sweep: Optional[str] = None, out_root: str =
         if skipped:
             logger.info(f"  not drawn for {OVERVIEW}: {'; '.join(skipped)}")
     return written, notes
+
+
+def write_methods(out_dir: str, df, flops: str, warnings: Sequence[str], title: str) -> str:
+    from reports.protocol import write_methods as write
+    return write(out_dir, df, flops, warnings, title)
 
 
 def run_generators(ctx: Context, reports: Sequence[Report]) -> Tuple[List[str], List[str]]:
@@ -137,11 +153,11 @@ def write_pages(out_dir: str, title: str, df, files: List[str], skipped: List[st
 
 def write_index(out_dir: str, title: str, df, files: List[str], skipped: List[str],
                 warnings: Sequence[str] = ()) -> str:
-    from reports.data import caption_facts
-    from reports.style import write_text
+    from reports.style import METHODS_FILE, write_text
     lines = [f"# Report: {title}", ""]
     lines += [f"> **WARNING:** {w}." for w in warnings] + ([""] if warnings else [])
-    lines += [caption_facts(df), "", "## Files", ""]
+    lines += [f"{len(df)} run{'' if len(df) == 1 else 's'}. Protocol (samples, seeds, machine, intervals, what "
+              f"paired means), rules and symbols: [{METHODS_FILE}]({METHODS_FILE}).", "", "## Files", ""]
     lines += [f"- {os.path.basename(f)}" for f in files]
     if skipped:
         what = {r.name: r.what for r in list_reports()}

@@ -317,7 +317,7 @@ def claims_page(ctx: Context) -> List[str]:
     intro = (f"Each claim as its paper states it, what the {CLAIMS_SWEEP} sweep measured at the points that decide "
              f"it, and one word by the rule beside it ({tally}). ΔFID is paired with dense (same labels and seeds); "
              f"N is the sample count (and why a resolving run stopped there); MACs saved is 1 − routed transformer "
-             f"MACs / dense. Other quality measures: {Q.QUALITY_RULE}.{Q.level_note(df)}")
+             f"MACs / dense. Other quality measures: the quality vector (methods.md).{Q.level_note(df)}")
     facts = ctx.caption(shown=df)
     md = [f"# Paper claims: {tally}", ""]
     md += [f"> **WARNING:** {w}." for w in ctx.warnings] + ([""] if ctx.warnings else [])
@@ -349,5 +349,5 @@ def points_table(ctx: Context, df) -> List[str]:
              D.delta_text(*psnr[i], ".3g"), D.delta_text(*ssim[i], ".3f"), samples[i]]
             for i in range(len(df))]
     return S.save_table(ctx.out_dir, "claims_points", header, rows,
-                        f"Every point of the {CLAIMS_SWEEP} sweep: cost, the quality vector ({Q.QUALITY_RULE}) and "
+                        f"Every point of the {CLAIMS_SWEEP} sweep: cost, the quality vector (methods.md) and "
                         f"the per-sample measures against dense.{Q.level_note(df)} {ctx.caption(shown=df)}")

@@ -22,12 +22,17 @@ class Context:
         self.notes.append(text)
 
     def caption(self, flops_desc: str = "", shown=None) -> str:
-        """The facts of the rows a figure or table shows (`shown`: a DataFrame of them, default every row), and
-        how many of the report's rows that is when fewer."""
-        from reports.data import caption_facts
-        warn = "".join(f" WARNING: {w}." for w in self.warnings)
+        """The end of every caption: how many of the report's runs the figure or table shows (`shown`: a DataFrame
+        of them, default every row), a short form of each warning, and where the shared protocol is (methods.md:
+        samples, seeds, machine, intervals, what paired means, the rules; reports.protocol). flops_desc: kept
+        for callers, the MAC column is described there."""
+        from reports.protocol import short_warning
+        from reports.style import METHODS_FILE
         rows = self.df if shown is None else shown
-        return caption_facts(rows, flops_desc, of=len(self.df) if len(rows) != len(self.df) else None) + warn
+        n, total = len(rows), len(self.df)
+        count = (f"Shows {n} of the {total} runs." if n != total else f"{total} run{'' if total == 1 else 's'}.")
+        warn = "".join(f" WARNING: {short_warning(w)}." for w in self.warnings)
+        return f"{count}{warn} Protocol: {METHODS_FILE}."
 
     def rows(self, *parts) -> "object":
         """The report's rows at the given positions (lists of positional indices) or in the given DataFrames

@@ -11,6 +11,7 @@ from reports import style as S
 from reports.context import Context, Skip
 from reports.registry import register_report
 from reports.pareto import _intervals, fid_label
+from reports.protocol import extractor_sentence
 
 
 def _dmoe(ctx: Context):
@@ -69,12 +70,15 @@ def tau_curve(ctx: Context) -> List[str]:
     a1.set_ylabel(fid_label(ctx.df))
     a2.set_ylabel("% of dense")
     a2.set_xlabel("threshold τ (1 = all experts)")
+    for ax in (a1, a2):
+        S.tidy_ticks(ax, "y")
     a1.legend(loc="best")
     a2.legend(loc="best")
     fig.align_ylabels()
-    return S.save_figure(fig, ctx.out_dir, "tau_tradeoff", "DMoE-VAR threshold τ: FID with bootstrap intervals (top) "
-                         f"and MACs ({desc}) and time per image relative to the dense model (bottom; "
-                         f"{'1 / paired speedup' if kind == 'paired' else 'absolute times of different trials'}). "
+    return S.save_figure(fig, ctx.out_dir, "tau_tradeoff", "DMoE-VAR threshold τ: FID with 95% intervals (top), "
+                         f"MACs and time per image as % of dense (bottom; time: "
+                         f"{'1 / paired speedup' if kind == 'paired' else 'absolute times of different trials'}); "
+                         f"dotted: dense.{extractor_sentence(ctx.df)} "
                          f"{ctx.caption(desc, _with_dense(ctx, d[[t is not None for t in taus]]))}")
 
 
@@ -115,7 +119,7 @@ def active_experts(ctx: Context) -> List[str]:
         ax.legend(loc="best", ncol=2 if len(rows) > 4 else 1)
         stem = "active_experts_per_scale" + ("" if len(set(D.col(d, "model"))) == 1 else f"_{model}")
         files += S.save_figure(fig, ctx.out_dir, stem, f"Progressive narrowing: mean active experts per token (mean "
-                               f"over layers and all samples) on each MoE scale, {model}. "
+                               f"over layers and samples) on each MoE scale, {model}. "
                                f"{ctx.caption(shown=dm.loc[[r[4] for r in rows]])}")
     if not files:
         raise Skip("no per-scale expert counts")
@@ -130,6 +134,29 @@ def _maps(v):
         return None
 
 
+def _images(v):
+    """The generated images the expert_maps cell carries beside its maps ('images': one H x W x 3 array of 0-255
+    per sample, the same samples as the maps), else None. Rows written so far carry none: the figure says so."""
+    try:
+        m = json.loads(v) if isinstance(v, str) else v
+        imgs = (m or {}).get("images")
+    except (TypeError, ValueError, AttributeError):
+        return None
+    return imgs if isinstance(imgs, list) and imgs else None
+
+
+def map_range(panels, scales):
+    """(low, high) of the values the maps show: the colour scale spans the data, not 0..E."""
+    import numpy as np
+    vals = [np.asarray(maps[si], dtype=float) for maps in panels if maps for si in scales if si in maps]
+    vals = [v[np.isfinite(v)] for v in vals]
+    vals = [v for v in vals if v.size]
+    if not vals:
+        return 0.0, 1.0
+    lo, hi = float(min(v.min() for v in vals)), float(max(v.max() for v in vals))
+    return (lo - 0.5, hi + 0.5) if hi <= lo else (lo, hi)
+
+
 @register_report("expert_maps", "expert allocation maps per scale (DMoE fig. 12)", order=80)
 def expert_maps(ctx: Context) -> List[str]:
     d = _dmoe(ctx)
@@ -137,7 +164,7 @@ def expert_maps(ctx: Context) -> List[str]:
         raise Skip("no expert_maps column")
     model = sorted({m for m in D.col(d, "model") if m})[0]
     dm = _main_scale_set(d[d["model"] == model])
-    rows = [(D.tau_scalar(t), D.tau_text(t), _maps(m), e, i) for t, m, e, i in
+    rows = [(D.tau_scalar(t), D.tau_text(t), _maps(m), e, i, _images(m)) for t, m, e, i in
             zip(D.col(dm, "param_tau"), D.col(dm, "expert_maps"), D.col(dm, "num_experts"), dm.index)]
     rows = sorted([r for r in rows if r[2]], key=lambda r: -(r[0] or 0))
     if not rows:
@@ -146,40 +173,62 @@ def expert_maps(ctx: Context) -> List[str]:
     plt = S.setup()
     files = []
 
-    def grid(panels, row_labels, scales, stem, caption):
-        nr, nc = len(panels), len(scales)
-        fig, axes = plt.subplots(nr, nc, figsize=(min(S.DOUBLE, 0.95 * nc + 0.9), 0.95 * nr + 0.35), squeeze=False)
+    def grid(panels, images, row_labels, scales, stem, caption):
+        """One row per panel: the sample's image (when the rows carry one) and its map on each scale, on one
+        colour scale spanning the values shown."""
+        import numpy as np
+        with_image = any(img is not None for img in images)
+        nr, nc = len(panels), len(scales) + with_image
+        fig, axes = plt.subplots(nr, nc, figsize=(min(S.DOUBLE, 0.95 * nc + 1.1), 0.95 * nr + 0.35), squeeze=False)
+        lo, hi = map_range(panels, scales)
         im = None
         for r, maps in enumerate(panels):
-            for c, si in enumerate(scales):
+            for c in range(nc):
                 ax = axes[r][c]
                 ax.set_xticks([])
                 ax.set_yticks([])
                 ax.grid(False)
                 for sp in ax.spines.values():
                     sp.set_visible(False)
-                if maps is not None and si in maps:
-                    im = ax.imshow(maps[si], cmap="viridis", vmin=0, vmax=E, interpolation="nearest")
-                if r == 0:
-                    ax.set_title(f"scale {si + 1}")
+                if with_image and c == 0:
+                    if images[r] is not None:
+                        ax.imshow(np.clip(np.asarray(images[r]), 0, 255).astype(np.uint8), interpolation="nearest",
+                                  gid="sample-image")
+                    if r == 0:
+                        ax.set_title("sample")
+                else:
+                    si = scales[c - with_image]
+                    if maps is not None and si in maps:
+                        im = ax.imshow(maps[si], cmap="viridis", vmin=lo, vmax=hi, interpolation="nearest",
+                                       gid="expert-map")
+                    if r == 0:
+                        ax.set_title(f"scale {si + 1}")
                 if c == 0:
                     ax.set_ylabel(row_labels[r])
         if im is not None:
             cb = fig.colorbar(im, ax=axes, shrink=0.9, pad=0.02)
-            cb.set_label("active experts / token")
+            cb.set_label("active experts / token" + (f" (of {S.fmt(E, 'g')})" if E else ""))
         return S.save_figure(fig, ctx.out_dir, stem, caption)
+
+    def image_text(images):
+        return ("" if any(img is not None for img in images) else
+                " No sample image: the rows store the maps, not the generated images.")
 
     scales = sorted({si for r in rows for si in r[2]})
     by_tau = rows[:5]
-    files += grid([r[2] and {si: v[0] for si, v in r[2].items() if v} for r in by_tau],
+    first = [r[5][0] if r[5] else None for r in by_tau]
+    files += grid([r[2] and {si: v[0] for si, v in r[2].items() if v} for r in by_tau], first,
                   [f"τ={r[1]}" for r in by_tau], scales, "expert_maps_by_tau",
-                  f"Expert allocation maps (active experts per token, mean over layers) of the first sample on each "
-                  f"MoE scale as τ decreases, {model}. {ctx.caption(shown=dm.loc[[r[4] for r in by_tau]])}")
+                  f"Active experts per token (mean over layers) of the first sample on each MoE scale as τ "
+                  f"decreases, {model}; colour scale: the range shown.{image_text(first)} "
+                  f"{ctx.caption(shown=dm.loc[[r[4] for r in by_tau]])}")
     pick = min(rows, key=lambda r: abs((r[0] or 0) - 0.8))
     n = min(4, min(len(v) for v in pick[2].values()))
-    files += grid([{si: v[k] for si, v in pick[2].items()} for k in range(n)], [f"sample {k}" for k in range(n)],
-                  scales, "expert_maps_samples", f"Expert allocation maps of {n} samples at τ={pick[1]} (the value "
-                  f"closest to 0.8), {model}. {ctx.caption(shown=dm.loc[[pick[4]]])}")
+    imgs = [pick[5][k] if pick[5] and k < len(pick[5]) else None for k in range(n)]
+    files += grid([{si: v[k] for si, v in pick[2].items()} for k in range(n)], imgs,
+                  [f"sample {k}" for k in range(n)], scales, "expert_maps_samples",
+                  f"Active experts per token of {n} samples at τ={pick[1]} (closest to 0.8), {model}; colour scale: "
+                  f"the range shown.{image_text(imgs)} {ctx.caption(shown=dm.loc[[pick[4]]])}")
     return files
 
 
@@ -222,8 +271,8 @@ def expert_size(ctx: Context) -> List[str]:
     axes[0].legend(loc="best")
     fig.tight_layout()
     how = "1 / paired speedup" if kind == "paired" else "absolute times of different trials"
-    return S.save_figure(fig, ctx.out_dir, "expert_size", f"DMoE-VAR expert granularity: FID, MACs ({desc}) and "
-                         f"time relative to dense ({how}) against expert size; dotted: dense. "
+    return S.save_figure(fig, ctx.out_dir, "expert_size", f"DMoE-VAR expert granularity: FID, MACs and time "
+                         f"relative to dense ({how}) against expert size; dotted: dense.{extractor_sentence(ctx.df)} "
                          f"{ctx.caption(desc, _with_dense(ctx, d[[s is not None for s in sizes]]))}")
 
 
@@ -249,9 +298,12 @@ def scale_sensitivity(ctx: Context) -> List[str]:
                    zorder=4)
     ax.set_xlabel(f"GMACs / image ({desc})")
     ax.set_ylabel(fid_label(ctx.df))
+    S.tidy_ticks(ax, "x")
+    S.tidy_ticks(ax, "y")
     ax.legend(loc="best")
     return S.save_figure(fig, ctx.out_dir, "scale_sensitivity", "Sensitivity of each scale to sparsification: "
-                         f"DMoE-VAR applied to the given scale(s) only, τ varied along each curve. "
+                         f"DMoE-VAR on the given scale(s) only, τ varied along each curve; bars: FID 95% intervals."
+                         f"{extractor_sentence(ctx.df)} "
                          f"{ctx.caption(desc, ctx.rows(d, dn))}")
 
 
@@ -284,7 +336,10 @@ def depth(ctx: Context) -> List[str]:
     axes[1].set_xlabel("MACs, % of the same model's dense")
     for ax in axes:
         ax.set_ylabel(fid_label(df))
+        S.tidy_ticks(ax, "x")
+        S.tidy_ticks(ax, "y")
     axes[0].legend(loc="best")
     fig.tight_layout()
     return S.save_figure(fig, ctx.out_dir, "depth", "The same sweep at two model depths: FID against absolute MACs "
-                         f"(left) and MACs relative to each model's dense run (right). {ctx.caption(desc)}")
+                         f"(left) and MACs relative to each model's dense run (right).{extractor_sentence(df)} "
+                         f"{ctx.caption(desc)}")

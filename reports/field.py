@@ -28,11 +28,24 @@ def family_name(m: str) -> str:
     return NAMES.get(m, D.nice_method(m))
 
 
+def families(df) -> List[str]:
+    """The efficiency families (FAMILIES, dense aside) the rows hold as points of their own: rows with a sweep
+    parent (a twin matched to another point's MACs) do not make a family."""
+    parents = D.col(df, "sweep_parent")
+    return [f for f in FAMILIES[1:] if any(m == f and not p for m, p in zip(D.col(df, "method"), parents))]
+
+
 def _rows(ctx: Context) -> List[dict]:
     df = ctx.df
     methods = D.col(df, "method")
-    if len({m for m in methods if m in FAMILIES} - {"dense"}) < 2 or not D.has_values(df, "macs_ratio"):
-        raise Skip("fewer than two efficiency families with MACs ratios (the field sweep compares them)")
+    fams = families(df)
+    if len(fams) < 2:
+        found = ", ".join(family_name(f) for f in fams) or "none"
+        raise Skip(f"needs at least two efficiency families besides dense, each a point of its own (found: {found}; "
+                   f"FLOP-matched twins such as a DMoE point's Pruned-FFN are controls, not families); the field "
+                   f"sweep compares them")
+    if not D.has_values(df, "macs_ratio"):
+        raise Skip("no macs_ratio column: MACs saved cannot be placed on the budgets")
     sp, dq = D.paired_intervals(df)
     ratio, labels = D.col(df, "macs_ratio"), D.col(df, "method_label")
     flags, calls, vector = Q.resolved_flags(df), Q.quality_calls(df), Q.vector_cells(df)
@@ -78,6 +91,7 @@ def field(ctx: Context) -> List[str]:
     plt = S.setup()
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(S.DOUBLE, S.HEIGHT + 0.4))
     marked = any(r["resolved"] is not None for r in rows)
+    kinds = set()
     i_color = 0
     for fam in fams:
         mine = sorted((r for r in rows if r["method"] == fam), key=lambda r: r["saved"])
@@ -98,9 +112,9 @@ def field(ctx: Context) -> List[str]:
                 ax.scatter([x(r) for r in pts], [r["dq"][0] for r in pts], color=c, marker=m, s=s, zorder=3,
                            label=family_name(fam) if ax is a1 else None, edgecolors="none")
             else:   # filled where ΔFID is resolved, hollow where not (every point filled on rows that do not say)
-                resolved_markers(ax, [x(r) for r in pts], [r["dq"][0] for r in pts], range(len(pts)),
-                                 [r["resolved"] for r in pts], c, m, s, family_name(fam) if ax is a1 else None,
-                                 marked)
+                kinds |= resolved_markers(ax, [x(r) for r in pts], [r["dq"][0] for r in pts], range(len(pts)),
+                                          [r["resolved"] for r in pts], c, m, s,
+                                          family_name(fam) if ax is a1 else None, marked)
             if len(pts) > 1 and fam != "dense" and ax is a1:
                 ax.plot([x(r) for r in pts], [r["dq"][0] for r in pts], color=c, lw=0.7, alpha=0.5, zorder=2)
     for b in BUDGETS:
@@ -112,12 +126,12 @@ def field(ctx: Context) -> List[str]:
     a2.set_xlabel("speedup over dense (×, paired)")
     a1.set_ylabel("ΔFID vs dense (paired, 95% CI)")
     if marked:
-        resolved_legend_entries(a1, ctx.df)
+        resolved_legend_entries(a1, ctx.df, kinds)
     fig.legend(loc="upper center", bbox_to_anchor=(0.5, 1.12), ncol=5, handlelength=1.0)
     files = S.save_figure(fig, ctx.out_dir, "field_pareto",
-                          "Every family: ΔFID against MACs saved (left; dashed: the budgets, each row counted within ±5 points) and "
-                          "against paired speedup (right); bars are 95% intervals."
-                          + (Q.resolved_caption(ctx.df) if marked else "") + " "
+                          "Every family: ΔFID against MACs saved (left; dashed: the budgets, ±5 points) and against "
+                          "paired speedup (right); bars: 95% intervals."
+                          + (" Filled: ΔFID resolved; hollow: not." if marked else "") + " "
                           + ctx.caption(shown=ctx.rows([r["pos"] for r in rows if r["dq"][0] is not None])))
 
     header = ["Budget", "Family", "Setting", "MACs saved", "Speedup [95% CI]", *Q.vector_header(), "Rank (speed)",
@@ -139,10 +153,9 @@ def field(ctx: Context) -> List[str]:
                           str(e.get("rank_fid", "-")),
                           "dense" if e["family"] == "dense" else call.summary])
     files += S.save_table(ctx.out_dir, "field_ranking", header, table,
-                          f"Each family at each budget: its row nearest to the budget within ±{100 * WINDOW:.0f} "
-                          "points of transformer MACs saved (else out of reach), ranked by paired speedup "
-                          "(1 = fastest) and by ΔFID (1 = lowest); dense is the 0% reference, ranked with them. "
-                          f"Ranks follow point estimates; 'Quality vector' names the measures resolved better or "
-                          f"worse than dense ({Q.QUALITY_RULE}).{Q.level_note(ctx.df)} "
+                          f"Each family at each budget: its row nearest the budget within ±{100 * WINDOW:.0f} points "
+                          "of MACs saved (else out of reach), ranked by paired speedup (1 = fastest) and ΔFID "
+                          "(1 = lowest) on point estimates; dense is the 0% reference. 'Quality vector': measures "
+                          f"resolved better or worse than dense.{Q.level_note(ctx.df)} "
                           + ctx.caption(shown=ctx.rows(listed)))
     return files

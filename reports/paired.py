@@ -28,13 +28,17 @@ def _paired(ctx: Context):
     return ctx.df, sp, dq, D.resolution(ctx.df)
 
 
-def _caption_rule(ctx: Context, status) -> str:
+def _caption_rule(ctx: Context, status, full_level: bool = False, limit: int = 2) -> str:
+    """The end of a paired caption: incomplete rows, excluded points (named up to `limit`), the interval level when
+    not 95%, the shared facts; the resolution rule and the quality vector are stated in methods.md."""
     missing = sum(st is None for st in status)
     shown = (f" {len(status) - missing} of the {len(status)} runs have every paired value and interval; the other "
-             f"{missing} are incomplete (listed in the table, not drawn)." if missing else "")
+             f"{missing} are incomplete (not drawn)." if missing and full_level else
+             f" {missing} incomplete run(s) not drawn." if missing else "")
     calls = Q.quality_calls(ctx.df)
-    return (f"Resolution rule: {D.RESOLUTION_RULE}. Quality vector: {Q.QUALITY_RULE}."
-            f"{Q.excluded_text(ctx.df, calls, range(len(calls)))}{Q.level_note(ctx.df)}{shown} {ctx.caption()}")
+    level = Q.level_note(ctx.df) if full_level else (" Some intervals are not at 95% (methods.md)."
+                                                     if Q.level_note(ctx.df) else "")
+    return f"{Q.excluded_text(ctx.df, calls, range(len(calls)), limit)}{level}{shown} {ctx.caption()}"
 
 
 @register_report("paired", "speedup vs ΔFID against dense, paired, with what is resolved (headline)",
@@ -94,12 +98,9 @@ def paired_tradeoff(ctx: Context) -> List[str]:
     ax.set_ylabel("ΔFID vs dense (paired, 95% CI)")
     ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), handlelength=1.2)
     return S.save_figure(fig, ctx.out_dir, "paired_tradeoff",
-                         "Speedup against ΔFID, both paired with dense inside each trial; dense sits at (1, 0) "
-                         "(grey band: dense timed against itself, the timing noise floor). Ringed points are on the "
-                         "front, plain ones off it but not separated, faded ones dominated with separated intervals, "
-                         "crossed ones excluded because a quality measure is resolved worse than dense; filled "
-                         "markers have their ΔFID resolved by sample count, hollow ones not ("
-                         + "; ".join(Q.resolved_legend(df)) + "). " + _caption_rule(ctx, status))
+                         "Paired speedup against ΔFID; dense at (1, 0), grey band: dense against itself. Rings: "
+                         "front; faded: dominated; ×: excluded. Filled: ΔFID resolved; hollow: not. Bars: 95% "
+                         "intervals." + _caption_rule(ctx, status, limit=1))
 
 
 def _label(key, order) -> str:
@@ -141,11 +142,9 @@ def paired_table(ctx: Context) -> List[str]:
                      f"{st}: {calls[i].reason(Q.FRONT_AXES)}" if st == "excluded" else st,
                      "noisy" if noisy[i] else "ok"])
     return S.save_table(ctx.out_dir, "paired_summary", header, rows,
-                        "Every point in paired terms against dense. 'MACs / dense' is the method's routed work (what "
-                        "the papers count), 'MACs run / dense' what the kernels executed (expert layers: every "
-                        "expert on masked-dense calls). 'N for ±1% ΔFID' estimates the samples per "
-                        "point at which the ΔFID interval's half-width would reach 1% of dense FID (1/√N scaling "
-                        "of this run's paired bootstrap; an estimate). " + _caption_rule(ctx, status))
+                        "Every point paired against dense. 'MACs / dense': routed work (what the papers count); "
+                        "'MACs run / dense': what the kernels executed. 'N for ±1% ΔFID': samples at which the ΔFID "
+                        "half-width would reach 1% of dense FID (1/√N estimate)." + _caption_rule(ctx, status, True))
 
 
 CALL_COLOURS = {Q.BETTER: S.color(2), Q.WORSE: S.color(1), Q.UNRESOLVED: "#888888", None: "#bbbbbb"}
@@ -184,7 +183,8 @@ def quality_vector_figure(ctx: Context) -> List[str]:
             axes[0][-1].scatter([], [], color=c, s=14, label=call)
     axes[0][-1].legend(loc="upper left", bbox_to_anchor=(1.02, 1.0))
     return S.save_figure(fig, ctx.out_dir, "quality_vector",
-                         "Every point's quality vector against dense, paired on the same labels and seeds: one panel "
-                         "per measure, bars are intervals, coloured by what each resolves; points in ΔFID order "
-                         f"(lowest at the top), dense is the dotted 0. {Q.QUALITY_RULE}."
-                         f"{Q.excluded_text(df, calls, order)}{Q.level_note(df)} {ctx.caption(shown=ctx.rows(order))}")
+                         "Each point's quality vector against dense (paired), one panel per measure; bars: "
+                         "intervals coloured by what they resolve; ΔFID order, lowest at the top; dotted: dense."
+                         f"{Q.excluded_text(df, calls, order, 1)}"
+                         + (" Some intervals are not at 95% (methods.md)." if Q.level_note(df) else "")
+                         + f" {ctx.caption(shown=ctx.rows(order))}")

@@ -17,27 +17,57 @@ def _intervals(ax, xs, los, his, c):
             ax.plot([x, x], [lo, hi], color=c, lw=0.8, alpha=0.7, zorder=1)
 
 
+def _bar(v, lo, hi):
+    """[[below], [above]] of one error bar, or None without an interval; max(0, ...): matplotlib refuses a negative
+    bar, which an estimate outside its own (bootstrap) interval would give."""
+    if v is None or lo is None or hi is None:
+        return None
+    return [[max(0.0, v - lo)], [max(0.0, hi - v)]]
+
+
+def error_bars(ax, x, y, xint, yint, c, alpha=0.7):
+    """One point's intervals as one matplotlib ErrorbarContainer: xint / yint are (low, high) or None."""
+    xerr = _bar(x, *xint) if xint else None
+    yerr = _bar(y, *yint) if yint else None
+    if xerr is None and yerr is None:
+        return None
+    return ax.errorbar([x], [y], xerr=xerr, yerr=yerr, fmt="none", ecolor=c, elinewidth=0.7, capsize=0,
+                       alpha=alpha, zorder=1, label="_nolegend_")
+
+
 def resolved_markers(ax, xs, ys, idx, flags, c, m, size, label, marked: bool):
     """Scatter the points `idx` of one series: filled where ΔFID is resolved, hollow where not (quality_vector.
-    resolved_flags); every point filled when no row of the figure says (`marked` False: older rows)."""
+    resolved_flags); every point filled when no row of the figure says (`marked` False: older rows). Returns which
+    kinds it drew ({'filled', 'hollow'})."""
     filled = [i for i in idx if not marked or flags[i]]
     hollow = [i for i in idx if marked and not flags[i]]
-    for part, face in ((filled, c), (hollow, "none")):
+    drawn = set()
+    for part, face, kind in ((filled, c, "filled"), (hollow, "none", "hollow")):
         if part:
             ax.scatter([xs[i] for i in part], [ys[i] for i in part], marker=m, s=size, zorder=3, label=label,
                        facecolors=face, edgecolors=c, linewidths=0.9)
             label = "_nolegend_"   # one legend entry per series
+            drawn.add(kind)
+    return drawn
 
 
-def resolved_legend_entries(ax, df) -> None:
-    """The legend's filled/hollow meaning (grey circles)."""
-    for text, face in zip(Q.resolved_legend(df), ("#555555", "none")):
-        ax.scatter([], [], marker="o", s=22, facecolors=face, edgecolors="#555555", linewidths=0.9, label=text)
+LEGEND_KEY = "legend-key:"   # gid of a legend-only artist: what it explains ('filled', 'hollow') is drawn elsewhere
 
 
-def scatter_by_series(ax, df, xs, ys, ctx: Context, front_mask=None, connect=True) -> bool:
-    """One colour+marker per series (method/entry/twin); dense as a black star; bootstrap intervals as bars;
-    filled / hollow markers for resolved / unresolved ΔFID. Returns whether that marking was drawn."""
+def resolved_legend_entries(ax, df, drawn=("filled", "hollow")) -> None:
+    """The legend's filled/hollow meaning (grey circles), for the kinds of marker the figure drew."""
+    for text, face, kind in zip(Q.resolved_legend(df), ("#555555", "none"), ("filled", "hollow")):
+        if kind in drawn:
+            ax.scatter([], [], marker="o", s=22, facecolors=face, edgecolors="#555555", linewidths=0.9, label=text,
+                       gid=LEGEND_KEY + kind)
+
+
+def scatter_by_series(ax, df, xs, ys, ctx: Context, front_mask=None, connect=True, xint=None, dodge_y=False):
+    """One colour+marker per series (method/entry/twin); dense as a black star; each point's intervals as an error
+    bar (vertical: FID bootstrap; horizontal: `xint`, per row (low, high) or None); filled / hollow markers for
+    resolved / unresolved ΔFID; points at the same x (dodge_y: at the same x and y) set side by side
+    (style.dodge), so none hides another; the Pareto front (`front_mask`) as ringed points on a dotted staircase.
+    Returns (the marking was drawn, points were set apart)."""
     keys = [(k[0], "", "") for k in D.series_keys(df)] if ctx.by_method else D.series_keys(df)
     order = list(dict.fromkeys(keys))
     los, his = D.col(df, "fid_ci_low"), D.col(df, "fid_ci_high")
@@ -45,9 +75,12 @@ def scatter_by_series(ax, df, xs, ys, ctx: Context, front_mask=None, connect=Tru
     flags = Q.resolved_flags(df)
     marked = any(f is not None for f in flags)
     multi_model = len(set(models)) > 1
+    px = S.dodge(xs, ys if dodge_y else None)
+    px = [None if y is None else x for x, y in zip(px, ys)]
+    kinds = set()
     i_color = 0
     for key in order:
-        idx = [i for i, k in enumerate(keys) if k == key and xs[i] is not None and ys[i] is not None]
+        idx = [i for i, k in enumerate(keys) if k == key and px[i] is not None]
         if not idx:
             continue
         if key[0] == "dense":
@@ -56,40 +89,69 @@ def scatter_by_series(ax, df, xs, ys, ctx: Context, front_mask=None, connect=Tru
             c, m, size, label = S.color(i_color), S.marker(i_color), 16, D.series_label(key, order)
             i_color += 1
         for mi, model in enumerate(sorted({models[i] for i in idx}, key=str)):
-            sub = sorted((i for i in idx if models[i] == model), key=lambda i: xs[i])
+            sub = sorted((i for i in idx if models[i] == model), key=lambda i: px[i])
             lab = label + (f" — {model}" if multi_model else "")
             if key[0] == "dense":
-                ax.scatter([xs[i] for i in sub], [ys[i] for i in sub], color=c, marker=m, s=size, zorder=3,
+                ax.scatter([px[i] for i in sub], [ys[i] for i in sub], color=c, marker=m, s=size, zorder=3,
                            label=lab, edgecolors="none")
             else:
-                resolved_markers(ax, xs, ys, sub, flags, c, m, size, lab, marked)
+                kinds |= resolved_markers(ax, px, ys, sub, flags, c, m, size, lab, marked)
             if connect and len(sub) > 1 and key[0] != "dense":
-                ax.plot([xs[i] for i in sub], [ys[i] for i in sub], color=c, lw=0.8, alpha=0.6, zorder=2,
-                        ls="-" if mi == 0 else "--")
-            _intervals(ax, [xs[i] for i in sub], [los[i] for i in sub], [his[i] for i in sub], c)
+                ax.plot([px[i] for i in sub], [ys[i] for i in sub], color=c, lw=0.8, alpha=0.6, zorder=2,
+                        ls="-" if mi == 0 else "--", label="_nolegend_")
+            for i in sub:
+                error_bars(ax, px[i], ys[i], None if xint is None else xint[i], (los[i], his[i]), c)
     if front_mask is not None:
-        f = sorted((i for i, on in enumerate(front_mask) if on), key=lambda i: xs[i])
-        if f:
-            ax.step([xs[i] for i in f], [ys[i] for i in f], where="post", color="#444444", lw=0.8, ls=":",
-                    zorder=2, label="Pareto front")
-            ax.scatter([xs[i] for i in f], [ys[i] for i in f], s=60, facecolors="none", edgecolors="#444444",
-                       linewidths=0.8, zorder=4)
+        f = sorted((i for i, on in enumerate(front_mask) if on and px[i] is not None), key=lambda i: (xs[i], px[i]))
+        if f:   # one artist: the rings, joined by the staircase when there are two or more
+            ax.plot([px[i] for i in f], [ys[i] for i in f], drawstyle="steps-post", color="#444444", lw=0.8,
+                    ls=":" if len(f) > 1 else "none", marker="o", ms=7.5, mfc="none", mew=0.8, zorder=4,
+                    label="Pareto front", gid="pareto-front")
     if marked:
-        resolved_legend_entries(ax, df)
-    return marked
+        resolved_legend_entries(ax, df, kinds)
+    return marked, S.dodged(xs, px)
 
 
 def fid_label(df) -> str:
-    ex = sorted({str(v) for v in D.col(df, "extractor") if v is not None})
-    return f"FID ({', '.join(ex)})" if ex else "FID"
+    """The FID axis label: what the features are ('FID (shipped classifier features)'), never a weights hash;
+    captions name the extractor (protocol.extractor_sentence), methods.md its hash."""
+    from reports.protocol import features_text
+    what = features_text(df)
+    return f"FID ({what})" if what else "FID"
+
+
+def time_intervals(df, kind: str, xs):
+    """Per row the (low, high) of time / dense from the paired speedup interval (1/high, 1/low); dense, whose own
+    interval is degenerate, gets its A/A interval (dense timed against itself) where the row has one."""
+    if kind != "paired":
+        return [None] * len(xs)
+    lo, hi = D.col(df, "speedup_ci_low"), D.col(df, "speedup_ci_high")
+    aa_lo, aa_hi = D.col(df, "speedup_aa_ci_low"), D.col(df, "speedup_aa_ci_high")
+    out = []
+    for i, x in enumerate(xs):
+        a, b = lo[i], hi[i]
+        if (a is None or b is None or a == b) and aa_lo[i] is not None and aa_hi[i] is not None:
+            a, b = aa_lo[i], aa_hi[i]
+        out.append(None if x is None or a is None or b is None or a <= 0 or b <= 0 else (1.0 / b, 1.0 / a))
+    return out
+
+
+def legend(ax) -> None:
+    if len(ax.get_legend_handles_labels()[1]) > 5:   # many series: beside the axes, off the data
+        ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), handlelength=1.2)
+    else:
+        ax.legend(loc="best", handlelength=1.2)
 
 
 @register_report("pareto", "FID vs FLOPs and vs wall-clock, Pareto front, dense highlighted (DMoE fig. 3)",
                  order=30, overview=True)
 def pareto_figures(ctx: Context) -> List[str]:
+    from reports.protocol import extractor_sentence
     df = ctx.df
     if not D.has_values(df, "fid"):
         raise Skip("no FID values")
+    if all(m == "dense" for m in D.col(df, "method")):
+        raise Skip("only dense rows: no method to trade off against it")
     column, desc = D.flops_column(df, ctx.flops)
     if not column:
         raise Skip("no MAC column (macs_analytic_all / macs_analytic / macs_fvcore)")
@@ -107,28 +169,33 @@ def pareto_figures(ctx: Context) -> List[str]:
         if all(x is None for x in xs):
             ctx.note(f"{stem}: no values for the x axis")
             continue
+        timed = "time" in stem
         plt = S.setup()
         fig, ax = plt.subplots(figsize=(S.SINGLE, S.HEIGHT))
         front, excluded = Q.admissible_front(xs, fids, calls)
-        marked = scatter_by_series(ax, df, xs, fids, ctx, front)
+        xint = time_intervals(df, kind, xs) if timed else None
+        marked, moved = scatter_by_series(ax, df, xs, fids, ctx, front, xint=xint, dodge_y=timed)
+        S.tidy_ticks(ax, "x")
+        S.tidy_ticks(ax, "y")
         ax.set_xlabel(xlabel)
         ax.set_ylabel(fid_label(df))
-        if len(ax.get_legend_handles_labels()[1]) > 5:   # many series: beside the axes, off the data
-            ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), handlelength=1.2)
+        legend(ax)
+        if timed:
+            what = ("FID against time / dense (1 / paired speedup). Bars: 95% intervals of paired speedup "
+                    "(horizontal) and FID (vertical)." if kind == "paired" else
+                    "FID against time / dense from absolute times of different trials (UNPAIRED: not comparable). "
+                    "Bars: FID 95% intervals.")
         else:
-            ax.legend(loc="best", handlelength=1.2)
-        what = "FLOPs" if "flops" in stem else (
-            "time relative to dense, measured paired with dense inside each trial" if kind == "paired" else
-            "time relative to dense from absolute times of different trials (not comparable on a shared machine)")
-        files += S.save_figure(fig, ctx.out_dir, stem, f"FID against {what} per method; the dotted staircase is "
-                               f"the Pareto front of the point estimates (circled points; intervals ignored: "
-                               f"paired_tradeoff says what is resolved) over the points no quality measure calls "
-                               f"worse ({Q.QUALITY_RULE}), the black star the dense model, bars are FID bootstrap "
-                               f"intervals."
-                               + Q.excluded_text(df, calls, sorted(excluded))
-                               + (Q.resolved_caption(df) if marked else "")
-                               + (f" {unpaired} run(s) without a paired speedup are not drawn."
-                                  if unpaired and "time" in stem else "") + f" {ctx.caption(desc)}")
+            what = "FID against transformer GMACs per image. Bars: FID 95% intervals."
+        has_front = any(front)
+        caption = (what + " Star: dense."
+                   + (" Ringed, dotted: Pareto front of the estimates." if has_front else "")
+                   + (" Points at equal cost are set side by side." if moved else "")
+                   + (" Filled: ΔFID resolved; hollow: not." if marked else "")
+                   + Q.excluded_text(df, calls, sorted(excluded), 1)
+                   + (f" {unpaired} run(s) without a paired speedup are not drawn." if unpaired and timed else "")
+                   + extractor_sentence(df) + f" {ctx.caption(desc)}")
+        files += S.save_figure(fig, ctx.out_dir, stem, caption)
     return files
 
 
@@ -164,12 +231,10 @@ def front_table(ctx: Context) -> List[str]:
                      S.fmt(isc[i], ".3g"), status[i] or "incomplete",
                      "yes" if front[i] else f"no: {excluded[i]}" if i in excluded else "no"])
     return S.save_table(ctx.out_dir, "pareto_front", header, rows,
-                        f"Pareto front of FID against MACs ({desc}) by point estimates over the points no quality "
-                        f"measure calls worse ({Q.QUALITY_RULE}); a point the estimates alone would put on it but a "
-                        f"measure excludes is listed with the measure that decided. The dense baseline is always "
-                        f"listed; 'resolved' applies the paired rule ({D.RESOLUTION_RULE}). ms/img is this trial's "
-                        f"absolute time (not comparable across trials); Speedup is paired. "
-                        f"{ctx.caption(desc, ctx.rows(idx))}")
+                        f"Pareto front of FID against MACs by point estimates, among points no other quality measure "
+                        f"calls worse; a point the estimates alone would put there but a measure excludes is listed "
+                        f"with that measure. Dense is always listed. 'resolved': the paired rule. ms/img: this "
+                        f"trial's absolute time; Speedup: paired. {ctx.caption(desc, ctx.rows(idx))}")
 
 
 @register_report("twins", "dynamic methods vs their static twins at equal FLOPs", order=50)
@@ -204,29 +269,53 @@ def twins(ctx: Context) -> List[str]:
                      S.fid_text(fids[t], lo[t], hi[t]), dfid, f"{D.delta_text(*dq[p])} / {D.delta_text(*dq[t])}",
                      f"{S.fmt(isc[p])} / {S.fmt(isc[t])}"])
     files = S.save_table(ctx.out_dir, "dynamic_vs_static", header, rows,
-                         f"Each dynamic point against its static twin at equal FLOPs (the twin's parameters are "
-                         f"derived from the dynamic point's measured MACs; a dynamic point costing more than dense gets the "
+                         f"Each dynamic point against its static twin at equal FLOPs (the twin's setting is derived "
+                         f"from the dynamic point's measured MACs; a dynamic point costing more than dense gets the "
                          f"unpruned model, marked). {ctx.caption(desc, ctx.rows([i for pair in pairs for i in pair]))}")
+    files += _twins_plot(ctx, df, pairs, xs, fids, lo, hi, desc)
+    return files
+
+
+def _twins_plot(ctx: Context, df, pairs, xs, fids, lo, hi, desc) -> List[str]:
+    """Dynamic points, their twins and a segment joining each pair. A twin sits at its parent's MACs by
+    construction: the two are set side by side (dynamic left, twin right) so that the segment, the markers and
+    the intervals show."""
+    from reports.protocol import extractor_sentence
+    pairs = [(p, t) for p, t in pairs if None not in (xs[p], xs[t], fids[p], fids[t])]
+    if not pairs:
+        ctx.note("dynamic_vs_static_plot: no pair has MACs and FID on both sides")
+        return []
+    dense = [i for i, m in enumerate(D.col(df, "method")) if m == "dense" and xs[i] is not None and
+             fids[i] is not None]
+    shown = {i for pair in pairs for i in pair} | set(dense)
+    # points closer in MACs than 3% of the axis (each pair, by construction) are set 3% apart
+    px = S.dodge([xs[i] if i in shown else None for i in range(len(xs))], step=0.03, tol=0.03)
+    moved = S.dodged(xs, px)
     plt = S.setup()
     fig, ax = plt.subplots(figsize=(S.SINGLE, S.HEIGHT))
+    for k, (p, t) in enumerate(pairs):
+        ax.plot([px[p], px[t]], [fids[p], fids[t]], color="#555555", lw=1.0, zorder=2, gid="pair",
+                label="pair (equal MACs)" if k == 0 else "_nolegend_")
     dyn = [p for p, _ in pairs]
     tw = [t for _, t in pairs]
     for grp, c, m, name in ((dyn, S.color(0), "o", "dynamic"), (tw, S.color(1), "s", "static twin")):
-        g = sorted(grp, key=lambda i: xs[i] if xs[i] is not None else 0)
-        ax.plot([xs[i] for i in g], [fids[i] for i in g], color=c, marker=m, lw=0.8, label=name)
-        _intervals(ax, [xs[i] for i in g], [lo[i] for i in g], [hi[i] for i in g], c)
-    for p, t in pairs:
-        if None not in (xs[p], xs[t], fids[p], fids[t]):
-            ax.plot([xs[p], xs[t]], [fids[p], fids[t]], color="#999999", lw=0.5, ls=":")
-    dense = [i for i, m in enumerate(D.col(df, "method")) if m == "dense" and xs[i] is not None]
+        g = sorted(grp, key=lambda i: px[i])
+        ax.plot([px[i] for i in g], [fids[i] for i in g], color=c, marker=m, lw=0.6, alpha=0.9, ms=4, label=name,
+                zorder=3, gid=name)
+        for i in g:
+            error_bars(ax, px[i], fids[i], None, (lo[i], hi[i]), c)
     if dense:
-        ax.scatter([xs[i] for i in dense], [fids[i] for i in dense], marker="*", s=60, color=S.DENSE_COLOR,
+        ax.scatter([px[i] for i in dense], [fids[i] for i in dense], marker="*", s=60, color=S.DENSE_COLOR,
                    label="dense", zorder=4)
+    S.tidy_ticks(ax, "x")
+    S.tidy_ticks(ax, "y")
     ax.set_xlabel(f"GMACs / image ({desc})")
     ax.set_ylabel(fid_label(df))
-    ax.legend(loc="best")
+    legend(ax)
     methods = sorted({D.nice_method(m) for m in (D.col(df, 'method')[i] for i in dyn) if m})
-    files += S.save_figure(fig, ctx.out_dir, "dynamic_vs_static_plot", f"{', '.join(methods)} against static twins at "
-                           f"equal FLOPs (dotted lines join each pair). "
-                           f"{ctx.caption(desc, ctx.rows([i for pair in pairs for i in pair], dense))}")
-    return files
+    statics = sorted({D.nice_method(m) for m in (D.col(df, 'method')[i] for i in tw) if m})
+    caption = (f"{', '.join(methods)} against {', '.join(statics)} twins at equal FLOPs: a grey segment joins each "
+               f"pair" + (", set side by side (equal MACs)" if moved else "") + ". Bars: FID 95% intervals; star: "
+               f"dense." + extractor_sentence(df)
+               + f" {ctx.caption(desc, ctx.rows([i for pair in pairs for i in pair], dense))}")
+    return S.save_figure(fig, ctx.out_dir, "dynamic_vs_static_plot", caption)

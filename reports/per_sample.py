@@ -111,11 +111,9 @@ def per_sample(ctx: Context) -> List[str]:
         ax.set_xlabel(m.label + (" ▲" if m is key else ""))
     axes[0][0].set_yticks(ys)
     axes[0][0].set_yticklabels(labels)
-    caption = (f"Points ranked by {key.label} (the first of SSIM, PSNR, Δ class accuracy, token agreement with "
-               f"intervals in these rows; ▲ marks it), best (closest to dense) at the top; one panel per per-sample "
-               f"measure, each against dense on the same labels and seeds, bars are intervals, dotted lines dense's "
-               f"own value. Each is a mean over images, so it resolves at far fewer samples than FID. Dense is not "
-               f"drawn. {ctx.caption(shown=ctx.rows(order))}")
+    caption = (f"Points ranked by {key.label} (▲), closest to dense at the top; one panel per per-sample measure, "
+               f"paired with dense; bars: intervals; dotted: dense's own value. Means over images resolve at far "
+               f"fewer samples than FID. {ctx.caption(shown=ctx.rows(order))}")
     files = S.save_figure(fig, ctx.out_dir, "per_sample_ranking", caption)
 
     header = ["Point"] + [f"{m.label}" + (" [CI]" if m.low else "") for m in present] + \

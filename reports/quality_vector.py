@@ -114,11 +114,15 @@ def vector_cells(df) -> List[List[str]]:
     return [[D.delta_text(v[i], lo[i], hi[i], m.spec) for m, v, lo, hi in cols] for i in range(len(df))]
 
 
-def excluded_text(df, calls: Sequence[QualityCall], rows: Sequence[int]) -> str:
-    """A caption sentence naming each row a front excludes and what decided it ('' when none)."""
+def excluded_text(df, calls: Sequence[QualityCall], rows: Sequence[int], limit: int = 2) -> str:
+    """A caption sentence naming each row a front excludes and what decided it ('' when none); past `limit` rows,
+    a count (the tables list every one)."""
     names = D.point_labels(df)
     parts = [f"{names[i]} ({calls[i].reason(FRONT_AXES)})" for i in rows if not calls[i].admissible(FRONT_AXES)]
-    return f" Excluded by the quality vector: {'; '.join(parts)}." if parts else ""
+    if not parts:
+        return ""
+    more = f" and {len(parts) - limit} more (tables)" if len(parts) > limit else ""
+    return f" Excluded by the quality vector: {'; '.join(parts[:limit])}{more}."
 
 
 # ---------------------------------------------------------------------------------------------- sample resolution

@@ -42,9 +42,21 @@ def write_text(path: str, text: str) -> str:
     return atomic_write_text(path, text)
 
 
+WORD_LIMIT = 60          # a caption says what is specific to its figure; the shared protocol is in methods.md
+METHODS_FILE = "methods.md"
+
+
+def words(text: str) -> int:
+    return len(text.split())
+
+
 def save_figure(fig, out_dir: str, stem: str, caption: str) -> List[str]:
-    """stem.png + stem.pdf + stem.md (the caption), each written atomically."""
+    """stem.png + stem.pdf + stem.md (the caption), each written atomically. A caption over WORD_LIMIT words is
+    logged (what every figure shares belongs in methods.md)."""
     import matplotlib.pyplot as plt
+    if words(caption) > WORD_LIMIT:
+        from bench.log import get_logger
+        get_logger(__name__).warning(f"caption of {stem} has {words(caption)} words (limit {WORD_LIMIT})")
     paths = []
     for ext in ("png", "pdf"):
         p = os.path.join(out_dir, f"{stem}.{ext}")
@@ -54,6 +66,90 @@ def save_figure(fig, out_dir: str, stem: str, caption: str) -> List[str]:
     plt.close(fig)
     paths.append(write_text(os.path.join(out_dir, f"{stem}.md"), f"**{stem}** — {caption}\n"))
     return paths
+
+
+# ---------------------------------------------------------------------------------------------- axes
+def tick_formatter(max_decimals: int = 4):
+    """A matplotlib Formatter: plain decimals, as few as write every tick exactly, the same number on one axis
+    (0.285, 0.2875, 0.29 -> '0.2850', '0.2875', '0.2900'; never a trailing '0.28500' from a 5-decimal default), no
+    shared offset, so each label reads as its value."""
+    from matplotlib.ticker import Formatter
+
+    def text(x, d):
+        if abs(x) >= 1e5 or (x != 0 and abs(x) < 10 ** -max_decimals):
+            return f"{x:.1e}"
+        t = f"{x:.{d}f}"
+        return t[1:] if t.startswith("-") and float(t) == 0 else t
+
+    class Decimals(Formatter):
+        ticks: List[float] = []
+
+        def set_locs(self, locs):
+            self.ticks = [float(v) for v in locs]
+
+        def decimals(self):
+            """The fewest decimals that write every tick exactly (a tick at 0.2875 is never '0.287'), and so
+            distinctly."""
+            locs = self.ticks
+
+            def exact(d):
+                return all(abs(float(text(v, d)) - v) <= 1e-9 * max(1.0, abs(v)) for v in locs
+                           if 10 ** -max_decimals <= abs(v) < 1e5)
+            return next((d for d in range(max_decimals + 1)
+                         if exact(d) and len({text(v, d) for v in locs}) == len(locs)), max_decimals)
+
+        def __call__(self, x, pos=None):
+            return text(x, self.decimals())
+
+        def format_ticks(self, values):
+            self.set_locs(values)
+            d = self.decimals()
+            return [text(v, d) for v in values]
+    return Decimals()
+
+
+def tidy_ticks(ax, axis: str = "x", nbins: int = 4) -> None:
+    """At most nbins+1 round ticks with short, distinct labels: a 3.3-inch axis holds four or five labels."""
+    from matplotlib.ticker import MaxNLocator
+    target = ax.xaxis if axis == "x" else ax.yaxis
+    target.set_major_locator(MaxNLocator(nbins=nbins, steps=[1, 2, 2.5, 5, 10]))
+    target.set_major_formatter(tick_formatter())
+
+
+def dodge(xs: Sequence[Optional[float]], ys: Optional[Sequence[Optional[float]]] = None, step: float = 0.015,
+          tol: float = 0.005) -> List[Optional[float]]:
+    """x positions with coincident points set side by side: points whose x lie within tol of the x span (and,
+    given ys, whose y lie within tol of the y span too) are spread step x span apart, centred on their mean x.
+    Draw with the result, say so in the caption; the values stay in the tables."""
+    have = [i for i, x in enumerate(xs) if x is not None and (ys is None or ys[i] is not None)]
+    out = list(xs)
+    if len(have) < 2:
+        return out
+
+    def span(vals):
+        lo, hi = min(vals), max(vals)
+        return hi - lo if hi > lo else (abs(hi) or 1.0)
+    sx = span([xs[i] for i in have])
+    sy = span([ys[i] for i in have]) if ys is not None else None
+    groups: List[List[int]] = []
+    for i in sorted(have, key=lambda i: (xs[i], i)):
+        for g in groups:
+            if abs(xs[i] - xs[g[0]]) <= tol * sx and (ys is None or abs(ys[i] - ys[g[0]]) <= tol * sy):
+                g.append(i)
+                break
+        else:
+            groups.append([i])
+    for g in groups:
+        if len(g) > 1:
+            g = sorted(g)                       # table order: the same point keeps its side in every figure
+            centre = sum(xs[i] for i in g) / len(g)
+            for k, i in enumerate(g):
+                out[i] = centre + (k - (len(g) - 1) / 2) * step * sx
+    return out
+
+
+def dodged(before: Sequence[Optional[float]], after: Sequence[Optional[float]]) -> bool:
+    return any(a is not None and b is not None and a != b for a, b in zip(before, after))
 
 
 # ---------------------------------------------------------------------------------------------- tables

@@ -247,8 +247,8 @@ def test_figures_draw_with_the_marking(tmp_path):
     quality_vector_figure(ctx)
     for stem in ("pareto_fid_vs_flops", "paired_tradeoff", "quality_vector"):
         assert os.path.getsize(tmp_path / f"{stem}.png") > 0
-    assert "Filled markers: ΔFID resolved" in open(tmp_path / "pareto_fid_vs_flops.md").read()
-    assert "hollow ones not (ΔFID resolved" in open(tmp_path / "paired_tradeoff.md").read()
+    assert "Filled: ΔFID resolved; hollow: not." in open(tmp_path / "pareto_fid_vs_flops.md").read()
+    assert "Filled: ΔFID resolved; hollow: not." in open(tmp_path / "paired_tradeoff.md").read()
     assert "Excluded by the quality vector: shapes-d4/cheat (ΔFID resolved better but class accuracy resolved " \
            "worse)" in open(tmp_path / "quality_vector.md").read()
     fid_only = _front_rows().drop(columns=[c for c in _front_rows().columns if c.startswith("class_accuracy")])

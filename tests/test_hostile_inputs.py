@@ -140,3 +140,25 @@ def test_an_output_path_where_no_file_can_be_created_is_refused_before_any_work(
     code, _, err = _cli(args + [f"/proc/varbench-out{ext}"] + extra, capsys)
     assert code == 2 and err.startswith(f"error: output directory is not writable: /proc ({args[-1]} /proc/"), err
     assert "\n" not in err
+
+
+# ---------------------------------------------------------------------- 3. sweep on a results disk already full
+def test_sweep_on_a_full_results_disk_stops_in_one_line_before_any_trial(tmp_path, capsys, monkeypatch):
+    """The manifest write (the sweep's first) ended in an OSError traceback."""
+    import bench.atomic
+    import bench.sweep as S
+    monkeypatch.setattr(S, "connect_ray", lambda address, verbose: dict(
+        version="test", address="local", nodes=1, num_cpus=2.0, start_s=0.0, max_node_cpus=2.0, max_node_gpus=0.0))
+
+    def full(*a, **k):
+        raise OSError(28, "No space left on device")
+
+    def trial(*a, **k):
+        raise AssertionError("a trial started")
+    monkeypatch.setattr(bench.atomic, "atomic_write_text", full)
+    monkeypatch.setattr(S, "SweepRunner", trial)
+    res = tmp_path / "res"
+    code, out, err = _cli(["sweep", "tau", "--quick", "--results", res], capsys)
+    assert code == 2 and err.startswith("error: sweep tau-") and "cannot write its manifest to " \
+        f"{res / 'sweeps'} (No space left on device); no trial was started" in err and "\n" not in err, err
+    assert [f for _, _, fs in os.walk(tmp_path) for f in fs] == []

@@ -160,9 +160,11 @@ def test_report_writes_every_expected_file(report_out):
     im = Image.open(os.path.join(out, "tau", "pareto_fid_vs_flops.png"))
     assert 700 < im.size[0] < 1400 and len(np.unique(np.asarray(im.convert("L")))) > 10
     assert not [f for _, _, fs in os.walk(out) for f in fs if f.startswith(".tmp")]
-    # captions name sample count, model and machine
+    # captions refer to the report's methods note, which names sample count, model and machine
     cap = open(os.path.join(out, "tau", "pareto_fid_vs_flops.md")).read()
-    assert "64 samples" in cap and "shapes-d4" in cap and "Test CPU" in cap
+    assert "Protocol: methods.md" in cap and "Test CPU" not in cap
+    methods = open(os.path.join(out, "tau", "methods.md")).read()
+    assert "64 samples" in methods and "shapes-d4" in methods and "Test CPU" in methods
 
 
 def test_captions_count_the_runs_a_figure_shows(report_out):
@@ -172,15 +174,15 @@ def test_captions_count_the_runs_a_figure_shows(report_out):
 
     def cap(stem):
         return open(os.path.join(out, "tau", f"{stem}.md")).read()
-    assert "9 runs;" in cap("pareto_fid_vs_flops") and "shown" not in cap("pareto_fid_vs_flops")
-    assert "9 runs;" in cap("dynamic_vs_static_plot")          # 4 pairs and dense: every row
-    assert "5 runs shown of the 9 in this report" in cap("tau_tradeoff")       # 4 DMoE points and dense
-    assert "5 runs shown of the 9 in this report" in cap("pareto_front")       # the front, dense listed
-    assert "8 runs shown of the 9 in this report" in cap("dynamic_vs_static")  # the 4 pairs
-    assert "4 runs shown of the 9 in this report" in cap("expert_maps_by_tau")
-    assert "1 run shown of the 9 in this report" in cap("expert_maps_samples")
+    assert "9 runs." in cap("pareto_fid_vs_flops") and "Shows" not in cap("pareto_fid_vs_flops")
+    assert "9 runs." in cap("dynamic_vs_static_plot")          # 4 pairs and dense: every row
+    assert "Shows 5 of the 9 runs." in cap("tau_tradeoff")       # 4 DMoE points and dense
+    assert "Shows 5 of the 9 runs." in cap("pareto_front")       # the front, dense listed
+    assert "Shows 8 of the 9 runs." in cap("dynamic_vs_static")  # the 4 pairs
+    assert "Shows 4 of the 9 runs." in cap("expert_maps_by_tau")
+    assert "Shows 1 of the 9 runs." in cap("expert_maps_samples")
     act = open(os.path.join(out, "activation", "actvar_components.md")).read()
-    assert " runs shown of the 8 in this report" in act
+    assert " of the 8 runs." in act
 
 
 def test_front_table_lists_the_known_front(store, report_out, tmp_path):
@@ -372,5 +374,6 @@ def test_paired_report_marks_what_is_resolved_and_warns(tmp_path):
     assert index.index("WARNING:** incomplete sweep: its manifest lists 6 trials, 5 have rows") < index.index("##")
     for stem in ("paired_tradeoff", "paired_summary", "pareto_fid_vs_flops"):
         assert "WARNING: incomplete sweep" in open(os.path.join(out, "pr", f"{stem}.md")).read(), stem
-    cap = open(os.path.join(out, "pr", "paired_tradeoff.md")).read()
-    assert "64 samples" in cap and "ABBA" in cap and "paired class-stratified bootstrap" in cap
+    methods = open(os.path.join(out, "pr", "methods.md")).read()       # the protocol, once per report
+    assert "64 samples" in methods and "ABBA" in methods and "paired class-stratified bootstrap" in methods
+    assert "incomplete sweep: its manifest lists 6 trials" in methods

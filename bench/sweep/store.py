@@ -204,5 +204,18 @@ def validate_invocation(invocation: Invocation) -> Dict[str, dict]:
 def ensure_manifest(results_dir: str, invocation: Invocation, models: Dict[str, dict]) -> None:
     """Record the invocation before its first trial runs, unless it has a manifest already (a new invocation, or one
     resumed from its rows alone, has none)."""
-    if invocation.needs_manifest:
-        write_manifest(results_dir, manifest_for(invocation.spec, invocation.trials, invocation.sweep_id, models))
+    if not invocation.needs_manifest:
+        return
+    manifest = manifest_for(invocation.spec, invocation.trials, invocation.sweep_id, models)
+    existed = os.path.isdir(manifest_dir(results_dir))
+    try:
+        write_manifest(results_dir, manifest)
+    except OSError as e:   # a full disk (ENOSPC), a quota, a store gone read-only: one line, no trial started
+        if not existed:
+            try:
+                os.rmdir(manifest_dir(results_dir))   # the folder write_manifest made, still empty
+            except OSError:
+                pass
+        raise BenchError(f"sweep {invocation.sweep_id}: cannot write its manifest to "
+                         f"{manifest_dir(results_dir)} ({e.strerror or e}); no trial was started; free space there "
+                         f"or give another --results") from None
