@@ -186,10 +186,17 @@ class FastVAR(Method):
         dense = sum(predicted_macs(cfg, {}, lay))
         target = self.config["match_saved"]
 
-        def gap(r):
+        def saved(r):
             kept = {s: kept_count(r, cfg.patch_nums[s] ** 2) for s in scales}
-            return abs(1 - sum(predicted_macs(cfg, kept, lay)) / dense - target)
-        return min((i / 1000 for i in range(1000)), key=gap)
+            return 1 - sum(predicted_macs(cfg, kept, lay)) / dense
+        grid = [(i / 1000, saved(i / 1000)) for i in range(1000)]
+        most = max(grid, key=lambda g: g[1])
+        if target > most[1] + 5e-4:   # "nearest reachable" must not turn 0.99 into 0.60 under a "match 0.99" label
+            raise BenchError(f"method {self.name}: match_saved={target:g} cannot be reached: pruning scales "
+                             f"{scales} in blocks {lay.start}..{lay.stop - 1} saves at most {most[1]:.3f} of the dense "
+                             f"transformer MACs (ratio {most[0]:g}); valid: match_saved <= {most[1]:.3f}, or more "
+                             f"pruned scales (scales=...) or blocks (start_layer, end_layer)")
+        return min(grid, key=lambda g: abs(g[1] - target))[0]
 
     def check_model(self, bundle):
         self.kept_tokens(bundle)

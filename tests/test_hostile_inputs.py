@@ -162,3 +162,20 @@ def test_sweep_on_a_full_results_disk_stops_in_one_line_before_any_trial(tmp_pat
     assert code == 2 and err.startswith("error: sweep tau-") and "cannot write its manifest to " \
         f"{res / 'sweeps'} (No space left on device); no trial was started" in err and "\n" not in err, err
     assert [f for _, _, fs in os.walk(tmp_path) for f in fs] == []
+
+
+# ------------------------------------------------------------------------ 5. fastvar match_saved out of reach
+def test_fastvar_refuses_a_match_saved_its_layout_cannot_reach(tiny, tmp_path, capsys):
+    """match_saved=0.99 ran at the largest saving (0.60) under the label 'match 0.99 saved'."""
+    from bench.registry import create_method
+    with pytest.raises(BenchError, match=r"match_saved=0.99 cannot be reached: pruning scales \[5, 6\] in blocks "
+                                         r".* saves at most 0\.\d+ of the dense transformer MACs .*valid: "
+                                         r"match_saved <= 0\.\d+") as e:
+        create_method("fastvar", match_saved=0.99).check_model(tiny)
+    most = float(str(e.value).split("valid: match_saved <= ")[1].split(",")[0])
+    m = create_method("fastvar", match_saved=most)                      # the largest saving itself is reachable
+    m.check_model(tiny)
+    res = tmp_path / "res"
+    code, _, err = _cli(["run", "--method", "fastvar", "--set", "match_saved=0.99", "--results", res], capsys)
+    assert code == 2 and "match_saved=0.99 cannot be reached" in err and "\n" not in err, err
+    assert not res.exists()
