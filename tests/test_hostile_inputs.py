@@ -179,3 +179,38 @@ def test_fastvar_refuses_a_match_saved_its_layout_cannot_reach(tiny, tmp_path, c
     code, _, err = _cli(["run", "--method", "fastvar", "--set", "match_saved=0.99", "--results", res], capsys)
     assert code == 2 and "match_saved=0.99 cannot be reached" in err and "\n" not in err, err
     assert not res.exists()
+
+
+# ---------------------------------------------------------------------------- 6. duplicate keys in a sweep YAML
+@pytest.mark.parametrize("text,message", [
+    ("name: dup\nsamples: 16\nsamples: 32\npoints:\n  dense: {method: dense}\n",
+     "key samples given twice (lines 2 and 3)"),
+    ("name: dup\npoints:\n  dense:\n    method: dense\n    method: dmoe\n",
+     "key points.dense.method given twice (lines 4 and 5)"),
+    ("name: dup\npoints:\n  dense: {method: dense}\n  dense: {method: dmoe}\n",
+     "key points.dense given twice (lines 3 and 4)"),
+    ("name: dup\nmodels: [default]\npoints:\n  d:\n    method: dmoe\n    grid: {tau: [0.8], tau: [0.7]}\n",
+     "key points.d.grid.tau given twice (lines 6 and 6)"),
+])
+def test_a_key_given_twice_in_a_sweep_yaml_is_refused(text, message, tmp_path, capsys):
+    """PyYAML keeps the last value without a word: samples 16 became 32, point dense became method dmoe."""
+    f = tmp_path / "dup.yaml"
+    f.write_text(text)
+    code, _, err = _cli(["sweep", f, "--dry-run", "--results", tmp_path / "res"], capsys)
+    assert code == 2 and err == f"error: sweep file {f}: {message}; give it once", err
+    assert not (tmp_path / "res").exists()
+
+
+def test_shipped_sweeps_and_anchors_still_read():
+    from bench.sweep.spec import list_sweeps, read_yaml, sweep_path
+    for n in list_sweeps():
+        assert isinstance(read_yaml(sweep_path(n)), dict)
+
+
+def test_yaml_merge_keys_and_aliases_are_not_duplicates(tmp_path):
+    from bench.sweep.spec import read_yaml
+    f = tmp_path / "m.yaml"
+    f.write_text("base: &b {method: dmoe, grid: {tau: [0.8]}}\npoints:\n  a: {<<: *b, method: pruned-ffn}\n"
+                 "  c: *b\n")
+    d = read_yaml(str(f))
+    assert d["points"]["a"]["method"] == "pruned-ffn" and d["points"]["c"]["method"] == "dmoe"

@@ -118,11 +118,55 @@ def sweep_name(name: str) -> str:
     return os.path.splitext(os.path.basename(name))[0]
 
 
+class DuplicateKey(Exception):
+    """A mapping of the YAML gives a key twice (PyYAML keeps the last value without a word)."""
+
+    def __init__(self, path: str, first: int, second: int):
+        super().__init__(f"key {path} given twice (lines {first} and {second}); give it once")
+
+
+def _unique_key_loader():
+    """yaml.SafeLoader that refuses a key given twice in one mapping, naming its dotted path and both lines."""
+    import yaml
+    from yaml.nodes import MappingNode, ScalarNode, SequenceNode
+    merge = "tag:yaml.org,2002:merge"
+
+    class UniqueKeyLoader(yaml.SafeLoader):
+        def construct_document(self, node):
+            seen_nodes = set()
+            stack = [(node, "")]
+            while stack:
+                n, where = stack.pop()
+                if id(n) in seen_nodes:          # an alias of a node already checked (or a recursive one)
+                    continue
+                seen_nodes.add(id(n))
+                if isinstance(n, MappingNode):
+                    keys = {}
+                    for k, v in n.value:
+                        if k.tag == merge:
+                            stack.append((v, where))
+                            continue
+                        name = k.value if isinstance(k, ScalarNode) else f"<{k.id}>"
+                        path = f"{where}.{name}" if where else str(name)
+                        if isinstance(k, ScalarNode):
+                            ident = (k.tag, k.value)
+                            if ident in keys:
+                                raise DuplicateKey(path, keys[ident], k.start_mark.line + 1)
+                            keys[ident] = k.start_mark.line + 1
+                        stack.append((v, path))
+                elif isinstance(n, SequenceNode):
+                    stack.extend((v, f"{where}[{i}]") for i, v in enumerate(n.value))
+            return super().construct_document(node)
+    return UniqueKeyLoader
+
+
 def read_yaml(path: str) -> dict:
     import yaml
     try:
         with open(path) as f:
-            data = yaml.safe_load(f)
+            data = yaml.load(f, Loader=_unique_key_loader())   # noqa: S506 (a SafeLoader subclass)
+    except DuplicateKey as e:
+        raise BenchError(f"sweep file {path}: {e}") from None
     except yaml.YAMLError as e:
         raise BenchError(f"sweep file {path}: not valid YAML ({str(e).splitlines()[0]})") from None
     except UnicodeDecodeError:
