@@ -80,12 +80,14 @@ def build_reports(results_dir: str, sweep: Optional[str] = None, out_root: str =
             logger.warning(f"  WARNING ({name}): {w}")
         ctx = Context(part, out_dir, flops, warnings=warnings)
         files, skipped = run_generators(ctx, list_reports())
-        if files:   # the protocol every caption refers to, once per report output
-            written.append(write_methods(out_dir, part, flops, warnings, name))
+        protocol = []
+        if files:   # the protocol every caption refers to, once per report output (and first on its page)
+            protocol = [write_methods(out_dir, part, flops, warnings, name)]
+            written += protocol
         notes += [f"{name}: {s}" for s in skipped]
         written += files
         if files:
-            written += write_pages(out_dir, name, part, files, skipped, warnings, ctx.notes)
+            written += write_pages(out_dir, name, part, protocol + files, skipped, warnings, ctx.notes)
         logger.info(f"report {name}: {len(files)} files in {out_dir} (page: {os.path.join(out_dir, PAGE)})"
                     if files else f"report {name}: nothing drawn")
         if skipped:
@@ -107,12 +109,15 @@ def build_reports(results_dir: str, sweep: Optional[str] = None, out_root: str =
         out_dir = os.path.join(out_root, OVERVIEW)
         ctx = Context(allrows, out_dir, flops, by_method=True, warnings=all_warnings)
         files, skipped = run_generators(ctx, list_reports(overview=True))
+        protocol = []
         if files:
-            written.append(write_methods(out_dir, allrows, flops, all_warnings, "every sweep and run"))
+            protocol = [write_methods(out_dir, allrows, flops, all_warnings, "every sweep and run")]
+            written += protocol
         notes += [f"{OVERVIEW}: {s}" for s in skipped]
         if files:
             written += files
-            written += write_pages(out_dir, "every sweep and run", allrows, files, skipped, all_warnings, ctx.notes)
+            written += write_pages(out_dir, "every sweep and run", allrows, protocol + files, skipped, all_warnings,
+                                   ctx.notes)
         logger.info(f"report {OVERVIEW}: {len(files)} files in {out_dir} (page: {os.path.join(out_dir, PAGE)})"
                     if files else f"report {OVERVIEW}: nothing drawn")
         if skipped:

@@ -166,7 +166,8 @@ def test_report_page_is_whole_and_resolves(report_dir):
     text = page.text
     # every figure and table the report wrote is on the page, figures embedded (no file needed to show them)
     stems = {os.path.splitext(f)[0] for f in os.listdir(report_dir) if f.endswith((".png", ".tex"))}
-    assert {s[len("r-"):] for s in page.ids if s.startswith("r-")} == stems
+    assert {s[len("r-"):] for s in page.ids if s.startswith("r-")} == stems | {"methods"}   # + the protocol
+    assert "Measures and intervals" in text and "Symbols" in text   # methods.md's sections, on the page
     assert len(page.imgs) == sum(f.endswith(".png") for f in os.listdir(report_dir))
     assert all(src.startswith("data:image/png;base64,") for src in page.imgs)
     # warnings first: incomplete sweep, the noisy row, what was drawn in part
