@@ -533,7 +533,11 @@ def generate_and_time(method, net, bundle, labels, seed: int, sampling, batch_si
                    timing_noisy_rule=NOISY_RULE,
                    time_flop_efficiency=time_flop_efficiency(pairing.get("speedup"), macs_ratio))
     mem = [p for p in peaks if p is not None]
-    memory = MemoryRecord(mem_peak_bytes=max(mem) if mem else None, mem_kind=probe.kind)
+    from bench.analytic import DTYPE_BYTES
+    from bench.precision import current_dtype
+    kv = method.kv_cache_bytes(net, bundle, DTYPE_BYTES[current_dtype()])
+    memory = MemoryRecord(mem_peak_bytes=max(mem) if mem else None, mem_kind=probe.kind,
+                          kv_cache_bytes_peak=None if kv is None else int(round(kv)))
     return (Generated(tokens, images, macs_all, macs_executed, method_extras), timing, PairedTimingRecord(**pairing),
             memory)
 

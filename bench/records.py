@@ -227,10 +227,15 @@ class MemoryRecord(Record):
         "peak memory of a generation batch (max over batches), see mem_kind")
     mem_kind: Optional[str] = column("string",
         "cuda_max_allocated | cpu_rss_growth_hwm | cpu_rss_growth_sampled | unavailable")
+    kv_cache_bytes_peak: Optional[int] = column("int64",
+        "bytes per image held in the attention K/V caches after the last scale's append (the largest cache), by "
+        "formula from what the method keeps (Method.kv_cache_bytes): Σ over layers of 2 (K and V) x cached "
+        "positions x width x element size of --dtype (4 fp32, 2 bf16/fp16) x rows per image (2 under CFG)")
 
     def summary(self) -> str:
         peak = "n/a" if self.mem_peak_bytes is None else f"{self.mem_peak_bytes / 2**20:.1f} MiB"
-        return f"peak memory {peak} ({self.mem_kind})"
+        kv = "" if self.kv_cache_bytes_peak is None else f", KV cache {self.kv_cache_bytes_peak / 2**10:.1f} KiB/image"
+        return f"peak memory {peak} ({self.mem_kind}){kv}"
 
 
 
