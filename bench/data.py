@@ -361,6 +361,16 @@ def folder_classes(root: str) -> List[str]:
     return sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)) and not d.startswith("."))
 
 
+def check_held_out_folder(reference: str, training: str, flag: str = "--reference") -> None:
+    """Refuse a reference folder that is, holds or lies inside the training folder: FID against the images the
+    model was trained on (register, run and evaluate alike)."""
+    from bench.errors import BenchError
+    ref_real, root = os.path.realpath(reference), os.path.realpath(training)
+    if os.path.commonpath([ref_real, root]) in (ref_real, root):
+        raise BenchError(f"{flag} {reference} is, holds or lies inside the training folder {training}; give "
+                         f"a held-out folder, or none to use the folder's own held-out split")
+
+
 def folder_data(root: str, partition: Optional[dict] = None) -> ImageFolderData:
     key = (os.path.realpath(root), tuple(sorted((partition or {}).items())))
     if key not in _FOLDERS:  # one listing per process; the identity hash covers names and sizes

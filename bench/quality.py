@@ -330,9 +330,14 @@ def parse_reference(bundle, reference: Optional[str] = None, reference_count: Op
                          record=record)
     path = str(reference)
     if os.path.isdir(path):
-        from bench.data import folder_classes
+        from bench.data import check_held_out_folder, folder_classes
+        if ds.get("name") == "folder" and ds.get("path"):   # as `register`: never FID against training images
+            check_held_out_folder(path, ds["path"])
         subdirs = folder_classes(path)   # the same class listing as training (hidden folders left out)
-        if subdirs and ds.get("name") == "folder":   # a class-per-subfolder reference must have the model's classes
+        if not subdirs:   # the class-stratified subset and the class checks need one subfolder per class
+            raise BenchError(f"reference folder {path} has no class subfolders; valid layout: DIR/<class>/*.png (one "
+                             f"subfolder per class, as a training folder), or an .npz")
+        if ds.get("name") == "folder":   # a class-per-subfolder reference must have the model's classes
             _check_classes(subdirs, bundle, f"reference folder {path}")
         from torch_fidelity.utils import glob_samples_paths
         files = glob_samples_paths(path, True, IMAGE_EXTS, verbose=False)
@@ -381,6 +386,40 @@ def _check_classes(classes, bundle, what: str) -> None:
                          f"trained on {', '.join(want)}; give a reference with the model's classes")
 
 
+def _reference_files(ref: Reference) -> List[str]:
+    """The image files of a folder reference that are read: all, or a seeded class-stratified subset (class = first
+    subfolder, if any)."""
+    files = ref.info["files"]
+    if ref.count < len(files):
+        from bench.data import stratified_pick
+        root = ref.info.get("root") or os.path.commonpath(files)
+        groups = [os.path.relpath(f, root).split(os.sep)[0] if os.sep in os.path.relpath(f, root) else ""
+                  for f in files]
+        files = [files[i] for i in stratified_pick(groups, ref.count, 0)]
+    return files
+
+
+def check_reference_images(ref: Reference) -> None:
+    """One line (BenchError) naming the first reference image of a folder that is empty or not a readable image:
+    each file read for the reference is opened and verified (header and checksums, no decoding), so a corrupt file
+    is found before any generation, not after it."""
+    if ref.kind != "folder":
+        return
+    from PIL import Image
+    for f in _reference_files(ref):
+        try:
+            if os.path.getsize(f) == 0:
+                raise BenchError(f"reference image {f} is empty (0 bytes); remove it or replace it with an image")
+            with Image.open(f) as im:
+                im.verify()
+        except BenchError:
+            raise
+        except Exception as e:   # PIL raises many types for a bad file (OSError, SyntaxError, struct.error, ...)
+            why = str(e).splitlines()[0][:160] if str(e) else type(e).__name__
+            raise BenchError(f"reference image {f} is not a readable image ({why}); remove it or replace "
+                             f"it with an image") from None
+
+
 def _load_reference_images(ref: Reference) -> torch.Tensor:
     """uint8 (N,3,H,W) on CPU."""
     if ref.kind == "split":
@@ -397,13 +436,7 @@ def _load_reference_images(ref: Reference) -> torch.Tensor:
     if ref.kind == "folder":
         import torchvision
         from torch_fidelity.datasets import ImagesPathDataset, TransformPILtoRGBTensor
-        files = ref.info["files"]
-        if ref.count < len(files):  # a seeded class-stratified subset (class = first subfolder, if any)
-            from bench.data import stratified_pick
-            root = ref.info.get("root") or os.path.commonpath(files)
-            groups = [os.path.relpath(f, root).split(os.sep)[0] if os.sep in os.path.relpath(f, root) else ""
-                      for f in files]
-            files = [files[i] for i in stratified_pick(groups, ref.count, 0)]
+        files = _reference_files(ref)
         tf = torchvision.transforms.Compose([torchvision.transforms.Resize(ref.info["size"]),
                                              torchvision.transforms.CenterCrop(ref.info["size"]),
                                              TransformPILtoRGBTensor()])
@@ -831,8 +864,8 @@ def check_reference(bundle, samples: int, reference: Optional[str] = None, incep
                     metrics: Sequence[str] = METRICS, *, reference_count: Optional[int] = None,
                     classifier: Optional[str] = None) -> dict:
     """Validate quality settings before any generation; raises BenchError (one line) or returns a summary
-    {extractor, reference, reference_count, notes}. Reads no images: folder listings, .npz headers and FID
-    statistics, a given classifier's weights."""
+    {extractor, reference, reference_count, notes}. Decodes no images: folder listings (each image read for the
+    reference opened and verified), .npz headers and FID statistics, a given classifier's weights."""
     _, extractor, ref, notes = _prepare(bundle, samples, reference, inception_weights, metrics, reference_count,
                                         classifier)
     # what would otherwise be found only after the generation (both small: read whole)
@@ -842,6 +875,7 @@ def check_reference(bundle, samples: int, reference: Optional[str] = None, incep
     if ref.kind == "npz" and ref.info.get("has_stats"):   # published statistics that can define a FID
         with np.load(ref.info["path"], allow_pickle=False) as z:
             _checked_stats(z["mu"], z["sigma"], ref.info["path"])
+    check_reference_images(ref)   # a corrupt or empty image of a folder: found now, not after the generation
     return dict(extractor=extractor.tag, reference=ref.desc, reference_count=ref.count, notes=notes)
 
 

@@ -75,7 +75,7 @@ def register_model(name: str, vqvae: str, var: str, classifier: Optional[str] = 
                    force: bool = False) -> str:
     """Validate everything, then copy the weights and write the manifest atomically; returns the directory."""
     from bench.checkpoints import file_sha256
-    from bench.data import default_hflip_for, folder_classes, folder_data
+    from bench.data import check_held_out_folder, default_hflip_for, folder_classes, folder_data
     from bench.sampling import SamplingConfig, validate_sampling
     from bench.train import code_commit
     from bench.zoo import BUILTIN, read_manifest
@@ -126,10 +126,7 @@ def register_model(name: str, vqvae: str, var: str, classifier: Optional[str] = 
         if not os.path.isdir(reference):
             raise BenchError(f"--reference must be an image folder (DIR/<class>/*.png), got {reference}")
         if data != "shapes":   # the training folder itself (or a part of it) would put training images in FID
-            ref_real, root = os.path.realpath(reference), os.path.realpath(data)
-            if os.path.commonpath([ref_real, root]) in (ref_real, root):
-                raise BenchError(f"--reference {reference} is, holds or lies inside the training folder {data}; give "
-                                 f"a held-out folder, or none to use the folder's own held-out split")
+            check_held_out_folder(reference, data)
         subdirs = folder_classes(reference)
         if subdirs != classes:
             raise BenchError(f"reference folder {reference} has classes {', '.join(subdirs) or '(none)'} but the "

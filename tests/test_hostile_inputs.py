@@ -214,3 +214,66 @@ def test_yaml_merge_keys_and_aliases_are_not_duplicates(tmp_path):
                  "  c: *b\n")
     d = read_yaml(str(f))
     assert d["points"]["a"]["method"] == "pruned-ffn" and d["points"]["c"]["method"] == "dmoe"
+
+
+# ------------------------------------------------------------------ 7/8. reference folders checked up front
+def _folder_bundle(tiny, root):
+    """The tiny model as if trained on the image folder `root` (a registered user model)."""
+    import copy
+    b = copy.copy(tiny)
+    b.dataset = dict(name="folder", path=root, classes=list("abcd"), image_size=32, hflip=False)
+    b.class_names, b.name = list("abcd"), "mine"
+    return b
+
+
+@pytest.mark.parametrize("command", ["run", "evaluate"])
+def test_a_corrupt_or_empty_reference_image_is_found_before_generation(command, tmp_path, capsys, monkeypatch):
+    """A bad image was found only when the reference was read, after the generation (leaving cache files)."""
+    from tests.imagefolder import make_image_folder
+    import bench.sampling
+    monkeypatch.setenv("VARBENCH_CACHE", str(tmp_path / "cache"))
+
+    def generate(*a, **k):
+        raise AssertionError("generation started")
+    monkeypatch.setattr(bench.sampling, "generate", generate)
+    ref = make_image_folder(tmp_path / "ref", per_class=(6, 6, 6, 6))
+    args = [command, "--model", "tiny", "--samples", 12, "--reference", ref]
+    args += ["--results", tmp_path / "res"] if command == "run" else ["--out", tmp_path / "out.json"]
+    empty = os.path.join(ref, "b", "0001.png")
+    open(empty, "wb").close()
+    code, _, err = _cli(args, capsys)
+    assert code == 2 and err == f"error: reference image {empty} is empty (0 bytes); remove it or replace it " \
+                                "with an image", err
+    with open(empty, "wb") as f:
+        f.write(b"\x89PNG\r\n\x1a\n" + os.urandom(64))             # a PNG signature, then garbage
+    code, _, err = _cli(args, capsys)
+    assert code == 2 and err.startswith(f"error: reference image {empty} is not a readable image (") and "\n" not in err
+    assert not (tmp_path / "res").exists() and not (tmp_path / "out.json").exists()
+    assert [f for _, _, fs in os.walk(tmp_path / "cache") for f in fs] == []
+
+
+@pytest.mark.parametrize("command", ["run", "evaluate"])
+def test_the_training_folder_or_a_folder_without_classes_is_refused_as_reference(command, tiny, tmp_path, capsys,
+                                                                                 monkeypatch):
+    """`register` refused the training folder as --reference; run and evaluate took it (FID against training
+    images), and took a folder of images without class subfolders."""
+    import shutil
+    import bench.zoo
+    from tests.imagefolder import make_image_folder
+    monkeypatch.setenv("VARBENCH_CACHE", str(tmp_path / "cache"))
+    root = make_image_folder(tmp_path / "train", per_class=(4, 4, 4, 4))
+    monkeypatch.setattr(bench.zoo, "load_model", lambda *a, **k: _folder_bundle(tiny, root))
+    tail = ["--results", tmp_path / "res"] if command == "run" else ["--out", tmp_path / "out.json"]
+    for ref, why in ((root, "is, holds"), (os.path.join(root, "a"), "lies inside")):
+        code, _, err = _cli([command, "--model", "mine", "--samples", 4, "--reference", ref] + tail, capsys)
+        assert code == 2 and err.startswith(f"error: --reference {ref} is, holds or lies inside the training folder "
+                                            f"{root}; give a held-out folder"), err
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    for f in sorted(os.listdir(os.path.join(root, "a"))):
+        shutil.copy(os.path.join(root, "a", f), flat / f)
+    monkeypatch.setattr(bench.zoo, "load_model", lambda *a, **k: tiny)
+    code, _, err = _cli([command, "--model", "tiny", "--samples", 4, "--reference", flat] + tail, capsys)
+    assert code == 2 and err == f"error: reference folder {flat} has no class subfolders; valid layout: " \
+                                "DIR/<class>/*.png (one subfolder per class, as a training folder), or an .npz", err
+    assert not (tmp_path / "res").exists() and not (tmp_path / "out.json").exists()
