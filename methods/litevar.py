@@ -1,0 +1,276 @@
+"""LiteVAR (Xie et al. 2024, arXiv 2411.17178): windowed attention over scales, attention shared across the CFG
+branches, mixed precision — training-free, each part switchable for ablations.
+
+The paper names three redundancies of VAR — the attention map, the attention outputs of the two CFG branches, the
+data precision — and one technique for each. Their translation to our layout (the embedded default: 7 scales, sides
+1,2,3,4,5,6,8; CFG rows [conditional B; unconditional B] as bench/sampling.py builds them):
+
+  * windowed attention (`window`, `keep_first`; the paper's MDWA). At scale si the queries attend to the keys of
+    scales si-window .. si (the current scale and the `window` before it) plus the first `keep_first` scales (scale 0
+    is the class/start token, the attention sink every scale looks at); the other scales' keys are sliced out of the
+    KV cache before the scores (what is not attended is not computed). Default window=1, keep_first=1: scale 6
+    attends to scales 0, 5, 6. Reading, stated: the paper's MDWA also narrows attention *within* a scale to diagonal
+    windows (its 85.2% attention saving on VAR-d30 cannot come from dropping scales: on d30's 10 scales this
+    scale-level window saves 37% of the score MACs, 32% on our 7); only the scale-level window is implemented here.
+    window=None (or >= the number of scales) attends to every scale.
+  * attention shared across CFG (`share`, `share_last`; the paper's ASC). On the last `share_last` scales, in every
+    block, the unconditional rows reuse the conditional rows' attention: share='output' (default; the paper's
+    abstract puts the redundancy in "the attention outputs when using classifier free guidance") gives the
+    unconditional row the conditional row's attention output (before its own adaLN gain): no q/k/v, scores or
+    projection for the unconditional rows; share='map' gives it the conditional row's attention map applied to its
+    own values (its value projection, the A·V product and the output projection run; its q/k and scores do not).
+    The paper's choice of layers/scales is not followed here (its text was not available to this session): all blocks
+    of the last 2 scales, the large scales, as cfg-skip and FastVAR translate their papers. The unconditional rows'
+    cache slots at shared scales hold the conditional keys (share='output': and values) as stand-ins: a suffix of
+    scales is shared, so no unconditional query ever reads them.
+  * mixed precision (`precision`). 'linear-but-fc2' (default): every linear layer of the blocks (qkv, attention
+    projection, FFN fc1) computes in bfloat16 under torch.autocast, output cast back to float32, except the FFN's
+    fc2 (its input is the post-GELU activation, the outlier-heavy one the paper keeps at higher precision); 'all-linear'
+    puts fc2 in bf16 too; 'fp32' none. Translation: the paper quantises to low-bit integers (the W8/W4 weights that
+    give its 50% memory saving); this harness's low precision is bench.precision's bf16 autocast, so the MACs are
+    the same and only time and quality change. Rows of different precision (this parameter, or --dtype) must not be
+    compared as if one method setting: param_precision and dtype columns say which.
+
+Identity: window=None, share='none', precision='fp32' — every block runs the unmodified block (bitwise dense; test).
+Scores, softmax inputs and the residual stream stay float32; the teacher-forced path (si None) is dense.
+
+Cost (bench/analytic.py terms, per row and block): projections 4C² per token (share='map' unconditional rows: 2C²,
+their v and output projections; share='output': 0), scores 2C per (query, attended key) (share='map': C for the
+conditional QKᵀ, C per row for A·V), FFN 2·C·H per token; head, adaLN, word embedding as dense. The key slicing is
+data movement (0 MACs), as fvcore counts it.
+
+    create_method("litevar")                                           # the paper's three parts, translated
+    create_method("litevar", window=None, share="none", precision="linear-but-fc2")   # mixed precision only
+"""
+from __future__ import annotations
+
+from typing import Any, Dict, List, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from bench.errors import BenchError
+from bench.registry import Method, Param, clone_structure, register_method
+
+SHARE = ("none", "output", "map")
+PRECISION = ("fp32", "linear-but-fc2", "all-linear")
+LOW_DTYPE = torch.bfloat16       # bench.precision's reduced dtype that every CPU and GPU here runs
+
+
+def kept_scales(si: int, window: Optional[int], keep_first: int) -> List[int]:
+    """Scales whose keys scale si's queries attend to (ascending): the first keep_first, and si-window .. si."""
+    if window is None:
+        return list(range(si + 1))
+    return sorted(set(range(min(keep_first, si + 1))) | set(range(max(0, si - window), si + 1)))
+
+
+class Plan:
+    """The settings every wrapped block reads, plus whether the current call has CFG rows (set by LiteVARNet)."""
+
+    def __init__(self, begin_ends, window, keep_first, share, shared_scales, precision):
+        self.begin_ends, self.window, self.keep_first = list(begin_ends), window, keep_first
+        self.share, self.shared_scales, self.precision = share, set(shared_scales), precision
+        self.cfg_rows = False
+
+    def restricts(self, si: int) -> bool:
+        return len(kept_scales(si, self.window, self.keep_first)) < si + 1
+
+    def sharing(self, si: int) -> Optional[str]:
+        return self.share if self.share != "none" and si in self.shared_scales and self.cfg_rows else None
+
+    def low(self, part: str) -> bool:
+        """Whether linear layer `part` (qkv, proj, fc1, fc2) computes in low precision."""
+        return self.precision == "all-linear" or (self.precision == "linear-but-fc2" and part != "fc2")
+
+
+def _ln_mod(block, x, scale, shift):
+    return block.ln_wo_grad(x).mul(scale.add(1)).add_(shift)
+
+
+class LiteVARBlock(nn.Module):
+    """One AdaLNSelfAttn under the plan; where the plan changes nothing at a scale it runs the block itself."""
+
+    def __init__(self, block, index: int, plan: Plan):
+        super().__init__()
+        self.block, self.index, self.plan = block, index, plan
+
+    @property
+    def attn(self):
+        return self.block.attn
+
+    @property
+    def ffn(self):
+        return self.block.ffn
+
+    def _linear(self, part, x, weight, bias):
+        if not self.plan.low(part):
+            return F.linear(x, weight, bias)
+        with torch.autocast(x.device.type, dtype=LOW_DTYPE):
+            return F.linear(x, weight, bias).float()
+
+    def forward(self, x, cond_BD, attn_bias=None, cache=None, si: Optional[int] = None):
+        p = self.plan
+        if si is None or cache is None or not (p.restricts(si) or p.sharing(si) or p.precision != "fp32"):
+            return self.block(x, cond_BD, attn_bias, cache, si)
+        blk = self.block
+        g1, g2, s1, s2, sh1, sh2 = blk.modulation(cond_BD)
+        x = x + self._attention(_ln_mod(blk, x, s1, sh1), cache, si).mul_(g1)
+        return x + self._ffn(_ln_mod(blk, x, s2, sh2), si).mul(g2)
+
+    def _ffn(self, h, si):
+        ffn = self.block.ffn
+        if self.plan.precision == "fp32" or not hasattr(ffn, "fc1"):
+            return ffn(h, si)
+        return self._linear("fc2", ffn.act(self._linear("fc1", h, ffn.fc1.weight, ffn.fc1.bias)),
+                            ffn.fc2.weight, ffn.fc2.bias)
+
+    def _attention(self, u, cache, si):
+        a, p = self.block.attn, self.plan
+        rows, n, C = (int(v) for v in u.shape)        # python ints also inside fvcore's jit trace
+        H, c = a.num_heads, a.head_dim
+        bias = torch.cat((a.q_bias, a.zero_k_bias, a.v_bias))
+        mode = p.sharing(si)
+        B = rows // 2
+        src = u[:B] if mode else u                      # rows whose q/k are computed
+        qkv = self._linear("qkv", src, a.mat_qkv.weight, bias).view(-1, n, 3, H, c)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)   # rows H n c
+        if a.attn_l2_norm:
+            q = F.normalize(q, dim=-1).mul(a.scale_mul_1H11.clamp_max(a.max_scale_mul).exp())
+            k = F.normalize(k, dim=-1)
+        if mode == "map":      # the unconditional rows' own values (the last C of the qkv projection)
+            v_u = self._linear("qkv", u[B:], a.mat_qkv.weight[2 * C:], bias[2 * C:]).view(B, n, H, c).transpose(1, 2)
+            K, V = cache.append(torch.cat((k, k)), torch.cat((v, v_u)))
+        elif mode == "output":
+            K, V = cache.append(torch.cat((k, k)), torch.cat((v, v)))
+        else:
+            K, V = cache.append(k, v)
+        if p.restricts(si):
+            keep = kept_scales(si, p.window, p.keep_first)
+            spans, start = [], None
+            for j in keep:           # contiguous runs of kept scales -> slices of the cache
+                if start is None or j != prev + 1:
+                    if start is not None:
+                        spans.append((p.begin_ends[start][0], p.begin_ends[prev][1]))
+                    start = j
+                prev = j
+            spans.append((p.begin_ends[start][0], p.begin_ends[prev][1]))
+            K = torch.cat([K[:, :, b:e] for b, e in spans], dim=2)
+            V = torch.cat([V[:, :, b:e] for b, e in spans], dim=2)
+        if mode is None:
+            out = F.scaled_dot_product_attention(q, K, V, scale=a.scale)
+        elif mode == "output":
+            o = F.scaled_dot_product_attention(q, K[:B], V[:B], scale=a.scale)
+            o = self._linear("proj", o.transpose(1, 2).reshape(B, n, C), a.proj.weight, a.proj.bias)
+            return torch.cat((o, o))
+        else:                  # one map from the conditional rows, applied to both rows' values
+            attn = torch.matmul(q, K[:B].transpose(-2, -1)).mul(a.scale).softmax(dim=-1)
+            out = torch.matmul(attn.unsqueeze(0), V.reshape(2, B, H, -1, c)).reshape(rows, H, n, c)
+        return self._linear("proj", out.transpose(1, 2).reshape(rows, n, C), a.proj.weight, a.proj.bias)
+
+
+class LiteVARNet(nn.Module):
+    """The VAR with LiteVAR blocks; tells the plan whether a call's rows are [conditional; unconditional] (sharing
+    applies only then: forward_by_scale's plain label batch is not a CFG batch)."""
+
+    def __init__(self, var, plan: Plan):
+        super().__init__()
+        self.var, self.plan = var, plan
+
+    @property
+    def num_classes(self):
+        return self.var.num_classes
+
+    @property
+    def patch_nums(self):
+        return self.var.patch_nums
+
+    def new_caches(self):
+        return self.var.new_caches()
+
+    def scale_forward(self, si, x_in, label_B, caches):
+        rows = int(label_B.shape[0])
+        self.plan.cfg_rows = rows % 2 == 0 and bool((label_B[rows // 2:] == self.var.num_classes).all())
+        return self.var.scale_forward(si, x_in, label_B, caches)
+
+
+def predicted_macs(cfg, window, keep_first, share, shared_scales, batch: int = 1) -> List[float]:
+    """Per-scale transformer MACs for `batch` images (CFG rows included) by formula: bench/analytic.py's terms with
+    the attended keys of the window and the unconditional rows' shared work. Mixed precision changes no MAC."""
+    from bench.analytic import dense_scale_macs
+    C, H, d = cfg.embed_dim, round(cfg.embed_dim * cfg.mlp_ratio), cfg.depth
+    sizes = [p * p for p in cfg.patch_nums]
+    out = []
+    for si, sm in enumerate(dense_scale_macs(cfg, batch)):
+        n = sizes[si]
+        keys = sum(sizes[j] for j in kept_scales(si, window, keep_first))
+        mode = share if share != "none" and si in shared_scales else None
+        if mode is None:
+            attn = 2 * (4 * C * C * n + 2 * C * n * keys)
+        elif mode == "output":
+            attn = 4 * C * C * n + 2 * C * n * keys
+        else:     # cond: qkv 3C² + proj C², QKᵀ C, A·V C; uncond: v C² + proj C², A·V C
+            attn = (4 * C * C * n + 2 * C * n * keys) + (2 * C * C * n + C * n * keys)
+        per_image = d * (attn + 2 * 2 * C * H * n)
+        out.append(float(batch * per_image + sm.head + sm.adaln + sm.word_embed))
+    return out
+
+
+@register_method("litevar")
+class LiteVAR(Method):
+    kind = "token"
+    description = ("windowed attention over scales, attention shared across the CFG branches, mixed precision "
+                   "(LiteVAR)")
+    params = (
+        Param("window", int, 1, "earlier scales each scale attends to besides itself and the first ones "
+              "(null: every scale)", low=0, nullable=True),
+        Param("keep_first", int, 1, "first scales every scale attends to (1: the class/start token)", low=0),
+        Param("share", str, "output", "what the unconditional rows take from the conditional ones on the shared "
+              "scales", choices=SHARE),
+        Param("share_last", int, 2, "how many of the last scales share attention across CFG", low=0),
+        Param("precision", str, "linear-but-fc2", "block linear layers computed in bf16 (autocast)", choices=PRECISION),
+    )
+
+    def check_model(self, bundle):
+        S = len(bundle.var.patch_nums)
+        c = self.config
+        if c["keep_first"] > S:
+            raise BenchError(f"method {self.name}: keep_first={c['keep_first']} is out of range for a model with {S} "
+                             f"scales; valid: 0..{S}")
+        if c["share_last"] > S:
+            raise BenchError(f"method {self.name}: share_last={c['share_last']} is out of range for a model with {S} "
+                             f"scales; valid: 0..{S}")
+
+    def shared_scales(self, bundle) -> List[int]:
+        S = len(bundle.var.patch_nums)
+        return list(range(S - self.config["share_last"], S)) if self.config["share"] != "none" else []
+
+    def build(self, bundle):
+        self.check_model(bundle)
+        c = self.config
+        var = clone_structure(bundle.var)
+        plan = Plan(var.begin_ends, c["window"], c["keep_first"], c["share"], self.shared_scales(bundle),
+                    c["precision"])
+        for i, blk in enumerate(var.blocks):
+            var.blocks[i] = LiteVARBlock(blk, i, plan)
+        return LiteVARNet(var, plan)
+
+    def analytic_macs(self, net, bundle, batch: int) -> Optional[List[float]]:
+        c = self.config
+        return predicted_macs(bundle.var.cfg, c["window"], c["keep_first"], c["share"], self.shared_scales(bundle),
+                              batch)
+
+    def row_metrics(self, net, bundle) -> Dict[str, Any]:
+        c, S = self.config, len(bundle.var.patch_nums)
+        sizes = [p * p for p in bundle.var.patch_nums]
+        return dict(litevar_keys_per_scale=[sum(sizes[j] for j in kept_scales(si, c["window"], c["keep_first"]))
+                                            for si in range(S)],
+                    litevar_shared_scales=self.shared_scales(bundle),
+                    macs_saved_fraction=self.macs_saved_fraction(net, bundle))
+
+    @property
+    def label(self) -> str:
+        c = self.config
+        w = "all" if c["window"] is None else f"{c['window']}+{c['keep_first']}"
+        share = "none" if c["share"] == "none" else f"{c['share']}@{c['share_last']}"
+        return f"litevar w={w} share={share} {c['precision']}"
