@@ -70,11 +70,22 @@ class Plan:
 
     def __init__(self, begin_ends, window, keep_first, share, shared_scales, precision):
         self.begin_ends, self.window, self.keep_first = list(begin_ends), window, keep_first
+        self.sizes = [e - b for b, e in self.begin_ends]
         self.share, self.shared_scales, self.precision = share, set(shared_scales), precision
         self.cfg_rows = False
 
     def restricts(self, si: int) -> bool:
         return len(kept_scales(si, self.window, self.keep_first)) < si + 1
+
+    def held_before(self, si: int) -> List[int]:
+        """Scales whose keys a block's cache holds before scale si's append: all until a scale restricted (and was
+        cut to its window); after that the previous scale's window (a later window is a subset of an earlier one
+        plus the new scale: a dropped scale is never attended again)."""
+        return kept_scales(si - 1, self.window, self.keep_first) if si > 0 and self.restricts(si - 1) else list(range(si))
+
+    def peak_keys(self) -> int:
+        """The most keys a block's cache holds: after some scale's append, before its cut."""
+        return max(sum(self.sizes[j] for j in self.held_before(si)) + self.sizes[si] for si in range(len(self.sizes)))
 
     def sharing(self, si: int) -> Optional[str]:
         return self.share if self.share != "none" and si in self.shared_scales and self.cfg_rows else None
@@ -145,18 +156,15 @@ class LiteVARBlock(nn.Module):
             K, V = cache.append(torch.cat((k, k)), torch.cat((v, v)))
         else:
             K, V = cache.append(k, v)
-        if p.restricts(si):
-            keep = kept_scales(si, p.window, p.keep_first)
-            spans, start = [], None
-            for j in keep:           # contiguous runs of kept scales -> slices of the cache
-                if start is None or j != prev + 1:
-                    if start is not None:
-                        spans.append((p.begin_ends[start][0], p.begin_ends[prev][1]))
-                    start = j
-                prev = j
-            spans.append((p.begin_ends[start][0], p.begin_ends[prev][1]))
-            K = torch.cat([K[:, :, b:e] for b, e in spans], dim=2)
-            V = torch.cat([V[:, :, b:e] for b, e in spans], dim=2)
+        if p.restricts(si):    # keep the window's keys; the cache keeps only them too (no later scale reads others)
+            held = p.held_before(si) + [si]
+            offsets = [0]
+            for j in held:
+                offsets.append(offsets[-1] + p.sizes[j])
+            idx = [i for i, j in enumerate(held) if j in set(kept_scales(si, p.window, p.keep_first))]
+            K = torch.cat([K[:, :, offsets[i]:offsets[i + 1]] for i in idx], dim=2)
+            V = torch.cat([V[:, :, offsets[i]:offsets[i + 1]] for i in idx], dim=2)
+            cache.k, cache.v = K, V
         if mode is None:
             out = F.scaled_dot_product_attention(q, K, V, scale=a.scale)
         elif mode == "output":
@@ -254,6 +262,15 @@ class LiteVAR(Method):
         for i, blk in enumerate(var.blocks):
             var.blocks[i] = LiteVARBlock(blk, i, plan)
         return LiteVARNet(var, plan)
+
+    def kv_cache_bytes(self, net, bundle, elem_bytes: int = 4) -> float:
+        """The largest cache: with a window, a block's cache is cut to the window after each restricted scale, so its
+        peak is some scale's window before the cut plus that scale (the dense model's peak, every key, without one).
+        CFG sharing keeps the unconditional rows' slots (stand-ins), so both rows count."""
+        from bench.analytic import kv_bytes
+        cfg, c = bundle.var.cfg, self.config
+        plan = Plan(bundle.var.begin_ends, c["window"], c["keep_first"], "none", [], "fp32")
+        return kv_bytes([plan.peak_keys()] * cfg.depth, cfg.embed_dim, 2, elem_bytes)
 
     def analytic_macs(self, net, bundle, batch: int) -> Optional[List[float]]:
         c = self.config

@@ -186,6 +186,14 @@ class ToMe(Method):
     def analytic_macs(self, net, bundle, batch: int) -> Optional[List[float]]:
         return predicted_macs(bundle.var.cfg, self.merged(bundle), self.config["merge"], batch)
 
+    def kv_cache_bytes(self, net, bundle, elem_bytes: int = 4) -> float:
+        """Each layer caches the merged tokens of the merged scales (when attention merges) and every other token."""
+        from bench.analytic import kv_bytes
+        cfg, merged = bundle.var.cfg, self.merged(bundle)
+        attn = "attn" in self.config["merge"]
+        keys = sum(p * p - (merged.get(s, 0) if attn else 0) for s, p in enumerate(cfg.patch_nums))
+        return kv_bytes([keys] * cfg.depth, cfg.embed_dim, 2, elem_bytes)
+
     def row_metrics(self, net, bundle) -> Dict[str, Any]:
         pns, merged = bundle.var.patch_nums, self.merged(bundle)
         return dict(tome_tokens_per_scale=[p * p - merged.get(s, 0) for s, p in enumerate(pns)],

@@ -109,19 +109,35 @@ def test_litevar_attends_to_the_window_and_the_first_scale_only(tiny):
     assert kept_scales(2, 1, 1) == [0, 1, 2] and kept_scales(6, None, 1) == list(range(7))
     g = torch.Generator().manual_seed(0)
     blk, _ = _plan_block(tiny)
-    u = torch.randn(2, 64, 32, generator=g)
-    c1 = _filled_cache(tiny, 2, 6, g)
+    u = torch.randn(2, 16, 32, generator=g)             # scale 3 (4x4): the first scale the window cuts
+    c1 = _filled_cache(tiny, 2, 3, g)
     c2, c3 = KVCache(), KVCache()
     c2.k, c2.v = c1.k.clone(), c1.v.clone()
     c3.k, c3.v = c1.k.clone(), c1.v.clone()
-    got = blk._attention(u, c1, 6)
-    # reference: the dense attention with the keys of scales 1..4 masked out
-    mask = torch.zeros(1, 1, 64, tiny.var.L)
-    mask[..., tiny.var.begin_ends[1][0]:tiny.var.begin_ends[4][1]] = -torch.inf
+    got = blk._attention(u, c1, 3)
+    # reference: the dense attention with the keys of scale 1 masked out
+    mask = torch.zeros(1, 1, 16, tiny.var.begin_ends[3][1])
+    mask[..., tiny.var.begin_ends[1][0]:tiny.var.begin_ends[1][1]] = -torch.inf
     ref = tiny.var.blocks[0].attn(u, mask, c2)
     assert torch.allclose(got, ref, atol=1e-6)
     assert not torch.allclose(got, tiny.var.blocks[0].attn(u, None, c3), atol=1e-4)   # the full attention differs
-    assert c1.k.shape[2] == tiny.var.L               # the cache keeps every key; only the scores skip some
+    assert c1.k.shape[2] == 1 + 9 + 16                  # the cache keeps the window only (scale 1 never read again)
+    assert torch.equal(c1.k[:, :, :1], c2.k[:, :, :1]) and torch.equal(c1.k[:, :, 1:], c2.k[:, :, 5:])
+
+
+def test_litevar_cache_keeps_the_window_and_its_bytes_say_so(tiny):
+    from bench.analytic import kv_bytes
+    m = create_method("litevar", share="none", precision="fp32")      # window 1 + the first scale
+    net = m.build(tiny)
+    caches = []
+    orig = net.new_caches
+    net.new_caches = lambda: caches.append(orig()) or caches[-1]
+    generate(net, tiny.vqvae, LABELS, 0, SAMPLING, decode=False)
+    assert all(c.k.shape[2] == c.v.shape[2] == 1 + 36 + 64 for c in caches[0])   # scales 0, 5, 6 after the cut
+    # the peak: scale 6 appended to the window of scale 5 (scales 0, 4, 5), before the cut
+    assert m.kv_cache_bytes(net, tiny) == kv_bytes([1 + 25 + 36 + 64] * 2, 32, 2, 4)
+    full = create_method("litevar", window=None)
+    assert full.kv_cache_bytes(net, tiny) == create_method("dense").kv_cache_bytes(tiny.var, tiny)
 
 
 def test_litevar_cfg_sharing_gives_the_unconditional_rows_the_conditional_attention(tiny):
@@ -217,6 +233,10 @@ def test_tome_blocks_run_the_merged_count_and_cache_it(tiny):
     assert ffn_in[(0, 5)] == 18 and ffn_in[(1, 6)] == 32 and ffn_in[(0, 4)] == 25
     assert all(c.k.shape[2] == 1 + 4 + 9 + 16 + 25 + 18 + 32 for c in caches[0])
     assert m.row_metrics(net, tiny)["tome_tokens_per_scale"] == [1, 4, 9, 16, 25, 18, 32]
+    held = sum(c.k.numel() + c.v.numel() for c in caches[0]) * 4 / len(LABELS)   # float32 bytes per image
+    assert m.kv_cache_bytes(net, tiny) == held
+    assert create_method("tome", merge="ffn").kv_cache_bytes(net, tiny) == \
+        create_method("dense").kv_cache_bytes(tiny.var, tiny)                     # attention unmerged: every key
 
 
 # ---------------------------------------------------------------------------------------------- bad parameters
