@@ -1,35 +1,39 @@
 """LiteVAR (Xie et al. 2024, arXiv 2411.17178): windowed attention over scales, attention shared across the CFG
 branches, mixed precision — training-free, each part switchable for ablations.
 
-The paper names three redundancies of VAR — the attention map, the attention outputs of the two CFG branches, the
-data precision — and one technique for each. Their translation to our layout (the embedded default: 7 scales, sides
-1,2,3,4,5,6,8; CFG rows [conditional B; unconditional B] as bench/sampling.py builds them):
+Source: only the paper's abstract and summaries were readable in this session (not its method section or tables).
+The abstract names three redundancies of VAR — the attention map, the attention outputs of the two CFG branches, the
+data precision — and reports 85.2% less attention computation, 50% less memory, FID +0.056 at most. Where a detail
+below is our reading rather than the paper's text, it says so. Translation to our layout (the embedded default:
+7 scales, sides 1,2,3,4,5,6,8; CFG rows [conditional B; unconditional B] as bench/sampling.py builds them):
 
-  * windowed attention (`window`, `keep_first`; the paper's MDWA). At scale si the queries attend to the keys of
-    scales si-window .. si (the current scale and the `window` before it) plus the first `keep_first` scales (scale 0
-    is the class/start token, the attention sink every scale looks at); the other scales' keys are sliced out of the
-    KV cache before the scores (what is not attended is not computed). Default window=1, keep_first=1: scale 6
-    attends to scales 0, 5, 6. Reading, stated: the paper's MDWA also narrows attention *within* a scale to diagonal
-    windows (its 85.2% attention saving on VAR-d30 cannot come from dropping scales: on d30's 10 scales this
-    scale-level window saves 37% of the score MACs, 32% on our 7); only the scale-level window is implemented here.
-    window=None (or >= the number of scales) attends to every scale.
+  * windowed attention (`window`, `keep_first`; the paper's multi-diagonal windowed attention, MDWA). At scale si
+    the queries attend to the keys of scales si-window .. si (the current scale and the `window` before it) plus the
+    first `keep_first` scales (scale 0 is the class/start token, the attention sink every scale looks at); the other
+    scales' keys are sliced out before the scores, and out of the block's KV cache too (windows only slide forward,
+    so a dropped scale is never attended again). Default window=1, keep_first=1 (our reading): scale 6 attends to
+    scales 0, 5, 6. Not implemented: any narrowing *within* a scale. The paper's 85.2% cannot come from dropping
+    whole scales (on VAR-d30's 10 scales this window saves 37% of the score MACs, 61% at window=0; 32% on our 7),
+    so its "multi-diagonal" windows presumably also restrict the keys of a scale spatially. window=None (or >= the
+    number of scales) attends to every scale.
   * attention shared across CFG (`share`, `share_last`; the paper's ASC). On the last `share_last` scales, in every
-    block, the unconditional rows reuse the conditional rows' attention: share='output' (default; the paper's
-    abstract puts the redundancy in "the attention outputs when using classifier free guidance") gives the
-    unconditional row the conditional row's attention output (before its own adaLN gain): no q/k/v, scores or
-    projection for the unconditional rows; share='map' gives it the conditional row's attention map applied to its
-    own values (its value projection, the A·V product and the output projection run; its q/k and scores do not).
-    The paper's choice of layers/scales is not followed here (its text was not available to this session): all blocks
-    of the last 2 scales, the large scales, as cfg-skip and FastVAR translate their papers. The unconditional rows'
-    cache slots at shared scales hold the conditional keys (share='output': and values) as stand-ins: a suffix of
-    scales is shared, so no unconditional query ever reads them.
-  * mixed precision (`precision`). 'linear-but-fc2' (default): every linear layer of the blocks (qkv, attention
-    projection, FFN fc1) computes in bfloat16 under torch.autocast, output cast back to float32, except the FFN's
-    fc2 (its input is the post-GELU activation, the outlier-heavy one the paper keeps at higher precision); 'all-linear'
-    puts fc2 in bf16 too; 'fp32' none. Translation: the paper quantises to low-bit integers (the W8/W4 weights that
-    give its 50% memory saving); this harness's low precision is bench.precision's bf16 autocast, so the MACs are
-    the same and only time and quality change. Rows of different precision (this parameter, or --dtype) must not be
-    compared as if one method setting: param_precision and dtype columns say which.
+    block, the unconditional rows reuse the conditional rows' attention. share='output' (default: the abstract puts
+    the redundancy in "the attention outputs when using classifier free guidance") gives the unconditional row the
+    conditional row's attention output (before its own adaLN gain): no q/k/v, scores or projection for the
+    unconditional rows. share='map' gives it the conditional row's attention map applied to its own values (its
+    value projection, the A·V product and the output projection run; its q/k and scores do not). Which layers and
+    scales the paper shares on is not known here: all blocks of the last 2 scales (our reading: the large scales, as
+    cfg-skip and FastVAR translate their papers). The unconditional rows' cache slots at shared scales hold the
+    conditional keys (share='output': and values) as stand-ins: a suffix of scales is shared, so no unconditional
+    query ever reads them.
+  * mixed precision (`precision`). 'linear-but-fc2' (default): the linear layers of the blocks (qkv, attention
+    projection, FFN fc1) compute in bfloat16 under torch.autocast, output cast back to float32, all but the FFN's fc2,
+    whose input is the post-GELU activation (our reading of which part the paper keeps at higher precision: the
+    outlier-heavy activation; not verified against its text); 'all-linear' puts fc2 in bf16 too; 'fp32' none.
+    Translation: the paper quantises to low-bit formats (its 50% memory saving reads as 8-bit weights in place of
+    16-bit); this harness's low precision is bench.precision's bf16 autocast, so the MACs are the same and only time
+    and quality change. Rows of different precision (this parameter, or --dtype) must not be compared as if one
+    method setting: the param_precision and dtype columns say which.
 
 Identity: window=None, share='none', precision='fp32' — every block runs the unmodified block (bitwise dense; test).
 Scores, softmax inputs and the residual stream stay float32; the teacher-forced path (si None) is dense.
@@ -39,7 +43,7 @@ their v and output projections; share='output': 0), scores 2C per (query, attend
 conditional QKᵀ, C per row for A·V), FFN 2·C·H per token; head, adaLN, word embedding as dense. The key slicing is
 data movement (0 MACs), as fvcore counts it.
 
-    create_method("litevar")                                           # the paper's three parts, translated
+    create_method("litevar")                                           # the three parts, translated
     create_method("litevar", window=None, share="none", precision="linear-but-fc2")   # mixed precision only
 """
 from __future__ import annotations
@@ -55,7 +59,7 @@ from bench.registry import Method, Param, clone_structure, register_method
 
 SHARE = ("none", "output", "map")
 PRECISION = ("fp32", "linear-but-fc2", "all-linear")
-LOW_DTYPE = torch.bfloat16       # bench.precision's reduced dtype that every CPU and GPU here runs
+LOW_DTYPE = torch.bfloat16       # bench.precision's --dtype bf16: autocast to it runs on CPUs and recent GPUs
 
 
 def kept_scales(si: int, window: Optional[int], keep_first: int) -> List[int]:
