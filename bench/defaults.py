@@ -24,3 +24,6 @@ QUALITY_METRICS = ("fid", "isc", "prc", "kid")
 DTYPE_ALIASES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}   # long (bench-moe's spelling) -> short
 DTYPE_NAMES = tuple(DTYPE_ALIASES.values())                                  # fp32, bf16, fp16
 DEFAULT_DTYPE = "fp32"
+
+# --- bench.tracking: `--track` backends of `run` and `sweep` (each row also recorded as one run there) ---
+TRACKING_BACKENDS = ("mlflow", "wandb", "tensorboard")

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from bench.commands._common import add_dtype_arg, add_model_args, add_sampling_args
+from bench.tracking import add_track_args
 
 ORDER = 20
 
@@ -57,6 +58,7 @@ def register(sub):
                    help="the budget of --resolve: its last look (default 20 x --samples)")
     p.add_argument("--sweep", default="", help="sweep name recorded in the row")
     p.add_argument("--trial-key", default=None, help="store the row under this key (re-running replaces it)")
+    add_track_args(p, "the row")
     p.set_defaults(func=run)
 
 
@@ -69,6 +71,7 @@ def run(a):
     from bench.precision import check_dtype
     from bench.registry import create_method, parse_overrides
     from bench.results import check_results_dir
+    from bench.tracking import tracker_from_args
     preset = _apply_preset(a)
     # cheap checks first, in the order a user fixes them; nothing is written before measure() has validated all
     check_flags(a, samples=(1,), seed=(0, MAX_SEED), batch_size=(1,), flop_images=(0,),
@@ -79,6 +82,7 @@ def run(a):
     method = create_method(a.method, **parse_overrides(a.set))
     check_results_dir(a.results)
     check_writable_dir(dense_cache_dir(a.cache_dir), "cache directory")
+    tracker = tracker_from_args(a)
     dtype = check_dtype(a.dtype, check_device(a.device))
     if a.threads is not None:
         torch.set_num_threads(a.threads)
@@ -94,6 +98,8 @@ def run(a):
                   classifier=a.classifier, reference_count=a.reference_count, timing_rounds=a.timing_rounds,
                   dtype=dtype, extra=dict(preset=a.preset) if a.preset else None, resolve=a.resolve,
                   max_samples=a.max_samples)
+    if tracker is not None:   # the row is stored: a tracking failure only warns
+        tracker.track(row)
     giga = lambda v: v / 1e9 if v else float("nan")  # noqa: E731  (no FLOP count with --flop-images 0)
     print(f"{row['method_label']} on {row['model']} ({row['dtype']}): {giga(row['macs_total']):.4g} GMACs/image (transformer "
           f"{giga(row['macs_fvcore']):.4g}), "

@@ -4,6 +4,7 @@ from __future__ import annotations
 import time
 
 from bench.errors import BenchError
+from bench.tracking import add_track_args
 
 ORDER = 25
 
@@ -56,6 +57,7 @@ def register(sub):
                    help="the sample count from which --generation-workers applies (default 2000)")
     g.add_argument("--status-every", type=float, default=60.0, metavar="S",
                    help="seconds between Ray status lines while trials run (default 60)")
+    add_track_args(p, "each trial's row (from this process, as the trial reports; tagged with the sweep id)")
     p.set_defaults(func=run)
 
 
@@ -92,6 +94,10 @@ def resume_command(a) -> str:
                                  ("--status-every", a.status_every, 60.0)):
         if value != default:
             words += [flag, f"{value:g}"]
+    for backend in getattr(a, "track", None) or []:
+        words += ["--track", backend]
+    if getattr(a, "track_dir", None):
+        words += ["--track-dir", a.track_dir]
     if getattr(a, "verbose", 0):
         words.insert(3, "-" + "v" * a.verbose)
     return shlex.join(words)
@@ -115,6 +121,8 @@ def run(a):
     for flag, v in (("--cpus-per-trial", a.cpus_per_trial), ("--gpus-per-trial", a.gpus_per_trial)):
         if v is not None and not 0 <= v < float("inf"):
             raise BenchError(f"{flag} must be a finite number >= 0, got {v:g}")
+    from bench.tracking import tracker_from_args
+    tracker = tracker_from_args(a)
     sets = list(a.set)
     if a.model:
         sets.append(f"models={a.model}")
@@ -161,7 +169,7 @@ def run(a):
               + (f"; {workers} generation workers per trial" if workers > 1 else ""))
         S.ensure_manifest(a.results, invocation, models)
         runner = S.SweepRunner(spec, trials, sweep_id, a.results, info, cpus, gpus, a.concurrent, verbose,
-                               status_every_s=a.status_every, generation_workers=workers)
+                               status_every_s=a.status_every, generation_workers=workers, tracker=tracker)
         ran, bad = runner.run()
     finally:
         import ray

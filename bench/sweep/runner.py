@@ -326,7 +326,7 @@ class SweepRunner:
 
     def __init__(self, spec: dict, trials: List[Trial], sweep_id: str, results_dir: str, ray_info: dict,
                  cpus: float, gpus: float, concurrent: int = 1, verbose: bool = False,
-                 status_every_s: float = 60.0, generation_workers: int = 1):
+                 status_every_s: float = 60.0, generation_workers: int = 1, tracker=None):
         self.spec, self.trials, self.sweep_id = spec, trials, sweep_id
         self.results_dir = os.path.abspath(results_dir)
         self.ray_info, self.cpus, self.gpus, self.concurrent = ray_info, cpus, gpus, concurrent
@@ -335,6 +335,7 @@ class SweepRunner:
         self.failed: Dict[str, str] = {}
         self.skipped: Dict[str, str] = {}
         self.interrupted = False     # Ctrl-C: Ray Tune stops the phase; later phases are not started
+        self.tracker = tracker       # bench.tracking.Tracker (--track): each reported row, once stored, as one run
 
     def job(self, t: Trial, params: dict) -> dict:
         s = self.spec
@@ -491,6 +492,8 @@ class TrialProgress:
         logger.info(trial_line(self.done, self.total, self.trials_by_id[pid], result))
         if result.get("traceback"):
             logger.info(result["traceback"].rstrip())
+        if runner.tracker is not None and result.get("status") == "ok" and result.get("row_json"):
+            runner.tracker.track(json.loads(result["row_json"]))   # here, the driver: rows from any node
 
     def on_step_end(self, iteration, trials, **info):
         if time.time() - self.last >= self.runner.status_every_s:
