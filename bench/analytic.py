@@ -72,17 +72,23 @@ def dense_scale_macs(cfg, batch: int = 1, cfg_guidance: bool = True) -> List[Sca
 
 
 # ------------------------------------------------------------------------------------------------ KV-cache bytes
-DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}   # the K/V element size under each --dtype (autocast's output dtype)
-
-
-def kv_bytes(keys_per_layer, width: int, rows_per_image: float, elem_bytes: int) -> float:
+def kv_bytes(keys_per_layer, width: int, rows_per_image: float, elem_bytes: float) -> float:
     """Bytes per image held in K and V by caches with keys_per_layer[l] positions in layer l:
-    Σ_l 2 (K and V) · keys · width · element size · rows per image (2 under CFG: the unconditional row has its own)."""
+    Σ_l 2 (K and V) · keys · width · element size · rows per image (2 under CFG: the unconditional row has its own).
+    elem_bytes: the mean of the key and value element sizes (they differ where autocast leaves keys float32)."""
     return float(sum(2 * k * width * elem_bytes * rows_per_image for k in keys_per_layer))
 
 
-def dense_kv_cache_bytes(cfg, elem_bytes: int = 4, cfg_guidance: bool = True) -> float:
+def dense_kv_cache_bytes(cfg, elem_bytes: float = 4, cfg_guidance: bool = True) -> float:
     """K/V bytes per image the dense model holds after the last scale's append (its largest cache): every layer
     keeps every token of every scale, L = Σ p²."""
     L = sum(p * p for p in cfg.patch_nums)
     return kv_bytes([L] * cfg.depth, cfg.embed_dim, 2 if cfg_guidance else 1, elem_bytes)
+
+
+def step_kv_bytes(cfg, stop: int, nocfg: int, elem_bytes: float = 4) -> float:
+    """K/V bytes per image of a fixed step plan (methods/_steps.py): the last scale run is stop − 1 (skipped scales
+    append nothing), every layer holds the L = Σ_{j<stop} p_j² positions, in 2 rows per image unless the
+    unconditional row left the caches at scale nocfg < stop (then 1)."""
+    L = sum(p * p for p in cfg.patch_nums[:stop])
+    return kv_bytes([L] * cfg.depth, cfg.embed_dim, 2 if nocfg >= stop else 1, elem_bytes)

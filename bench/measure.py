@@ -442,6 +442,19 @@ def analytic_per_scale(method, net, bundle, batch: int) -> List[float]:
     return [float(x) for x in m]
 
 
+def kv_element_bytes(bundle) -> float:
+    """Mean of the key and value element sizes the attention caches store under the current --dtype on the bundle's
+    device, probed with one attention call: autocast's rules differ by device (where `norm` runs in float32, the
+    l2-normalised keys come out float32 while the values are in the autocast dtype)."""
+    from bench.models.var import KVCache, SelfAttention
+    from bench.precision import forward_autocast
+    dev = bundle.device
+    att, cache = SelfAttention(8, 2, bundle.var.cfg.attn_l2_norm).to(dev), KVCache()
+    with torch.no_grad(), forward_autocast(dev.type):
+        att(torch.zeros(1, 1, 8, device=dev), None, cache)
+    return (cache.k.element_size() + cache.v.element_size()) / 2
+
+
 # ---------------------------------------------------------------------------------------------- the phases
 def count_flops(method, net, bundle, labels, seed: int, sampling, flop_images: int):
     """FLOPs phase: a traced generation of the first flop_images images (fvcore) beside the analytic count."""
@@ -533,9 +546,7 @@ def generate_and_time(method, net, bundle, labels, seed: int, sampling, batch_si
                    timing_noisy_rule=NOISY_RULE,
                    time_flop_efficiency=time_flop_efficiency(pairing.get("speedup"), macs_ratio))
     mem = [p for p in peaks if p is not None]
-    from bench.analytic import DTYPE_BYTES
-    from bench.precision import current_dtype
-    kv = method.kv_cache_bytes(net, bundle, DTYPE_BYTES[current_dtype()])
+    kv = method.kv_cache_bytes(net, bundle, kv_element_bytes(bundle))
     memory = MemoryRecord(mem_peak_bytes=max(mem) if mem else None, mem_kind=probe.kind,
                           kv_cache_bytes_peak=None if kv is None else int(round(kv)))
     return (Generated(tokens, images, macs_all, macs_executed, method_extras), timing, PairedTimingRecord(**pairing),

@@ -230,7 +230,8 @@ class MemoryRecord(Record):
     kv_cache_bytes_peak: Optional[int] = column("int64",
         "bytes per image held in the attention K/V caches after the last scale's append (the largest cache), by "
         "formula from what the method keeps (Method.kv_cache_bytes): Σ over layers of 2 (K and V) x cached "
-        "positions x width x element size of --dtype (4 fp32, 2 bf16/fp16) x rows per image (2 under CFG)")
+        "positions x width x element size (the mean of K's and V's as stored under --dtype on the run's device, "
+        "probed: 4 in fp32) x rows per image (2 under CFG)")
 
     def summary(self) -> str:
         peak = "n/a" if self.mem_peak_bytes is None else f"{self.mem_peak_bytes / 2**20:.1f} MiB"

@@ -139,7 +139,7 @@ class Method:
         """Extra columns for the results row (e.g. active experts per scale), from the net's recorded statistics."""
         return {}
 
-    def kv_cache_bytes(self, net, bundle, elem_bytes: int = 4) -> float:
+    def kv_cache_bytes(self, net, bundle, elem_bytes: float = 4) -> float:
         """K/V bytes per image held in the attention caches after the last scale's append (the largest cache), by
         formula from what the method keeps (CFG rows included). Default: the dense model keeps every token in every
         layer. Methods whose caches shrink (or grow) override it."""

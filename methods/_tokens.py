@@ -346,3 +346,16 @@ def token_row_metrics(net, bundle, prefix: str = "") -> dict:
             f"{prefix}token_maps": json.dumps(dict(samples=len(next(iter(maps.values()))) if maps else 0,
                                                    value="share of blocks that kept each token (conditional rows)",
                                                    maps=maps))}
+
+
+def gated_kv_bytes(net, bundle, elem_bytes: float = 4) -> float:
+    """K/V bytes per image after the last scale's append, from what the gated blocks recorded there: each block's
+    cache holds the keys of the tokens it kept at every scale, i.e. the cache length its last queries saw
+    (score_pairs / kept), in 2 rows per image (CFG)."""
+    from bench.analytic import kv_bytes
+    last = len(bundle.var.patch_nums) - 1
+    per_block = _merged_stats(net, last)
+    if len(per_block) != bundle.var.cfg.depth or any(st["kept"] == 0 for st in per_block.values()):
+        raise BenchError("no recorded token statistics at the last scale; generate before counting KV-cache bytes")
+    keys = [per_block[i]["score_pairs"] / per_block[i]["kept"] for i in sorted(per_block)]
+    return kv_bytes(keys, bundle.var.cfg.embed_dim, 2, elem_bytes)

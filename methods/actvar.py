@@ -329,6 +329,12 @@ class _ActVARBase(Method):
             return _tokens.gated_macs(net, bundle, batch, self.ffn_macs_per_row)
         return expert_only_macs(net, bundle, batch)
 
+    def kv_cache_bytes(self, net, bundle, elem_bytes: float = 4) -> float:
+        # unselected tokens append no keys/values (token gating); expert-only nets keep every token
+        if self.has_tokens:
+            return _tokens.gated_kv_bytes(net, bundle, elem_bytes)
+        return super().kv_cache_bytes(net, bundle, elem_bytes)
+
     def eq12(self, net, bundle) -> Dict[str, float]:
         """Eq. 12 literally: Σ_scales Σ_blocks [8·η·L·H²·(1+2μ) − 2·L·H·(1 + (1−η)·N)] in the paper's FLOPs,
         with η = 1 − K_t/n, μ = 1 − K_w/N, L = n (tokens of the scale per row: the block input under KV caching),

@@ -44,6 +44,12 @@ class CfgSkip(Method):
     def analytic_macs(self, net, bundle, batch: int) -> Optional[List[float]]:
         return net.analytic_macs(bundle, batch)
 
+    def kv_cache_bytes(self, net, bundle, elem_bytes: float = 4) -> float:
+        # the unconditional rows leave the caches at the first CFG-free scale: one row per image at the last
+        from bench.analytic import step_kv_bytes
+        S = len(bundle.var.patch_nums)
+        return step_kv_bytes(bundle.var.cfg, S, S - self.last(bundle), elem_bytes)
+
     def row_metrics(self, net, bundle) -> Dict[str, Any]:
         S = len(bundle.var.patch_nums)
         return dict(net.row_metrics(bundle), cfg_free_scales=list(range(S - self.last(bundle), S)),

@@ -197,7 +197,7 @@ class CoDe(Method):
         return [dr[si].total if si < T else ref[si].total if si > T or T == 0 else prefill_macs(net.refiner.cfg, T, batch)
                 for si in range(len(net.patch_nums))]
 
-    def kv_cache_bytes(self, net, bundle, elem_bytes: int = 4) -> float:
+    def kv_cache_bytes(self, net, bundle, elem_bytes: float = 4) -> float:
         # at the last scale only the refiner's caches are held (the drafter's went at the takeover), all positions
         from bench.analytic import dense_kv_cache_bytes
         return dense_kv_cache_bytes(net.refiner.cfg, elem_bytes)

@@ -111,6 +111,10 @@ class Compose(Method):
                      for wt, sm, pn in zip(w, dense, bundle.var.patch_nums)]
         return _tokens.gated_macs(net, bundle, batch, lambda block, si, st: per_token[si] * st["kept"] / st["rows"])
 
+    def kv_cache_bytes(self, net, bundle, elem_bytes: float = 4) -> float:
+        # the token method's gated blocks decide what is cached (weight methods leave attention alone)
+        return _tokens.gated_kv_bytes(net, bundle, elem_bytes)
+
     def row_metrics(self, net, bundle) -> Dict[str, Any]:
         wm, tm = _sub_metrics(self.weight_method, net, bundle), _sub_metrics(self.token_method, net, bundle)
         gated = sorted(tm.get("sparse_scales") or [])

@@ -215,7 +215,7 @@ class ScaleKV(Method):
         plan, L = self._plan(net), sum(p * p for p in bundle.var.patch_nums)
         return [plan.keys_seen[-1] if i in plan.refiners else L for i in range(bundle.var.cfg.depth)]
 
-    def kv_cache_bytes(self, net, bundle, elem_bytes: int = 4) -> float:
+    def kv_cache_bytes(self, net, bundle, elem_bytes: float = 4) -> float:
         from bench.analytic import kv_bytes
         return kv_bytes(self.kv_keys_last(net, bundle), bundle.var.cfg.embed_dim, 2, elem_bytes)
 

@@ -43,6 +43,12 @@ class SkipScales(Method):
     def analytic_macs(self, net, bundle, batch: int) -> Optional[List[float]]:
         return net.analytic_macs(bundle, batch)
 
+    def kv_cache_bytes(self, net, bundle, elem_bytes: float = 4) -> float:
+        # the skipped scales append nothing: the largest cache is the one after the last scale run
+        from bench.analytic import step_kv_bytes
+        S = len(bundle.var.patch_nums)
+        return step_kv_bytes(bundle.var.cfg, S - self.skip(bundle), S, elem_bytes)
+
     def row_metrics(self, net, bundle) -> Dict[str, Any]:
         S = len(bundle.var.patch_nums)
         return dict(net.row_metrics(bundle), skipped_scales=list(range(S - self.skip(bundle), S)),

@@ -105,6 +105,10 @@ class FixedTokens(Method):
     def analytic_macs(self, net, bundle, batch: int) -> Optional[List[float]]:
         return _tokens.gated_macs(net, bundle, batch, _tokens.plain_ffn_macs)
 
+    def kv_cache_bytes(self, net, bundle, elem_bytes: float = 4) -> float:
+        # pruned tokens append no keys/values: each block's cache holds the tokens it kept
+        return _tokens.gated_kv_bytes(net, bundle, elem_bytes)
+
     def row_metrics(self, net, bundle, totals: bool = True) -> Dict[str, Any]:
         c = self.config
         S = len(bundle.var.patch_nums)

@@ -205,3 +205,31 @@ def test_kv_cache_bytes_match_the_tensors_held_at_the_last_scale():
         got, _ = cache_bytes_after(net, b.vqvae, labels, b.sampling)
         assert got == m.kv_cache_bytes(net, b), m.name
     assert m.kv_cache_bytes(net, b, 2) == dense.kv_cache_bytes(b.var, b, 2)   # bf16/fp16: 2 bytes an element
+
+
+@pytest.mark.parametrize("name,params", [("skip-scales", dict(skip=2)), ("cfg-skip", dict(last=2)),
+                                         ("fixed-tokens", dict(token_rate=0.5, criterion="norm"))])
+def test_kv_cache_bytes_of_methods_whose_caches_shrink(tiny, name, params):
+    """Skipped scales append nothing, CFG-free scales drop the unconditional rows, pruned tokens append no keys."""
+    from bench.analytic import dense_kv_cache_bytes
+    m = create_method(name, **params)
+    net = m.build(tiny)
+    reset(net)
+    got, _ = cache_bytes_after(net, tiny.vqvae, LABELS, SAMPLING)
+    assert got == m.kv_cache_bytes(net, tiny) < dense_kv_cache_bytes(tiny.var.cfg)
+
+
+def test_kv_element_bytes_are_what_the_caches_store_under_the_dtype(tiny):
+    """The element size is probed, not assumed (autocast's rules differ by device); here it equals the bytes a
+    bf16 generation's caches hold, and 4 in fp32."""
+    from bench.measure import kv_element_bytes
+    from bench.precision import generation_dtype, supported_dtypes
+    assert kv_element_bytes(tiny) == 4
+    if "bf16" not in supported_dtypes("cpu"):
+        pytest.skip("no bf16 autocast on this CPU")
+    m = create_method("scalekv", budget=0.3, refiners=[1])
+    net = m.build(tiny)
+    with generation_dtype("bf16"):
+        elem = kv_element_bytes(tiny)
+        got, caches = cache_bytes_after(net, tiny.vqvae, LABELS, SAMPLING)
+    assert elem == caches[0].k.element_size() == 2 and got == m.kv_cache_bytes(net, tiny, elem)
