@@ -12,11 +12,12 @@ Per block, at each merged scale (n = pn² tokens of one row):
   The matching is computed once per block from the block input and used for both sub-layers (ToMe-SD computes one
   merge per transformer block and applies it to the attention and MLP inputs after their norms).
 
-Translation to our layout (7 scales, sides 1..8): ToMe-SD's defaults are ratio 0.5, 2×2 strides, merging for
-self-attention only, on the highest-resolution layers only (max_downsample 1); here ratio 0.5, merge='attn', on the
-last two scales (6×6: 18 of 36 tokens merged; 8×8: 32 of 64), the large scales FastVAR prunes. ToMe-SD draws the dst
-of each cell at random (use_rand); here it is the top-left token, so a generation does not depend on extra random
-draws and the same seed gives the same images. Not translated: ToMe-ViT's proportional attention (ToMe-SD does not
+Translation to our layout (7 scales, sides 1..8): ToMe-SD's defaults (its release dbolya/tomesd, apply_patch) are
+ratio 0.5, 2×2 strides, merging for self-attention only (its MLP merging is "very not recommended" there), on the
+highest-resolution layers only (max_downsample 1); here ratio 0.5, merge='attn', on the last two scales (6×6: 18 of
+36 tokens merged; 8×8: 32 of 64), the large scales FastVAR prunes. ToMe-SD draws the dst of each cell at random
+(use_rand); here it is the top-left token (its use_rand=False), so a generation takes no extra random draws and the
+same seed gives the same images. The KV cache holds the merged keys (kv_cache_bytes counts them). Not translated: ToMe-ViT's proportional attention (ToMe-SD does not
 use it either) and similarity on the attention keys (ToMe-ViT's metric; it would need the keys of all n tokens before
 merging). The teacher-forced path (si None) runs dense.
 
