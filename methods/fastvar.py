@@ -222,6 +222,10 @@ class FastVAR(Method):
     def analytic_macs(self, net, bundle, batch: int) -> Optional[List[float]]:
         return _tokens.gated_macs(net, bundle, batch, _tokens.plain_ffn_macs)
 
+    def kv_cache_bytes(self, net, bundle, elem_bytes: float = 4) -> float:
+        # a pruned scale appends the keys/values of its attention's K kept tokens only (restored slots append none)
+        return _tokens.gated_kv_bytes(net, bundle, elem_bytes)
+
     def row_metrics(self, net, bundle, totals: bool = True) -> Dict[str, Any]:
         S = len(bundle.var.patch_nums)
         kept = self.kept_tokens(bundle)

@@ -208,7 +208,8 @@ def test_kv_cache_bytes_match_the_tensors_held_at_the_last_scale():
 
 
 @pytest.mark.parametrize("name,params", [("skip-scales", dict(skip=2)), ("cfg-skip", dict(last=2)),
-                                         ("fixed-tokens", dict(token_rate=0.5, criterion="norm"))])
+                                         ("fixed-tokens", dict(token_rate=0.5, criterion="norm")),
+                                         ("fastvar", dict(start_layer=1, end_layer=2))])
 def test_kv_cache_bytes_of_methods_whose_caches_shrink(tiny, name, params):
     """Skipped scales append nothing, CFG-free scales drop the unconditional rows, pruned tokens append no keys."""
     from bench.analytic import dense_kv_cache_bytes
