@@ -85,7 +85,9 @@ class Plan:
         """Scales whose keys a block's cache holds before scale si's append: all until a scale restricted (and was
         cut to its window); after that the previous scale's window (a later window is a subset of an earlier one
         plus the new scale: a dropped scale is never attended again)."""
-        return kept_scales(si - 1, self.window, self.keep_first) if si > 0 and self.restricts(si - 1) else list(range(si))
+        if si > 0 and self.restricts(si - 1):
+            return kept_scales(si - 1, self.window, self.keep_first)
+        return list(range(si))
 
     def peak_keys(self) -> int:
         """The most keys a block's cache holds: after some scale's append, before its cut."""
@@ -235,7 +237,7 @@ class LiteVAR(Method):
                    "(LiteVAR)")
     params = (
         Param("window", int, 1, "earlier scales each scale attends to besides itself and the first ones "
-              "(null: every scale)", low=0, nullable=True),
+              "(null, or the number of scales - 1: every scale)", low=0, nullable=True),
         Param("keep_first", int, 1, "first scales every scale attends to (1: the class/start token)", low=0),
         Param("share", str, "output", "what the unconditional rows take from the conditional ones on the shared "
               "scales", choices=SHARE),

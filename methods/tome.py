@@ -2,10 +2,12 @@
 arXiv 2210.09461) on VAR's large scales — the merging rival of FastVAR's pruning (methods/fastvar.py).
 
 Per block, at each merged scale (n = pn² tokens of one row):
-  * bipartite soft matching on the block's input hidden state x (ToMe-SD's metric; cosine similarity): the scale's
-    pn×pn map is cut into 2×2 cells, the top-left token of each cell is a destination (dst), every other token a
-    source (src); each src finds its most similar dst, and the r = min(⌊n·ratio⌋, #src) src tokens with the highest
-    similarity are merged into their dst by averaging (scatter mean, the dst itself included);
+  * bipartite soft matching, by cosine similarity, on the block's input hidden state x (ToMe-SD's metric; or
+    metric='keys': the attention keys of every token, W_k of the modulated LN(x), ToMe-ViT's metric, at the cost of
+    one extra key projection n·C²): the scale's pn×pn map is cut into 2×2 cells, the top-left token of each cell is a
+    destination (dst), every other token a source (src); each src finds its most similar dst, and the
+    r = min(⌊n·ratio⌋, #src) src tokens with the highest similarity are merged into their dst by averaging (scatter
+    mean, the dst itself included);
   * the chosen sub-layers (`merge`: attention, FFN or both) run on the n − r merged tokens — the attention's merged
     q/k/v are what the block appends to its KV cache, so later scales attend to n − r keys of this scale;
   * unmerge: every src merged into a dst receives a copy of that dst's output; then the residual add as dense.
@@ -17,16 +19,16 @@ ratio 0.5, 2×2 strides, merging for self-attention only (its MLP merging is "ve
 highest-resolution layers only (max_downsample 1); here ratio 0.5, merge='attn', on the last two scales (6×6: 18 of
 36 tokens merged; 8×8: 32 of 64), the large scales FastVAR prunes. ToMe-SD draws the dst of each cell at random
 (use_rand); here it is the top-left token (its use_rand=False), so a generation takes no extra random draws and the
-same seed gives the same images. The KV cache holds the merged keys (kv_cache_bytes counts them). Not translated: ToMe-ViT's proportional attention (ToMe-SD does not
-use it either) and similarity on the attention keys (ToMe-ViT's metric; it would need the keys of all n tokens before
-merging). The teacher-forced path (si None) runs dense.
+same seed gives the same images. The KV cache holds the merged keys (kv_cache_bytes counts them). Not translated:
+ToMe-ViT's proportional attention (ToMe-SD does not use it either) and its merging that persists across layers (here,
+as in ToMe-SD, every block matches and unmerges anew). The teacher-forced path (si None) runs dense.
 
 Identity: ratio=0 (or a scale whose r is 0) runs the unmodified block: bitwise dense (test).
 
-Cost, per row and block at a merged scale: the similarity matmul |src|·|dst|·C (fvcore counts it: it is a matmul),
-projections 4C² and scores 2C·keys over the merged queries when attention merges, the FFN 2·C·H over the merged
-tokens when the FFN merges; the norms, argsort, gather, scatter-mean and copies are elementwise or data movement
-(0 MACs), as fvcore counts them.
+Cost, per row and block at a merged scale: the similarity matmul |src|·|dst|·C (fvcore counts it: it is a matmul;
+metric='keys' adds the key projection n·C²), projections 4C² and scores 2C·keys over the merged queries when
+attention merges, the FFN 2·C·H over the merged tokens when the FFN merges; the norms, argsort, gather, scatter-mean
+and copies are elementwise or data movement (0 MACs), as fvcore counts them.
 
     create_method("tome")                                           # ratio 0.5, attention only, last two scales
     create_method("tome", ratio=0.7, scales=[4, 5, 6], merge="attn+ffn")
@@ -45,6 +47,7 @@ from bench.registry import Method, Param, check_distinct_scales, clone_structure
 from methods import _tokens
 
 MERGE = ("attn", "ffn", "attn+ffn")
+METRIC = ("hidden", "keys")
 
 
 def dst_positions(pn: int) -> List[int]:
@@ -106,9 +109,9 @@ def _ln_mod(block, x, scale, shift):
 class ToMeBlock(nn.Module):
     """One AdaLNSelfAttn that merges tokens on the chosen scales; elsewhere it runs the block itself."""
 
-    def __init__(self, block, index: int, merged: Dict[int, int], merge: str):
+    def __init__(self, block, index: int, merged: Dict[int, int], merge: str, metric: str = "hidden"):
         super().__init__()
-        self.block, self.index, self.merged, self.merge = block, index, dict(merged), merge
+        self.block, self.index, self.merged, self.merge, self.metric = block, index, dict(merged), merge, metric
         self.last: Optional[Matching] = None     # the latest matching (tests read it)
 
     @property
@@ -125,8 +128,13 @@ class ToMeBlock(nn.Module):
             return self.block(x, cond_BD, attn_bias, cache, si)
         blk = self.block
         g1, g2, s1, s2, sh1, sh2 = blk.modulation(cond_BD)
-        m = self.last = Matching(x, int(round(math.sqrt(int(x.shape[1])))), r)
         u = _ln_mod(blk, x, s1, sh1)
+        if self.metric == "keys":     # the attention's keys of every token (all heads side by side; k has no bias)
+            C = int(x.shape[-1])
+            metric = F.linear(u, blk.attn.mat_qkv.weight[C:2 * C])
+        else:
+            metric = x
+        m = self.last = Matching(metric, int(round(math.sqrt(int(x.shape[1])))), r)
         a = m.unmerge(blk.attn(m.merge(u), None, cache)) if "attn" in self.merge else blk.attn(u, None, cache)
         x = x + a.mul_(g1)
         h = _ln_mod(blk, x, s2, sh2)
@@ -134,7 +142,7 @@ class ToMeBlock(nn.Module):
         return x + f.mul(g2)
 
 
-def predicted_macs(cfg, merged: Dict[int, int], merge: str, batch: int = 1) -> List[float]:
+def predicted_macs(cfg, merged: Dict[int, int], merge: str, batch: int = 1, metric: str = "hidden") -> List[float]:
     """Per-scale transformer MACs for `batch` images (CFG rows included): bench/analytic.py's terms over the merged
     token counts, the keys each layer's cache holds, and the similarity matmul. Data-independent (the counts are)."""
     from bench.analytic import dense_scale_macs
@@ -147,7 +155,7 @@ def predicted_macs(cfg, merged: Dict[int, int], merge: str, batch: int = 1) -> L
         t = n - r if "ffn" in merge else n
         keys += q
         nd = len(dst_positions(pn))
-        match = (n - nd) * nd * C if r else 0
+        match = ((n - nd) * nd * C + (n * C * C if metric == "keys" else 0)) if r else 0
         per_row = d * (q * 4 * C * C + q * keys * 2 * C + t * 2 * C * H + match)
         out.append(float(2 * batch * per_row + sm.head + sm.adaln + sm.word_embed))
     return out
@@ -163,6 +171,8 @@ class ToMe(Method):
         Param("scales", int, None, "merged scale indices (default: the last two)", low=0, list_ok=True,
               nullable=True),
         Param("merge", str, "attn", "sub-layers that run on the merged tokens", choices=MERGE),
+        Param("metric", str, "hidden", "what the matching compares: the block input (ToMe-SD) or the attention keys "
+              "of every token (ToMe-ViT's choice; one extra key projection)", choices=METRIC),
     )
 
     def check(self):
@@ -181,11 +191,11 @@ class ToMe(Method):
         merged = self.merged(bundle)
         var = clone_structure(bundle.var)
         for i, blk in enumerate(var.blocks):
-            var.blocks[i] = ToMeBlock(blk, i, merged, self.config["merge"])
+            var.blocks[i] = ToMeBlock(blk, i, merged, self.config["merge"], self.config["metric"])
         return var
 
     def analytic_macs(self, net, bundle, batch: int) -> Optional[List[float]]:
-        return predicted_macs(bundle.var.cfg, self.merged(bundle), self.config["merge"], batch)
+        return predicted_macs(bundle.var.cfg, self.merged(bundle), self.config["merge"], batch, self.config["metric"])
 
     def kv_cache_bytes(self, net, bundle, elem_bytes: int = 4) -> float:
         """Each layer caches the merged tokens of the merged scales (when attention merges) and every other token."""
@@ -203,4 +213,5 @@ class ToMe(Method):
 
     @property
     def label(self) -> str:
-        return f"tome r={self.config['ratio']:g} {self.config['merge']}"
+        keys = " keys" if self.config["metric"] == "keys" else ""
+        return f"tome r={self.config['ratio']:g} {self.config['merge']}{keys}"

@@ -76,6 +76,7 @@ def test_litevar_analytic_macs_equal_fvcore(tiny, params):
     {},
     dict(ratio=0.7, scales=[3, 4, 5, 6], merge="attn+ffn"),
     dict(ratio=0.3, merge="ffn"),
+    dict(metric="keys", scales=[1, 6]),
 ])
 def test_tome_analytic_macs_equal_fvcore(tiny, params):
     m = create_method("tome", **params)
@@ -252,6 +253,8 @@ def test_bad_parameters(tiny):
         (lambda: create_method("tome", merge="mlp"), r"merge='mlp' is not allowed; valid: one of attn, ffn, attn\+ffn"),
         (lambda: create_method("tome", scales=[5, 7]).build(tiny), r"scale index 7 out of range; valid: 0..6"),
         (lambda: create_method("tome", scales=[5, 5]), r"scales lists a scale twice"),
+        (lambda: create_method("tome", metric="queries"), r"metric='queries' is not allowed; valid: one of hidden, "
+                                                          r"keys"),
     ]
     for make, needle in cases:
         with pytest.raises(BenchError, match=needle) as e:
