@@ -47,6 +47,11 @@ def test_identity_is_bitwise_dense_on_the_default_model(default, name, identity,
     assert same_generation(same, dense)
     changed = generate(create_method(name, **other).build(default), default.vqvae, labels, 11, default.sampling)
     assert not same_generation(changed, dense)          # the defaults do act (so the identity is not vacuous)
+    from bench.precision import generation_dtype
+    with generation_dtype("bf16"):                      # under --dtype bf16 the identity is dense's bf16 run
+        dense = generate(default.var, default.vqvae, labels, 11, default.sampling)
+        same = generate(create_method(name, **identity).build(default), default.vqvae, labels, 11, default.sampling)
+    assert same_generation(same, dense)
 
 
 def test_litevar_window_covering_every_scale_is_the_identity_whatever_keep_first(default):
