@@ -27,7 +27,8 @@ below is our reading rather than the paper's text, it says so. Translation to ou
     conditional keys (share='output': and values) as stand-ins: a suffix of scales is shared, so no unconditional
     query ever reads them.
   * mixed precision (`precision`). 'linear-but-fc2' (default): the linear layers of the blocks (qkv, attention
-    projection, FFN fc1) compute in bfloat16 under torch.autocast, output cast back to float32, all but the FFN's fc2,
+    projection, FFN fc1) compute in bfloat16 under torch.autocast, output cast back to float32 (under --dtype bf16/fp16
+    left as autocast gives it, so the KV cache has the element size of --dtype as for dense), all but the FFN's fc2,
     whose input is the post-GELU activation (our reading of which part the paper keeps at higher precision: the
     outlier-heavy activation; not verified against its text); 'all-linear' puts fc2 in bf16 too; 'fp32' none.
     Translation: the paper quantises to low-bit formats (its 50% memory saving reads as 8-bit weights in place of
@@ -36,7 +37,8 @@ below is our reading rather than the paper's text, it says so. Translation to ou
     method setting: the param_precision and dtype columns say which.
 
 Identity: window=None, share='none', precision='fp32' — every block runs the unmodified block (bitwise dense; test).
-Scores, softmax inputs and the residual stream stay float32; the teacher-forced path (si None) is dense.
+Under --dtype fp32 the scores, softmax inputs and the residual stream stay float32; the teacher-forced path (si None)
+is dense.
 
 Cost (bench/analytic.py terms, per row and block): projections 4C² per token (share='map' unconditional rows: 2C²,
 their v and output projections; share='output': 0), scores 2C per (query, attended key) (share='map': C for the
@@ -123,8 +125,10 @@ class LiteVARBlock(nn.Module):
     def _linear(self, part, x, weight, bias):
         if not self.plan.low(part):
             return F.linear(x, weight, bias)
-        with torch.autocast(x.device.type, dtype=LOW_DTYPE):
-            return F.linear(x, weight, bias).float()
+        ambient = torch.is_autocast_enabled(x.device.type)   # --dtype bf16/fp16: keep what autocast gives (the
+        with torch.autocast(x.device.type, dtype=LOW_DTYPE):  # K/V element size the row's kv bytes assume)
+            y = F.linear(x, weight, bias)
+        return y if ambient else y.float()
 
     def forward(self, x, cond_BD, attn_bias=None, cache=None, si: Optional[int] = None):
         p = self.plan
