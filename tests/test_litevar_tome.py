@@ -144,6 +144,15 @@ def test_litevar_cache_keeps_the_window_and_its_bytes_say_so(tiny):
     assert m.kv_cache_bytes(net, tiny) == kv_bytes([1 + 25 + 36 + 64] * 2, 32, 2, 4)
     full = create_method("litevar", window=None)
     assert full.kv_cache_bytes(net, tiny) == create_method("dense").kv_cache_bytes(tiny.var, tiny)
+    from bench.precision import generation_dtype
+    low = create_method("litevar").build(tiny)                           # bf16 linears: K/V cast back under fp32,
+    orig_low = low.new_caches
+    low.new_caches = lambda: caches.append(orig_low()) or caches[-1]
+    for dtype, elem in (("fp32", torch.float32), ("bf16", torch.bfloat16)):   # --dtype's element size otherwise
+        caches.clear()
+        with generation_dtype(dtype):
+            generate(low, tiny.vqvae, LABELS, 0, SAMPLING, decode=False)
+        assert all(c.k.dtype == c.v.dtype == elem for c in caches[0])
 
 
 def test_litevar_cfg_sharing_gives_the_unconditional_rows_the_conditional_attention(tiny):
