@@ -49,6 +49,13 @@ class Setting:
     def dest(self) -> str:
         return self.cli_flag[2:].replace("-", "_")
 
+    @property
+    def aliases(self) -> Tuple[str, ...]:
+        """Other flags of the setting: the method parameter's own name (--finetune-steps beside --steps), so the name
+        a sweep or `run --set` uses works for `prepare` too."""
+        own = "--" + self.name.replace("_", "-")
+        return (own,) if own != self.cli_flag else ()
+
     def rule(self) -> str:
         """The valid values in words, as the CLI states them (e.g. '>= 0', 'in (0, 1]', 'one of a, b')."""
         p = self.param
@@ -116,7 +123,8 @@ class Recipe:
 
     def __init__(self, *settings: Setting, fixed: Optional[Mapping[str, Mapping[str, Any]]] = None,
                  nested: Optional[Mapping[str, Mapping[str, str]]] = None):
-        for what, xs in (("name", [s.name for s in settings]), ("flag", [s.cli_flag for s in settings])):
+        for what, xs in (("name", [s.name for s in settings]),
+                         ("flag", [f for s in settings for f in (s.cli_flag, *s.aliases)])):
             dup = sorted({x for x in xs if xs.count(x) > 1})
             if dup:
                 raise RuntimeError(f"recipe declares the {what} {dup[0]!r} twice")
@@ -205,8 +213,9 @@ class Recipe:
         for s in self.settings:
             p = s.param
             default = s.text(p.default) if p.default is not None else "unset"
-            parser.add_argument(s.cli_flag, dest=s.dest, default=None, metavar=p.type.__name__.upper(),
-                                help=f"{p.help} ({s._what()}; default {default})")
+            also = f"; sweeps and run --set: {s.name}" if s.sweep and s.aliases else ""
+            parser.add_argument(s.cli_flag, *s.aliases, dest=s.dest, default=None, metavar=p.type.__name__.upper(),
+                                help=f"{p.help} ({s._what()}; default {default}{also})")
 
     def from_args(self, args, method_cls=None) -> Dict[str, Any]:
         """The typed values of every setting from parsed CLI arguments (absent flags: the declared defaults); with

@@ -277,3 +277,51 @@ def test_the_training_folder_or_a_folder_without_classes_is_refused_as_reference
     assert code == 2 and err == f"error: reference folder {flat} has no class subfolders; valid layout: " \
                                 "DIR/<class>/*.png (one subfolder per class, as a training folder), or an .npz", err
     assert not (tmp_path / "res").exists() and not (tmp_path / "out.json").exists()
+
+
+# ---------------------------------------------------------------- 9. a 60-step fine-tune is found by its users
+SWEEP_60 = """models: [tiny]
+samples: 16
+batch_size: 8
+points:
+  dmoe:
+    method: dmoe
+    params: {tau: 0.7, finetune_steps: 60, router_steps: 2}
+    twins:
+      static:
+        method: pruned-ffn
+        params: {match_clamp: true, calib_images: 8}
+        from_parent: {match_macs: macs_analytic_all}
+"""
+
+
+def test_a_60_step_finetune_is_found_by_pruned_ffn_and_by_a_sweep_asking_for_60_steps(tmp_path, capsys,
+                                                                                     monkeypatch):
+    """`prepare dmoe --steps 60` made the fine-tune; `prepare pruned-ffn` had no flag by the method parameter's name
+    (finetune_steps) and a sweep's Pruned-FFN twin of a finetune_steps=60 DMoE point looked for the 300-step one."""
+    monkeypatch.setenv("VARBENCH_CACHE", str(tmp_path / "cache"))
+    small = ["--model", "tiny", "--threads", 1]
+    code, out, err = _cli(["prepare", "dmoe", *small, "--steps", 60, "--batch", 2, "--images", 8, "--eval-images", 4,
+                           "--router-images", 8, "--router-steps", 2], capsys)
+    assert code == 0, err
+    code, out, err = _cli(["prepare", "pruned-ffn", *small, "--finetune-steps", 60, "--calib-images", 8], capsys)
+    assert code == 0 and "prepared pruned-ffn" in out, err
+    code, out, err = _cli(["prepare", "pruned-ffn", *small, "--steps", 60, "--calib-images", 8], capsys)
+    assert code == 0, err                                             # --steps: the same setting
+    spec = tmp_path / "ft60.yaml"
+    spec.write_text(SWEEP_60)
+    code, out, err = _cli(["sweep", spec, "--dry-run", "--results", tmp_path / "res"], capsys)
+    assert code == 0, err
+    assert '"finetune_steps":60' in out.split("tiny/dmoe/static")[1].splitlines()[0], out   # the twin: 60 steps
+    spec.write_text(SWEEP_60.replace("finetune_steps: 60", "finetune_steps: 59"))        # asks for what is not there
+    code, out, err = _cli(["sweep", spec, "--dry-run", "--results", tmp_path / "res"], capsys)
+    assert code == 2 and "no prepared dmoe-finetune artifact" in err and "--steps 59" in err, err
+
+
+def test_twins_inherit_only_the_settings_they_share_with_the_parent():
+    from bench.sweep.trials import shared_settings, twin_params
+    assert shared_settings("dmoe", "pruned-ffn") == ["hoyer_weight", "finetune_steps", "prepare_seed"]
+    assert shared_settings("dmoe", "dense") == []
+    got = twin_params("dmoe", dict(tau=0.7, finetune_steps=60, prepare_seed=3), "pruned-ffn",
+                      dict(prepare_seed=1, match_clamp=True))
+    assert got == dict(match_clamp=True, prepare_seed=1, finetune_steps=60)   # the twin's own value wins

@@ -54,7 +54,9 @@ def test_flags_defaults_params_and_keys_come_from_one_declaration(name, tiny):
     recipe = cls.recipe
     parser = method_parser(name, cls, argparse.ArgumentParser)
     flags = {f for a in parser._actions for f in a.option_strings}
-    assert flags - COMMON_FLAGS - {"-v", "-q", "--verbose", "--quiet"} == {s.cli_flag for s in recipe.settings}
+    # each setting's flag, and its method parameter's name where that differs (--steps and --finetune-steps)
+    assert flags - COMMON_FLAGS - {"-v", "-q", "--verbose", "--quiet"} == {f for s in recipe.settings
+                                                                           for f in (s.cli_flag, *s.aliases)}
     assert {"-q", "-v"} <= flags
     # no flag given: the recipe's defaults, which are the method parameters' defaults (the same Param objects)
     values = parse(name)

@@ -40,7 +40,8 @@ YAML schema (every key optional except `points`; sweeps/tau.yaml is a commented 
         twins:                 # one extra trial per point of this entry, scheduled after it
           TWIN:
             method: pruned-ffn
-            params: {scales: [4, 5, 6]}
+            params: {scales: [4, 5, 6]}    # + the parent's values of settings both declare alike and the twin
+                                           #   leaves out (a DMoE point's finetune_steps: the same fine-tune)
             from_parent: {match_macs: macs_analytic_all}   # param <- that column of the parent's row
     quick: {samples: 16, points.dmoe.grid.tau: [1.0, 0.6]}   # dotted overrides applied by --quick
     preset: imagenet           # a named protocol (bench/presets.py): its samples and sampling fill the keys the YAML

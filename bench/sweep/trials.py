@@ -47,6 +47,29 @@ def model_key(m) -> str:
     return base + (f"-d{m['depth']}" if m.get("depth") else "")
 
 
+def shared_settings(parent_method: str, twin_method: str) -> List[str]:
+    """Parameters two methods declare with the same Param object: one recipe setting (bench.recipe) naming the same
+    artifact, e.g. DMoE's fine-tune (hoyer_weight, finetune_steps, prepare_seed) that a Pruned-FFN twin prunes."""
+    from bench.registry import method_class
+    try:
+        a, b = method_class(parent_method).params, method_class(twin_method).params
+    except BenchError:   # an unknown method: the spec's checks name it
+        return []
+    return [p.name for p in b if any(p is q for q in a)]
+
+
+def twin_params(parent_method: str, parent_params: Dict[str, Any], twin_method: str,
+                twin: Dict[str, Any]) -> Dict[str, Any]:
+    """A twin's fixed parameters: its own, and the parent's values of the settings they share (shared_settings)
+    that the twin does not set: a DMoE point with finetune_steps=60 gets a Pruned-FFN twin on that fine-tune, not
+    on the default 300-step one."""
+    out = dict(twin)
+    for p in shared_settings(parent_method, twin_method):
+        if p in parent_params and p not in out:
+            out[p] = parent_params[p]
+    return out
+
+
 def expand(spec: dict) -> List[Trial]:
     """The sweep's trials in run order: per model, per entry, the product of its axes; twins after parents."""
     trials: List[Trial] = []
@@ -63,9 +86,11 @@ def expand(spec: dict) -> List[Trial]:
                           for combo in (itertools.product(*[v for _, v in axes]) if axes else [()])]
             for ax in points:
                 pid = f"{mk}/{name}" + (f"/{_axes_text(ax)}" if ax else "")
-                trials.append(Trial(pid, m, name, e["method"], {**e["params"], **ax}, ax))
+                params = {**e["params"], **ax}
+                trials.append(Trial(pid, m, name, e["method"], params, ax))
                 for tname, t in e["twins"].items():
-                    trials.append(Trial(f"{pid}/{tname}", m, name, t["method"], dict(t["params"]), ax, tname,
+                    trials.append(Trial(f"{pid}/{tname}", m, name, t["method"],
+                                        twin_params(e["method"], params, t["method"], t["params"]), ax, tname,
                                         pid, dict(t["from_parent"]), phase=1))
     ids = [t.point_id for t in trials]
     dup = sorted({i for i in ids if ids.count(i) > 1})
