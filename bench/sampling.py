@@ -6,9 +6,10 @@ VQ-VAE's Φ. `scale_fn` and `timer` let the measurement path count FLOPs and tim
 same generation. Under bench.precision.generation_dtype (--dtype bf16/fp16) the transformer forward runs in
 autocast; its logits and all that follows stay float32.
 
-Step skipping: a net may define `scale_rows(si, x_in, B)` -> None (all B images run scale si) or a bool (B,)
-mask. Images outside the mask get tokens -1 at si and nothing added to f_hat there (so the decoder sees the map
-of the scales they ran, already upsampled to full size); when no image runs si, the net is not called at all.
+Step skipping: a net may define `scale_rows(si, x_in, B, f_hat)` -> None (all B images run scale si) or a bool
+(B,) mask; f_hat is the full-size sum of the scales run so far (read-only: SkipVAR measures it). Images outside the
+mask get tokens -1 at si and nothing added to f_hat there (so the decoder sees the map of the scales they ran,
+already upsampled to full size); when no image runs si, the net is not called at all.
 """
 from __future__ import annotations
 
@@ -113,7 +114,7 @@ def generate(net, vqvae, labels: Optional[torch.Tensor], seed: Optional[int], sa
     scale_rows = getattr(net, "scale_rows", None)   # step skipping hook (methods/_steps.py)
     for si, pn in enumerate(pns):
         ratio = si / (S - 1)
-        run = scale_rows(si, x_in, B) if scale_rows is not None else None   # None: every image runs scale si
+        run = scale_rows(si, x_in, B, f_hat) if scale_rows is not None else None   # None: every image runs si
         if run is not None and not bool(run.any()):   # nobody runs it: no transformer work, f_hat unchanged
             tokens.append(torch.full((B, pn * pn), -1, dtype=torch.long, device=device))
             if si != S - 1:

@@ -34,7 +34,7 @@ class StepPolicy:
         return None
 
     def decide(self, si: int, x_in, B: int, net: "StepNet") -> None:
-        pass
+        """x_in: the input map of scale si (None at 0); net.f_hat: the full-size sum of the scales run so far."""
 
     def reset(self) -> None:
         """Forget recorded statistics (StepNet.reset_stats)."""
@@ -57,6 +57,7 @@ class StepNet(nn.Module):
         self.stop: List[int] = []
         self.nocfg: List[int] = []
         self._cache_rows: List[int] = []
+        self.f_hat: Optional[torch.Tensor] = None   # while the policy decides: the sampler's full-size map
         self.reset_stats()
 
     # -- the sampler interface ----------------------------------------------------------------------------------
@@ -79,12 +80,14 @@ class StepNet(nn.Module):
             raise RuntimeError(f"step plan out of range: stop={self.stop} nocfg={self.nocfg}")
 
     @torch.no_grad()
-    def scale_rows(self, si: int, x_in, B: int) -> Optional[torch.Tensor]:
+    def scale_rows(self, si: int, x_in, B: int, f_hat=None) -> Optional[torch.Tensor]:
+        self.f_hat = f_hat
         if si == 0:
             plan = self.policy.fixed(len(self.patch_nums))
             self.set_plan(B, *(plan if plan is not None else (len(self.patch_nums),) * 2))
             self.images += B
         self.policy.decide(si, x_in, B, self)
+        self.f_hat = None
         if si == len(self.patch_nums) - 1:
             self.plans.extend(zip(self.stop, self.nocfg))
         if all(s > si for s in self.stop):
