@@ -41,6 +41,8 @@ SETUPS = {
     "pruned-ffn": dict(params=dict(finetune_steps=DMOE["finetune_steps"], fraction=0.25, calib_images=4),
                        prepare=_dmoe),
     "fixed-tokens": dict(params=dict(token_rate=0.75, criterion="norm")),
+    # the release rule's decision models, fitted on first use on a few tiny samples (the default fits 512)
+    "skipvar": dict(params=dict(fit_samples=8)),
     "compose": dict(params={"weight": "pruned-ffn", "token": "fixed-tokens", "weight.weights": "original",
                             "weight.fraction": 0.25, "weight.calib_images": 4, "token.token_rate": 0.75,
                             "token.criterion": "random"}),

@@ -1,5 +1,6 @@
-"""The field's training-free accelerators (issue 13): skip-scales, cfg-skip (methods/_steps.py), fastvar, skipvar —
-their rules asserted on outcomes on the tiny model, their MACs analytic == fvcore, their bad parameters."""
+"""The field's training-free accelerators (issue 13): skip-scales, cfg-skip (methods/_steps.py), fastvar — their
+rules asserted on outcomes on the tiny model, their MACs analytic == fvcore, their bad parameters (skipvar's:
+tests/test_skipvar.py)."""
 import os
 
 import pytest
@@ -192,47 +193,7 @@ def test_cli_bad_parameter_is_one_line_exit_2(method, setting, needle, tmp_path)
     assert not res.exists()
 
 
-# ---------------------------------------------------------------------------------------------- skipvar
-def test_skipvar_chooses_a_strategy_per_sample(tiny):
-    labels = torch.tensor([0, 1, 2, 3, 4, 5])
-    probe = create_method("skipvar", skip_below=0.0, uncond_below=0.0).build(tiny)    # nobody acts: measures only
-    generate(probe, tiny.vqvae, labels, 4, SAMPLING, decode=False)
-    v = probe.policy.values
-    assert len(v) == 6 and len(set(v)) == 6
-    s = sorted(v)
-    m = create_method("skipvar", skip_below=(s[1] + s[2]) / 2, uncond_below=(s[3] + s[4]) / 2)
-    net = m.build(tiny)
-    seen = block_rows(net, tiny.var)
-    reset(net)
-    gen = generate(net, tiny.vqvae, labels, 4, SAMPLING, decode=False)
-    assert net.policy.values == v                                   # same measure: dense up to the decision scale
-    skip = [x < s[2] for x in v]
-    unc = [s[2] <= x < s[4] for x in v]
-    assert (gen.tokens[6] == -1).all(dim=1).tolist() == skip        # skippers: no tokens at the last scale
-    assert (gen.tokens[5] >= 0).all()
-    assert seen[4] == [12] and seen[5] == [6 + 4] and seen[6] == [4 + 2]   # cond rows + the remaining uncond rows
-    an = macs_match(m, net, tiny, labels, seed=4)                  # the same generation, counted
-    row = m.row_metrics(net, tiny)
-    assert (row["skipvar_share_skip"], row["skipvar_share_uncond"], row["skipvar_share_dense"]) == \
-        (pytest.approx(1 / 3, abs=1e-3),) * 3
-    assert sum(unc) == 2 and 0 < row["macs_saved_fraction"] < 1 and an[6] > 0
-
-
-def test_skipvar_bad_parameters(tiny):
-    with pytest.raises(BenchError, match=r"uncond_below=0.1 is below skip_below=0.2"):
-        create_method("skipvar", uncond_below=0.1)
-    with pytest.raises(BenchError, match=r"decision_scale=5 leaves 1 scale\(s\) after it, fewer than skip=1 / "
-                                         r"uncond=2 act on; valid: decision_scale 1..4 with these, or skip and uncond 1..1"):
-        create_method("skipvar", decision_scale=5).check_model(tiny)
-    with pytest.raises(BenchError, match=r"decision_scale=6 must follow scale 0 .*; valid: 1..5"):
-        create_method("skipvar", decision_scale=6).check_model(tiny)
-    for name in ("skip", "uncond"):      # 6 of 7 scales would leave the decision no scale to follow
-        with pytest.raises(BenchError, match=rf"{name}=6 is out of range for a model with 7 scales .*; valid: 1..5"):
-            create_method("skipvar", **{name: 6}).check_model(tiny)
-    with pytest.raises(BenchError, match=r"measure='fft' is not allowed; valid: one of diff, ratio"):
-        create_method("skipvar", measure="fft")
-    with pytest.raises(BenchError, match=r"skip=7 is out of range"):
-        create_method("skipvar", skip=7).build(tiny)
+# skipvar: tests/test_skipvar.py
 
 
 # ---------------------------------------------------------------------------------------------- the field report

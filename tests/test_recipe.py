@@ -24,6 +24,8 @@ def artifact_keys(m, bundle) -> dict:
         return {"dmoe-finetune": m.finetune_key(), "dmoe-experts": m.experts_key()}
     if m.name == "pruned-ffn":
         return {"pruned-calib": m.calib_key(bundle), "dmoe-finetune": m.finetune_key()}
+    if m.name == "skipvar":
+        return {"skipvar-decision": m.artifact_key(bundle)}
     return {"actvar": m.artifact_key(bundle)}
 
 
@@ -45,7 +47,7 @@ def other_value(s: Setting):
 
 
 def test_preparable_methods_are_the_ones_declaring_a_recipe():
-    assert set(preparable_methods()) == {"dmoe", "pruned-ffn", "actvar", "actvar-tokens", "actvar-experts"}
+    assert set(preparable_methods()) == {"dmoe", "pruned-ffn", "actvar", "actvar-tokens", "actvar-experts", "skipvar"}
 
 
 @pytest.mark.parametrize("name", ["dmoe", "pruned-ffn", "actvar", "actvar-tokens", "actvar-experts"])
@@ -157,6 +159,7 @@ SHIPPED_USERS = [
     ("actvar-tokens", dict(scales=[5, 6], steps2=0)), ("actvar-experts", dict(scales=[5, 6], steps2=0)),
     ("actvar", dict(scales=[5, 6], token_rate=[0.5, 0.25], weight_rate=0.5, train_token_rate=0.75,
                     train_weight_rate=0.75)),
+    ("skipvar", {}), ("skipvar", dict(ssim_target=0.86)), ("skipvar", dict(ssim_target=0.88)),
 ]
 
 
