@@ -71,6 +71,11 @@ def data_scope(bundle, data: Optional[str] = None) -> dict:
     return {"data": data_identity(data), **mirrored}
 
 
+# what token_data does with a count of images, in the words of the prepare flags that set one
+MIRRORS = (" (doubled by mirrored copies only where the data is mirrored: shapes, or the model's own folder if it "
+           "was trained with mirroring; an image folder is not)")
+
+
 def token_data(bundle, count: int, split: str = "train", data: Optional[str] = None, seed: int = 0):
     """Tokens (list per scale, int16) and labels of a class-stratified sample of real images of a split
     (bench/data.py: held-out splits never overlap training), with mirrored copies (2·count rows) only where the

@@ -87,7 +87,7 @@ SETTINGS = (
     Setting(Param("batch", int, 16, "images per step", low=1), artifacts=(KIND,)),
     Setting(Param("lr1", float, 1e-3, "stage 1 peak lr", low=0.0, low_open=True), artifacts=(KIND,)),
     Setting(Param("lr2", float, 2e-4, "stage 2 peak lr", low=0.0, low_open=True), flag="--lr", artifacts=(KIND,)),
-    Setting(Param("images", int, 1000, "training images (x2 with mirrors)", low=1), artifacts=(KIND,)),
+    Setting(Param("images", int, 1000, "training images" + _moe.MIRRORS, low=1), artifacts=(KIND,)),
     Setting(Param("eval_images", int, 64, "validation images for the losses", low=1), artifacts=(KIND,)),
 )
 _NOT_IN = {"both": (), "tokens": ("weight_rate", "experts"), "experts": ("token_rate",)}

@@ -52,7 +52,7 @@ RECIPE = Recipe(
             flag="--seed", artifacts=(FINETUNE, EXPERTS), key="seed", sweep=True),
     Setting(Param("batch", int, 32, "fine-tune batch", low=1), artifacts=(FINETUNE,)),
     Setting(Param("lr", float, 2e-4, "fine-tune peak lr", low=0.0, low_open=True), artifacts=(FINETUNE,)),
-    Setting(Param("images", int, 2000, "fine-tune images (x2 with mirrors)", low=1), artifacts=(FINETUNE,)),
+    Setting(Param("images", int, 2000, "fine-tune images" + _moe.MIRRORS, low=1), artifacts=(FINETUNE,)),
     Setting(Param("eval_images", int, 128, "held-out images for the before/after losses", low=1),
             artifacts=(FINETUNE,)),
     Setting(Param("router_images", int, 256, "router training images", low=1), artifacts=(EXPERTS,)),

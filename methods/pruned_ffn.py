@@ -48,7 +48,7 @@ RECIPE = Recipe(
                   nullable=True), artifacts=(CALIB,), key="scales", sweep=True),
     Setting(Param("weights", str, "finetuned", "the ReLU fine-tuned DMoE model or the original one",
                   choices=("finetuned", "original")), artifacts=(CALIB,), key="weights", sweep=True),
-    Setting(Param("calib_images", int, 256, "calibration images (x2 with mirrors)", low=1),
+    Setting(Param("calib_images", int, 256, "calibration images" + _moe.MIRRORS, low=1),
             artifacts=(CALIB,), key="images", sweep=True),
     DMOE_RECIPE["hoyer_weight"],
     DMOE_RECIPE["finetune_steps"],

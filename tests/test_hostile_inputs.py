@@ -325,3 +325,22 @@ def test_twins_inherit_only_the_settings_they_share_with_the_parent():
     got = twin_params("dmoe", dict(tau=0.7, finetune_steps=60, prepare_seed=3), "pruned-ffn",
                       dict(prepare_seed=1, match_clamp=True))
     assert got == dict(match_clamp=True, prepare_seed=1, finetune_steps=60)   # the twin's own value wins
+
+
+# --------------------------------------------------------------------------- 10. prepare --help tells the truth
+@pytest.mark.parametrize("method,flag", [("dmoe", "--images"), ("actvar", "--images"),
+                                         ("pruned-ffn", "--calib-images")])
+def test_prepare_help_says_which_images_are_mirrored(method, flag, tiny, tmp_path, capsys):
+    """The help said every image count is doubled "with mirrors"; an image folder is not mirrored."""
+    from bench.cli import main
+    with pytest.raises(SystemExit) as e:
+        main(["prepare", method, "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert e.value.code == 0 and "with mirrors)" not in out
+    assert f"{flag} INT" in out and "only where the data is mirrored: shapes, or the model's own folder if it was " \
+                                    "trained with mirroring; an image folder is not" in out
+    from methods import _moe
+    from tests.imagefolder import make_image_folder
+    root = make_image_folder(tmp_path / "imgs", per_class=(4, 4, 4, 4))
+    assert len(_moe.token_data(tiny, 4, data="shapes")[1]) == 8           # shapes: doubled
+    assert len(_moe.token_data(tiny, 4, data=root)[1]) == 4               # a folder: not
