@@ -38,8 +38,9 @@ unconditional-branch model on all samples (the release applies it only where the
 
 `rule=threshold`: the earlier fixed-threshold variant (not the release): one measure (`measure=diff`: HF_diff
 relative to the new image's mean gradient; `ratio`: the FFT share) below `skip_below` skips the last `skip`
-scales, else below `uncond_below` drops the unconditional branch on the last `uncond`; its parameters are refused
-under rule=release.
+scales, else below `uncond_below` drops the unconditional branch on the last `uncond` (defaults 1 and 2, thresholds
+at the tertiles of measure=diff on the embedded default: about a third of its samples each); its parameters are
+refused under rule=release.
 """
 from __future__ import annotations
 
@@ -58,7 +59,8 @@ from methods import _steps
 
 KIND = "skipvar-decision"
 FILE = "decision.json"
-THRESHOLD_DEFAULTS = dict(skip=1, uncond=2, measure="diff", skip_below=0.2, uncond_below=0.23)
+# the threshold rule's defaults: tertiles of measure=diff on the embedded default (256 samples, decision after scale 4)
+THRESHOLD_DEFAULTS = dict(skip=1, uncond=2, measure="diff", skip_below=0.052, uncond_below=0.078)
 RELEASE_TARGETS = (0.84, 0.86, 0.88)
 
 RECIPE = Recipe(
@@ -144,10 +146,10 @@ class SkipVAR(Method):
               low=1, nullable=True),
         Param("measure", str, None, "rule=threshold: diff (HF_diff relative to the new image's mean gradient, "
               "default) or ratio (FFT high-frequency share)", choices=("diff", "ratio"), nullable=True),
-        Param("skip_below", float, None, "rule=threshold: a measure below this skips (default 0.2)", low=0.0,
+        Param("skip_below", float, None, "rule=threshold: a measure below this skips (default 0.052)", low=0.0,
               nullable=True),
         Param("uncond_below", float, None, "rule=threshold: else below this drops the unconditional branch "
-              "(default 0.23)", low=0.0, nullable=True),
+              "(default 0.078)", low=0.0, nullable=True),
     )
     artifacts = (KIND,)
     recipe = RECIPE

@@ -229,8 +229,8 @@ def test_bad_parameters(tiny, tmp_path, monkeypatch):
     with pytest.raises(BenchError, match=r"decision_scale=4 leaves 2 scale\(s\) after it, fewer than max_last=3 act "
                                          r"on; valid: decision_scale 1..3 with these"):
         create_method("skipvar", decision_scale=4).check_model(tiny)
-    with pytest.raises(BenchError, match=r"uncond_below=0.1 is below skip_below=0.2"):
-        create_method("skipvar", rule="threshold", uncond_below=0.1)
+    with pytest.raises(BenchError, match=r"uncond_below=0.01 is below skip_below=0.052"):
+        create_method("skipvar", rule="threshold", uncond_below=0.01)
     with pytest.raises(BenchError, match=r"skip=6 is out of range for a model with 7 scales .*; valid: 1..5"):
         create_method("skipvar", rule="threshold", skip=6).check_model(tiny)
     with pytest.raises(BenchError, match=r"measure='fft' is not allowed; valid: one of diff, ratio"):
