@@ -637,7 +637,7 @@ def measure(bundle, method, *, samples: int, seed: int = 0, sampling=None, batch
     from bench.quality import quality_metrics
     from bench.records import EnvironmentRecord, MethodSetup, ResolveRecord, RunIdentity, RunSetup, RunTimes
     from bench.registry import Method, create_method
-    from bench.results import append_row, new_run_id
+    from bench.results import append_row, new_run_id, row_json
 
     t_start, started_at = time.perf_counter(), _now()
     if not isinstance(method, Method):
@@ -761,7 +761,7 @@ def measure(bundle, method, *, samples: int, seed: int = 0, sampling=None, batch
     except OSError as e:
         raise RowNotStored(f"the measurement finished but its row could not be written to {results_dir} "
                            f"({e.strerror or e}); the row is printed on standard output as one JSON line",
-                           json.dumps(row, default=str)) from None
+                           row_json(row)) from None
     store.clear()   # the row holds the measurement: its batch checkpoints are no longer needed
     logger.info(f"row {row['run_id']} -> {path} ({row['wall_s']:.1f} s)")
     return row

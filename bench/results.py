@@ -102,6 +102,20 @@ def _plain(v):
     return v
 
 
+def _json_plain(v):
+    """_plain, also inside mappings: a value JSON writes as standard JSON (non-finite numbers as null)."""
+    if isinstance(v, dict):
+        return {str(k): _json_plain(x) for k, x in v.items()}
+    v = _plain(v)
+    return [_json_plain(x) for x in v] if isinstance(v, list) else v
+
+
+def row_json(row: Dict[str, Any]) -> str:
+    """A row as one line of standard JSON, as it would be stored: NaN and Inf are null (bare NaN is not JSON, and
+    a non-finite number never reaches a row); other values JSON cannot hold as their text."""
+    return json.dumps(_json_plain(row), default=str, allow_nan=False)
+
+
 def _column(name: str, value):
     import pyarrow as pa
     value = _plain(value)

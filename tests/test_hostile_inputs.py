@@ -344,3 +344,33 @@ def test_prepare_help_says_which_images_are_mirrored(method, flag, tiny, tmp_pat
     root = make_image_folder(tmp_path / "imgs", per_class=(4, 4, 4, 4))
     assert len(_moe.token_data(tiny, 4, data="shapes")[1]) == 8           # shapes: doubled
     assert len(_moe.token_data(tiny, 4, data=root)[1]) == 4               # a folder: not
+
+
+# --------------------------------------------------------------- 11. the JSON of an unstored row is standard JSON
+def test_the_row_printed_when_it_cannot_be_stored_is_standard_json(tmp_path, capsys, monkeypatch, classifier):
+    """RowNotStored's line held bare NaN (not JSON; strict parsers refuse it) for the metrics not computed."""
+    import bench.results
+
+    def full(results_dir, row):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(bench.results, "append_row", full)
+    res, cache = tmp_path / "results", tmp_path / "cache"
+    code, out, err = _cli(["run", "--model", "tiny", "--samples", 12, "--batch-size", 4, "--results", res,
+                           "--classifier", classifier, "--reference-count", 16, "--metrics", "fid", "--bootstrap", 0,
+                           "--timing-rounds", 0, "--cache-dir", cache, "--threads", 1], capsys)
+    assert code == 2 and "its row could not be written" in err.splitlines()[-1]
+    line = out.strip().splitlines()[-1]
+
+    def strict(text):
+        raise AssertionError(f"not JSON: {text}")
+    row = json.loads(line, parse_constant=strict)                    # NaN / Infinity / -Infinity are refused
+    assert row["model"] == "tiny" and row["precision"] is None and row["fid_ci_low"] is None
+    assert isinstance(row["fid"], float)
+
+
+def test_row_json_writes_null_for_every_non_finite_number():
+    import numpy as np
+    from bench.results import row_json
+    text = row_json(dict(a=float("nan"), b=[1.0, float("inf")], c={"x": np.float64("nan"), "y": (1, -np.inf)},
+                         d=np.array([1.0, np.nan]), e="s"))
+    assert json.loads(text) == dict(a=None, b=[1.0, None], c={"x": None, "y": [1, None]}, d=[1.0, None], e="s")
