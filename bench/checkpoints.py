@@ -27,12 +27,17 @@ def _unreadable(path: str, what: str, err: Exception, size: Optional[int] = None
     """Our own one-line words for why a weights file could not be read (torch's text is long and suggests
     `weights_only=False`, which we never do)."""
     text = str(err)
+    low = text.lower()   # torch's wording varies: "Unsupported global: GLOBAL x", "unsupported GLOBAL posix.system"
     if (os.path.getsize(path) if size is None else size) == 0:
         why = "the file is empty (0 bytes)"
-    elif "Unsupported global" in text:
+    elif "unsupported global" in low:
         name = re.search(r"GLOBAL ([\w.]+)", text)
         why = (f"it contains pickled Python objects{' (' + name.group(1) + ')' if name else ''}, not only tensors; "
                "refused without running them. Re-save it as a state dict of tensors or as .safetensors")
+    elif "weights only load failed" in low or "weightsunpickler error" in low:   # e.g. a plain pickle.dump
+        why = ("it is a pickle the tensor-only loader cannot read (pickled Python objects, or a pickle that "
+               "torch.save did not write); refused without running it. Re-save it as a state dict of tensors "
+               "(torch.save) or as .safetensors")
     elif isinstance(err, (EOFError,)) or "central directory" in text or "truncated" in text or "too small" in text:
         why = "the file is truncated or corrupt"
     else:

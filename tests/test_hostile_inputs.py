@@ -374,3 +374,40 @@ def test_row_json_writes_null_for_every_non_finite_number():
     text = row_json(dict(a=float("nan"), b=[1.0, float("inf")], c={"x": np.float64("nan"), "y": (1, -np.inf)},
                          d=np.array([1.0, np.nan]), e="s"))
     assert json.loads(text) == dict(a=None, b=[1.0, None], c={"x": None, "y": [1, None]}, d=[1.0, None], e="s")
+
+
+# ------------------------------------------------------------------- 12. the pickle refusal names pickles
+class _Reduces:
+    """Unpickles by calling os.getpid (harmless; a real attack would call os.system): torch's message for a blocked
+    module reads 'unsupported GLOBAL posix.getpid', which the refusal did not recognise."""
+
+    def __reduce__(self):
+        return (os.getpid, ())
+
+
+class _Plain:
+    pass
+
+
+@pytest.mark.parametrize("obj,name", [(_Reduces(), "getpid"), (_Plain(), "_Plain")])
+def test_a_pickled_object_is_refused_in_our_words(obj, name, tmp_path):
+    import torch
+    from bench.checkpoints import read_state_dict
+    path = tmp_path / "evil.pth"
+    torch.save({"w": torch.zeros(2), "x": obj}, str(path))
+    with pytest.raises(BenchError) as e:
+        read_state_dict(str(path), "VAR checkpoint")
+    msg = str(e.value)
+    assert msg.startswith(f"cannot read VAR checkpoint {path}: it contains pickled Python objects (") and name in msg
+    assert "refused without running them" in msg and "\n" not in msg
+
+
+def test_a_plain_pickle_is_refused_as_a_pickle(tmp_path):
+    import pickle
+    from bench.checkpoints import read_state_dict
+    path = tmp_path / "raw.pth"
+    with open(path, "wb") as f:
+        pickle.dump({"x": _Reduces()}, f, protocol=4)
+    with pytest.raises(BenchError, match=r"it is a pickle the tensor-only loader cannot read .*refused without "
+                                         r"running it"):
+        read_state_dict(str(path), "VAR checkpoint")
