@@ -23,7 +23,32 @@ _WRAPPER_KEYS = ("state_dict", "model", "var_wo_ddp", "module")
 MASK_BUFFERS = ("attn_bias_for_masking",)
 
 
-def _unreadable(path: str, what: str, err: Exception, size: Optional[int] = None) -> BenchError:
+def _is_pickle(path: str, head: Optional[bytes]) -> bool:
+    """Does the file start as a pickle of protocol 2-5 (PROTO opcode, then opcodes that parse), e.g. a plain
+    pickle.dump? Random bytes also fail the tensor-only loader, as an unsupported operand: those are 'corrupt'.
+    Nothing is unpickled here: pickletools only reads the opcodes."""
+    import pickletools
+    if head is None:
+        try:
+            with open(path, "rb") as f:
+                head = f.read(64)
+        except OSError:
+            return False
+    if not (len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5):
+        return False
+    n = 0
+    try:
+        for op, _, _ in pickletools.genops(io.BytesIO(head[:64])):
+            n += 1
+            if n >= 5 or op.name == "STOP":
+                return True
+    except Exception:   # noqa: BLE001  (genops raises ValueError and others at an unknown opcode or the cut)
+        pass
+    return n >= 5
+
+
+def _unreadable(path: str, what: str, err: Exception, size: Optional[int] = None,
+                head: Optional[bytes] = None) -> BenchError:
     """Our own one-line words for why a weights file could not be read (torch's text is long and suggests
     `weights_only=False`, which we never do)."""
     text = str(err)
@@ -34,7 +59,7 @@ def _unreadable(path: str, what: str, err: Exception, size: Optional[int] = None
         name = re.search(r"GLOBAL ([\w.]+)", text)
         why = (f"it contains pickled Python objects{' (' + name.group(1) + ')' if name else ''}, not only tensors; "
                "refused without running them. Re-save it as a state dict of tensors or as .safetensors")
-    elif "weights only load failed" in low or "weightsunpickler error" in low:   # e.g. a plain pickle.dump
+    elif ("weights only load failed" in low or "weightsunpickler error" in low) and _is_pickle(path, head):
         why = ("it is a pickle the tensor-only loader cannot read (pickled Python objects, or a pickle that "
                "torch.save did not write); refused without running it. Re-save it as a state dict of tensors "
                "(torch.save) or as .safetensors")
@@ -58,7 +83,8 @@ def load_tensors(path: str, what: str = "checkpoint", data: Optional[bytes] = No
             warnings.simplefilter("ignore")
             return torch.load(path if data is None else io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as e:  # corrupt, truncated, or containing pickled objects that weights_only refuses
-        raise _unreadable(path, what, e, None if data is None else len(data)) from None
+        raise _unreadable(path, what, e, None if data is None else len(data),
+                          None if data is None else data[:64]) from None
 
 
 def check_finite(sd: Mapping[str, torch.Tensor], what: str) -> None:
