@@ -152,7 +152,8 @@ CLAIM_ROWS = [
     (_row("early", "dmoe", 0.25, 0.05, 0.45, ratio=0.84), None),
     (_row("deeper", "dmoe", 0.5, 0.3, 0.7, model="shapes-d6", ratio=0.75, dense_fid=D6_FID),
      ("dmoe_deeper", "refuted")),
-    (_row("actvar", "actvar", 0.3, 0.2, 0.4, ratio=0.79), ("actvar", "refuted")),
+    # +3% [+2, +4]: refuted within 1%, reproduced within the paper's own +5.8% (ActVAR's 'small loss')
+    (_row("actvar", "actvar", 0.3, 0.2, 0.4, ratio=0.79), ("actvar", "reproduced")),
     (_row("actvar_stage1", "actvar", 0.4, 0.05, 0.75, ratio=0.79), ("actvar_stage1", "not resolved")),
     (_row("fastvar", "fastvar", 0.05, -0.02, 0.09, ratio=0.71, acc=(-0.02, -0.03, -0.01)), ("fastvar", "reproduced")),
     (_row("fixed_tokens", "fixed-tokens", 1.0, 0.5, 1.5, ratio=0.8), ("fixed_tokens", "refuted")),
