@@ -325,6 +325,9 @@ def test_generation_reports_routed_and_executed_macs_and_keys_the_path(tiny):
 
         def row_metrics(self, net, bundle):
             return {}
+
+        def kv_cache_bytes(self, net, bundle, elem_bytes):
+            return None          # the Method protocol's KV hook; not what this test is about
     net = fresh(tiny, "experts", {}, {5: 8, 6: 8})
     labels, rec, keys = torch.tensor([1, 4, 2, 7]), {}, {}
     for path in (GROUPED, MASKED):
