@@ -210,9 +210,20 @@ def sampling_args(sampling) -> List[str]:
 
 # ---------------------------------------------------------------------------------------------- 1. harness / raw
 def raw_generation_s(bundle, labels, seed, sampling, batch_size) -> float:
-    """Plain generate() over the same batches as measure() (bench-harness's definition)."""
-    from bench.commands.bench_harness import raw_generation_s as raw
-    return raw(bundle, labels, seed, sampling, batch_size)
+    """Seconds of plain generate() calls over the same batches as measure() (outputs moved to the CPU, as there);
+    bench-harness and bench-throughput both take their raw side from here."""
+    import torch
+    from bench.measure import batch_ranges, batch_seed
+    from bench.sampling import generate
+    device = bundle.device   # under the caller's bench.precision.generation_dtype
+    _sync(device)
+    t = time.perf_counter()
+    with torch.no_grad():
+        for b, (s, e) in enumerate(batch_ranges(len(labels), batch_size)):
+            gen = generate(bundle.var, bundle.vqvae, labels[s:e].to(device), batch_seed(seed, b), sampling)
+            gen.images.cpu()
+    _sync(device)
+    return time.perf_counter() - t
 
 
 def harness_over_raw(bundle, o: ThroughputOptions, sampling, cache_root: str, say: Callable[[str], None]) -> dict:

@@ -30,35 +30,13 @@ def register(sub):
     p.set_defaults(func=run)
 
 
-def _sync(device):
-    import torch
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def raw_generation_s(bundle, labels, seed, sampling, batch_size) -> float:
-    """Seconds of plain generate() calls over the same batches as measure() (outputs moved to the CPU, as there)."""
-    import time
-    import torch
-    from bench.measure import batch_ranges, batch_seed
-    from bench.sampling import generate
-    device = bundle.device   # under the caller's bench.precision.generation_dtype
-    _sync(device)
-    t = time.perf_counter()
-    with torch.no_grad():
-        for b, (s, e) in enumerate(batch_ranges(len(labels), batch_size)):
-            gen = generate(bundle.var, bundle.vqvae, labels[s:e].to(device), batch_seed(seed, b), sampling)
-            gen.images.cpu()
-    _sync(device)
-    return time.perf_counter() - t
-
-
 def run(a):
     import json
     import shutil
     import tempfile
     import time
     from bench.commands._common import bundle_from_args, check_benchmark_args, sampling_from_args
+    from bench.throughput import raw_generation_s
     from bench.env import describe, environment
     from bench.measure import measure, sample_labels
     from bench.precision import generation_dtype
