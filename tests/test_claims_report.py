@@ -155,7 +155,8 @@ CLAIM_ROWS = [
     # +3% [+2, +4]: refuted within 1%, reproduced within the paper's own +5.8% (ActVAR's 'small loss')
     (_row("actvar", "actvar", 0.3, 0.2, 0.4, ratio=0.79), ("actvar", "reproduced")),
     (_row("actvar_stage1", "actvar", 0.4, 0.05, 0.75, ratio=0.79), ("actvar_stage1", "not resolved")),
-    (_row("fastvar", "fastvar", 0.05, -0.02, 0.09, ratio=0.71, acc=(-0.02, -0.03, -0.01)), ("fastvar", "reproduced")),
+    # ΔFID within +1% but class accuracy resolved worse: the verdict follows the quality vector (issue 22, item 6)
+    (_row("fastvar", "fastvar", 0.05, -0.02, 0.09, ratio=0.71, acc=(-0.02, -0.03, -0.01)), ("fastvar", "refuted")),
     (_row("fixed_tokens", "fixed-tokens", 1.0, 0.5, 1.5, ratio=0.8), ("fixed_tokens", "refuted")),
 ]
 NOT_RUN = ("skipvar", "cfg_skip")
@@ -174,6 +175,7 @@ def test_claims_page_states_a_verdict_per_claim(tmp_path):
     verdict = HEADER.index("Verdict")
     expected = dict(v for _, v in CLAIM_ROWS if v) | {k: "not run" for k in NOT_RUN}
     assert {k: cells[verdict] for k, cells in lines.items()} == expected
+    assert "class accuracy resolved worse" in lines["fastvar"][HEADER.index("Rule")]
     within = lines["dmoe_within_1pct"]
     assert within[HEADER.index("Ours: ΔFID [CI] (% of dense FID)")].startswith("+0.03 [-0.06, +0.09] (+0.3% "
                                                                                  "[-0.6, +0.9] of dense FID 10)")
