@@ -83,14 +83,14 @@ def slow_write(table, path, **kw):      # a writer caught mid-write: half a file
     print("writing", flush=True)
     time.sleep(60)
 pq.write_table = slow_write
-results.append_row(sys.argv[1], dict(run_id="killed", fid=1.0))
+results.append_row(sys.argv[1], dict(run_id="killed", method="dense", fid=1.0))
 """
 
 LOOP_WRITER = r"""
 import sys
 from bench import results
 for i in range(100000):
-    results.append_row(sys.argv[1], dict(run_id=f"w{sys.argv[2]}-{i}", payload=list(range(2000)),
+    results.append_row(sys.argv[1], dict(run_id=f"w{sys.argv[2]}-{i}", method="dense", payload=list(range(2000)),
                        check=sum(range(2000)) + i, i=i))
 """
 
@@ -146,7 +146,8 @@ CONCURRENT_WRITER = r"""
 import sys
 from bench import results
 for i in range(8):
-    results.append_row(sys.argv[1], dict(run_id=f"c{sys.argv[2]}-{i}", trial_key=f"t{sys.argv[2]}-{i}", fid=float(i)))
+    results.append_row(sys.argv[1], dict(run_id=f"c{sys.argv[2]}-{i}", method="dense", trial_key=f"t{sys.argv[2]}-{i}",
+                                         fid=float(i)))
 """
 
 
