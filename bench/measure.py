@@ -712,6 +712,8 @@ def measure(bundle, method, *, samples: int, seed: int = 0, sampling=None, batch
                                 paired_key=dense_path, level=level,
                                 interval="normal" if plan is not None else "percentile")
         found.update(q=q, fidelity=fidelity)
+        if plan is None:   # one look, nothing to decide (its metrics may not include FID)
+            return None
         from bench.resolve import Look
         return Look(n, q["fid_delta"], q.get("fid_delta_ci_low"), q.get("fid_delta_ci_high"),
                     q["fid"] - q["fid_delta"])
