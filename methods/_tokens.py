@@ -166,7 +166,25 @@ def _ln_mod(block, x, scale, shift):
     return block.ln_wo_grad(x).mul(scale.add(1)).add_(shift)
 
 
-class TokenGatedBlock(nn.Module):
+class BlockView(nn.Module):
+    """A wrapper around one AdaLNSelfAttn that shares its parameters: the methods' blocks (token gates, LiteVAR,
+    ScaleKV, ToMe) subclass it for the `block`/`index` they keep and the `attn`/`ffn` the sampler and FLOP counts
+    read."""
+
+    def __init__(self, block, index: int):
+        super().__init__()
+        self.block, self.index = block, index
+
+    @property
+    def attn(self):
+        return self.block.attn
+
+    @property
+    def ffn(self):
+        return self.block.ffn
+
+
+class TokenGatedBlock(BlockView):
     """An AdaLNSelfAttn whose gated scales update only the kept tokens (eq. 8-9); shares the block's parameters.
 
     Training hooks (methods/actvar.py): with `aux` set to a list, a LearnedGate's block also computes the full
@@ -175,21 +193,13 @@ class TokenGatedBlock(nn.Module):
     (value 1, so outputs are unchanged) so that the classification loss reaches the selector through top-k."""
 
     def __init__(self, block, index: int, gate: Gate, map_samples: int = MAP_SAMPLES):
-        super().__init__()
-        self.block, self.index, self.gate = block, index, gate
+        super().__init__(block, index)
+        self.gate = gate
         self.map_samples = map_samples
         self.aux: Optional[list] = None
         self.aux_fn: Optional[Callable] = None
         self.straight_through = False
         self.reset_stats()
-
-    @property
-    def ffn(self):
-        return self.block.ffn
-
-    @property
-    def attn(self):
-        return self.block.attn
 
     def reset_stats(self):
         self.stats: Dict[int, dict] = {}

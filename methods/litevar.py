@@ -58,6 +58,7 @@ import torch.nn.functional as F
 
 from bench.errors import BenchError
 from bench.registry import Method, Param, clone_structure, register_method
+from methods._tokens import BlockView
 
 SHARE = ("none", "output", "map")
 PRECISION = ("fp32", "linear-but-fc2", "all-linear")
@@ -107,20 +108,12 @@ def _ln_mod(block, x, scale, shift):
     return block.ln_wo_grad(x).mul(scale.add(1)).add_(shift)
 
 
-class LiteVARBlock(nn.Module):
+class LiteVARBlock(BlockView):
     """One AdaLNSelfAttn under the plan; where the plan changes nothing at a scale it runs the block itself."""
 
     def __init__(self, block, index: int, plan: Plan):
-        super().__init__()
-        self.block, self.index, self.plan = block, index, plan
-
-    @property
-    def attn(self):
-        return self.block.attn
-
-    @property
-    def ffn(self):
-        return self.block.ffn
+        super().__init__(block, index)
+        self.plan = plan
 
     def _linear(self, part, x, weight, bias):
         if not self.plan.low(part):

@@ -36,7 +36,7 @@ import torch.nn.functional as F
 
 from bench.errors import BenchError
 from bench.registry import Method, Param, clone_structure, register_method
-from methods._tokens import _ln_mod, kept_count, untraced
+from methods._tokens import BlockView, _ln_mod, kept_count, untraced
 
 
 class KVPlan:
@@ -65,20 +65,12 @@ class KVPlan:
         return self.cut.get(si) if index in self.refiners else None
 
 
-class ScaleKVBlock(nn.Module):
+class ScaleKVBlock(BlockView):
     """An AdaLNSelfAttn (parameters shared) whose cache is cut to the plan's budget after the scales that cut."""
 
     def __init__(self, block, index: int, plan: KVPlan):
-        super().__init__()
-        self.block, self.index, self.plan = block, index, plan
-
-    @property
-    def attn(self):
-        return self.block.attn
-
-    @property
-    def ffn(self):
-        return self.block.ffn
+        super().__init__(block, index)
+        self.plan = plan
 
     def forward(self, x, cond_BD, attn_bias=None, cache=None, si: Optional[int] = None):
         keep = self.plan.keep(self.index, si)

@@ -106,21 +106,13 @@ def _ln_mod(block, x, scale, shift):
     return block.ln_wo_grad(x).mul(scale.add(1)).add_(shift)
 
 
-class ToMeBlock(nn.Module):
+class ToMeBlock(_tokens.BlockView):
     """One AdaLNSelfAttn that merges tokens on the chosen scales; elsewhere it runs the block itself."""
 
     def __init__(self, block, index: int, merged: Dict[int, int], merge: str, metric: str = "hidden"):
-        super().__init__()
-        self.block, self.index, self.merged, self.merge, self.metric = block, index, dict(merged), merge, metric
+        super().__init__(block, index)
+        self.merged, self.merge, self.metric = dict(merged), merge, metric
         self.last: Optional[Matching] = None     # the latest matching (tests read it)
-
-    @property
-    def attn(self):
-        return self.block.attn
-
-    @property
-    def ffn(self):
-        return self.block.ffn
 
     def forward(self, x, cond_BD, attn_bias=None, cache=None, si: Optional[int] = None):
         r = self.merged.get(si, 0) if si is not None and cache is not None else 0
