@@ -47,6 +47,7 @@ from bench.defaults import (DEFAULT_BATCH_SIZE, DEFAULT_FLOP_IMAGES, DEFAULT_TIM
                             SEED_MULTIPLIER, SEED_SCHEME)
 from bench.errors import BenchError, RowNotStored
 from bench.log import get_logger
+from bench.memory import release_freed_memory
 
 logger = get_logger(__name__)
 
@@ -364,6 +365,8 @@ def generate_all(net, bundle, labels, seed, sampling, batch_size, *, timer=None,
             sizes.append(e - s)
             fresh += 1
             finish(b, [t.cpu() for t in gen.tokens], _to_uint8(gen.images))
+            del gen
+            release_freed_memory()   # else glibc keeps each batch's freed buffers and RSS grows with N
             yield b
 
     try:

@@ -89,3 +89,22 @@ class PeakMemory:
             self._peak = max(self._peak, _status_kb("VmRSS") * 1024)
             return max(0, self._peak - self._base)
         return None
+
+
+_LIBC = None
+
+
+def release_freed_memory() -> bool:
+    """Hand memory freed by the last batch back to the OS (glibc `malloc_trim(0)`). glibc keeps freed arenas for
+    reuse, so without it a long run's resident set grows with N even though it holds nothing new (measured: 92 MB per
+    1000 samples at the default). False where there is no glibc."""
+    global _LIBC
+    if _LIBC is None:
+        import ctypes
+        import ctypes.util
+        try:
+            _LIBC = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+            _LIBC.malloc_trim.argtypes = [ctypes.c_size_t]
+        except (OSError, AttributeError):
+            _LIBC = False
+    return bool(_LIBC) and bool(_LIBC.malloc_trim(0))

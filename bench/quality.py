@@ -742,6 +742,9 @@ def samples_for_halfwidth(n: int, halfwidth: float, target: float) -> Optional[i
     return int(math.ceil(n * (halfwidth / target) ** 2))
 
 
+KERNEL_ROWS = 256   # KID kernel rows per block: 256 × 60,000 float64 = 123 MB (2048 rows held 1 GB at 60k)
+
+
 def kid_features(features_1: torch.Tensor, features_2: torch.Tensor, subsets: int = KID_SUBSETS,
                  subset_size: int = KID_SUBSET_SIZE, seed: int = 0) -> Tuple[float, float]:
     """torch-fidelity's KID, same numbers (tested): polynomial kernel (x·y/D + 1)³, unbiased MMD² (its `mmd2`)
@@ -770,7 +773,7 @@ def kid_features(features_1: torch.Tensor, features_2: torch.Tensor, subsets: in
         wx[torch.from_numpy(a), s] = 1
         wy[torch.from_numpy(b), s] = 1
 
-    def block_sums(x, y, wr, wc, rows=2048):  # diag(wr^T K(x, y) wc) without holding K
+    def block_sums(x, y, wr, wc, rows=KERNEL_ROWS):  # diag(wr^T K(x, y) wc) without holding K
         return sum((wr[i:i + rows] * (kernel(x[i:i + rows], y) @ wc)).sum(0) for i in range(0, len(x), rows))
 
     sum_xx, sum_yy, sum_xy = block_sums(f1, f1, wx, wx), block_sums(f2, f2, wy, wy), block_sums(f1, f2, wx, wy)
@@ -780,28 +783,33 @@ def kid_features(features_1: torch.Tensor, features_2: torch.Tensor, subsets: in
     return float(np.mean(mmds)), float(np.std(mmds))
 
 
-CDIST_ROWS = 10000   # torch-fidelity's calc_cdist_full block: rows of these blocks give its numbers exactly
+CDIST_ROWS = 10000   # torch-fidelity's calc_cdist_full block: column blocks of this size give its numbers exactly
+DIST_ROWS = 1000     # rows of a distance block held at once: 1000 × 60,000 float32 = 240 MB (10,000 rows: 2.4 GB)
 
 
 def knn_radii(features: torch.Tensor, k: int = PRC_NEIGHBORHOOD) -> torch.Tensor:
     """Distance of each point to its k-th nearest neighbour (itself excluded), as torch-fidelity computes it, one
-    block of CDIST_ROWS rows at a time: the full N×N matrix would hold 14 GB at N = 60,000."""
+    block of DIST_ROWS rows at a time: the full N×N matrix would hold 14 GB at N = 60,000."""
     from torch_fidelity.metric_prc import calc_cdist_full
     return torch.cat([calc_cdist_full(block, features, CDIST_ROWS).kthvalue(k + 1, dim=1).values
-                      for block in features.split(CDIST_ROWS)])
+                      for block in features.split(DIST_ROWS)])
 
 
 def prc_indicators(gen: torch.Tensor, ref: torch.Tensor, k: int = PRC_NEIGHBORHOOD,
                    ref_radii: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
     """The per-sample indicators whose means are improved precision and recall: (bool (n_gen,): generated sample
-    inside some reference point's k-NN ball, bool (n_ref,): reference point inside some generated sample's ball)."""
+    inside some reference point's k-NN ball, bool (n_ref,): reference point inside some generated sample's ball).
+    The reference × generated distances are taken DIST_ROWS reference rows at a time (5000 × 60,000 at once: 1.2 GB)."""
     from torch_fidelity.metric_prc import calc_cdist_full
     gen_radii = knn_radii(gen, k)
     ref_radii = knn_radii(ref, k) if ref_radii is None else ref_radii.to(gen_radii.device)
-    dist_ref_gen = calc_cdist_full(ref, gen)
-    recall = (dist_ref_gen <= gen_radii).any(dim=1)   # real inside the generated manifold
-    precision = (dist_ref_gen.T <= ref_radii).any(dim=1)  # generated inside the real one
-    return precision, recall
+    precision = torch.zeros(len(gen), dtype=torch.bool, device=gen_radii.device)
+    recall = []
+    for s in range(0, len(ref), DIST_ROWS):
+        dist = calc_cdist_full(ref[s:s + DIST_ROWS], gen, CDIST_ROWS)
+        recall.append((dist <= gen_radii).any(dim=1))                                   # real inside generated
+        precision |= (dist <= ref_radii[s:s + DIST_ROWS, None]).any(dim=0)             # generated inside real
+    return precision, torch.cat(recall)
 
 
 def prc_features(gen: torch.Tensor, ref: torch.Tensor, k: int = PRC_NEIGHBORHOOD,
@@ -936,7 +944,8 @@ def quality_metrics(images: torch.Tensor, bundle, *, labels: Optional[torch.Tens
         r = isc_features_to_metric(gen[extractor.isc_layer], ISC_SPLITS, True, seed)
         out["isc_mean"], out["isc_std"] = r[KEY_METRIC_ISC_MEAN], r[KEY_METRIC_ISC_STD]
     if ref_feats is not None and "kid" in metrics:
-        out["kid_mean"], out["kid_std"] = kid_features(feats, ref_feats, KID_SUBSETS, kid_size, seed)
+        with single_threaded(feats.shape[1] <= 512):   # as FID: two threads spin-wait on a busy machine
+            out["kid_mean"], out["kid_std"] = kid_features(feats, ref_feats, KID_SUBSETS, kid_size, seed)
     prc = None   # the per-sample indicators behind precision and recall (their paired intervals)
     if ref_feats is not None and "prc" in metrics:
         dev = images.device  # pairwise distances on the GPU when there is one

@@ -120,6 +120,24 @@ def test_fast_kid_equals_torch_fidelity_both_code_paths():
                         pytest.approx(tf["kernel_inception_distance_std"], rel=1e-4))
 
 
+def test_blocked_distances_give_torch_fidelity_precision_recall_and_kid(monkeypatch):
+    """Memory flat in N: k-NN radii and the reference × generated distances are taken a few rows at a time, KID's
+    kernels too; with blocks smaller than the sets (and not dividing them) the numbers stay torch-fidelity's."""
+    from torch_fidelity.metric_kid import kid_features_to_metric
+    from torch_fidelity.metric_prc import calculate_precision_recall_full
+    g = torch.Generator().manual_seed(1)
+    gen, ref = torch.randn(230, 8, generator=g), torch.randn(170, 8, generator=g) * 1.2 + 0.2
+    monkeypatch.setattr(Q, "DIST_ROWS", 37)
+    monkeypatch.setattr(Q, "KERNEL_ROWS", 29)
+    precision, recall = calculate_precision_recall_full(gen, ref, 3)   # (generated, real) as torch-fidelity orders them
+    assert Q.prc_features(gen, ref, 3) == (pytest.approx(precision), pytest.approx(recall))
+    assert Q.knn_radii(gen, 3).shape == (230,)
+    tf = kid_features_to_metric(gen, ref, kid_subsets=40, kid_subset_size=100, rng_seed=2, verbose=False)
+    assert Q.kid_features(gen, ref, 40, 100, seed=2) == (
+        pytest.approx(tf["kernel_inception_distance_mean"], rel=1e-5, abs=1e-7),
+        pytest.approx(tf["kernel_inception_distance_std"], rel=1e-4))
+
+
 def test_fast_fid_equals_torch_fidelity_formula_also_below_feature_dim():
     g = torch.Generator().manual_seed(0)
     ref = torch.randn(300, 16, generator=g) @ torch.randn(16, 16, generator=g)
