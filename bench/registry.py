@@ -7,20 +7,23 @@
     list_methods(kind="weight")                     # names, filtered
 
 A method declares its hyperparameters (`Param`: type, range, default, per-scale lists), what it changes
-(`kind`), and which prepared artifacts it needs (`artifacts`, made by `python -m bench prepare <name>`).
+(`kind`), how reports name it (`display_name`) and group it (`family`), and which prepared artifacts it needs (`artifacts`, made by `python -m bench prepare <name>`).
 `build(bundle)` returns the network the sampler runs: anything with `scale_forward`, `new_caches`,
 `num_classes`, `patch_nums` (usually the bundle's VAR with some modules swapped). Every method goes
 through the same measurement path (bench/measure.py); adding one is one new file in methods/.
 """
 from __future__ import annotations
 
+import ast
 import copy
 import fnmatch
+import functools
 import importlib
 import math
+import os
 import pkgutil
 from dataclasses import dataclass
-from typing import Any, ClassVar, Dict, List, Optional, Sequence, Tuple
+from typing import Any, ClassVar, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 from bench.errors import BenchError, choices_error
 
@@ -100,6 +103,12 @@ class Method:
 
     name: ClassVar[str] = ""
     kind: ClassVar[str] = "none"
+    # Every registered method declares both in its own class body, as string literals (register_method refuses it
+    # otherwise): reports read them from the source through method_catalog(), without importing torch.
+    display_name: ClassVar[str] = ""   # its name in figures and tables, e.g. "DMoE-VAR"
+    family: ClassVar[str] = ""         # the family it is compared in: the registered name of the family's own
+    #                                    method (dmoe's is "dmoe"); a variant or ablation names its parent's
+    #                                    ("actvar-tokens": "actvar"), a composition "composition"
     params: ClassVar[Tuple[Param, ...]] = ()
     artifacts: ClassVar[Tuple[str, ...]] = ()
     description: ClassVar[str] = ""
@@ -189,10 +198,76 @@ def register_method(name: str):
             raise RuntimeError(f"method {name!r} registered twice ({_REGISTRY[name].__module__}, {cls.__module__})")
         if cls.kind not in KINDS:
             raise RuntimeError(f"method {name!r}: kind must be one of {KINDS}")
+        for attr in IDENTITY:
+            value = cls.__dict__.get(attr)
+            if not isinstance(value, str) or not value.strip():
+                raise RuntimeError(f"method {name!r} ({cls.__module__}.{cls.__qualname__}) declares no {attr}: set "
+                                   f"both display_name and family as string class attributes of the method itself "
+                                   f"(e.g. display_name = \"DMoE-VAR\", family = \"dmoe\"); reports read them")
         cls.name = name
         _REGISTRY[name] = cls
         return cls
     return deco
+
+
+IDENTITY = ("display_name", "family")
+
+
+class MethodInfo(NamedTuple):
+    """What reports need of a method, read without importing it (method_catalog)."""
+    name: str
+    display_name: str
+    family: str
+
+
+def _registered_classes(tree: ast.Module):
+    """(registered name, class node) of each `@register_method("name")` class in a parsed module."""
+    for node in tree.body:
+        if not isinstance(node, ast.ClassDef):
+            continue
+        for deco in node.decorator_list:
+            fn = deco.func if isinstance(deco, ast.Call) else None
+            fname = getattr(fn, "id", None) or getattr(fn, "attr", None)
+            if fname == "register_method" and deco.args and isinstance(deco.args[0], ast.Constant):
+                yield deco.args[0].value, node
+
+
+def _class_strings(node: ast.ClassDef) -> Dict[str, str]:
+    out = {}
+    for stmt in node.body:
+        targets = stmt.targets if isinstance(stmt, ast.Assign) else [stmt.target] if isinstance(stmt, ast.AnnAssign) \
+            else []
+        for t in targets:
+            if isinstance(t, ast.Name) and isinstance(getattr(stmt, "value", None), ast.Constant) \
+                    and isinstance(stmt.value.value, str):
+                out[t.id] = stmt.value.value
+    return out
+
+
+def method_catalog() -> Dict[str, MethodInfo]:
+    """name -> MethodInfo of every method in the `methods` package, read from the source (ast), so that reports
+    can name and group methods without importing torch; equal to the imported registry's attributes (a test)."""
+    return dict(_read_catalog())
+
+
+@functools.lru_cache(maxsize=None)
+def _read_catalog() -> Tuple[Tuple[str, MethodInfo], ...]:
+    import methods   # the package's __init__ is empty: nothing heavy runs
+    out = {}
+    for info in pkgutil.iter_modules(methods.__path__):
+        if info.name.startswith("_"):
+            continue
+        path = os.path.join(info.module_finder.path, info.name + ".py")
+        with open(path, encoding="utf-8") as f:
+            tree = ast.parse(f.read(), filename=path)
+        for name, node in _registered_classes(tree):
+            found = _class_strings(node)
+            missing = [a for a in IDENTITY if not found.get(a, "").strip()]
+            if missing:
+                raise RuntimeError(f"method {name!r} ({path}, class {node.name}) declares no {missing[0]} as a "
+                                   f"string literal in its class body; reports read display_name and family there")
+            out[name] = MethodInfo(name, found["display_name"], found["family"])
+    return tuple(sorted(out.items()))
 
 
 def _discover():

@@ -426,6 +426,8 @@ class _ActVARBase(Method):
 @register_method("actvar")
 class ActVAR(_ActVARBase):
     kind = "weight+token"
+    display_name = "ActVAR"
+    family = "actvar"
     parts = "both"
     description = "ActVAR: router over N contiguous FFN experts + gated token selector per block (two-stage distill)"
     recipe = RECIPES["both"]
@@ -436,6 +438,8 @@ class ActVAR(_ActVARBase):
 @register_method("actvar-tokens")
 class ActVARTokens(_ActVARBase):
     kind = "token"
+    display_name = "ActVAR w/o DW (tokens only)"
+    family = "actvar"
     parts = "tokens"
     description = "ActVAR's gated token selector alone (Table 3 'w/o DW'); composable as a token method"
     recipe = RECIPES["tokens"]
@@ -446,6 +450,8 @@ class ActVARTokens(_ActVARBase):
 @register_method("actvar-experts")
 class ActVARExperts(_ActVARBase):
     kind = "weight"
+    display_name = "ActVAR w/o AT (experts only)"
+    family = "actvar"
     parts = "experts"
     description = "ActVAR's routed FFN experts alone (Table 3 'w/o AT'); composable as a weight method"
     recipe = RECIPES["experts"]

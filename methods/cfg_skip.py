@@ -22,6 +22,8 @@ from methods import _steps
 @register_method("cfg-skip")
 class CfgSkip(Method):
     kind = "token"
+    display_name = "CFG-branch skip (SkipVAR static)"
+    family = "cfg-skip"
     description = "unconditional-branch replacement: the last k scales run the conditional rows only (SkipVAR)"
     params = (Param("last", int, 2, "how many of the last scales run without the unconditional branch", low=1),
               Param("match_saved", float, None, "overrides last: the k whose saved share of the dense transformer "

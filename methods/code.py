@@ -151,6 +151,8 @@ def prefill_macs(cfg, T: int, batch: int) -> float:
 @register_method("code")
 class CoDe(Method):
     kind = "token"
+    display_name = "CoDe"
+    family = "code"
     description = "collaborative decoding: a large model drafts the small scales, a small one refines the large (CoDe)"
     params = (
         Param("drafter", str, "shapes-d6", "model that generates the scales before the takeover: a model name or a "

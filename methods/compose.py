@@ -50,6 +50,8 @@ def _sub_metrics(method, net, bundle) -> Dict[str, Any]:
 @register_method("compose")
 class Compose(Method):
     kind = "weight+token"
+    display_name = "Composition"
+    family = "composition"
     description = "one weight method + one token method in the same run (weight=..., token=..., weight.X=, token.Y=)"
     params = (Param("weight", str, None, "a weight method (kind 'weight')"),
               Param("token", str, None, "a token method (kind 'token')"))

@@ -74,6 +74,8 @@ def divisors(n: int) -> List[int]:
 @register_method("dmoe")
 class DMoE(Method):
     kind = "weight"
+    display_name = "DMoE-VAR"
+    family = "dmoe"
     description = "DMoE-VAR: ReLU+Hoyer fine-tune, balanced k-means experts, norm-regression router, dynk_max"
     artifacts = ("dmoe-finetune", "dmoe-experts")
     params = (

@@ -139,6 +139,8 @@ class FastVARBlock(TokenGatedBlock):
 @register_method("fastvar")
 class FastVAR(Method):
     kind = "token"
+    display_name = "FastVAR"
+    family = "fastvar"
     description = "cached token pruning: high-frequency (pivotal) tokens run, pruned slots restored from an earlier scale (FastVAR)"
     params = (
         Param("scales", int, None, "pruned scale indices (default: the last two)", low=1, list_ok=True, nullable=True),

@@ -230,6 +230,8 @@ def predicted_macs(cfg, window, keep_first, share, shared_scales, batch: int = 1
 @register_method("litevar")
 class LiteVAR(Method):
     kind = "token"
+    display_name = "LiteVAR"
+    family = "litevar"
     description = ("windowed attention over scales, attention shared across the CFG branches, mixed precision "
                    "(LiteVAR)")
     params = (

@@ -152,6 +152,8 @@ def neuron_importance(var, vqvae, toks, labels, scales: Sequence[int], uncond_fr
 @register_method("pruned-ffn")
 class PrunedFFNMethod(Method):
     kind = "weight"
+    display_name = "Pruned-FFN"
+    family = "pruned-ffn"
     description = "static FFN pruning by mean |activation| on chosen scales (DMoE's static twin)"
     artifacts = ("dmoe-finetune",)   # only with weights=finetuned; the calibration is made on first use
     params = (

@@ -134,6 +134,8 @@ def calibrate_shares(bundle, images: int, seed: int = 0) -> List[float]:
 @register_method("scalekv")
 class ScaleKV(Method):
     kind = "token"
+    display_name = "ScaleKV"
+    family = "scalekv"
     description = "scale-aware KV-cache compression: refiner layers keep a budget of their cached keys/values (ScaleKV)"
     params = (
         Param("budget", float, 0.1, "share of the dense cache length a refiner layer keeps after each scale "

@@ -21,6 +21,8 @@ from methods import _steps
 @register_method("skip-scales")
 class SkipScales(Method):
     kind = "token"
+    display_name = "Skip scales (SkipVAR static)"
+    family = "skip-scales"
     description = "step skipping: the last k scales are not run; f_hat is the upsampled sum of the computed scales (SkipVAR)"
     params = (Param("skip", int, 1, "how many of the last scales are not run", low=1),
               Param("match_saved", float, None, "overrides skip: the k whose saved share of the dense transformer "

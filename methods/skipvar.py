@@ -132,6 +132,8 @@ class SkipVARPolicy(_steps.StepPolicy):
 @register_method("skipvar")
 class SkipVAR(Method):
     kind = "token"
+    display_name = "SkipVAR (adaptive)"
+    family = "skipvar"
     description = ("per-sample choice of skipping 0-3 last scales or dropping the unconditional branch on 1-3, by "
                    "logistic regressions over frequency features (SkipVAR)")
     params = (

@@ -27,6 +27,8 @@ from methods.actvar import RECIPES
 @register_method("fixed-tokens")
 class FixedTokens(Method):
     kind = "token"
+    display_name = "Fixed token pruning"
+    family = "fixed-tokens"
     description = "fixed token pruning: one subset per scale chosen at block 0, reused by every block (ActVAR's baseline)"
     params = (
         Param("scales", int, None, "pruned scale indices (default: the last two)", low=0, list_ok=True, nullable=True),

@@ -156,6 +156,8 @@ def predicted_macs(cfg, merged: Dict[int, int], merge: str, batch: int = 1, metr
 @register_method("tome")
 class ToMe(Method):
     kind = "token"
+    display_name = "ToMe (token merging)"
+    family = "tome"
     description = "token merging on the large scales: bipartite soft matching, merged sub-layers, copies back (ToMe-SD)"
     params = (
         Param("ratio", float, 0.5, "share of each merged scale's tokens merged away (capped at the non-dst tokens)",

@@ -55,7 +55,7 @@ def method_table(ctx: Context, stem: str, methods: Sequence[str], first_cols: Se
     rows = []
     dense = [i for i, m in enumerate(meth) if m == "dense"]
     for i in dense[-1:]:
-        rows.append(["VAR (dense)"] + [""] * (len(first_cols) - 1) + _metrics(df, i, column, **cols))
+        rows.append([D.nice_method("dense")] + [""] * (len(first_cols) - 1) + _metrics(df, i, column, **cols))
     for i in idx:
         rows.append(describe(i, meth) + _metrics(df, i, column, **cols))
     return S.save_table(ctx.out_dir, stem, list(first_cols) + HEADER, rows,
@@ -101,8 +101,8 @@ def components(ctx: Context) -> List[str]:
 def token_comparison(ctx: Context) -> List[str]:
     df = ctx.df
     tr, crit = D.col(df, "param_token_rate"), D.col(df, "param_criterion")
-    names = {"fixed-tokens": "Fixed token pruning", "actvar-tokens": "Dynamic activating token",
-             "actvar": "Dynamic token + weight (ActVAR)"}
+    names = {"fixed-tokens": D.nice_method("fixed-tokens"),   # the others: ActVAR table 4's rows, in its words
+             "actvar-tokens": "Dynamic activating token", "actvar": "Dynamic token + weight (ActVAR)"}
     return method_table(ctx, "actvar_tokens_vs_fixed", list(names), ["Module", "Token rates"],
                         lambda i, m: [names[m[i]] + (f" ({crit[i]})" if m[i] == "fixed-tokens" and crit[i] else ""),
                                       _rate(tr[i])],

@@ -4,6 +4,7 @@ from __future__ import annotations
 import math
 from typing import List, Optional, Sequence, Tuple
 
+from bench.registry import method_catalog
 from bench.results import json_value  # noqa: F401  (reports read cells through D.json_value)
 
 FLOPS_COLUMNS = {  # --flops choice -> (column, axis description)
@@ -11,15 +12,13 @@ FLOPS_COLUMNS = {  # --flops choice -> (column, axis description)
     "analytic": ("macs_analytic", "analytic, FLOP-count images"),
     "fvcore": ("macs_fvcore", "fvcore, FLOP-count images"),
 }
-METHOD_NAMES = {
-    "dense": "VAR (dense)", "dmoe": "DMoE-VAR", "pruned-ffn": "Pruned-FFN", "actvar": "ActVAR",
-    "actvar-tokens": "ActVAR w/o DW (tokens only)", "actvar-experts": "ActVAR w/o AT (experts only)",
-    "fixed-tokens": "Fixed token pruning", "compose": "Composition",
-}
 
 
 def nice_method(name: str) -> str:
-    return METHOD_NAMES.get(name, name)
+    """The method's display_name (its class declares it); a name no method registers (a row of an older or a
+    plugin method) as it is."""
+    info = method_catalog().get(name)
+    return info.display_name if info else name
 
 
 def is_missing(v) -> bool:

@@ -7,6 +7,7 @@ import re
 from typing import List, Optional, Sequence
 
 from bench.atomic import atomic_path, atomic_write_text
+from reports.data import is_missing
 
 # Okabe & Ito (2008): distinguishable with every common colour-vision deficiency; black is kept for dense
 PALETTE = ["#0072B2", "#D55E00", "#009E73", "#CC79A7", "#E69F00", "#56B4E9", "#F0E442", "#999999"]
@@ -205,20 +206,21 @@ def save_table(out_dir: str, stem: str, header, rows, caption: str, bold_rows=No
                        latex_table(header, rows, caption, f"tab:{stem.replace('_', '-')}", bold_rows))]
 
 
+MISSING = "-"    # the tables' mark for a value a row does not have
+
+
 def fmt(v, spec: str = ".3g") -> str:
-    if v is None:
-        return "-"
+    if is_missing(v):          # None, NaN and pandas' NA / NaT (str(pd.NA) would print "<NA>")
+        return MISSING
     try:
-        if v != v:
-            return "-"
         return format(v, spec)
     except (TypeError, ValueError):
         return str(v)
 
 
 def fid_text(fid, lo, hi) -> str:
-    if fid is None:
-        return "-"
-    if lo is None or hi is None:
+    if is_missing(fid):
+        return MISSING
+    if is_missing(lo) or is_missing(hi):
         return fmt(fid)
     return f"{fmt(fid)} [{fmt(lo)}, {fmt(hi)}]"
