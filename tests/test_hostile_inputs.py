@@ -90,7 +90,7 @@ def test_bench_moe_refuses_a_shape_that_cannot_fit_in_memory(tmp_path, capsys):
 
 def test_bench_moe_memory_estimate_names_the_limit(monkeypatch):
     import torch
-    from bench.commands import bench_moe
+    from bench.benchmarks import moe as bench_moe
     shapes = bench_moe.parse_shapes("default,official-d16")
     monkeypatch.setattr(bench_moe, "memory_limit", lambda device: (50 * 2 ** 20, "free memory of test"))
     with pytest.raises(BenchError, match=r"shape official-d16 does not fit in memory: .*187 MiB.* more than the "

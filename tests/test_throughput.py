@@ -1,4 +1,4 @@
-"""bench-throughput (bench/throughput.py): the report's keys and types end to end on the tiny model, the --json
+"""bench-throughput (bench/benchmarks/throughput.py): the report's keys and types end to end on the tiny model, the --json
 checks before any work, and the fast paths that fail or compile too long recorded as unavailable (no timings are
 asserted)."""
 import json
@@ -72,7 +72,7 @@ def test_end_to_end_tiny_json(tmp_path):
 
 def test_fast_path_failure_and_time_limit_are_unavailable(monkeypatch):
     """A compile path that raises, or takes longer than the limit, is recorded unavailable; fp32 is measured."""
-    import bench.throughput as tp
+    import bench.benchmarks.throughput as tp
     from bench.zoo import tiny_bundle
     b = tiny_bundle()
 
@@ -100,11 +100,12 @@ def test_fast_path_failure_and_time_limit_are_unavailable(monkeypatch):
 
 
 def test_clean_and_overlap():
-    import bench.throughput as tp
-    assert tp.clean({"a": float("nan"), "b": (1, float("inf")), "c": True}) == {"a": None, "b": [1, None], "c": True}
+    import bench.benchmarks.throughput as tp
+    from bench.benchmarks.jsonfile import json_text, plain
+    assert plain({"a": float("nan"), "b": (1, float("inf")), "c": True}) == {"a": None, "b": [1, None], "c": True}
     assert tp.ci_overlap([1.0, 2.0], [2.0, 3.0]) is True
     assert tp.ci_overlap([1.0, 2.0], [2.5, 3.0]) is False
     assert tp.ci_overlap([None, 2.0], [1.0, 3.0]) is None
     with pytest.raises(ValueError):
         json.dumps(float("nan"), allow_nan=False)
-    assert "NaN" not in tp.report_json({"x": float("nan")})
+    assert "NaN" not in json_text({"x": float("nan")})

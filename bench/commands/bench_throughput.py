@@ -1,4 +1,4 @@
-"""`python -m bench bench-throughput`: large N without waste, printed in one run (bench/throughput.py measures).
+"""`python -m bench bench-throughput`: large N without waste, printed in one run (bench/benchmarks/throughput.py measures).
 
 harness_over_raw (measure() of dense vs plain generate, same N, warm quality reference; its phase times),
 rss_growth_mb_per_1k (peak RSS of `bench run` children at two sizes), fast_over_reference (images/s of fp32, bf16
@@ -32,20 +32,6 @@ def register(sub):
     p.set_defaults(func=run)
 
 
-def check_output_file(path: str, flag: str) -> None:
-    """One line (BenchError) unless `path` can be written as a file: not a directory, in an existing writable one."""
-    import os
-    from bench.errors import BenchError
-    if os.path.isdir(path):
-        raise BenchError(f"{flag} {path} is a directory; give a file path, e.g. "
-                         f"{os.path.join(path, 'throughput.json')}")
-    d = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(d):
-        raise BenchError(f"{flag} {path}: directory {d} does not exist")
-    if not os.access(d, os.W_OK | os.X_OK):
-        raise BenchError(f"{flag} {path}: directory {d} is not writable")
-
-
 def parse_pair(text, flag: str):
     from bench.errors import BenchError
     try:
@@ -58,11 +44,12 @@ def parse_pair(text, flag: str):
 
 
 def run(a):
+    from bench.commands._common import (bundle_from_args, check_benchmark_args, check_writable_file,
+                                        sampling_from_args)
     # the output first: a bad path costs nothing
-    for flag, path in (("--json", a.json), ("--profile", a.profile)):
+    for flag, path, exts in (("--json", a.json, (".json",)), ("--profile", a.profile, None)):
         if path is not None:
-            check_output_file(path, flag)
-    from bench.commands._common import bundle_from_args, check_benchmark_args, sampling_from_args
+            check_writable_file(path, exts, flag)
     from bench.measure import MAX_BOOTSTRAP
     check_benchmark_args(a, flop_images=(0,), speed_samples=(1,), fid_samples=(2,),
                          bootstrap=(1, MAX_BOOTSTRAP))
@@ -71,8 +58,8 @@ def run(a):
     if not (a.compile_limit_s > 0 and math.isfinite(a.compile_limit_s)):
         raise BenchError(f"--compile-limit-s must be a number of seconds > 0, got {a.compile_limit_s}")
     memory = parse_pair(a.memory_samples, "--memory-samples") if a.memory_samples is not None else None
-    from bench.atomic import atomic_write_text
-    from bench.throughput import ThroughputOptions, check_options, report_json, run_throughput, KEYS
+    from bench.benchmarks.jsonfile import write_json
+    from bench.benchmarks.throughput import KEYS, ThroughputOptions, check_options, run_throughput
     o = ThroughputOptions(samples=a.samples, batch_size=a.batch_size, seed=a.seed, dtype=a.dtype,
                           flop_images=a.flop_images, speed_samples=a.speed_samples, compile=not a.no_compile,
                           compile_limit_s=a.compile_limit_s, memory_samples=memory, fid_samples=a.fid_samples,
@@ -86,7 +73,7 @@ def run(a):
     print("summary: " + ", ".join(f"{k} {report[k]:.4g}" if isinstance(report[k], float) else f"{k} {report[k]}"
                                   for k in KEYS) + f"; fast path {report['fast_path']}; {report['wall_s']:.0f} s")
     if a.json:
-        atomic_write_text(a.json, report_json(report))
+        write_json(a.json, report)
         print(f"wrote {a.json}")
     return 0
 

@@ -1,7 +1,7 @@
 """Throughput of the measurement path at large N, measured side by side in one run (`python -m bench
 bench-throughput`; issue 22, item 1).
 
-    from bench.throughput import ThroughputOptions, run_throughput
+    from bench.benchmarks.throughput import ThroughputOptions, run_throughput
     report = run_throughput(bundle, ThroughputOptions(samples=5000))   # a dict; report["harness_over_raw"] ...
 
 Three figures, each a ratio of quantities measured in the same run (never a comparison across runs):
@@ -45,7 +45,6 @@ import math
 import os
 import shutil
 import signal
-import subprocess
 import sys
 import tempfile
 import threading
@@ -53,16 +52,22 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
+from bench.benchmarks.harness import one_time_imports, sync, time_raw_vs_harness
+from bench.benchmarks.jsonfile import plain
+from bench.benchmarks.peak_rss import MB, output_tail, peak_rss_child
 from bench.errors import BenchError
+from bench.log import get_logger
+
+# torch and the modules that import it load inside the functions: importing bench.benchmarks must stay as light as
+# the commands that name its constants while parsing (tests/test_cli_instant.py).
 
 KEYS = ("harness_over_raw", "fast_over_reference", "fid_reference", "fid_fast", "fid_ci_overlap",
         "rss_growth_mb_per_1k")
+log = get_logger(__name__)
 PATHS = ("fp32", "bf16", "compile")    # fp32 first: the reference, and the first of round 0 (token agreement)
-MB = 2 ** 20
-POLL_S = 0.02
 RSS_TARGET_SAMPLES = 50_000            # the criterion: a 50k-sample measurement fits in 4 GB
 RSS_TARGET_MB = 4096
-HARNESS_TARGET = 1.1                   # harness_over_raw at N = 5000
+HARNESS_TARGET = 1.1                   # harness_over_raw at N = 5000 (bench-harness asks <= 1.2 at N = 1000)
 DEFAULT_SAMPLES = 5000
 DEFAULT_SPEED_SAMPLES = 1000
 DEFAULT_COMPILE_LIMIT_S = 300.0
@@ -135,49 +140,10 @@ def _load() -> Optional[List[float]]:
         return None
 
 
-def _sync(device) -> None:
-    import torch
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def clean(obj):
-    """The report as JSON can hold it: non-finite floats -> None, tuples -> lists, numpy/torch scalars -> Python."""
-    if isinstance(obj, dict):
-        return {str(k): clean(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [clean(v) for v in obj]
-    if isinstance(obj, bool) or obj is None or isinstance(obj, (int, str)):
-        return obj
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    item = getattr(obj, "item", None)
-    if callable(item):
-        return clean(item())
-    return str(obj)
-
-
 def ci_overlap(a: Sequence[Optional[float]], b: Sequence[Optional[float]]) -> Optional[bool]:
     if None in (*a, *b):
         return None
     return max(a[0], b[0]) <= min(a[1], b[1])
-
-
-def one_time_imports() -> float:
-    """What a process pays once (fvcore, torch-fidelity, torchmetrics' SSIM, pyarrow, the methods), done before any
-    timing so that neither side pays it. Returns the seconds."""
-    t = time.perf_counter()
-    import bench.flops
-    import bench.quality  # noqa: F401
-    import pyarrow.parquet  # noqa: F401
-    from bench.registry import create_method
-    bench.flops._fvcore()
-    try:
-        from torchmetrics.functional.image import structural_similarity_index_measure  # noqa: F401
-    except ImportError:
-        pass
-    create_method("dense")
-    return time.perf_counter() - t
 
 
 def warm_reference(bundle, cache_root: str, reference_count: Optional[int], classifier: Optional[str]) -> dict:
@@ -209,61 +175,18 @@ def sampling_args(sampling) -> List[str]:
 
 
 # ---------------------------------------------------------------------------------------------- 1. harness / raw
-def raw_generation_s(bundle, labels, seed, sampling, batch_size) -> float:
-    """Seconds of plain generate() calls over the same batches as measure() (outputs moved to the CPU, as there);
-    bench-harness and bench-throughput both take their raw side from here."""
-    import torch
-    from bench.measure import batch_ranges, batch_seed
-    from bench.sampling import generate
-    device = bundle.device   # under the caller's bench.precision.generation_dtype
-    _sync(device)
-    t = time.perf_counter()
-    with torch.no_grad():
-        for b, (s, e) in enumerate(batch_ranges(len(labels), batch_size)):
-            gen = generate(bundle.var, bundle.vqvae, labels[s:e].to(device), batch_seed(seed, b), sampling)
-            gen.images.cpu()
-    _sync(device)
-    return time.perf_counter() - t
-
-
 def harness_over_raw(bundle, o: ThroughputOptions, sampling, cache_root: str, say: Callable[[str], None]) -> dict:
-    from bench.measure import measure, sample_labels
-    from bench.precision import generation_dtype
-    from bench.registry import create_method
-    labels = sample_labels(o.samples, bundle.num_classes)
-    with generation_dtype(o.dtype):   # warm-up: one batch, so that neither side pays first-call costs
-        raw_generation_s(bundle, labels[:min(o.batch_size, o.samples)], o.seed, sampling, o.batch_size)
-    results = tempfile.mkdtemp(prefix="varbench-throughput-results-")
-    try:
-        with generation_dtype(o.dtype):
-            raw1 = raw_generation_s(bundle, labels, o.seed, sampling, o.batch_size)
-        say(f"  raw generation (before): {raw1:.2f} s")
-        prof = None
-        if o.profile:
-            import cProfile
-            prof = cProfile.Profile()
-        t = time.perf_counter()
-        with (prof if prof is not None else contextlib.nullcontext()):
-            row = measure(bundle, create_method("dense"), samples=o.samples, seed=o.seed, sampling=sampling,
-                          batch_size=o.batch_size, results_dir=results, flop_images=o.flop_images,
-                          cache_dir=cache_root, classifier=o.classifier, reference_count=o.reference_count,
-                          timing_rounds=0, dtype=o.dtype, bootstrap=o.bootstrap)
-        harness = time.perf_counter() - t
-        if prof is not None:
-            from bench.atomic import atomic_path
-            with atomic_path(o.profile) as tmp:
-                prof.dump_stats(tmp)
-        say(f"  harness (measure dense): {harness:.2f} s")
-        with generation_dtype(o.dtype):
-            raw2 = raw_generation_s(bundle, labels, o.seed, sampling, o.batch_size)
-        say(f"  raw generation (after): {raw2:.2f} s")
-    finally:
-        shutil.rmtree(results, ignore_errors=True)
-    raw = (raw1 + raw2) / 2
+    """Figure 1 (bench.benchmarks.harness.time_raw_vs_harness, with the warm reference in cache_root) and where the
+    harness's time went."""
+    t = time_raw_vs_harness(bundle, samples=o.samples, seed=o.seed, sampling=sampling, batch_size=o.batch_size,
+                            dtype=o.dtype, profile=o.profile, say=say, flop_images=o.flop_images,
+                            cache_dir=cache_root, classifier=o.classifier, reference_count=o.reference_count,
+                            timing_rounds=0, bootstrap=o.bootstrap)
+    row, harness, raw = t.row, t.harness_s, t.raw_s
     phases = json.loads(row["phase_s"])
     phases["other"] = round(harness - sum(phases.values()), 4)
-    return dict(harness_over_raw=harness / raw, harness_s=harness, raw_s=raw, raw_s_before=raw1, raw_s_after=raw2,
-                phase_s=phases, phase_share={k: v / harness for k, v in phases.items()},
+    return dict(harness_over_raw=t.harness_over_raw, harness_s=harness, raw_s=raw, raw_s_before=t.raw_s_before,
+                raw_s_after=t.raw_s_after, phase_s=phases, phase_share={k: v / harness for k, v in phases.items()},
                 generate_over_raw=phases.get("generate", 0.0) / raw, harness_wall_s_inside=row["wall_s"],
                 reference_cached=bool(row.get("reference_cached")), dense_cache=row.get("dense_cache"),
                 mem_kind=row.get("mem_kind"),
@@ -275,73 +198,9 @@ def harness_over_raw(bundle, o: ThroughputOptions, sampling, cache_root: str, sa
 
 
 # ---------------------------------------------------------------------------------------------- 2. peak RSS
-# Runs in a small fresh interpreter (stdlib only): starts the measured command, polls its VmHWM/VmRSS, reaps it with
-# os.wait4 and writes {rc, ru_maxrss_kb, polled_kb} as JSON to argv[1]. The launcher exists because a child's
-# ru_maxrss starts at the RSS of the process it was forked from (exec records the old address space's high-water
-# mark): started from this process directly, every child would report at least this process's ~1.4 GB.
-LAUNCHER = r"""
-import json, os, subprocess, sys, threading
-out, argv = sys.argv[1], sys.argv[2:]
-p = subprocess.Popen(argv)
-polled, done = [0], threading.Event()
-def poll():
-    while not done.wait(%r):
-        try:
-            with open(f"/proc/{p.pid}/status") as f:
-                for line in f:
-                    if line.startswith(("VmHWM:", "VmRSS:")):
-                        polled[0] = max(polled[0], int(line.split()[1]))
-        except (OSError, ValueError, IndexError):
-            pass
-th = threading.Thread(target=poll, daemon=True)
-th.start()
-try:
-    _, status, usage = os.wait4(p.pid, 0)
-finally:
-    done.set()
-    th.join()
-with open(out, "w") as f:
-    json.dump(dict(rc=os.waitstatus_to_exitcode(status), ru_maxrss_kb=int(usage.ru_maxrss), polled_kb=polled[0]), f)
-""" % POLL_S
-
-
-def peak_rss_child(argv: List[str], env: Optional[dict] = None, log_path: Optional[str] = None) -> dict:
-    """Run argv (through LAUNCHER); its peak RSS in bytes: max(ru_maxrss from os.wait4, the VmHWM/VmRSS polled every
-    POLL_S: the per-batch memory probe of a measurement resets the high-water mark, so ru_maxrss alone covers only the
-    time since the last reset)."""
-    if not sys.platform.startswith("linux"):
-        raise BenchError("peak RSS of a child is measured on Linux only (ru_maxrss in KiB, /proc/<pid>/status)")
-    fd, result = tempfile.mkstemp(prefix="varbench-rss-", suffix=".json")
-    os.close(fd)
-    t = time.perf_counter()
-    try:
-        with open(log_path or os.devnull, "w") as log:
-            rc = subprocess.run([sys.executable, "-c", LAUNCHER, result, *argv], stdout=log, stderr=subprocess.STDOUT,
-                                env=env).returncode
-        try:
-            with open(result) as f:
-                r = json.load(f)
-        except (OSError, ValueError):
-            r = dict(rc=rc if rc else -1, ru_maxrss_kb=0, polled_kb=0)
-    finally:
-        with contextlib.suppress(OSError):
-            os.remove(result)
-    ru, polled = r["ru_maxrss_kb"] * 1024, r["polled_kb"] * 1024
-    return dict(rc=r["rc"], peak_bytes=max(ru, polled), ru_maxrss_bytes=ru, polled_hwm_bytes=polled,
-                wall_s=round(time.perf_counter() - t, 3))
-
-
-def _tail(path: str, lines: int = 3) -> str:
-    try:
-        with open(path, errors="replace") as f:
-            return " | ".join(x.strip() for x in f.read().strip().splitlines()[-lines:])
-    except OSError:
-        return "(no output)"
-
-
 def memory_growth(bundle, o: ThroughputOptions, sampling, cache_root: str, say: Callable[[str], None]) -> dict:
     import torch
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))   # the repository
     env = dict(os.environ, PYTHONPATH=root + (os.pathsep + os.environ["PYTHONPATH"]
                                               if os.environ.get("PYTHONPATH") else ""))
     small, big = o.resolved_memory_samples()
@@ -363,7 +222,7 @@ def memory_growth(bundle, o: ThroughputOptions, sampling, cache_root: str, say: 
             r = peak_rss_child(argv, env=env, log_path=log)
             if r["rc"] != 0:
                 raise BenchError(f"the memory child (python -m bench run --samples {n}) failed with exit status "
-                                 f"{r['rc']}: {_tail(log)}")
+                                 f"{r['rc']}: {output_tail(log)}")
             out["rss_peak_mb"][str(n)] = r["peak_bytes"] / MB
             out["rss_ru_maxrss_mb"][str(n)] = r["ru_maxrss_bytes"] / MB
             out["rss_polled_mb"][str(n)] = r["polled_hwm_bytes"] / MB
@@ -469,12 +328,12 @@ def _one_batch(net, bundle, labels, seed, sampling, dtype):
     import torch
     from bench.precision import generation_dtype
     from bench.sampling import generate
-    _sync(bundle.device)
+    sync(bundle.device)
     t = time.perf_counter()
     with torch.no_grad(), generation_dtype(dtype):
         gen = generate(net, bundle.vqvae, labels.to(bundle.device), seed, sampling)
         images = gen.images.cpu()
-    _sync(bundle.device)
+    sync(bundle.device)
     return time.perf_counter() - t, gen, images
 
 
@@ -562,13 +421,14 @@ def path_fid(bundle, o: ThroughputOptions, sampling, net, dtype: str, n: int, ca
 
 
 # ---------------------------------------------------------------------------------------------- the run
-def run_throughput(bundle, o: Optional[ThroughputOptions] = None, say: Callable[[str], None] = print) -> dict:
+def run_throughput(bundle, o: Optional[ThroughputOptions] = None, say: Optional[Callable[[str], None]] = None) -> dict:
     """Every figure of the module docstring, measured in this process (and two children); returns the report."""
     import torch
     from bench.env import describe, environment
     from bench.precision import check_dtype
     from bench.quality import check_reference
     o = o or ThroughputOptions()
+    say = say or log.info
     check_options(o)
     o.dtype = check_dtype(o.dtype, bundle.device)
     sampling = o.sampling or bundle.sampling
@@ -667,13 +527,8 @@ def run_throughput(bundle, o: Optional[ThroughputOptions] = None, say: Callable[
         rss_child_wall_s=mem["rss_child_wall_s"], rss_projected_mb=mem["rss_projected_mb"],
         rss_target_samples=RSS_TARGET_SAMPLES, rss_target_mb=RSS_TARGET_MB, rss_fits_target=mem["rss_fits_target"],
         environment=env)
-    return clean(report)
+    return plain(report)
 
 
-def report_json(report: dict) -> str:
-    """The report as JSON text; refuses NaN (clean() has replaced every non-finite value with null)."""
-    return json.dumps(clean(report), indent=1, allow_nan=False) + "\n"
-
-
-__all__ = ["KEYS", "PATHS", "ThroughputOptions", "run_throughput", "report_json", "check_options", "clean",
-           "peak_rss_child", "speed_paths", "harness_over_raw", "memory_growth", "path_fid"]
+__all__ = ["KEYS", "PATHS", "ThroughputOptions", "run_throughput", "check_options", "ci_overlap", "speed_paths",
+           "harness_over_raw", "memory_growth", "path_fid"]
