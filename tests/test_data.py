@@ -107,7 +107,7 @@ def test_calibration_tokens_and_reference_of_a_folder_model(tmp_path, tiny):
     import copy
     from methods import _moe
     from bench.data import folder_data, load_split, recording_splits
-    from bench.quality import _load_reference_images, parse_reference
+    from bench.quality.reference import _load_reference_images, parse_reference
     root = make_image_folder(tmp_path / "imgs", classes=tuple("abcdefghij"), per_class=(10,) * 10)
     b = copy.copy(tiny)
     b.dataset = dict(name="folder", path=root, classes=list("abcdefghij"), image_size=32, hflip=False)

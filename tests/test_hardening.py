@@ -274,7 +274,7 @@ class _Marker:
 
 def test_inception_weights_are_read_once_and_never_unpickled_from_the_users_file(tmp_path, monkeypatch):
     import torch_fidelity.utils
-    from bench import quality as Q
+    from bench.quality import extractors as Q
     weights = {"conv.weight": torch.randn(4, 3), "fc.bias": torch.randn(4)}
     user_file = tmp_path / "inception.pth"
     torch.save(weights, user_file)

@@ -1,11 +1,14 @@
-"""Per-sample measures with intervals (bench/quality.py): same-seed PSNR/SSIM to dense, paired Δprecision/Δrecall.
+"""Per-sample measures with intervals: same-seed PSNR/SSIM to dense (bench/fidelity.py), paired Δprecision/Δrecall
+(bench/quality/).
 
 Small synthetic sets only: images and features are built here, nothing is generated or extracted."""
 import numpy as np
 import pytest
 import torch
 
+from bench import fidelity as F
 from bench import quality as Q
+from bench.quality.statistics import _strata
 from bench.errors import BenchError
 
 
@@ -27,18 +30,18 @@ def _numbers(r):
 
 def _fid(images, ref, **kw):
     toks = _tokens(len(images), torch.Generator().manual_seed(1))
-    return Q.same_seed_fidelity(toks, toks, images, ref, **kw)
+    return F.same_seed_fidelity(toks, toks, images, ref, **kw)
 
 
 def test_identical_images_ssim_one_psnr_capped_zero_width_intervals():
     g = torch.Generator().manual_seed(0)
     imgs = torch.rand(12, 3, 16, 16, generator=g)
     r = _fid(imgs, imgs.clone(), labels=torch.arange(12) % 3)
-    assert r["fidelity_psnr_db"] == Q.PSNR_CAP_DB and r["ssim_to_dense"] == 1.0
-    assert r["psnr_to_dense_ci_low"] == r["psnr_to_dense_ci_high"] == Q.PSNR_CAP_DB
+    assert r["fidelity_psnr_db"] == F.PSNR_CAP_DB and r["ssim_to_dense"] == 1.0
+    assert r["psnr_to_dense_ci_low"] == r["psnr_to_dense_ci_high"] == F.PSNR_CAP_DB
     assert r["ssim_to_dense_ci_low"] == r["ssim_to_dense_ci_high"] == 1.0
     none = _fid(imgs, imgs.clone(), resamples=0)   # no resamples: the estimates without intervals
-    assert none["ssim_to_dense"] == 1.0 and none["fidelity_psnr_db"] == Q.PSNR_CAP_DB
+    assert none["ssim_to_dense"] == 1.0 and none["fidelity_psnr_db"] == F.PSNR_CAP_DB
     assert [none[k] for k in ("psnr_to_dense_ci_low", "psnr_to_dense_ci_high", "ssim_to_dense_ci_low",
                               "ssim_to_dense_ci_high")] == [None] * 4
 
@@ -48,7 +51,7 @@ def test_ssim_is_the_librarys_value_also_chunked(monkeypatch):
     images, ref = _noisy_pair(10)
     want = ssim(images, ref, data_range=1.0, reduction="none")   # float32, as same_seed_fidelity runs it
     whole = _fid(images, ref)
-    monkeypatch.setattr(Q, "FIDELITY_CHUNK_VALUES", 3 * images[0].numel())   # 4 chunks of <= 3 images
+    monkeypatch.setattr(F, "FIDELITY_CHUNK_VALUES", 3 * images[0].numel())   # 4 chunks of <= 3 images
     chunked = _fid(images, ref)
     assert whole["ssim_to_dense"] == pytest.approx(float(want.double().mean()), rel=1e-9)
     exact = ssim(images.double(), ref.double(), data_range=1.0, reduction="none")   # float32 costs < 1e-6
@@ -134,17 +137,17 @@ def test_precision_recall_delta_intervals():
     p_delta = mp.float().mean().item() - dp.float().mean().item()
     r_delta = mr.float().mean().item() - dr.float().mean().item()
     assert p_delta < 0 and r_delta != 0
-    p95 = Q.paired_mean_interval(mp, dp, p_delta, Q._strata(labels, 100), 200, 0, 0.95)
+    p95 = Q.paired_mean_interval(mp, dp, p_delta, _strata(labels, 100), 200, 0, 0.95)
     r95 = Q.paired_mean_interval(mr, dr, r_delta, [np.arange(150)], 200, 0, 0.95)
     for (lo, hi), est in ((p95, p_delta), (r95, r_delta)):
         assert lo < est < hi
     assert p95[1] < 0   # the shifted method is resolved worse in precision
-    p99 = Q.paired_mean_interval(mp, dp, p_delta, Q._strata(labels, 100), 200, 0, 0.99)
+    p99 = Q.paired_mean_interval(mp, dp, p_delta, _strata(labels, 100), 200, 0, 0.99)
     assert p99[0] <= p95[0] and p99[1] >= p95[1]
     # identical sets (dense itself): [0, 0], with or without resamples; different sets without resamples: none
-    assert Q.paired_mean_interval(dp, dp.clone(), 0.0, Q._strata(labels, 100), 200, 0) == (0.0, 0.0)
+    assert Q.paired_mean_interval(dp, dp.clone(), 0.0, _strata(labels, 100), 200, 0) == (0.0, 0.0)
     assert Q.paired_mean_interval(dr, dr.clone(), 0.0, [np.arange(150)], 0, 0) == (0.0, 0.0)
-    assert Q.paired_mean_interval(mp, dp, p_delta, Q._strata(labels, 100), 0, 0) == (None, None)
+    assert Q.paired_mean_interval(mp, dp, p_delta, _strata(labels, 100), 0, 0) == (None, None)
     with pytest.raises(BenchError, match="differ in count"):
         Q.paired_mean_interval(mp, dr, 0.0, [np.arange(100)], 10, 0)
 
@@ -158,7 +161,7 @@ def test_paired_accuracy_bootstrap_numbers_are_unchanged_by_the_shared_resampler
     lab = labels.numpy()
     x = (a.argmax(1).numpy() == lab).astype(float)
     y = (b.argmax(1).numpy() == lab).astype(float)
-    d, groups, rng = x - y, Q._strata(labels, 60), np.random.default_rng(4)
+    d, groups, rng = x - y, _strata(labels, 60), np.random.default_rng(4)
     boot = np.array([d[np.concatenate([g_[rng.integers(0, len(g_), len(g_))] for g_ in groups])].mean()
                      for _ in range(50)])
     lo, hi = np.quantile(boot, [0.05, 0.95])
@@ -169,5 +172,5 @@ def test_large_n_runs_chunk_wise(monkeypatch):
     """Many small images in many chunks: per-image values agree with one pass over all of them."""
     images, ref = _noisy_pair(3000, side=8)
     whole = _fid(images, ref, resamples=10)
-    monkeypatch.setattr(Q, "FIDELITY_CHUNK_VALUES", 700 * images[0].numel())
+    monkeypatch.setattr(F, "FIDELITY_CHUNK_VALUES", 700 * images[0].numel())
     assert _numbers(_fid(images, ref, resamples=10)) == pytest.approx(_numbers(whole), rel=1e-6)

@@ -1,4 +1,4 @@
-"""Quality path (bench/quality.py, `bench evaluate`): real extractor, real data, small sets."""
+"""Quality path (bench/quality/, `bench evaluate`): real extractor, real data, small sets."""
 import dataclasses
 import json
 import logging
@@ -9,7 +9,10 @@ import numpy as np
 import pytest
 import torch
 
+from bench import fidelity as F
 from bench import quality as Q
+from bench.quality import reference as QR
+from bench.quality import statistics as QS
 from bench.errors import BenchError
 from tests.conftest import run_cli
 
@@ -127,8 +130,8 @@ def test_blocked_distances_give_torch_fidelity_precision_recall_and_kid(monkeypa
     from torch_fidelity.metric_prc import calculate_precision_recall_full
     g = torch.Generator().manual_seed(1)
     gen, ref = torch.randn(230, 8, generator=g), torch.randn(170, 8, generator=g) * 1.2 + 0.2
-    monkeypatch.setattr(Q, "DIST_ROWS", 37)
-    monkeypatch.setattr(Q, "KERNEL_ROWS", 29)
+    monkeypatch.setattr(QS, "DIST_ROWS", 37)
+    monkeypatch.setattr(QS, "KERNEL_ROWS", 29)
     precision, recall = calculate_precision_recall_full(gen, ref, 3)   # (generated, real) as torch-fidelity orders them
     assert Q.prc_features(gen, ref, 3) == (pytest.approx(precision), pytest.approx(recall))
     assert Q.knn_radii(gen, 3).shape == (230,)
@@ -220,18 +223,18 @@ def test_npz_image_subsets_are_seeded_and_class_stratified(bundle, tmp_path):
     imgs[:, 0, 0, 0] = np.arange(100)                          # each image identifiable
     np.savez(tmp_path / "labelled.npz", arr_0=imgs, arr_1=labels)
     ref = Q.parse_reference(bundle, str(tmp_path / "labelled.npz"), 20)
-    got = Q._load_reference_images(ref)
+    got = QR._load_reference_images(ref)
     assert ref.count == 20 and "stratified by arr_1" in ref.desc
     assert np.bincount(got[:, 1, 1, 1].numpy(), minlength=10).tolist() == [2] * 10
-    assert torch.equal(got, Q._load_reference_images(Q.parse_reference(bundle, str(tmp_path / "labelled.npz"), 20)))
+    assert torch.equal(got, QR._load_reference_images(Q.parse_reference(bundle, str(tmp_path / "labelled.npz"), 20)))
     np.savez(tmp_path / "plain.npz", arr_0=imgs)
     ref = Q.parse_reference(bundle, str(tmp_path / "plain.npz"), 20)
-    picked = Q._load_reference_images(ref)[:, 0, 0, 0].tolist()
+    picked = QR._load_reference_images(ref)[:, 0, 0, 0].tolist()
     assert "random subset" in ref.desc and len(set(picked)) == 20 and picked != list(range(20))
-    assert len(set(Q._load_reference_images(ref)[:, 1, 1, 1].tolist())) > 2   # not the first two classes
+    assert len(set(QR._load_reference_images(ref)[:, 1, 1, 1].tolist())) > 2   # not the first two classes
     full = Q.parse_reference(bundle, str(tmp_path / "plain.npz"), None)
     assert full.count == 100 and full.desc.endswith("(arr_0 100 of 100 images)")
-    assert torch.equal(Q._load_reference_images(full)[:, 0, 0, 0], torch.arange(100, dtype=torch.uint8))
+    assert torch.equal(QR._load_reference_images(full)[:, 0, 0, 0], torch.arange(100, dtype=torch.uint8))
     np.savez(tmp_path / "badlabels.npz", arr_0=imgs, arr_1=labels[:50])
     with pytest.raises(BenchError, match="one entry per arr_0 image"):
         Q.parse_reference(bundle, str(tmp_path / "badlabels.npz"), 20)
@@ -263,11 +266,11 @@ def test_paired_features_cache_follows_the_images(bundle, tmp_path):
     a = torch.randint(0, 256, (6, 3, 32, 32), generator=g, dtype=torch.uint8)
     b = torch.randint(0, 256, (6, 3, 32, 32), generator=g, dtype=torch.uint8)
     cache = str(tmp_path)
-    fa = Q._paired_features(a, ex, "dense-entry", cache, None)[ex.feature_layer]
+    fa = QR._paired_features(a, ex, "dense-entry", cache, None)[ex.feature_layer]
     assert len(os.listdir(cache)) == 1
-    assert torch.equal(Q._paired_features(a, ex, "dense-entry", cache, None)[ex.feature_layer], fa)
+    assert torch.equal(QR._paired_features(a, ex, "dense-entry", cache, None)[ex.feature_layer], fa)
     assert len(os.listdir(cache)) == 1                                             # the second call was a hit
-    fb = Q._paired_features(b, ex, "dense-entry", cache, None)[ex.feature_layer]
+    fb = QR._paired_features(b, ex, "dense-entry", cache, None)[ex.feature_layer]
     assert torch.equal(fb, ex.extract(b)[ex.feature_layer]) and not torch.equal(fa, fb)
 
 
@@ -299,20 +302,20 @@ def test_same_seed_fidelity():
     pns = (1, 2, 4)
     toks = [torch.randint(0, 64, (6, p * p), generator=g) for p in pns]
     imgs = torch.rand(6, 3, 8, 8, generator=g)
-    same = Q.same_seed_fidelity(toks, [t.clone() for t in toks], imgs, imgs.clone())
+    same = F.same_seed_fidelity(toks, [t.clone() for t in toks], imgs, imgs.clone())
     assert same == dict(fidelity_token_agreement=1.0, fidelity_token_agreement_per_scale=[1.0, 1.0, 1.0],
-                        fidelity_psnr_db=Q.PSNR_CAP_DB, psnr_to_dense_ci_low=Q.PSNR_CAP_DB,
-                        psnr_to_dense_ci_high=Q.PSNR_CAP_DB, ssim_to_dense=1.0, ssim_to_dense_ci_low=1.0,
+                        fidelity_psnr_db=F.PSNR_CAP_DB, psnr_to_dense_ci_low=F.PSNR_CAP_DB,
+                        psnr_to_dense_ci_high=F.PSNR_CAP_DB, ssim_to_dense=1.0, ssim_to_dense_ci_low=1.0,
                         ssim_to_dense_ci_high=1.0)
     other = [t.clone() for t in toks]
     other[2][:3] = (other[2][:3] + 1) % 64  # half the rows of the last scale differ everywhere
     noisy = imgs + 0.01 * torch.randn(imgs.shape, generator=g)  # MSE 1e-4 -> 40 dB
-    r = Q.same_seed_fidelity(other, toks, noisy, imgs)
+    r = F.same_seed_fidelity(other, toks, noisy, imgs)
     assert r["fidelity_token_agreement_per_scale"] == [1.0, 1.0, 0.5]
     assert r["fidelity_token_agreement"] == pytest.approx((6 * 1 + 6 * 4 + 3 * 16) / (6 * 21))
     assert r["fidelity_psnr_db"] == pytest.approx(40.0, abs=0.5)
     with pytest.raises(BenchError):
-        Q.same_seed_fidelity(toks[:2], toks, imgs, imgs)
+        F.same_seed_fidelity(toks[:2], toks, imgs, imgs)
 
 
 OLD_KEYS = {   # quality_metrics' keys with paired images, before the per-sample intervals and quality_level
