@@ -86,7 +86,7 @@ def activation_rates(ctx: Context) -> List[str]:
 def components(ctx: Context) -> List[str]:
     df = ctx.df
     tr, wr, st = D.col(df, "param_token_rate"), D.col(df, "param_weight_rate"), D.col(df, "param_steps2")
-    names = {"actvar-tokens": "w/o DW", "actvar-experts": "w/o AT", "actvar": "w/ DW & AT"}
+    names = {"actvar-tokens": "w/o DW", "actvar-experts": "w/o AT", "actvar": "w/ DW & AT"}   # table 3's row labels
     present = set(D.col(df, "method")) if "method" in df.columns else set()
     if not ({"actvar-tokens", "actvar-experts"} & present) or "actvar" not in present:
         raise Skip("needs actvar and at least one of actvar-tokens / actvar-experts")
@@ -117,8 +117,8 @@ def weight_comparison(ctx: Context) -> List[str]:
     present = set(D.col(df, "method")) if "method" in df.columns else set()
     if "pruned-ffn" not in present or not ({"actvar-experts", "actvar"} & present):
         raise Skip("needs pruned-ffn and actvar-experts or actvar rows")
-    names = {"pruned-ffn": "Static weight pruning", "actvar-experts": "Dynamic weight activation",
-             "actvar": "Dynamic weight + token (ActVAR)"}
+    names = {"pruned-ffn": "Static weight pruning", "actvar-experts": "Dynamic weight activation",   # table 5's
+             "actvar": "Dynamic weight + token (ActVAR)"}                                         # row labels
     return method_table(ctx, "actvar_weights_vs_static", list(names), ["Method", "Weight rate"],
                         lambda i, m: [names[m[i]], _rate(wr[i]) if m[i] != "pruned-ffn" else
                                       (_rate(1 - frac[i]) if frac[i] is not None else "-")],

@@ -106,3 +106,14 @@ def test_tables_print_the_missing_mark_for_pandas_na():
     assert S.fid_text(pd.NA, None, None) == "-" and S.fid_text(10.0, pd.NA, 12.0) == S.fmt(10.0)
     cells = pd.Series([1.5, None], dtype="Float64").tolist()                # a nullable column's NA
     assert [S.fmt(v) for v in cells] == ["1.5", "-"]
+
+
+def test_the_field_sweep_runs_every_family_the_methods_declare():
+    """sweeps/field.yaml's quick form (dense and each headline point) holds every family of the field, so a new
+    method with a family of its own is noticed here until the sweep includes it."""
+    from bench.registry import method_catalog
+    from bench.sweep import expand, load_spec
+    quick = {t.method for t in expand(load_spec("field", quick=True))}
+    full = {t.method for t in expand(load_spec("field"))}
+    own = {n for n, info in method_catalog().items() if info.family == n}
+    assert quick == own == full and len(own) == 13
