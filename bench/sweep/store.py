@@ -81,9 +81,12 @@ def stored_rows(results_dir: str, sweep_id: str):
     return {r["trial_key"]: r for r in df.to_dict("records")}
 
 
-def plan(spec: dict, trials: List[Trial], sweep_id: str, results_dir: str) -> List[Trial]:
+def plan(spec: dict, trials: List[Trial], sweep_id: str, results_dir: str, rerun_keys: Sequence[str] = ()
+         ) -> List[Trial]:
+    """The trials still to run: those without a stored row, and those a --rerun runs again."""
+    rerun_keys = set(rerun_keys)
     rows = stored_rows(results_dir, sweep_id)
-    return [t for t in trials if t.key(sweep_id) not in rows]
+    return [t for t in trials if t.key(sweep_id) not in rows or t.key(sweep_id) in rerun_keys]
 
 
 def manifest_for(spec: dict, trials: List[Trial], sweep_id: str, models: Dict[str, dict]) -> dict:
@@ -146,18 +149,91 @@ class Invocation:
     resumed: bool = False
     models_before: Optional[Dict[str, dict]] = None   # the models its manifest recorded; None: no manifest yet
     note: str = ""                                     # how --resume decided, for the user
+    rerun: Optional[Rerun] = None                      # --rerun: applied by ensure_manifest, after every check
 
     @property
     def needs_manifest(self) -> bool:
-        return self.models_before is None
+        return self.models_before is None or self.rerun is not None
+
+    @property
+    def rerun_keys(self) -> List[str]:
+        return self.rerun.keys if self.rerun is not None else []
+
+
+SUPERSEDED = "superseded"   # rows/superseded/: rows a --rerun replaced, kept (results are never lost), not loaded
+
+
+@dataclass
+class Rerun:
+    """A --rerun decided but not yet applied: the manifest as it will be, and the stored rows it supersedes.
+    Applied (rows moved to rows/superseded/, manifest written) only after every check, so a refused run writes
+    nothing."""
+    manifest: dict
+    keys: List[str]        # trial keys that run again
+    row_files: List[str]   # their stored rows
+
+
+def rerun_entries(m: dict, spec: dict, rerun: Sequence[str], results_dir: str) -> Rerun:
+    """The manifest `m` of a resumed invocation with the entries `rerun` redefined as the sweep file (`spec`) has them
+    now: the manifest's spec and trials updated (the rest as recorded) and the rerun recorded in its `reruns`; the
+    entries' stored rows — twins included, since a twin derives its parameters from its parent's row — superseded."""
+    from bench.results import row_files
+    unknown = sorted(set(rerun) - set(spec["points"]))
+    if unknown:
+        raise BenchError(f"--rerun: no point {unknown[0]!r} in the sweep file {spec['name']}; valid: "
+                         f"{', '.join(spec['points'])}")
+    missing = sorted(set(rerun) - set(m["spec"].get("points", {})))
+    if missing:
+        raise BenchError(f"--rerun: sweep {m['sweep_id']} has no point {missing[0]!r} (its points: "
+                         f"{', '.join(m['spec'].get('points', {}))}); a new point needs a new sweep without --resume")
+    new_spec = json.loads(json.dumps(m["spec"], default=str))
+    for entry in rerun:
+        new_spec["points"][entry] = spec["points"][entry]
+    trials = expand(new_spec)
+    keys = {t.key(m["sweep_id"]) for t in trials if t.entry in rerun}
+    keys |= {t.get("key") for t in m["trials"] if t.get("entry") in rerun}
+    files = []
+    import pandas as pd
+    for f in row_files(results_dir):
+        try:
+            key = pd.read_parquet(f, columns=["trial_key"])["trial_key"].iloc[0]
+        except Exception:   # an unreadable row file is the loader's to report, not this one's to move
+            continue
+        if key in keys:
+            files.append(f)
+    manifest = dict(m, spec=new_spec, trials=[dict(asdict(t), key=t.key(m["sweep_id"])) for t in trials])
+    manifest["reruns"] = list(m.get("reruns", [])) + [dict(
+        entries=list(rerun), at=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        superseded_rows=[os.path.join(SUPERSEDED, os.path.basename(f)) for f in files],
+        previous_points={e: m["spec"]["points"][e] for e in rerun})]
+    return Rerun(manifest, sorted(k for k in keys if k), files)
+
+
+def apply_rerun(results_dir: str, rerun: Rerun) -> None:
+    """Move the superseded rows to rows/superseded/ (kept: results are never lost; not loaded), then write the
+    updated manifest, so that a later plain --resume continues the rerun."""
+    from bench.results import ROWS
+    dest_dir = os.path.join(results_dir, ROWS, SUPERSEDED)
+    for f in rerun.row_files:
+        os.makedirs(dest_dir, exist_ok=True)
+        dest = os.path.join(dest_dir, os.path.basename(f))
+        if os.path.exists(dest):     # superseded twice: keep both
+            root, ext = os.path.splitext(dest)
+            dest = f"{root}-{secrets.token_hex(3)}{ext}"
+        os.replace(f, dest)
+    write_manifest(results_dir, rerun.manifest)
+    logger.info(f"--rerun: {len(rerun.row_files)} earlier row(s) kept under {dest_dir}")
 
 
 def resolve_invocation(spec: dict, results_dir: str, resume: bool, quick: bool = False,
-                       sets: Sequence[str] = ()) -> Invocation:
+                       sets: Sequence[str] = (), rerun: Sequence[str] = ()) -> Invocation:
     """Without resume a new invocation of `spec`. With it the latest invocation of this sweep in the store: from its
     manifest (its own spec and trials; refused if --quick/--set give other settings), else from its rows alone
-    (the current settings must match them), else a new one."""
+    (the current settings must match them), else a new one. `rerun` (with resume and a manifest): these entries run
+    again as the sweep file defines them now (rerun_entries); the manifest is rewritten before any trial runs."""
     note = ""
+    if rerun and not resume:
+        raise BenchError("--rerun needs --resume: it re-runs points of the latest sweep of this name in the store")
     if resume:
         previous = read_manifests(results_dir, spec["name"])
         if previous:
@@ -174,10 +250,20 @@ def resolve_invocation(spec: dict, results_dir: str, resume: bool, quick: bool =
             except TypeError as e:
                 raise BenchError(f"--resume: the manifest of sweep {m['sweep_id']} has a malformed trial ({e}); start "
                                  f"a new sweep without --resume") from None
+            pending_rerun = None
+            if rerun:
+                pending_rerun = rerun_entries(m, spec, rerun, results_dir)
+                m = pending_rerun.manifest
+                trials = [Trial(**{k: v for k, v in t.items() if k != "key"}) for t in m["trials"]]
             changed = "" if spec_fingerprint(spec) == spec_fingerprint(m["spec"]) else (
                 f"the sweep file's settings differ from those sweep {m['sweep_id']} started with; resuming it as "
-                f"recorded in its manifest (start a new sweep without --resume to run the file as it is now)")
-            return Invocation(m["spec"], trials, m["sweep_id"], resumed=True, models_before=m["models"], note=changed)
+                f"recorded in its manifest (start a new sweep without --resume to run the file as it is now"
+                f"{'' if rerun else ', or --rerun POINT to run changed points again'})")
+            return Invocation(m["spec"], trials, m["sweep_id"], resumed=True, models_before=m["models"], note=changed,
+                              rerun=pending_rerun)
+        if rerun:
+            raise BenchError(f"--rerun: no manifest of an earlier {spec['name']} sweep in {results_dir}; start the "
+                             f"sweep without --resume/--rerun")
         sweep_id = latest_sweep_id_in_rows(results_dir, spec)
         if sweep_id:   # rows without their manifest (e.g. a copied store): the current settings must match
             return Invocation(spec, expand(spec), sweep_id, resumed=True,
@@ -205,6 +291,9 @@ def ensure_manifest(results_dir: str, invocation: Invocation, models: Dict[str, 
     """Record the invocation before its first trial runs, unless it has a manifest already (a new invocation, or one
     resumed from its rows alone, has none)."""
     if not invocation.needs_manifest:
+        return
+    if invocation.rerun is not None:
+        apply_rerun(results_dir, invocation.rerun)
         return
     manifest = manifest_for(invocation.spec, invocation.trials, invocation.sweep_id, models)
     existed = os.path.isdir(manifest_dir(results_dir))
