@@ -11,11 +11,16 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
+import platform
 import sys
-import uuid
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
+import torch
+
+from bench.atomic import atomic_write_text, swap_directory, temp_directory
+from bench.checkpoints import file_sha256
+from bench.data import recording_splits
+from bench.env import code_commit
 from bench.errors import BenchError
 
 SHIPPED = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "artifacts")
@@ -49,7 +54,6 @@ def artifact_dir_for_writing(kind: str, model_id: str, config: dict, out_root: O
 
 def mark_done(directory: str, meta: dict) -> None:
     """Written last: an artifact without DONE is incomplete (a killed `prepare`) and is ignored."""
-    from bench.atomic import atomic_write_text
     atomic_write_text(os.path.join(directory, "DONE"), json.dumps(meta, indent=1, default=str))
 
 
@@ -72,11 +76,6 @@ def read_meta(directory: str) -> dict:
 
 def provenance() -> dict:
     """What made an artifact: the command line and the environment (recorded in its metadata)."""
-    import platform
-
-    import torch
-
-    from bench.train import code_commit
     if sys.argv and sys.argv[0].endswith(os.path.join("bench", "__main__.py")):
         command = "python -m bench " + " ".join(sys.argv[1:])
     else:
@@ -86,42 +85,44 @@ def provenance() -> dict:
                                           code_commit=code_commit()))
 
 
+def _recorded_as(value, path: bool):
+    return os.path.realpath(value) if path and isinstance(value, str) else value
+
+
+def reusable(directory: Optional[str], wanted: dict, force: bool = False,
+             recorded: Callable[[dict], dict] = lambda meta: meta.get("recipe", {}),
+             paths: Sequence[str] = ()) -> bool:
+    """May the prepared artifact in `directory` be reused for the settings `wanted`?
+
+    False when there is none to reuse (None, or no DONE: never made, or a killed `prepare`) or `force`: make it.
+    True when what its metadata records (`recorded(meta)`, by default its recipe) equals `wanted`; the settings
+    named in `paths` are file paths, compared as resolved. Otherwise BenchError, one line naming each setting that
+    differs: an artifact is never silently reused for other settings, since its key leaves some out."""
+    if directory is None or force or not is_done(directory):
+        return False
+    old = recorded(read_meta(directory))
+    differ = sorted(k for k in set(old) | set(wanted)
+                    if _recorded_as(old.get(k), k in paths) != _recorded_as(wanted.get(k), k in paths))
+    if differ:
+        raise BenchError(f"{directory} was made with {({k: old.get(k) for k in differ})}, not "
+                         f"{({k: wanted.get(k) for k in differ})}; pass --force to redo it")
+    return True
+
+
 def write_artifact(kind: str, model_id: str, key: dict, out_root: Optional[str], write_files: Callable[[str], dict],
                    force: bool = False) -> str:
-    """Write an artifact directory atomically: files go to a temp dir, DONE last, then one rename.
+    """Write an artifact directory atomically: files go to a temp dir, DONE last, then bench.atomic.swap_directory.
 
     write_files(tmp_dir) writes the files and returns the metadata (saved as meta.json). If the directory
     appeared meanwhile (a parallel trial), the existing one wins unless force; one without DONE (incomplete, never
     found by lookups) is replaced."""
-    from bench.atomic import atomic_write_text
-    from bench.checkpoints import file_sha256
     final = artifact_dir_for_writing(kind, model_id, key, out_root)
-    parent = os.path.dirname(final)
-    os.makedirs(parent, exist_ok=True)
-    tmp = f"{final}.tmp-{os.getpid()}-{uuid.uuid4().hex[:6]}"
-    os.makedirs(tmp)
-    try:
-        from bench.data import recording_splits
+    with temp_directory(final) as tmp:
         with recording_splits() as splits:   # every set of real images the artifact was made from
             meta = write_files(tmp)
         meta = dict(kind=kind, model_id=model_id, key=key, **meta, data_splits=splits)
         atomic_write_text(os.path.join(tmp, "meta.json"), json.dumps(meta, indent=1, default=str))
         files = {f: file_sha256(os.path.join(tmp, f)) for f in sorted(os.listdir(tmp))}
         mark_done(tmp, dict(kind=kind, key=key, files=files))
-        if os.path.isdir(final):
-            if not force and is_done(final):   # a complete one (e.g. a parallel writer's) stands
-                shutil.rmtree(tmp)
-                return final
-            trash = f"{final}.old-{uuid.uuid4().hex[:6]}"
-            os.rename(final, trash)
-            os.rename(tmp, final)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            try:
-                os.rename(tmp, final)
-            except OSError:  # lost a race to a parallel writer: theirs is complete (DONE was written first)
-                shutil.rmtree(tmp, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        swap_directory(tmp, final, replace=force or not is_done(final))   # a complete one (a parallel writer's) stands
     return final

@@ -364,7 +364,6 @@ def folder_classes(root: str) -> List[str]:
 def check_held_out_folder(reference: str, training: str, flag: str = "--reference") -> None:
     """Refuse a reference folder that is, holds or lies inside the training folder: FID against the images the
     model was trained on (register, run and evaluate alike)."""
-    from bench.errors import BenchError
     ref_real, root = os.path.realpath(reference), os.path.realpath(training)
     if os.path.commonpath([ref_real, root]) in (ref_real, root):
         raise BenchError(f"{flag} {reference} is, holds or lies inside the training folder {training}; give "

@@ -4,14 +4,17 @@ from __future__ import annotations
 import os
 import platform
 import socket
+import subprocess
 import sys
 
 import torch
 
+import bench
+from bench.errors import BenchError
+
 
 def check_device(device: str) -> str:
     """The device string if this machine has it, else one line (BenchError) with the valid choices."""
-    from bench.errors import BenchError
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise BenchError(f"device {device!r} is not available here; valid: cpu")
     if not (device == "cpu" or device.startswith("cuda")):
@@ -40,6 +43,18 @@ def cuda_visible_devices(device):
     return os.environ.get("CUDA_VISIBLE_DEVICES")
 
 
+def code_commit() -> str:
+    """The git commit of this source tree (+ '-dirty' with uncommitted changes to tracked files), or 'unknown'."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    try:
+        out = subprocess.run(["git", "-C", root, "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)
+        dirty = subprocess.run(["git", "-C", root, "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=5).stdout.strip()
+        return out.stdout.strip() + ("-dirty" if dirty else "") if out.returncode == 0 else "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
 def package_version(name: str) -> str:
     from importlib.metadata import PackageNotFoundError, version
     try:
@@ -49,10 +64,8 @@ def package_version(name: str) -> str:
 
 
 def environment(device="cpu") -> dict:
-    from bench import __version__
-    from bench.train import code_commit
     return dict(
-        env_harness=__version__,
+        env_harness=bench.__version__,
         env_torch=torch.__version__,
         env_torch_fidelity=package_version("torch-fidelity"),
         env_fvcore=package_version("fvcore"),

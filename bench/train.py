@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import subprocess
 import sys
 import time
 from typing import Dict, List, Optional, Tuple
@@ -19,28 +18,19 @@ import torch.nn.functional as F
 
 from bench.atomic import atomic_path, atomic_write_text
 from bench.checkpoints import file_sha256, load_tensors, read_state_dict, save_state_dict
-from bench.data import SPLIT_SEEDS, load_split
+from bench.data import SPLIT_SEEDS, default_hflip_for, load_split
+from bench.env import code_commit
 from bench.errors import BenchError
 from bench.log import get_logger, progress
 from bench.models.classifier import ShapesClassifier
 from bench.models.var import VAR, VARConfig
 from bench.models.vqvae import VQVAE
+from bench.shipped import ASSETS, MANIFEST, read_manifest
 
 logger = get_logger(__name__)
 
 DEFAULT_VQVAE = dict(vocab_size=512, z_channels=16, ch=32, ch_mult=(1, 2, 4), num_res_blocks=1, share_quant_resi=4,
                      v_patch_nums=(1, 2, 3, 4, 5, 6, 8))
-
-
-def code_commit() -> str:
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    try:
-        out = subprocess.run(["git", "-C", root, "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)
-        dirty = subprocess.run(["git", "-C", root, "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, timeout=5).stdout.strip()
-        return out.stdout.strip() + ("-dirty" if dirty else "") if out.returncode == 0 else "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
 
 
 def lr_at(step: int, total: int, base: float, warmup: int, final_ratio: float = 0.1) -> float:
@@ -57,7 +47,6 @@ def _log(msg: str):
 def default_hflip(data: str, hflip: Optional[bool]) -> bool:
     """Mirroring is an explicit choice: on for `shapes` (what the shipped default was trained with), off for a
     user's folder unless asked for (a mirrored digit or letter is another image)."""
-    from bench.data import default_hflip_for
     return default_hflip_for(data) if hflip is None else bool(hflip)
 
 
@@ -399,7 +388,6 @@ def train_classifier(out: str, vqvae_path: Optional[str] = None, steps: int = 30
 def ship(name: str, vqvae_path: str, var_path: str, classifier_path: Optional[str], sampling: Dict,
          alias: Optional[str] = None):
     """Copy trained weights into bench/assets and record them in the manifest."""
-    from bench.zoo import ASSETS, MANIFEST, read_manifest
     metas = {}   # all three checked before anything is written
     for kind, p in (("vqvae", vqvae_path), ("var", var_path), ("classifier", classifier_path)):
         if p is None:

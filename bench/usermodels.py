@@ -11,10 +11,16 @@ import os
 import re
 import shutil
 import time
-import uuid
 from typing import Dict, List, Optional
 
+from bench.atomic import atomic_write_text, swap_directory, temp_directory
+from bench.checkpoints import file_sha256
+from bench.data import check_held_out_folder, default_hflip_for, folder_classes, folder_data
+from bench.env import code_commit
 from bench.errors import BenchError
+from bench.sampling import SamplingConfig, validate_sampling
+from bench.shipped import shipped_names
+from bench.train import trained_meta
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 SAMPLING_KEYS = ("cfg", "top_k", "top_p")
@@ -32,7 +38,9 @@ def list_user_models() -> List[str]:
     root = models_dir()
     if not os.path.isdir(root):
         return []
-    return sorted(d for d in os.listdir(root) if os.path.isfile(os.path.join(root, d, "manifest.json")))
+    # NAME_RE: not a temp directory of a `register` under way or killed (.tmp-...), though it holds a manifest
+    return sorted(d for d in os.listdir(root)
+                  if NAME_RE.match(d) and os.path.isfile(os.path.join(root, d, "manifest.json")))
 
 
 def read_user_manifest(name: str) -> Optional[dict]:
@@ -66,24 +74,17 @@ def parse_sampling(text: str) -> Dict[str, float]:
 def _meta(path: Optional[str], kind: str) -> Optional[dict]:
     if path is None:
         return None
-    from bench.train import trained_meta   # the same checks as `train ship`: present, readable, of this kind
-    return trained_meta(path, kind, f"--{kind}")
+    return trained_meta(path, kind, f"--{kind}")   # the same checks as `train ship`: present, readable, of this kind
 
 
 def register_model(name: str, vqvae: str, var: str, classifier: Optional[str] = None,
                    sampling: Optional[Dict[str, float]] = None, reference: Optional[str] = None,
                    force: bool = False) -> str:
     """Validate everything, then copy the weights and write the manifest atomically; returns the directory."""
-    from bench.checkpoints import file_sha256
-    from bench.data import check_held_out_folder, default_hflip_for, folder_classes, folder_data
-    from bench.sampling import SamplingConfig, validate_sampling
-    from bench.train import code_commit
-    from bench.zoo import BUILTIN, read_manifest
     if not NAME_RE.match(name or ""):
         raise BenchError(f"model name {name!r} must be 1-64 letters, digits, '.', '_' or '-' (not starting with "
                          f"'.', '_' or '-')")
-    shipped = read_manifest()
-    taken = sorted(set(shipped.get("models", {})) | set(shipped.get("aliases", {})) | set(BUILTIN))
+    taken = shipped_names()
     if name in taken:
         raise BenchError(f"model name {name!r} is taken by a shipped model; choose another (shipped: "
                          f"{', '.join(taken)})")
@@ -136,10 +137,7 @@ def register_model(name: str, vqvae: str, var: str, classifier: Optional[str] = 
     s = dict(dict(cfg=3.0, top_k=min(100, vocab), top_p=0.95), **(sampling or {}))
     validate_sampling(SamplingConfig(**s), vocab)
 
-    os.makedirs(models_dir(), exist_ok=True)
-    tmp = os.path.join(models_dir(), f".{name}.tmp-{uuid.uuid4().hex[:6]}")
-    os.makedirs(tmp)
-    try:
+    with temp_directory(final) as tmp:
         files, sha = {}, {}
         for kind, p in (("vqvae", vqvae), ("var", var), ("classifier", classifier)):
             if p is None:
@@ -158,15 +156,8 @@ def register_model(name: str, vqvae: str, var: str, classifier: Optional[str] = 
                               final=m["history"][-1] if m.get("history") else None,
                               **{x: m[x] for x in m if x.startswith("val_")})
                       for k, m in metas.items() if m is not None})
-        from bench.atomic import atomic_write_text
         atomic_write_text(os.path.join(tmp, "manifest.json"), json.dumps(manifest, indent=1, default=str))
-        if os.path.isdir(final):
-            trash = f"{final}.old-{uuid.uuid4().hex[:6]}"
-            os.rename(final, trash)
-            os.rename(tmp, final)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            os.rename(tmp, final)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if not swap_directory(tmp, final):
+            raise BenchError(f"model {name!r} was registered by another process meanwhile ({final}); pass --force "
+                             f"to replace it")
     return final

@@ -7,7 +7,6 @@ Paths may also come from VARBENCH_VAR_CKPT / VARBENCH_VAE_CKPT / VARBENCH_DEPTH.
 """
 from __future__ import annotations
 
-import json
 import os
 import re
 from dataclasses import dataclass, field
@@ -16,13 +15,14 @@ from typing import Dict, List, Optional, Tuple
 import torch
 
 from bench.checkpoints import check_compatible, file_sha256, read_state_dict
+from bench.data import SHAPES_CLASSES
 from bench.errors import BenchError
 from bench.models.var import VAR, VARConfig
 from bench.models.vqvae import OFFICIAL_VQVAE, VQVAE
 from bench.sampling import SamplingConfig
+from bench.shipped import ASSETS, BUILTIN, read_manifest, shipped_names
+from bench.usermodels import list_user_models, read_user_manifest
 
-ASSETS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets")
-MANIFEST = os.path.join(ASSETS, "manifest.json")
 OFFICIAL_SAMPLING = SamplingConfig(cfg=1.5, top_k=900, top_p=0.96)  # the VAR paper's FID setting
 OFFICIAL_DEPTHS = (16, 20, 24, 30)
 
@@ -50,20 +50,8 @@ class ModelBundle:
         return next(self.var.parameters()).device
 
 
-def read_manifest() -> dict:
-    if not os.path.isfile(MANIFEST):
-        return {"models": {}, "aliases": {}}
-    with open(MANIFEST) as f:
-        return json.load(f)
-
-
-BUILTIN = ("tiny",)  # random-weight models built in code, for tests and smoke runs
-
-
 def list_models() -> List[str]:
-    from bench.usermodels import list_user_models
-    m = read_manifest()
-    return sorted(list(m.get("models", {})) + list(m.get("aliases", {})) + list(BUILTIN) + list_user_models())
+    return sorted(shipped_names() + list_user_models())
 
 
 def tiny_bundle(seed: int = 0, depth: int = 2, embed_dim: int = 32, device="cpu") -> ModelBundle:
@@ -81,7 +69,6 @@ def tiny_bundle(seed: int = 0, depth: int = 2, embed_dim: int = 32, device="cpu"
         with torch.no_grad():  # break the init's symmetry so that logits depend on the input
             for p in var.parameters():
                 p.add_(torch.randn_like(p) * 0.02)
-    from bench.data import SHAPES_CLASSES
     classifier = None
     m = read_manifest()
     for entry in m.get("models", {}).values():
@@ -106,7 +93,6 @@ def resolve_name(name: str) -> str:
     if name in BUILTIN:
         return name
     name = m.get("aliases", {}).get(name, name)
-    from bench.usermodels import list_user_models
     if name not in m.get("models", {}) and name not in list_user_models():
         valid = list_models()
         hint = "; or give --var-ckpt/--vae-ckpt for official weights"
@@ -122,7 +108,6 @@ def load_embedded(name: str, device="cpu") -> ModelBundle:
     name = resolve_name(name)
     if name == "tiny":
         return tiny_bundle(device=device)
-    from bench.usermodels import read_user_manifest
     entry = read_manifest()["models"].get(name)
     source, paths = "embedded", None
     if entry is None:   # a model the user registered ($VARBENCH_HOME/models/<name>/)

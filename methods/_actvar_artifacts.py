@@ -11,6 +11,7 @@ from typing import List
 
 import torch.nn as nn
 
+from bench.checkpoints import read_state_dict, save_state_dict
 from bench.errors import BenchError
 
 _LOADED: "OrderedDict[tuple, tuple]" = OrderedDict()
@@ -24,7 +25,6 @@ def trained_names(var) -> List[str]:
 
 def load_artifact(bundle, directory: str, parts: str):
     """(base VAR, routers, selectors) of an artifact; base is bundle.var when stage 2 was skipped. Cached."""
-    from bench.checkpoints import read_state_dict
     done = os.path.join(directory, "DONE")
     key = (os.path.realpath(directory), os.path.getmtime(done) if os.path.exists(done) else 0, str(bundle.device),
            bundle.model_id)
@@ -72,7 +72,6 @@ def load_artifact(bundle, directory: str, parts: str):
 
 
 def save_artifact(result: dict, directory: str) -> None:
-    from bench.checkpoints import save_state_dict
     sd = {}
     for name, ms in (("router", result["routers"]), ("selector", result["selectors"])):
         for i, m in enumerate(ms or []):

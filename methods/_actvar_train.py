@@ -29,10 +29,11 @@ import torch
 import torch.nn.functional as F
 
 from bench.log import progress as progress_iter
+from bench.train import lr_at
 from methods import _moe, _tokens
 from methods._actvar_artifacts import TRAINED, trained_names
+from methods._actvar_net import ActExpertFFN, attach, new_gates
 from methods._moe_recipe import log, logger
-from methods.actvar import ActExpertFFN, attach, new_gates
 from methods._tokens import LearnedGate, TokenGatedBlock
 
 STAGE1_KL, STAGE1_BAL = 0.05, 0.01          # eq. 19's α, β
@@ -135,6 +136,8 @@ def _set(net, aux=None, straight_through=False):
             mod.straight_through = straight_through
             if isinstance(mod, TokenGatedBlock):
                 mod.aux_fn = token_aux if isinstance(mod.gate, LearnedGate) else None
+            else:
+                mod.aux_fn = expert_aux
 
 
 def stage1_regulariser(aux: List[dict]):
@@ -193,7 +196,6 @@ def evaluate(net, teacher, vqvae, toks, labels, batch: int = 32) -> dict:
 
 
 def _lr_loop(name, net, params, steps, lr, batch, seed, toks, labels, vqvae, uncond, loss_fn, progress):
-    from bench.train import lr_at
     history = []
     t0 = time.time()
     if steps == 0:

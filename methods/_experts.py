@@ -46,6 +46,9 @@ from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
+from bench.analytic import executed_counting
+from bench.artifacts import cache_root, config_hash
+from bench.atomic import atomic_write_text
 from bench.errors import BenchError
 
 GROUPED, MASKED = "grouped", "masked-dense"
@@ -280,19 +283,16 @@ def fit(points: Sequence[dict], source: str) -> CostModel:
 
 
 def cost_dir() -> str:
-    from bench.artifacts import cache_root
     return os.path.join(cache_root(), "expert-cost")
 
 
 def cost_path(key: dict) -> str:
-    from bench.artifacts import config_hash
     return os.path.join(cost_dir(), f"cost-{key['device_type']}-{config_hash(key)}.json")
 
 
 def save_calibration(key: dict, points: List[dict], path: Optional[str] = None) -> Tuple[str, CostModel]:
     """Merge `points` into this machine's calibration (a new point replaces an old one of the same configuration),
     refit, write atomically. Returns (file, model)."""
-    from bench.atomic import atomic_write_text
     path = path or cost_path(key)
     old = read_calibration(path).get("points", []) if os.path.isfile(path) else []
     ident = lambda p: (p["T"], p["C"], p["E"], p["e"], p["P"])
@@ -404,7 +404,6 @@ def execute(x2: torch.Tensor, mask: torch.Tensor, w1, b1, w2, act: str = "relu")
 def macs_pairs(stats: dict) -> int:
     """The (token, expert) pairs a layer's MAC count uses: the routed ones, or inside
     bench.analytic.counting_executed() the ones whose MACs ran."""
-    from bench.analytic import executed_counting
     return stats.get("pairs_run", stats["pairs"]) if executed_counting() else stats["pairs"]
 
 

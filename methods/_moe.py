@@ -24,7 +24,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from bench.data import data_identity, default_hflip_for, load_split, note_split
 from bench.errors import BenchError
+from bench.train import default_hflip, tokenize
 from methods import _experts
 
 ROUTER_WIDTH = 128
@@ -53,13 +55,10 @@ def data_scope(bundle, data: Optional[str] = None) -> dict:
     without data of its own (the shipped artifacts keep their keys; an official model's data is in the artifact's
     metadata and checked on reuse), else {'data': the data identity} (a user's folder: its file-listing hash), so
     an artifact made from one data set is never found for another."""
-    from bench.data import data_identity
     own = default_data(bundle)
     data = data or own
     if own is None or (data == "shapes" and own == "shapes"):
         return {}
-    from bench.data import default_hflip_for
-    from bench.train import default_hflip
     ds = bundle.dataset or {}
     own_data = _is_own(data, own)
     # mirrored copies change what an artifact is made from: named where they differ from the data's default
@@ -80,8 +79,6 @@ def token_data(bundle, count: int, split: str = "train", data: Optional[str] = N
     """Tokens (list per scale, int16) and labels of a class-stratified sample of real images of a split
     (bench/data.py: held-out splits never overlap training), with mirrored copies (2·count rows) only where the
     model's data uses mirroring (recorded in its manifest; `shapes`: yes, image folders: no unless registered so)."""
-    from bench.data import load_split, note_split
-    from bench.train import default_hflip, tokenize
     own = default_data(bundle)
     data = data or own
     if data is None:

@@ -8,7 +8,9 @@ from collections import OrderedDict
 
 import torch.nn as nn
 
+from bench.checkpoints import check_compatible, read_state_dict, save_state_dict
 from bench.errors import BenchError
+from bench.models.var import VAR
 from methods._moe import Router
 
 _FT_CACHE: "OrderedDict[tuple, nn.Module]" = OrderedDict()
@@ -16,8 +18,6 @@ _FT_CACHE: "OrderedDict[tuple, nn.Module]" = OrderedDict()
 
 def load_finetuned_var(bundle, directory: str):
     """The fine-tuned ReLU VAR of an artifact, on the bundle's device (cached per process; never modified)."""
-    from bench.checkpoints import check_compatible, read_state_dict
-    from bench.models.var import VAR
     key = (os.path.realpath(directory), str(bundle.device), bundle.model_id)
     if key in _FT_CACHE:
         _FT_CACHE.move_to_end(key)
@@ -37,7 +37,6 @@ def load_finetuned_var(bundle, directory: str):
 
 
 def save_finetune(model, meta: dict, directory: str) -> dict:
-    from bench.checkpoints import save_state_dict
     sd = {k: (v.half() if v.is_floating_point() else v) for k, v in model.state_dict().items()}
     save_state_dict(sd, os.path.join(directory, "var.safetensors"))
     return meta
@@ -45,7 +44,6 @@ def save_finetune(model, meta: dict, directory: str) -> dict:
 
 
 def save_experts(all_labels, routers, directory: str) -> None:
-    from bench.checkpoints import save_state_dict
     sd = {}
     for i, (lab, r) in enumerate(zip(all_labels, routers)):
         sd[f"blocks.{i}.labels"] = lab.long().cpu()
@@ -56,7 +54,6 @@ def save_experts(all_labels, routers, directory: str) -> None:
 
 def load_experts(directory: str, ft_var, device):
     """(labels per block, routers) of an experts artifact, checked against the model."""
-    from bench.checkpoints import read_state_dict
     path = os.path.join(directory, "experts.safetensors")
     sd = read_state_dict(path, "expert split")
     labels, routers = [], []

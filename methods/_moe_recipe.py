@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from bench.errors import BenchError
 from bench.log import get_logger
 from bench.log import progress as progress_iter
+from bench.train import lr_at
 from methods import _moe
 from methods._moe import Router, drop_labels, oracle_expert_norms, split_ffn, teacher_forcing_input
 
@@ -111,7 +112,6 @@ def finetune_relu_hoyer(bundle, steps: int, hoyer_weight: float, batch: int, lr:
     """ReLUfy bundle.var and fine-tune all its weights with CE + hoyer_weight·Hoyer (mean over layers).
 
     Returns (model, metadata dict with losses/sparsity before and after)."""
-    from bench.train import lr_at
     t0 = time.time()
     toks, labels = _moe.token_data(bundle, images, "train", data)
     vtoks, vlabels = _moe.token_data(bundle, eval_images, "val", data)
@@ -251,7 +251,6 @@ def collect_router_data(var, vqvae, toks, labels, all_labels: List[torch.Tensor]
 def train_routers(xs: List[torch.Tensor], ys: List[torch.Tensor], steps: int, batch: int, lr: float, seed: int,
                   val_fraction: float = 0.1, progress: bool = True):
     """One Router per block, MSE on the expert norms. Returns (routers, metadata with val MSE before/after)."""
-    from bench.train import lr_at
     routers, meta_layers = [], []
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)

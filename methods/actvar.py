@@ -1,7 +1,8 @@
 """ActVAR (Zhang et al. 2025): dynamic experts in the FFN + a gated token selector per block, on the last scales.
 
-../shared/METHODS.md §5; paper §3.2-3.4 and supplementary §6. Token machinery in methods/_tokens.py. This module:
-the expert layer (ActExpertFFN), how the nets are built and the three registered methods.
+../shared/METHODS.md §5; paper §3.2-3.4 and supplementary §6. Token machinery in methods/_tokens.py; the expert
+layer (ActExpertFFN) and how the nets are built in methods/_actvar_net.py. This module: the three registered
+methods.
 
 Registered methods (each prepared by `python -m bench prepare <name>`; artifacts of kind 'actvar'):
   actvar           both halves (kind weight+token)            Table 2's (α, β; γ)
@@ -43,15 +44,16 @@ import os
 from typing import Any, Dict, List, Optional
 
 import torch
-import torch.nn as nn
-import torch.nn.functional as F
 
-from bench.artifacts import is_done, provenance, read_meta, write_artifact
+from bench.analytic import dense_scale_macs
+from bench.artifacts import (artifact_dir_for_writing, find_artifact, provenance, read_meta, reusable,
+                             write_artifact)
 from bench.errors import BenchError
 from bench.recipe import Recipe, Setting, prepare_command
-from bench.registry import Method, Param, clone_structure, register_method
-from methods import _experts, _moe, _tokens
-from methods._actvar_artifacts import load_artifact
+from bench.registry import Method, Param, register_method
+from methods import _actvar_train, _moe, _tokens
+from methods._actvar_artifacts import load_artifact, save_artifact
+from methods._actvar_net import ActExpertFFN, attach, expert_layers
 from methods._moe_recipe import log
 from methods._tokens import LearnedGate, kept_count
 
@@ -98,121 +100,6 @@ TRAIN_TOKEN_RATE = _rate_param("train_token_rate", None, "artifact: token rate i
                                "token_rate)", True)
 TRAIN_WEIGHT_RATE = _rate_param("train_weight_rate", None, "artifact: weight rate it was trained at (default: "
                                 "weight_rate)", True)
-
-
-# ------------------------------------------------------------------------------------------------ expert FFN
-class ActExpertFFN(nn.Module):
-    """The FFN as N contiguous experts with a softmax router, top-K_w per token on chosen scales; the unchanged FFN
-    elsewhere (and in the teacher-forced masked pass). Shares the FFN's parameters. Records per scale the tokens
-    it processed, the (token, expert) pairs run and per-expert use (reset_stats)."""
-
-    def __init__(self, ffn, router: nn.Linear, kept: Dict[int, int], index: int = 0):
-        super().__init__()
-        self.dense, self.router, self.kept, self.index = ffn, router, dict(kept), index
-        H = ffn.fc1.out_features
-        self.num_experts = router.out_features
-        self.dim, self.expert_size = ffn.fc1.in_features, H // self.num_experts
-        self.aux: Optional[list] = None
-        self.straight_through = False
-        self.reset_stats()
-
-    fc1 = property(lambda self: self.dense.fc1)
-    fc2 = property(lambda self: self.dense.fc2)
-    act_name = property(lambda self: self.dense.act_name)
-    expert_execution_key = staticmethod(_experts.execution_key)   # bench/measure.generation_key
-
-    def reset_stats(self):
-        self.stats: Dict[int, dict] = {}
-
-    def experts(self):
-        """(w1 (N,e,C), b1 (N,e), w2 (N,C,e)) as views of fc1/fc2: contiguous neuron blocks."""
-        N, e, C = self.num_experts, self.expert_size, self.dim
-        return (self.fc1.weight.view(N, e, C), self.fc1.bias.view(N, e),
-                self.fc2.weight.view(C, N, e).permute(1, 0, 2))
-
-    def forward(self, x, si: Optional[int] = None):
-        if si is None or si not in self.kept:
-            return self.dense(x, si)
-        shape, k = x.shape, self.kept[si]
-        x2 = x.reshape(-1, shape[-1])
-        logits = self.router(x2)
-        N = self.num_experts
-        top = logits.topk(k, dim=1, sorted=False).indices if k < N else \
-            torch.arange(N, device=x.device).expand(x2.shape[0], -1)
-        ran = None
-        if self.aux is not None or torch.is_grad_enabled():          # training/evaluation: masked dense compute
-            gate = torch.zeros_like(logits).scatter_(1, top, 1.0)
-            if self.straight_through and torch.is_grad_enabled():
-                p = logits.softmax(-1)
-                gate = gate * (p / p.detach())
-            h = _moe.activation(self.act_name, self.fc1(x2)).view(-1, N, self.expert_size)
-            out = F.linear((h * gate.unsqueeze(-1)).view(x2.shape[0], -1), self.fc2.weight, self.fc2.bias)
-            if self.aux is not None:
-                self._aux(x2, h, logits, top, si)
-        else:                                                         # inference: only the selected experts run
-            # scatter of a tensor, not of the scalar True: jit tracing (fvcore) cannot take a bool Scalar here
-            mask = torch.zeros(logits.shape, dtype=torch.bool, device=x.device).scatter_(
-                1, top, torch.ones_like(top, dtype=torch.bool))
-            w1, b1, w2 = self.experts()
-            out, ran = _experts.execute(x2, mask, w1, b1, w2, self.act_name)
-            out = out + self.fc2.bias
-        self._record(si, x2.shape[0], top)
-        if ran is not None:
-            _experts.record(self.stats[si], ran)
-        return out.view(shape)
-
-    def _aux(self, x2, h, logits, top, si):
-        """Training and validation only: the router's distillation terms (methods/_actvar_train.py)."""
-        from methods._actvar_train import expert_aux
-        self.aux.append(expert_aux(self, h, logits, top, si))
-
-    @torch.no_grad()
-    def _record(self, si, tokens, top):
-        with _tokens.untraced():
-            self._record_untraced(si, tokens, top)
-
-    def _record_untraced(self, si, tokens, top):
-        st = self.stats.setdefault(si, dict(tokens=0, pairs=0, usage=torch.zeros(self.num_experts, dtype=torch.long)))
-        st["tokens"] += tokens
-        st["pairs"] += tokens * top.shape[1]
-        st["usage"] += torch.bincount(top.reshape(-1).cpu(), minlength=self.num_experts)
-
-    def recorded_macs(self, si: int) -> float:
-        """MACs of this layer at scale si over the recorded calls: experts 2·C·e per routed pair (per pair that ran
-        inside counting_executed()), router C·N per token."""
-        st = self.stats.get(si)
-        if not st or not st["tokens"]:
-            raise BenchError(f"no recorded expert statistics at scale {si}; generate before counting FLOPs")
-        pairs = _experts.macs_pairs(st)     # routed, or inside counting_executed() what ran
-        return pairs * 2 * self.dim * self.expert_size + st["tokens"] * self.dim * self.num_experts
-
-
-def expert_layers(net) -> List[ActExpertFFN]:
-    return [m for m in net.modules() if isinstance(m, ActExpertFFN)]
-
-
-# ------------------------------------------------------------------------------------------------ building nets
-def attach(var, parts: str, routers, selectors, kept_w: Dict[int, int], kept_t: Dict[int, int]):
-    """A clone of `var` (parameters shared) with ActVAR's experts and/or token gates on the given scales."""
-    net = clone_structure(var)
-    if parts in ("both", "experts"):
-        for i, blk in enumerate(net.blocks):
-            blk.ffn = ActExpertFFN(blk.ffn, routers[i], kept_w, index=i)
-    if parts in ("both", "tokens"):
-        _tokens.gate_net(net, lambda i: LearnedGate(selectors[i], kept_t))
-    return net
-
-
-def new_gates(C: int, H: int, depth: int, parts: str, experts: int, seed: int, device):
-    """Fresh routers Linear(C,N) and selectors Linear(C,1) (PyTorch's default init, seeded)."""
-    if parts in ("both", "experts") and H % experts:
-        raise BenchError(f"experts={experts} does not divide the FFN width {H}")
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        routers = [nn.Linear(C, experts) for _ in range(depth)] if parts in ("both", "experts") else None
-        selectors = [nn.Linear(C, 1) for _ in range(depth)] if parts in ("both", "tokens") else None
-    mv = lambda ms: None if ms is None else [m.to(device) for m in ms]
-    return mv(routers), mv(selectors)
 
 
 # ------------------------------------------------------------------------------------------------ methods
@@ -275,7 +162,6 @@ class _ActVARBase(Method):
         return prepare_command(bundle, self.name, self.recipe.flags(self.config, **self.trained_at(bundle)))
 
     def check_model(self, bundle, need_artifact: bool = True):
-        from bench.artifacts import find_artifact
         self.scales(bundle)
         self.kept_tokens(bundle), self.kept_tokens(bundle, train=True)
         if self.has_experts:
@@ -289,7 +175,6 @@ class _ActVARBase(Method):
                              f"{json.dumps(self.artifact_key(bundle), sort_keys=True)}; run `{self.prepare_hint(bundle)}`")
 
     def artifact_dir(self, bundle) -> str:
-        from bench.artifacts import find_artifact
         self.check_model(bundle)
         return find_artifact(KIND, bundle.model_id, self.artifact_key(bundle))
 
@@ -339,7 +224,6 @@ class _ActVARBase(Method):
         """Eq. 12 literally: Σ_scales Σ_blocks [8·η·L·H²·(1+2μ) − 2·L·H·(1 + (1−η)·N)] in the paper's FLOPs,
         with η = 1 − K_t/n, μ = 1 − K_w/N, L = n (tokens of the scale per row: the block input under KV caching),
         H = C, times 2 rows per image (CFG). A half without selector/router drops that overhead term."""
-        from bench.analytic import dense_scale_macs
         cfg = bundle.var.cfg
         C, d, N = cfg.embed_dim, cfg.depth, self.config.get("experts", 0)
         kt, kw = self.kept_tokens(bundle), self.kept_experts(bundle)
@@ -395,9 +279,6 @@ class _ActVARBase(Method):
     @classmethod
     def prepare(cls, bundle, values: dict, out_root: Optional[str], data: Optional[str] = None,
                 force: bool = False) -> str:
-        from bench.artifacts import artifact_dir_for_writing
-        from methods import _actvar_train as T
-        from methods._actvar_artifacts import save_artifact
         (config,) = cls.recipe.method_configs(values)
         m = cls(**config)
         m.check_model(bundle, need_artifact=False)
@@ -405,18 +286,16 @@ class _ActVARBase(Method):
         if data is None:
             raise BenchError(f"model {bundle.name} has no built-in dataset; give --data <image folder>")
         key = m.artifact_key(bundle, data)
-        recipe = dict(cls.recipe.recorded(KIND, values), data=data, uncond_fraction=T.UNCOND_FRACTION,
-                      stage1_kl=T.STAGE1_KL, stage1_bal=T.STAGE1_BAL, label_eps=T.LABEL_EPS)
+        recipe = dict(cls.recipe.recorded(KIND, values), data=data, uncond_fraction=_actvar_train.UNCOND_FRACTION,
+                      stage1_kl=_actvar_train.STAGE1_KL, stage1_bal=_actvar_train.STAGE1_BAL,
+                      label_eps=_actvar_train.LABEL_EPS)
         d = artifact_dir_for_writing(KIND, bundle.model_id, key, out_root)
-        if is_done(d) and not force:
-            old = read_meta(d).get("recipe", {})
-            if old != recipe:
-                raise BenchError(f"{d} was made with {old}, not {recipe}; pass --force to redo it")
+        if reusable(d, recipe, force):
             log(f"reusing {d}")
             return d
 
         def write(tmp):
-            result = T.train_actvar(bundle, m, recipe, progress=True)
+            result = _actvar_train.train_actvar(bundle, m, recipe, progress=True)
             save_artifact(result, tmp)
             return dict(result["meta"], recipe=recipe, model=bundle.name, **provenance(),
                         weights_dtype="float16" if result["weights"] else None)
@@ -463,7 +342,6 @@ class ActVARExperts(_ActVARBase):
 def expert_only_macs(net, bundle, batch: int) -> List[float]:
     """Dense formula with each expert scale's FFN term replaced by the recorded Σ_layers (experts + router) per
     token × the scale's tokens (same protocol as DMoE: a weight method changes only the FFN term)."""
-    from bench.analytic import dense_scale_macs
     layers = expert_layers(net)
     out = []
     for si, (sm, pn) in enumerate(zip(dense_scale_macs(bundle.var.cfg, batch), bundle.var.patch_nums)):

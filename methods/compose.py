@@ -30,6 +30,7 @@ from __future__ import annotations
 import json
 from typing import Any, Dict, List, Optional
 
+from bench.analytic import dense_scale_macs
 from bench.errors import BenchError
 from bench.registry import Method, Param, clone_structure, list_methods, method_class, register_method
 from methods import _tokens
@@ -105,7 +106,6 @@ class Compose(Method):
 
     # ------------------------------------------------------------------ accounting
     def analytic_macs(self, net, bundle, batch: int) -> Optional[List[float]]:
-        from bench.analytic import dense_scale_macs
         dense = dense_scale_macs(bundle.var.cfg, batch)
         w = self.weight_method.analytic_macs(net, bundle, batch) or [s.total for s in dense]
         depth, rows = bundle.var.cfg.depth, 2 * batch

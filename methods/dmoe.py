@@ -25,7 +25,9 @@ from typing import Any, Dict, List, Optional
 import torch
 
 from bench import registry
-from bench.artifacts import artifact_dir_for_writing, is_done, provenance, read_meta, write_artifact
+from bench.analytic import dense_scale_macs
+from bench.artifacts import (artifact_dir_for_writing, find_artifact, provenance, read_meta, reusable,
+                             write_artifact)
 from bench.errors import BenchError
 from bench.recipe import Recipe, Setting, prepare_command
 from bench.registry import Method, Param, clone_structure, register_method
@@ -121,7 +123,6 @@ class DMoE(Method):
         return prepare_command(bundle, "dmoe", RECIPE.flags(self.config))
 
     def check_model(self, bundle):
-        from bench.artifacts import find_artifact
         self.tau_by_scale(bundle)
         H = bundle.var.blocks[0].ffn.fc1.out_features
         e = self.config["expert_size"]
@@ -140,7 +141,6 @@ class DMoE(Method):
     # ------------------------------------------------------------------ build
     def experts_dir(self, bundle, ft_dir: str, ft_var) -> str:
         """The split + routers for this expert size; made and cached on first use (an expert-size sweep)."""
-        from bench.artifacts import find_artifact
         key = self.experts_key(bundle)
         d = find_artifact("dmoe-experts", bundle.model_id, key)
         if d is not None:
@@ -152,7 +152,6 @@ class DMoE(Method):
                              out_root=None, force=False)
 
     def build(self, bundle):
-        from bench.artifacts import find_artifact
         self.check_model(bundle)
         c = self.config
         ft_dir = find_artifact("dmoe-finetune", bundle.model_id, self.finetune_key(bundle))
@@ -176,7 +175,6 @@ class DMoE(Method):
 
     def analytic_macs(self, net, bundle, batch: int) -> Optional[List[float]]:
         """Dense formula with each MoE scale's FFN term replaced by the recorded Σ_layers (pairs·2·C·e + router)."""
-        from bench.analytic import dense_scale_macs
         layers = self.moe_layers(net)
         out = []
         for si, (sm, pn) in enumerate(zip(dense_scale_macs(bundle.var.cfg, batch), bundle.var.patch_nums)):
@@ -245,10 +243,7 @@ class DMoE(Method):
         ft_key = RECIPE.key(FINETUNE, values, scope)
         recipe = dict(RECIPE.recorded(FINETUNE, values), data=data)
         ft_dir = artifact_dir_for_writing(FINETUNE, bundle.model_id, ft_key, out_root)
-        if is_done(ft_dir) and not force:
-            old = read_meta(ft_dir).get("recipe", {})
-            if old != recipe:
-                raise BenchError(f"{ft_dir} was made with {old}, not {recipe}; pass --force to redo it")
+        if reusable(ft_dir, recipe, force):
             log(f"reusing the fine-tuned model {ft_dir}")
         else:
             ft_dir = write_finetune(bundle, ft_key, recipe, out_root, force)
@@ -257,18 +252,18 @@ class DMoE(Method):
         for size in sizes:
             key = RECIPE.key(EXPERTS, dict(values, expert_size=size), scope)
             d = artifact_dir_for_writing(EXPERTS, bundle.model_id, key, out_root)
-            if is_done(d) and not force:
-                meta = read_meta(d)
-                old = dict(router_images=meta.get("router_recipe", {}).get("images"), data=meta.get("data"))
-                new = dict(router_images=values["router_images"], data=data)
-                if old != new:
-                    raise BenchError(f"{d} was made with {old}, not {new}; pass --force to redo it")
+            if reusable(d, dict(router_images=values["router_images"], data=data), force, recorded=_experts_recipe):
                 log(f"reusing the expert split {d}")
             else:
                 d = write_experts(bundle, ft_var, key, size, values["router_steps"], values["prepare_seed"], data,
                                   out_root, force, router_images=values["router_images"])
             dirs.append(d)
         return dirs
+
+
+def _experts_recipe(meta: dict) -> dict:
+    """What an experts artifact records of the settings its key leaves out."""
+    return dict(router_images=meta.get("router_recipe", {}).get("images"), data=meta.get("data"))
 
 
 def write_finetune(bundle, ft_key: dict, recipe: dict, out_root: Optional[str], force: bool) -> str:

@@ -30,7 +30,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from bench.artifacts import read_meta, write_artifact
+from bench.analytic import dense_scale_macs
+from bench.artifacts import artifact_dir_for_writing, find_artifact, read_meta, reusable, write_artifact
+from bench.checkpoints import read_state_dict, save_state_dict
 from bench.errors import BenchError
 from bench.recipe import Recipe, Setting, prepare_command
 from bench.registry import Method, Param, check_distinct_scales, clone_structure, register_method
@@ -70,7 +72,6 @@ def macs_per_pruned_neuron(var_cfg, scales: Sequence[int]) -> float:
 
 def pruned_macs_per_image(var_cfg, scales: Sequence[int], fraction: float) -> float:
     """Analytic transformer MACs per image with `fraction` of the FFN neurons dropped on `scales`."""
-    from bench.analytic import dense_scale_macs
     C, H, d = _dims(var_cfg)
     dropped = H - kept_neurons(H, fraction)
     return float(sum(s.total for s in dense_scale_macs(var_cfg, 1))) - dropped * macs_per_pruned_neuron(var_cfg, scales)
@@ -205,7 +206,6 @@ class PrunedFFNMethod(Method):
                           **no_finetune)
 
     def check_model(self, bundle, data: Optional[str] = None):
-        from bench.artifacts import find_artifact
         self.scales(bundle)
         fraction = self.effective_fraction(bundle)
         H = bundle.var.blocks[0].ffn.fc1.out_features
@@ -228,32 +228,23 @@ class PrunedFFNMethod(Method):
                              f"run `{prepare_command(bundle, 'pruned-ffn', '--data <image folder>')}`")
 
     def base_var(self, bundle, data: Optional[str] = None):
-        from bench.artifacts import find_artifact
         if self.config["weights"] == "original":
             return bundle.var, None
         ft = find_artifact("dmoe-finetune", bundle.model_id, self.finetune_key(bundle, data))
         return _moe_artifacts.load_finetuned_var(bundle, ft), ft
 
     def importance(self, bundle, var, ft_dir, data=None, out_root=None, force=False):
-        from bench.artifacts import find_artifact
-        from bench.artifacts import artifact_dir_for_writing
         key = self.calib_key(bundle, data)
-        if out_root is None:
-            d = find_artifact("pruned-calib", bundle.model_id, key)
-        else:  # prepare --out: exactly there
-            d = artifact_dir_for_writing("pruned-calib", bundle.model_id, key, out_root)
-            d = d if os.path.isfile(os.path.join(d, "DONE")) else None
-        if d is not None and not force and data is not None:
-            # a model without data of its own keys its calibration without the data: the metadata says which
-            old = read_meta(d).get("data")
-            if old is None or os.path.realpath(old) != os.path.realpath(data):
-                raise BenchError(f"{d} was calibrated on data {old!r}, not {data!r}; pass --force to redo it")
-        if d is None or force:
+        # prepare --out: exactly there, else the user cache or the shipped copy
+        d = find_artifact(CALIB, bundle.model_id, key) if out_root is None else \
+            artifact_dir_for_writing(CALIB, bundle.model_id, key, out_root)
+        # a model without data of its own keys its calibration without the data: the metadata says which
+        wanted = {} if data is None else dict(data=data)
+        if not reusable(d, wanted, force, recorded=lambda meta: {k: meta.get(k) for k in wanted}, paths=("data",)):
             data = data or _moe.default_data(bundle) or (read_meta(ft_dir).get("data") if ft_dir else None)
             c = self.config
 
             def write(tmp):
-                from bench.checkpoints import save_state_dict
                 toks, labels = _moe.token_data(bundle, c["calib_images"], "train", data)
                 imp = neuron_importance(var, bundle.vqvae, toks, labels, key["scales"], key["uncond_fraction"],
                                         c["prepare_seed"])
@@ -262,7 +253,6 @@ class PrunedFFNMethod(Method):
                 return dict(data=data, rows=int(labels.shape[0]), model=bundle.name,
                             finetune_artifact=os.path.basename(ft_dir) if ft_dir else None)
             d = write_artifact(CALIB, bundle.model_id, key, out_root, write, force)
-        from bench.checkpoints import read_state_dict
         sd = read_state_dict(os.path.join(d, "importance.safetensors"), "pruning calibration")
         return [sd[f"blocks.{i}"].to(bundle.device) for i in range(len(var.blocks))], d
 
@@ -281,7 +271,6 @@ class PrunedFFNMethod(Method):
         return net
 
     def analytic_macs(self, net, bundle, batch: int) -> Optional[List[float]]:
-        from bench.analytic import dense_scale_macs
         info = net.pruned_info
         H = bundle.var.blocks[0].ffn.fc1.out_features
         return [float(sm.total - (sm.ffn * (H - info["kept"]) / H if si in info["scales"] else 0.0))

@@ -18,8 +18,9 @@ from __future__ import annotations
 
 from typing import Any, Dict, List, Optional
 
-from bench.registry import Method, Param, clone_structure, register_method
+from bench.registry import Method, Param, clone_structure, create_method, register_method
 from methods import _tokens
+from methods._actvar_artifacts import load_artifact
 from methods._tokens import FixedGate, FixedState, kept_count
 from methods.actvar import RECIPES
 
@@ -60,7 +61,6 @@ class FixedTokens(Method):
 
     def source_method(self):
         """The ActVAR method whose artifact provides the selector/weights."""
-        from bench.registry import create_method
         c = self.config
         cfg = dict(scales=c["scales"], token_rate=c["token_rate"], train_token_rate=c["train_token_rate"],
                    steps1=c["steps1"], steps2=c["steps2"], prepare_seed=c["prepare_seed"])
@@ -85,7 +85,6 @@ class FixedTokens(Method):
         c = self.config
         selector = None
         if c["criterion"] == "selector":
-            from methods._actvar_artifacts import load_artifact
             src = self.source_method()
             _, _, selectors = load_artifact(bundle, src.artifact_dir(bundle), src.parts)
             selector = selectors[0]
@@ -98,7 +97,6 @@ class FixedTokens(Method):
         self.check_model(bundle)
         var = bundle.var
         if self.config["weights"] == "artifact":
-            from methods._actvar_artifacts import load_artifact
             src = self.source_method()
             var, _, _ = load_artifact(bundle, src.artifact_dir(bundle), src.parts)
         return self.apply_tokens(clone_structure(var), bundle)

@@ -99,7 +99,7 @@ def use_artifacts(monkeypatch, *names) -> str:
 
 def fresh(tiny, parts, kept_t, kept_w, experts=16, seed=0):
     """An ActVAR net on the tiny model with untrained (seeded) gates."""
-    from methods import actvar as A
+    from methods import _actvar_net as A
     var = tiny.var
     routers, selectors = A.new_gates(var.C, var.blocks[0].ffn.fc1.out_features, len(var.blocks), parts, experts,
                                      seed, "cpu")
@@ -224,7 +224,7 @@ def test_flops_match_hand_count_and_flop_counter(tiny):
 def test_stage1_lowers_distillation_losses(tiny):
     from methods import _actvar_train as T
     from methods import _moe
-    from methods import actvar as A
+    from methods import _actvar_net as A
     toks, labels = _moe.token_data(tiny, 16, "train", "shapes")
     vtoks, vlabels = _moe.token_data(tiny, 8, "val", "shapes")
     var = tiny.var

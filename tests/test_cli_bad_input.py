@@ -190,7 +190,7 @@ def test_train_classifier_image_size_matches_its_vqvae_and_memory(tmp_path, caps
 
 # ------------------------------------------------------------------------------------- 7. ship
 def _assets():
-    from bench.zoo import ASSETS, MANIFEST
+    from bench.shipped import ASSETS, MANIFEST
     with open(MANIFEST, "rb") as f:
         return sorted(os.listdir(ASSETS)), f.read()
 

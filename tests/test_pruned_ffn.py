@@ -174,7 +174,7 @@ def test_calibration_of_a_model_without_data_is_not_reused_for_other_data(tiny, 
     v = RECIPE.values(weights="original", calib_images=4)
     d1 = PrunedFFNMethod.prepare(off, v, None, data="shapes")
     assert PrunedFFNMethod.prepare(off, v, None, data="shapes") == d1          # the same data: reused
-    with pytest.raises(BenchError, match=r"was calibrated on data 'shapes', not .*imgs'; pass --force"):
+    with pytest.raises(BenchError, match=r"was made with \{'data': 'shapes'\}, not \{'data': '.*imgs'\}; pass --force"):
         PrunedFFNMethod.prepare(off, v, None, data=folder)
     d2 = PrunedFFNMethod.prepare(off, v, None, data=folder, force=True)
     assert read_meta(d2)["data"] == folder

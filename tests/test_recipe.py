@@ -184,3 +184,43 @@ def test_every_shipped_artifact_is_found_by_the_configurations_that_use_it(monke
 def test_suggested_command_keeps_every_digit(tiny):
     m = create_method("dmoe", hoyer_weight=0.000123456789)
     assert "--hoyer-weight 0.000123456789 " in m.prepare_hint(tiny)
+
+
+def test_a_prepared_artifact_is_reused_only_for_the_settings_it_was_made_with(tmp_path, monkeypatch):
+    """bench.artifacts.reusable, the one reuse-or-refuse rule of dmoe, actvar and pruned-ffn: no artifact (or no
+    DONE, or --force) -> make it; the same recorded settings -> reuse; other ones -> one line naming each setting
+    that differs and --force. A second write of a complete artifact keeps it unless forced."""
+    from bench.artifacts import read_meta, reusable, write_artifact
+    recipe = dict(lr=2e-4, images=2000, data="shapes")
+
+    def write(text):
+        def files(tmp):
+            open(os.path.join(tmp, "weights.txt"), "w").write(text)
+            return dict(recipe=recipe if text == "one" else dict(recipe, lr=0.1))
+        return files
+    assert reusable(None, recipe) is False
+    half = tmp_path / "half"
+    half.mkdir()
+    (half / "meta.json").write_text(json.dumps(dict(recipe=dict(lr=1))))
+    assert reusable(str(half), recipe) is False                           # a killed prepare: no DONE, remade
+    d = write_artifact("kind", "model", dict(steps=3), str(tmp_path), write("one"))
+    assert reusable(d, recipe) is True and reusable(d, recipe, force=True) is False
+    with pytest.raises(BenchError) as e:
+        reusable(d, dict(recipe, lr=0.1, images=4))
+    msg = str(e.value)
+    assert msg == (f"{d} was made with {{'images': 2000, 'lr': 0.0002}}, not {{'images': 4, 'lr': 0.1}}; "
+                   f"pass --force to redo it")
+    # settings recorded elsewhere in the metadata; file paths compared as resolved
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    recorded = lambda meta: dict(data=meta["recipe"]["data"])
+    assert reusable(d, dict(data="shapes"), recorded=recorded, paths=("data",)) is True
+    with pytest.raises(BenchError, match=r"made with \{'data': 'shapes'\}, not \{'data': '.*imgs'\}"):
+        reusable(d, dict(data=str(folder)), recorded=recorded, paths=("data",))
+    monkeypatch.chdir(tmp_path)                                            # imgs/ and /abs/path/imgs: the same
+    assert reusable(d, dict(data="imgs"), recorded=lambda meta: dict(data=str(folder)), paths=("data",)) is True
+    assert write_artifact("kind", "model", dict(steps=3), str(tmp_path), write("two")) == d
+    assert open(os.path.join(d, "weights.txt")).read() == "one"           # the complete one stands
+    assert write_artifact("kind", "model", dict(steps=3), str(tmp_path), write("two"), force=True) == d
+    assert open(os.path.join(d, "weights.txt")).read() == "two" and read_meta(d)["recipe"]["lr"] == 0.1
+    assert sorted(os.listdir(tmp_path)) == sorted(["half", "imgs", os.path.basename(d)])   # no temp left
