@@ -18,12 +18,13 @@ that ran and the rows whose input map was word-embedded (bench/analytic.py compo
 """
 from __future__ import annotations
 
-from typing import Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
 
 from bench.errors import BenchError
+from bench.registry import Method
 
 
 class StepPolicy:
@@ -175,12 +176,13 @@ class StepNet(nn.Module):
 
 
 def check_last(method: str, name: str, value: int, num_scales: int, allow_all: bool) -> None:
-    """A `last k scales` parameter against the model: skipping every scale leaves nothing to decode."""
+    """A `last k scales` parameter against the model: 0 is the dense model; skipping every scale leaves nothing to
+    decode."""
     hi = num_scales if allow_all else num_scales - 1
-    if not 1 <= value <= hi:
+    if not 0 <= value <= hi:
         what = "" if allow_all else " (skipping every scale leaves no image)"
         raise BenchError(f"method {method}: {name}={value} is out of range for a model with {num_scales} scales"
-                         f"{what}; valid: 1..{hi}")
+                         f"{what}; valid: 0..{hi}")
 
 
 def saved_fraction(cfg, stop: int, nocfg: int) -> float:
@@ -198,3 +200,49 @@ def saved_fraction(cfg, stop: int, nocfg: int) -> float:
 def nearest_k(cfg, target: float, plan, ks) -> int:
     """The k in ks whose plan(k) = (stop, nocfg) saves the share nearest to target (ties: the smaller k)."""
     return min(ks, key=lambda k: (abs(saved_fraction(cfg, *plan(k)) - target), k))
+
+
+class LastScalesMethod(Method):
+    """skip-scales and cfg-skip: one fixed plan for every image, acting on the last k scales (k = the parameter named
+    `k_param`, or the k nearest to match_saved). k=0 is the dense model: every row runs every scale, bitwise dense."""
+
+    kind = "token"
+    k_param = ""                 # the parameter that holds k
+    allow_all = False            # whether k may cover every scale
+    scales_column = ""           # the results column listing the scales acted on
+
+    def plan(self, k: int, num_scales: int) -> Tuple[int, int]:
+        """(stop, nocfg) of the plan that acts on the last k scales."""
+        raise NotImplementedError
+
+    def k(self, bundle) -> int:
+        S = len(bundle.var.patch_nums)
+        if self.config["match_saved"] is None:
+            return self.config[self.k_param]
+        hi = S if self.allow_all else S - 1
+        return nearest_k(bundle.var.cfg, self.config["match_saved"], lambda k: self.plan(k, S), range(1, hi + 1))
+
+    def check_model(self, bundle):
+        check_last(self.name, self.k_param, self.k(bundle), len(bundle.var.patch_nums), self.allow_all)
+
+    def build(self, bundle):
+        self.check_model(bundle)
+        return StepNet(bundle.var, FixedPlan(*self.plan(self.k(bundle), len(bundle.var.patch_nums))))
+
+    def analytic_macs(self, net, bundle, batch: int) -> Optional[List[float]]:
+        return net.analytic_macs(bundle, batch)
+
+    def kv_cache_bytes(self, net, bundle, elem_bytes: float = 4) -> float:
+        from bench.analytic import step_kv_bytes
+        return step_kv_bytes(bundle.var.cfg, *self.plan(self.k(bundle), len(bundle.var.patch_nums)), elem_bytes)
+
+    def row_metrics(self, net, bundle) -> Dict[str, Any]:
+        S = len(bundle.var.patch_nums)
+        return {**net.row_metrics(bundle), self.scales_column: list(range(S - self.k(bundle), S)),
+                "macs_saved_fraction": self.macs_saved_fraction(net, bundle)}
+
+    @property
+    def label(self) -> str:
+        if self.config["match_saved"] is not None:
+            return f"{self.name} match {self.config['match_saved']:g} saved"
+        return f"{self.name} k={self.config[self.k_param]}"

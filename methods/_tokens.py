@@ -300,11 +300,12 @@ def _merged_stats(net, si: int) -> Dict[int, dict]:
     return out
 
 
-def gated_macs(net, bundle, batch: int, ffn_macs_per_row: Callable) -> List[float]:
+def gated_macs(net, bundle, batch: int, ffn_macs_per_row: Callable, skipped=()) -> List[float]:
     """Per-scale transformer MACs for `batch` images (CFG: 2 rows each) from the recorded counts:
     projections 4C² and the FFN over kept tokens only, scores 2·C per (kept query, key present), the learned
     selector C per scored token; head, adaLN and word embedding as in the dense formula (bench/analytic.py).
-    ffn_macs_per_row(block, si, st) -> FFN MACs per row of that block at si (st: the merged stats)."""
+    ffn_macs_per_row(block, si, st) -> FFN MACs per row of that block at si (st: the merged stats).
+    `skipped`: scales no image runs (a step-skipping wrapper): 0."""
     from bench.analytic import dense_scale_macs
     cfg = bundle.var.cfg
     C, depth = cfg.embed_dim, cfg.depth
@@ -312,6 +313,11 @@ def gated_macs(net, bundle, batch: int, ffn_macs_per_row: Callable) -> List[floa
     out = []
     for si, sm in enumerate(dense_scale_macs(cfg, batch)):
         per_block = _merged_stats(net, si)
+        if si in skipped:
+            if per_block:
+                raise BenchError(f"scale {si} is skipped but its blocks recorded work")
+            out.append(0.0)
+            continue
         if len(per_block) != depth or any(st["rows"] == 0 for st in per_block.values()):
             raise BenchError(f"no recorded token statistics at scale {si}; generate before counting FLOPs")
         per_row = 0.0
@@ -358,14 +364,14 @@ def token_row_metrics(net, bundle, prefix: str = "") -> dict:
                                                    maps=maps))}
 
 
-def gated_kv_bytes(net, bundle, elem_bytes: float = 4) -> float:
-    """K/V bytes per image after the last scale's append, from what the gated blocks recorded there: each block's
-    cache holds the keys of the tokens it kept at every scale, i.e. the cache length its last queries saw
-    (score_pairs / kept), in 2 rows per image (CFG)."""
+def gated_kv_bytes(net, bundle, elem_bytes: float = 4, last: Optional[int] = None) -> float:
+    """K/V bytes per image after the append of scale `last` (default: the last scale; with skipped scales, the last
+    one run), from what the gated blocks recorded there: each block's cache holds the keys of the tokens it kept at
+    every scale, i.e. the cache length its last queries saw (score_pairs / kept), in 2 rows per image (CFG)."""
     from bench.analytic import kv_bytes
-    last = len(bundle.var.patch_nums) - 1
+    last = len(bundle.var.patch_nums) - 1 if last is None else last
     per_block = _merged_stats(net, last)
     if len(per_block) != bundle.var.cfg.depth or any(st["kept"] == 0 for st in per_block.values()):
-        raise BenchError("no recorded token statistics at the last scale; generate before counting KV-cache bytes")
+        raise BenchError(f"no recorded token statistics at scale {last}; generate before counting KV-cache bytes")
     keys = [per_block[i]["score_pairs"] / per_block[i]["kept"] for i in sorted(per_block)]
     return kv_bytes(keys, bundle.var.cfg.embed_dim, 2, elem_bytes)

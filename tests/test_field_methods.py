@@ -63,6 +63,21 @@ def test_skipped_scales_run_no_block_and_decode_the_computed_scales(tiny):
     assert row["skipped_scales"] == [5, 6] and row["step_run_share_per_scale"] == [1.0] * 5 + [0.0, 0.0]
 
 
+@pytest.mark.parametrize("name,param", [("skip-scales", "skip"), ("cfg-skip", "last")])
+def test_k_0_is_the_dense_model_bitwise(tiny, name, param):
+    """skip=0 / last=0: every row runs every scale; images, tokens and MACs are dense's."""
+    from bench.analytic import dense_kv_cache_bytes, dense_scale_macs
+    m = create_method(name, **{param: 0})
+    net = m.build(tiny)
+    a = generate(net, tiny.vqvae, LABELS, 3, SAMPLING)
+    b = generate(tiny.var, tiny.vqvae, LABELS, 3, SAMPLING)
+    assert torch.equal(a.images, b.images) and all(torch.equal(x, y) for x, y in zip(a.tokens, b.tokens))
+    an = macs_match(m, net, tiny, LABELS)
+    assert an == pytest.approx([s.total for s in dense_scale_macs(tiny.var.cfg, 3)], rel=1e-12)
+    assert m.kv_cache_bytes(net, tiny) == dense_kv_cache_bytes(tiny.var.cfg)
+    assert m.row_metrics(net, tiny)["macs_saved_fraction"] == 0.0
+
+
 # ---------------------------------------------------------------------------------------------- cfg-skip
 def test_cfg_skip_runs_single_rows_and_guides_with_conditional_logits(tiny):
     m = create_method("cfg-skip", last=2)
@@ -154,6 +169,101 @@ def test_fastvar_composes_with_a_weight_method_macs_counted_once(tiny3):
     assert sum(an) < sum(an_alone)
 
 
+def test_fastvar_release_preset_prunes_two_scales_and_drops_the_last_two(tiny3):
+    """preset=release on 7 scales: 4x4 at 0.4 and 5x5 at 0.5 restored from 3x3, 6x6 and 8x8 not run — the same
+    tokens as that pruning with explicit scales for the scales it runs, -1 after; f_hat the sum of scales 0..4."""
+    from tests.test_code_scalekv import cache_bytes_after
+    m = create_method("fastvar", preset="release")
+    net = m.build(tiny3)
+    assert m.kept_tokens(tiny3) == {3: 10, 4: 13} and m.setting(tiny3)[1:] == ([5, 6], range(0, 3))
+    seen = block_rows(net, net.var)
+    gen = generate(net, tiny3.vqvae, LABELS, 2, SAMPLING)
+    assert sorted(seen) == [0, 1, 2, 3, 4]                          # scales 5 and 6: no block ran
+    assert all(bool((gen.tokens[si] == -1).all()) for si in (5, 6))
+    explicit = create_method("fastvar", scales=[3, 4], ratio=[0.4, 0.5])
+    ref = generate(explicit.build(tiny3), tiny3.vqvae, LABELS, 2, SAMPLING)
+    assert all(torch.equal(gen.tokens[si], ref.tokens[si]) for si in range(5))
+    q, pns = tiny3.vqvae.quantize, tiny3.var.patch_nums
+    f_hat = torch.zeros(3, q.Cvae, pns[-1], pns[-1])
+    for si in range(5):
+        h = q.embedding(ref.tokens[si]).transpose(1, 2).reshape(3, q.Cvae, pns[si], pns[si])
+        f_hat, _ = q.next_input(si, f_hat, h)
+    assert torch.allclose(gen.images, tiny3.vqvae.fhat_to_img(f_hat).add(1).mul(0.5), atol=1e-6)
+    an = macs_match(m, net, tiny3, LABELS)
+    assert an[5] == an[6] == 0
+    from methods.fastvar import predicted_macs
+    assert [a / 3 for a in an] == pytest.approx(predicted_macs(tiny3.var.cfg, {3: 10, 4: 13}, range(3), [5, 6]),
+                                                rel=1e-12)
+    row = m.row_metrics(net, tiny3)
+    assert row["fastvar_dropped_scales"] == [5, 6] and row["fastvar_cache_scale"] == 2
+    assert row["kept_tokens_per_scale"][3:5] == [10, 13] and row["fastvar_preset"] == "release"
+    reset(net)
+    got, _ = cache_bytes_after(net, tiny3.vqvae, LABELS, SAMPLING)  # caches after scale 4, pruned keys missing
+    assert got == m.kv_cache_bytes(net, tiny3) == 3 * 2 * (1 + 4 + 9 + 10 + 13) * 32 * 4 * 2
+
+
+def test_fastvar_hart_preset_prunes_the_last_two_in_every_layer(tiny):
+    m = create_method("fastvar", preset="hart")
+    net = m.build(tiny)
+    assert m.kept_tokens(tiny) == {5: 18, 6: 16} and m.setting(tiny)[1:] == ([], range(0, 2))
+    same = create_method("fastvar", ratio=[0.5, 0.75], start_layer=0, end_layer=2)
+    a = generate(net, tiny.vqvae, LABELS, 4, SAMPLING)
+    b = generate(same.build(tiny), tiny.vqvae, LABELS, 4, SAMPLING)
+    assert torch.equal(a.images, b.images)
+    macs_match(m, net, tiny, LABELS)
+    assert create_method("fastvar", preset="hart", ratio=[0.5, 0.75]).kept_tokens(tiny) == {5: 18, 6: 16}
+
+
+def test_fastvar_settings_on_the_embedded_default_and_the_release_layer_rule():
+    """The saved shares the docstring states, by formula on the embedded default's layout (depth 4, 7 scales), and
+    the release's dense ends (3 first, 4 last of 32 layers) rounded half up: depth 4 keeps block 3 dense."""
+    from types import SimpleNamespace
+    from bench.analytic import dense_scale_macs
+    from bench.models.var import VARConfig
+    from methods.fastvar import predicted_macs, release_layers
+    from bench.shipped import read_manifest
+    entry = read_manifest()
+    vc = entry["models"][entry["aliases"]["default"]]["var_config"]
+    cfg = VARConfig(**{**vc, "patch_nums": tuple(vc["patch_nums"])})
+    bundle = SimpleNamespace(var=SimpleNamespace(patch_nums=cfg.patch_nums, cfg=cfg))
+    dense = sum(s.total for s in dense_scale_macs(cfg, 1))
+    saved = {}
+    for preset in (None, "hart", "release"):
+        m = create_method("fastvar", preset=preset)
+        _, dropped, layers = m.setting(bundle)
+        saved[preset] = 1 - sum(predicted_macs(cfg, m.kept_tokens(bundle), layers, dropped)) / dense
+    assert saved[None] == pytest.approx(0.2208, abs=1e-4)
+    assert saved["hart"] == pytest.approx(0.4153, abs=1e-4)
+    assert saved["release"] == pytest.approx(0.7373, abs=1e-4)
+    assert {d: release_layers(d) for d in (2, 4, 6, 16, 20, 24, 30, 32)} == {
+        2: range(0, 2), 4: range(0, 3), 6: range(1, 5), 16: range(2, 14), 20: range(2, 17), 24: range(2, 21),
+        30: range(3, 26), 32: range(3, 28)}
+    assert create_method("fastvar").layers(4) == range(0, 3)
+
+
+def test_fastvar_preset_conflicts_are_one_line(tiny, tmp_path):
+    with pytest.raises(BenchError, match=r"ratio=0.3 conflicts with preset=release, which fixes ratio 0.4,0.5; "
+                                         r"valid: the preset alone, or ratio without a preset"):
+        create_method("fastvar", preset="release", ratio=0.3)
+    with pytest.raises(BenchError, match=r"match_saved=0.2 conflicts with preset=hart"):
+        create_method("fastvar", preset="hart", match_saved=0.2)
+    with pytest.raises(BenchError, match=r"scales=5,6 conflicts with preset=release, which fixes scales 3,4 of this "
+                                         r"model"):
+        create_method("fastvar", preset="release", scales=[5, 6]).check_model(tiny)
+    with pytest.raises(BenchError, match=r"start_layer=1 conflicts with preset=hart, which fixes start_layer 0"):
+        create_method("fastvar", preset="hart", start_layer=1).check_model(tiny)
+    with pytest.raises(BenchError, match=r"preset=release drops scales, which a composition"):
+        create_method("compose", weight="pruned-ffn", token="fastvar", **{"token.preset": "release",
+                      "weight.weights": "original", "weight.calib_images": 2}).build(tiny)
+    from tests.conftest import run_cli
+    res = tmp_path / "results"
+    r = run_cli("run", "--model", "tiny", "--method", "fastvar", "--set", "preset=hart", "--set", "ratio=0.2",
+                "--samples", "4", "--results", res, "--cache-dir", tmp_path / "cache")
+    lines = [ln for ln in r.stderr.strip().splitlines() if ln.strip()]
+    assert r.returncode == 2 and len(lines) == 1 and "ratio=0.2 conflicts with preset=hart" in lines[0], r.stderr
+    assert not res.exists()
+
+
 # ---------------------------------------------------------------------------------------------- bad parameters
 def test_bad_parameters(tiny, tmp_path, monkeypatch):
     monkeypatch.setenv("VARBENCH_CACHE", str(tmp_path))
@@ -168,11 +278,11 @@ def test_bad_parameters(tiny, tmp_path, monkeypatch):
     with pytest.raises(BenchError, match=r"do not fit a model with 2 blocks"):
         create_method("fastvar", start_layer=3).check_model(tiny)
     with pytest.raises(BenchError, match=r"skip=7 is out of range for a model with 7 scales \(skipping every scale "
-                                         r"leaves no image\); valid: 1..6"):
+                                         r"leaves no image\); valid: 0..6"):
         create_method("skip-scales", skip=7).check_model(tiny)
-    with pytest.raises(BenchError, match=r"skip=0 is out of range"):
-        create_method("skip-scales", skip=0)
-    with pytest.raises(BenchError, match=r"last=8 is out of range for a model with 7 scales; valid: 1..7"):
+    with pytest.raises(BenchError, match=r"skip=-1 is out of range"):
+        create_method("skip-scales", skip=-1)
+    with pytest.raises(BenchError, match=r"last=8 is out of range for a model with 7 scales; valid: 0..7"):
         create_method("cfg-skip", last=8).build(tiny)
     assert not os.listdir(tmp_path)
 
@@ -181,7 +291,8 @@ def test_bad_parameters(tiny, tmp_path, monkeypatch):
     ("skip-scales", "skip=7", "skipping every scale leaves no image"),
     ("fastvar", "ratio=1.5", "ratio=1.5 is out of range"),
     ("fastvar", "scales=9", "scale index 9 out of range; valid: 0..6"),
-    ("cfg-skip", "last=0", "last=0 is out of range"),
+    ("cfg-skip", "last=-1", "last=-1 is out of range"),
+    ("fastvar", "preset=fast", "preset='fast' is not allowed; valid: one of release, hart"),
 ])
 def test_cli_bad_parameter_is_one_line_exit_2(method, setting, needle, tmp_path):
     from tests.conftest import run_cli
@@ -196,24 +307,7 @@ def test_cli_bad_parameter_is_one_line_exit_2(method, setting, needle, tmp_path)
 # skipvar: tests/test_skipvar.py
 
 
-# ---------------------------------------------------------------------------------------------- the field report
-def test_field_ranking_per_budget():
-    from reports.field import ranking
-
-    def r(method, saved, sp, dq):
-        return dict(method=method, label=method, saved=saved, sp=(sp, sp - 0.1, sp + 0.1), dq=(dq, dq - 1, dq + 1))
-    rows = [r("dense", 0.0, 1.0, 0.0), r("fastvar", 0.11, 1.2, 0.5), r("fastvar", 0.29, 1.5, 2.0),
-            r("skip-scales", 0.43, 1.9, 9.0), r("cfg-skip", 0.22, 1.3, 1.0), r("cfg-skip", 0.33, 1.45, 3.0),
-            r("pruned-ffn", 0.2, 1.1, 0.2)]
-    at20 = {e["family"]: e for e in ranking(rows, 0.20)}
-    assert set(at20) == {"dense", "fastvar", "skip-scales", "cfg-skip", "pruned-ffn"}   # every family listed
-    assert at20["skip-scales"]["row"] is None and at20["skip-scales"]["nearest"] == pytest.approx(0.43)
-    assert at20["fastvar"]["row"] is None                          # 11% and 29% are both outside 20 ± 5
-    assert (at20["cfg-skip"]["rank_speed"], at20["pruned-ffn"]["rank_speed"], at20["dense"]["rank_speed"]) == (1, 2, 3)
-    assert (at20["dense"]["rank_fid"], at20["pruned-ffn"]["rank_fid"], at20["cfg-skip"]["rank_fid"]) == (1, 2, 3)
-    at30 = {e["family"]: e for e in ranking(rows, 0.30)}
-    assert at30["fastvar"]["row"]["saved"] == 0.29 and at30["cfg-skip"]["row"]["saved"] == 0.33
-    assert at30["fastvar"]["rank_speed"] == 1 and at30["cfg-skip"]["rank_speed"] == 2
+# the field report's ranking (±1 point of each budget): tests/test_report_field.py
 
 
 # ---------------------------------------------------------------------------------------------- budgets
