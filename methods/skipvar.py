@@ -280,6 +280,16 @@ class SkipVAR(Method):
     def analytic_macs(self, net, bundle, batch: int) -> Optional[List[float]]:
         return net.analytic_macs(bundle, batch)
 
+    def kv_cache_bytes(self, net, bundle, elem_bytes: float = 4) -> float:
+        """Per image, the cache its own rows hold after the last scale it runs (as skip-scales and cfg-skip count a
+        fixed plan: a skipped scale appends nothing, a CFG-free scale leaves one row), the mean over the images
+        generated since reset_stats. An image's rows leave the caches at the first scale it does not run, so a batch
+        holds at most this much per image after any scale, exactly this when its images share a plan."""
+        from bench.analytic import step_kv_bytes
+        if not net.plans:
+            raise BenchError("no recorded step plans; generate before counting KV-cache bytes")
+        return sum(step_kv_bytes(bundle.var.cfg, s, c, elem_bytes) for s, c in net.plans) / len(net.plans)
+
     def row_metrics(self, net, bundle) -> Dict[str, Any]:
         S = len(bundle.var.patch_nums)
         plans = net.plans

@@ -214,6 +214,38 @@ def test_threshold_rule_chooses_a_strategy_per_sample(tiny):
     assert row["skipvar_rule"] == "threshold" and 0 < row["macs_saved_fraction"] < 1
 
 
+# ---------------------------------------------------------------------------------------------- KV-cache bytes
+def test_kv_cache_bytes_are_each_images_cache_after_its_last_scale(tiny):
+    """A batch of skip-1, CFG-free-2 and dense images (the threshold rule at the tertiles): per image, the K/V bytes
+    its rows hold after the last scale it ran, read off the cache tensors, average to kv_cache_bytes."""
+    from bench.analytic import dense_kv_cache_bytes
+    probe = create_method("skipvar", rule="threshold", skip_below=0.0, uncond_below=0.0).build(tiny)
+    generate(probe, tiny.vqvae, LABELS, 4, SAMPLING, decode=False)
+    s = sorted(f[2] for f in probe.policy.features)
+    m = create_method("skipvar", rule="threshold", skip_below=(s[1] + s[2]) / 2, uncond_below=(s[3] + s[4]) / 2)
+    net = m.build(tiny)
+    held = []                                          # after each scale run: {cache row (image, or B + image): bytes}
+    run = net.var.scale_forward
+
+    def spy(si, x, lab, caches):
+        out = run(si, x, lab, caches)
+        held.append({r: sum(t[p].numel() * t.element_size() for c in caches for t in (c.k, c.v))
+                     for p, r in enumerate(net._cache_rows)})
+        return out
+    net.var.scale_forward = spy
+    reset(net)
+    generate(net, tiny.vqvae, LABELS, 4, SAMPLING, decode=False)
+    B = len(LABELS)
+    per_image = []
+    for i in range(B):
+        last = max(k for k, h in enumerate(held) if i in h)      # the last scale image i ran
+        per_image.append(held[last][i] + held[last].get(B + i, 0))
+    assert sorted(set(net.plans)) == [(6, 7), (7, 5), (7, 7)]      # the three outcomes, two images each
+    assert sum(per_image) / B == m.kv_cache_bytes(net, tiny) < dense_kv_cache_bytes(tiny.var.cfg)
+    L = [1 + 4 + 9 + 16 + 25 + 36, 155]                             # keys after scale 5 / 6
+    assert m.kv_cache_bytes(net, tiny) == pytest.approx(2 * 2 * 32 * 4 * (2 * L[0] + L[1] + 2 * L[1]) / 3)
+
+
 # ---------------------------------------------------------------------------------------------- bad parameters
 def test_bad_parameters(tiny, tmp_path, monkeypatch):
     monkeypatch.setenv("VARBENCH_CACHE", str(tmp_path))
