@@ -57,11 +57,13 @@ def mark_done(directory: str, meta: dict) -> None:
     atomic_write_text(os.path.join(directory, "DONE"), json.dumps(meta, indent=1, default=str))
 
 
-def require_artifact(kind: str, bundle, config: dict, prepare_hint: str) -> str:
-    d = find_artifact(kind, bundle.model_id, config)
+def require_artifact(kind: str, bundle, key: dict, prepare_hint: str, label: Optional[str] = None) -> str:
+    """The artifact's directory (find_artifact), or one line naming it by `label` (default: its kind) and key and
+    the `prepare` command that makes it."""
+    d = find_artifact(kind, bundle.model_id, key)
     if d is None:
-        raise BenchError(f"no prepared {kind} artifacts for model {bundle.name} with {json.dumps(config, sort_keys=True)}; "
-                         f"run `{prepare_hint}`")
+        raise BenchError(f"no prepared {label or kind} artifact for model {bundle.name} with "
+                         f"{json.dumps(key, sort_keys=True)}; run `{prepare_hint}`")
     return d
 
 

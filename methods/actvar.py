@@ -39,14 +39,13 @@ experts half alone, where η = 0 cancels its μ term (−0.5% vs 8.2%).
 """
 from __future__ import annotations
 
-import json
 import os
 from typing import Any, Dict, List, Optional
 
 import torch
 
 from bench.analytic import dense_scale_macs
-from bench.artifacts import (artifact_dir_for_writing, find_artifact, provenance, read_meta, reusable,
+from bench.artifacts import (artifact_dir_for_writing, provenance, read_meta, require_artifact, reusable,
                              write_artifact)
 from bench.errors import BenchError
 from bench.recipe import Recipe, Setting, prepare_command
@@ -170,13 +169,13 @@ class _ActVARBase(Method):
                 raise BenchError(f"method {self.name}: experts={N} does not divide the FFN width {H}; valid: "
                                  f"{', '.join(str(d) for d in range(1, H + 1) if H % d == 0)}")
             self.kept_experts(bundle), self.kept_experts(bundle, train=True)
-        if need_artifact and find_artifact(KIND, bundle.model_id, self.artifact_key(bundle)) is None:
-            raise BenchError(f"no prepared {self.name} artifact for model {bundle.name} with "
-                             f"{json.dumps(self.artifact_key(bundle), sort_keys=True)}; run `{self.prepare_hint(bundle)}`")
+        if need_artifact:
+            self.artifact_dir(bundle)
 
     def artifact_dir(self, bundle) -> str:
-        self.check_model(bundle)
-        return find_artifact(KIND, bundle.model_id, self.artifact_key(bundle))
+        """The prepared artifact's directory, after the checks of check_model."""
+        self.check_model(bundle, need_artifact=False)
+        return require_artifact(KIND, bundle, self.artifact_key(bundle), self.prepare_hint(bundle), label=self.name)
 
     # ------------------------------------------------------------------ build
     def build(self, bundle):

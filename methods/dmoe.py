@@ -26,8 +26,8 @@ import torch
 
 from bench import registry
 from bench.analytic import dense_scale_macs
-from bench.artifacts import (artifact_dir_for_writing, find_artifact, provenance, read_meta, reusable,
-                             write_artifact)
+from bench.artifacts import (artifact_dir_for_writing, find_artifact, provenance, read_meta, require_artifact,
+                             reusable, write_artifact)
 from bench.errors import BenchError
 from bench.recipe import Recipe, Setting, prepare_command
 from bench.registry import Method, Param, clone_structure, register_method
@@ -129,10 +129,7 @@ class DMoE(Method):
         if H % e:
             raise BenchError(f"method dmoe: expert_size={e} does not divide the FFN width {H}; valid: "
                              f"{', '.join(map(str, divisors(H)))}")
-        ft = find_artifact("dmoe-finetune", bundle.model_id, self.finetune_key(bundle))
-        if ft is None:
-            raise BenchError(f"no prepared dmoe-finetune artifact for model {bundle.name} with "
-                             f"{json.dumps(self.finetune_key(bundle), sort_keys=True)}; run `{self.prepare_hint(bundle)}`")
+        ft = require_artifact(FINETUNE, bundle, self.finetune_key(bundle), self.prepare_hint(bundle))
         if find_artifact("dmoe-experts", bundle.model_id, self.experts_key(bundle)) is None \
                 and read_meta(ft).get("data") is None:
             raise BenchError(f"no prepared dmoe-experts artifact for model {bundle.name} (expert_size={e}) and no "
