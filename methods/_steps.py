@@ -21,10 +21,10 @@ from __future__ import annotations
 from typing import Any, Dict, List, Optional, Tuple
 
 import torch
-import torch.nn as nn
 
 from bench.errors import BenchError
-from bench.registry import Method
+from bench.registry import Method, Param
+from methods._tokens import VarView
 
 
 class StepPolicy:
@@ -49,12 +49,12 @@ class FixedPlan(StepPolicy):
         return self.stop, self.nocfg
 
 
-class StepNet(nn.Module):
+class StepNet(VarView):
     """The VAR with per-image step plans; exposes the sampler interface (scale_forward, new_caches, scale_rows)."""
 
     def __init__(self, var, policy: StepPolicy):
-        super().__init__()
-        self.var, self.policy = var, policy
+        super().__init__(var)
+        self.policy = policy
         self.stop: List[int] = []
         self.nocfg: List[int] = []
         self._cache_rows: List[int] = []
@@ -62,17 +62,6 @@ class StepNet(nn.Module):
         self.reset_stats()
 
     # -- the sampler interface ----------------------------------------------------------------------------------
-    @property
-    def num_classes(self):
-        return self.var.num_classes
-
-    @property
-    def patch_nums(self):
-        return self.var.patch_nums
-
-    def new_caches(self):
-        return self.var.new_caches()
-
     def set_plan(self, B: int, stop, nocfg) -> None:
         S = len(self.patch_nums)
         as_list = (lambda v: [int(v)] * B if isinstance(v, int) else [int(x) for x in v])
@@ -200,6 +189,11 @@ def saved_fraction(cfg, stop: int, nocfg: int) -> float:
 def nearest_k(cfg, target: float, plan, ks) -> int:
     """The k in ks whose plan(k) = (stop, nocfg) saves the share nearest to target (ties: the smaller k)."""
     return min(ks, key=lambda k: (abs(saved_fraction(cfg, *plan(k)) - target), k))
+
+
+def match_saved_param(k_param: str) -> Param:
+    return Param("match_saved", float, None, f"overrides {k_param}: the k whose saved share of the dense transformer "
+                 "MACs is nearest to this", low=0.0, high=1.0, high_open=True, nullable=True)
 
 
 class LastScalesMethod(Method):

@@ -1,5 +1,8 @@
-"""Token gating shared by ActVAR (methods/actvar.py), fixed token pruning (methods/token_pruning.py) and
-compositions (methods/compose.py). ../shared/METHODS.md §5-6; ActVAR paper §3.3-3.4, eq. 9.
+"""Token gating shared by ActVAR (methods/actvar.py), fixed token pruning (methods/token_pruning.py), FastVAR and
+compositions (methods/compose.py). ../shared/METHODS.md §5-6; ActVAR paper §3.3-3.4, eq. 9. Also the two views every
+method that rewrites part of the model builds on: BlockView (one block; its adaLN residual, q/k/v and output
+projection as the block computes them, for LiteVAR, ScaleKV and ToMe to replace one part) and VarView (the sampler
+interface of a net around a VAR: methods/_steps.py, LiteVAR, CoDe).
 
     TokenGatedBlock(block, index, gate)   wraps one AdaLNSelfAttn; on a gated scale only the gate's K kept
                                           tokens go through attention + FFN, the others are copied unchanged
@@ -29,6 +32,7 @@ from typing import Callable, Dict, List, Optional
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from bench import registry
 from bench.errors import BenchError
@@ -167,9 +171,11 @@ def _ln_mod(block, x, scale, shift):
 
 
 class BlockView(nn.Module):
-    """A wrapper around one AdaLNSelfAttn that shares its parameters: the methods' blocks (token gates, LiteVAR,
-    ScaleKV, ToMe) subclass it for the `block`/`index` they keep and the `attn`/`ffn` the sampler and FLOP counts
-    read."""
+    """A wrapper around one AdaLNSelfAttn that shares its parameters: the methods' blocks (token gates, FastVAR,
+    LiteVAR, ScaleKV, ToMe) subclass it for the `block`/`index` they keep, the `attn`/`ffn` the sampler and FLOP
+    counts read, and the pieces of the block's computation a method rewrites one part of (`residual`, `qkv`,
+    `project`): each computes what AdaLNSelfAttn / SelfAttention compute, op for op, so a method that changes
+    nothing else gives the block's numbers bit for bit."""
 
     def __init__(self, block, index: int):
         super().__init__()
@@ -182,6 +188,56 @@ class BlockView(nn.Module):
     @property
     def ffn(self):
         return self.block.ffn
+
+    def residual(self, x, cond_BD, attend: Callable, ffn: Callable):
+        """The block's two adaLN-modulated residual updates with its attention and FFN replaced by attend(u) and
+        ffn(h) (u, h: the modulated inputs)."""
+        g1, g2, s1, s2, sh1, sh2 = self.block.modulation(cond_BD)
+        x = x + attend(_ln_mod(self.block, x, s1, sh1)).mul_(g1)
+        return x + ffn(_ln_mod(self.block, x, s2, sh2)).mul(g2)
+
+    def qkv(self, u, linear: Callable = F.linear):
+        """q, k, v (rows, H, n, c) of the attention on its input u: one qkv projection (bias q_bias, 0, v_bias),
+        q and k l2-normalised and q scaled where the attention does. linear(x, weight, bias): e.g. in another
+        precision."""
+        a = self.block.attn
+        rows, n = int(u.shape[0]), int(u.shape[1])       # python ints also inside fvcore's jit trace
+        bias = torch.cat((a.q_bias, a.zero_k_bias, a.v_bias))
+        q, k, v = linear(u, a.mat_qkv.weight, bias).view(rows, n, 3, a.num_heads, a.head_dim) \
+            .permute(2, 0, 3, 1, 4).unbind(0)
+        if a.attn_l2_norm:
+            q = F.normalize(q, dim=-1).mul(a.scale_mul_1H11.clamp_max(a.max_scale_mul).exp())
+            k = F.normalize(k, dim=-1)
+        return q, k, v
+
+    def project(self, out, linear: Callable = F.linear):
+        """Attention heads (rows, H, n, c) -> (rows, n, C) through the output projection."""
+        rows, H, n, c = (int(v) for v in out.shape)
+        proj = self.block.attn.proj
+        return linear(out.transpose(1, 2).reshape(rows, n, H * c), proj.weight, proj.bias)
+
+
+class VarView(nn.Module):
+    """A net that wraps a VAR for the sampler (bench/sampling.py: scale_forward, new_caches, num_classes,
+    patch_nums); each is the VAR's unless a subclass overrides it."""
+
+    def __init__(self, var):
+        super().__init__()
+        self.var = var
+
+    @property
+    def num_classes(self):
+        return self.var.num_classes
+
+    @property
+    def patch_nums(self):
+        return self.var.patch_nums
+
+    def new_caches(self):
+        return self.var.new_caches()
+
+    def scale_forward(self, si: int, x_in, label_B, caches):
+        return self.var.scale_forward(si, x_in, label_B, caches)
 
 
 class TokenGatedBlock(BlockView):

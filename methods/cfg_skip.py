@@ -25,8 +25,7 @@ class CfgSkip(_steps.LastScalesMethod):
     description = "unconditional-branch replacement: the last k scales run the conditional rows only (SkipVAR)"
     params = (Param("last", int, 2, "how many of the last scales run without the unconditional branch (0: the "
                     "dense model)", low=0),
-              Param("match_saved", float, None, "overrides last: the k whose saved share of the dense transformer "
-                    "MACs is nearest to this", low=0.0, high=1.0, high_open=True, nullable=True))
+              _steps.match_saved_param("last"))
     k_param, allow_all, scales_column = "last", True, "cfg_free_scales"
 
     def plan(self, k, num_scales):

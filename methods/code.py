@@ -37,10 +37,10 @@ import os
 from typing import Any, Dict, List, Optional
 
 import torch
-import torch.nn as nn
 
 from bench.errors import BenchError
 from bench.registry import Method, Param, register_method
+from methods._tokens import VarView
 
 CHECKPOINT_EXTS = (".pth", ".pt", ".bin", ".safetensors")
 
@@ -91,20 +91,17 @@ class CoDeCaches(list):
         self.maps: List[torch.Tensor] = []
 
 
-class CoDeNet(nn.Module):
-    """Sampler interface over two VARs: scales < takeover by the drafter, the rest by the refiner."""
+class CoDeNet(VarView):
+    """Sampler interface over two VARs: scales < takeover by the drafter, the rest by the refiner (the view's VAR:
+    classes and scales are the refiner's)."""
 
     def __init__(self, drafter, refiner, takeover: int):
-        super().__init__()
-        self.drafter, self.refiner, self.takeover = drafter, refiner, takeover
+        super().__init__(refiner)
+        self.drafter, self.takeover = drafter, takeover
 
     @property
-    def num_classes(self):
-        return self.refiner.num_classes
-
-    @property
-    def patch_nums(self):
-        return self.refiner.patch_nums
+    def refiner(self):
+        return self.var
 
     def new_caches(self):
         return CoDeCaches(self.drafter.new_caches(), self.refiner.new_caches())

@@ -53,12 +53,11 @@ from __future__ import annotations
 from typing import Any, Dict, List, Optional
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 
 from bench.errors import BenchError
 from bench.registry import Method, Param, clone_structure, register_method
-from methods._tokens import BlockView
+from methods._tokens import BlockView, VarView
 
 SHARE = ("none", "output", "map")
 PRECISION = ("fp32", "linear-but-fc2", "all-linear")
@@ -104,10 +103,6 @@ class Plan:
         return self.precision == "all-linear" or (self.precision == "linear-but-fc2" and part != "fc2")
 
 
-def _ln_mod(block, x, scale, shift):
-    return block.ln_wo_grad(x).mul(scale.add(1)).add_(shift)
-
-
 class LiteVARBlock(BlockView):
     """One AdaLNSelfAttn under the plan; where the plan changes nothing at a scale it runs the block itself."""
 
@@ -127,10 +122,7 @@ class LiteVARBlock(BlockView):
         p = self.plan
         if si is None or cache is None or not (p.restricts(si) or p.sharing(si) or p.precision != "fp32"):
             return self.block(x, cond_BD, attn_bias, cache, si)
-        blk = self.block
-        g1, g2, s1, s2, sh1, sh2 = blk.modulation(cond_BD)
-        x = x + self._attention(_ln_mod(blk, x, s1, sh1), cache, si).mul_(g1)
-        return x + self._ffn(_ln_mod(blk, x, s2, sh2), si).mul(g2)
+        return self.residual(x, cond_BD, lambda u: self._attention(u, cache, si), lambda h: self._ffn(h, si))
 
     def _ffn(self, h, si):
         ffn = self.block.ffn
@@ -143,17 +135,12 @@ class LiteVARBlock(BlockView):
         a, p = self.block.attn, self.plan
         rows, n, C = (int(v) for v in u.shape)        # python ints also inside fvcore's jit trace
         H, c = a.num_heads, a.head_dim
-        bias = torch.cat((a.q_bias, a.zero_k_bias, a.v_bias))
         mode = p.sharing(si)
         B = rows // 2
         src = u[:B] if mode else u                      # rows whose q/k are computed
-        qkv = self._linear("qkv", src, a.mat_qkv.weight, bias).view(-1, n, 3, H, c)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)   # rows H n c
-        if a.attn_l2_norm:
-            q = F.normalize(q, dim=-1).mul(a.scale_mul_1H11.clamp_max(a.max_scale_mul).exp())
-            k = F.normalize(k, dim=-1)
+        q, k, v = self.qkv(src, lambda x, w, b: self._linear("qkv", x, w, b))   # rows H n c
         if mode == "map":      # the unconditional rows' own values (the last C of the qkv projection)
-            v_u = self._linear("qkv", u[B:], a.mat_qkv.weight[2 * C:], bias[2 * C:]).view(B, n, H, c).transpose(1, 2)
+            v_u = self._linear("qkv", u[B:], a.mat_qkv.weight[2 * C:], a.v_bias).view(B, n, H, c).transpose(1, 2)
             K, V = cache.append(torch.cat((k, k)), torch.cat((v, v_u)))
         elif mode == "output":
             K, V = cache.append(torch.cat((k, k)), torch.cat((v, v)))
@@ -168,36 +155,25 @@ class LiteVARBlock(BlockView):
             K = torch.cat([K[:, :, offsets[i]:offsets[i + 1]] for i in idx], dim=2)
             V = torch.cat([V[:, :, offsets[i]:offsets[i + 1]] for i in idx], dim=2)
             cache.k, cache.v = K, V
+        proj = (lambda x, w, b: self._linear("proj", x, w, b))
         if mode is None:
             out = F.scaled_dot_product_attention(q, K, V, scale=a.scale)
         elif mode == "output":
-            o = F.scaled_dot_product_attention(q, K[:B], V[:B], scale=a.scale)
-            o = self._linear("proj", o.transpose(1, 2).reshape(B, n, C), a.proj.weight, a.proj.bias)
+            o = self.project(F.scaled_dot_product_attention(q, K[:B], V[:B], scale=a.scale), proj)
             return torch.cat((o, o))
         else:                  # one map from the conditional rows, applied to both rows' values
             attn = torch.matmul(q, K[:B].transpose(-2, -1)).mul(a.scale).softmax(dim=-1)
             out = torch.matmul(attn.unsqueeze(0), V.reshape(2, B, H, -1, c)).reshape(rows, H, n, c)
-        return self._linear("proj", out.transpose(1, 2).reshape(rows, n, C), a.proj.weight, a.proj.bias)
+        return self.project(out, proj)
 
 
-class LiteVARNet(nn.Module):
+class LiteVARNet(VarView):
     """The VAR with LiteVAR blocks; tells the plan whether a call's rows are [conditional; unconditional] (sharing
     applies only then: forward_by_scale's plain label batch is not a CFG batch)."""
 
     def __init__(self, var, plan: Plan):
-        super().__init__()
-        self.var, self.plan = var, plan
-
-    @property
-    def num_classes(self):
-        return self.var.num_classes
-
-    @property
-    def patch_nums(self):
-        return self.var.patch_nums
-
-    def new_caches(self):
-        return self.var.new_caches()
+        super().__init__(var)
+        self.plan = plan
 
     def scale_forward(self, si, x_in, label_B, caches):
         rows = int(label_B.shape[0])

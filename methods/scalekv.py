@@ -31,12 +31,10 @@ from __future__ import annotations
 from typing import Any, Dict, List, Optional
 
 import torch
-import torch.nn as nn
-import torch.nn.functional as F
 
 from bench.errors import BenchError
 from bench.registry import Method, Param, clone_structure, register_method
-from methods._tokens import BlockView, _ln_mod, kept_count, untraced
+from methods._tokens import BlockView, kept_count, untraced
 
 
 class KVPlan:
@@ -76,30 +74,20 @@ class ScaleKVBlock(BlockView):
         keep = self.plan.keep(self.index, si)
         if si is None or cache is None or (keep is None and not self.plan.probe):
             return self.block(x, cond_BD, attn_bias, cache, si)
-        blk = self.block
-        g1, g2, s1, s2, sh1, sh2 = blk.modulation(cond_BD)
-        x = x + self._attend(_ln_mod(blk, x, s1, sh1), cache, keep).mul_(g1)
-        return x + blk.ffn(_ln_mod(blk, x, s2, sh2), si).mul(g2)
+        return self.residual(x, cond_BD, lambda u: self._attend(u, cache, keep), lambda h: self.block.ffn(h, si))
 
     def _attend(self, x, cache, keep: Optional[int]):
-        at = self.block.attn
-        B, n, C = (int(v) for v in x.shape)   # python ints also inside fvcore's jit trace
-        H, c = at.num_heads, at.head_dim
-        bias = torch.cat((at.q_bias, at.zero_k_bias, at.v_bias))
-        q, k, v = F.linear(x, at.mat_qkv.weight, bias).view(B, n, 3, H, c).permute(2, 0, 3, 1, 4).unbind(0)
-        if at.attn_l2_norm:
-            q = F.normalize(q, dim=-1).mul(at.scale_mul_1H11.clamp_max(at.max_scale_mul).exp())
-            k = F.normalize(k, dim=-1)
+        q, k, v = self.qkv(x)
         K, V = cache.append(k, v)
-        w = (q @ K.transpose(-2, -1)).mul_(at.scale).softmax(dim=-1)    # (B, H, n, Lk): the selection's scores
+        w = (q @ K.transpose(-2, -1)).mul_(self.block.attn.scale).softmax(dim=-1)   # (B, H, n, Lk): the scores
         out = w @ V
         if self.plan.probe:
-            self._record_share(w, n)
+            self._record_share(w, int(x.shape[1]))
         if keep is not None and keep < int(K.shape[2]):
             idx = w.sum(dim=2).topk(keep, dim=-1).indices.sort(dim=-1).values     # per head, position order
-            idx = idx.unsqueeze(-1).expand(-1, -1, -1, c)
+            idx = idx.unsqueeze(-1).expand(-1, -1, -1, int(K.shape[3]))
             cache.k, cache.v = K.gather(2, idx), V.gather(2, idx)
-        return at.proj(out.transpose(1, 2).reshape(B, n, C))
+        return self.project(out)
 
     @torch.no_grad()
     def _record_share(self, w, n: int):

@@ -22,8 +22,7 @@ class SkipScales(_steps.LastScalesMethod):
     family = "skip-scales"
     description = "step skipping: the last k scales are not run; f_hat is the upsampled sum of the computed scales (SkipVAR)"
     params = (Param("skip", int, 1, "how many of the last scales are not run (0: the dense model)", low=0),
-              Param("match_saved", float, None, "overrides skip: the k whose saved share of the dense transformer "
-                    "MACs is nearest to this", low=0.0, high=1.0, high_open=True, nullable=True))
+              _steps.match_saved_param("skip"))
     k_param, allow_all, scales_column = "skip", False, "skipped_scales"
 
     def plan(self, k, num_scales):

@@ -39,10 +39,8 @@ import math
 from typing import Any, Dict, List, Optional
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 
-from bench.errors import BenchError
 from bench.registry import Method, Param, check_distinct_scales, clone_structure, register_method
 from methods import _tokens
 
@@ -102,10 +100,6 @@ class Matching:
         return out
 
 
-def _ln_mod(block, x, scale, shift):
-    return block.ln_wo_grad(x).mul(scale.add(1)).add_(shift)
-
-
 class ToMeBlock(_tokens.BlockView):
     """One AdaLNSelfAttn that merges tokens on the chosen scales; elsewhere it runs the block itself."""
 
@@ -118,20 +112,21 @@ class ToMeBlock(_tokens.BlockView):
         r = self.merged.get(si, 0) if si is not None and cache is not None else 0
         if r == 0:
             return self.block(x, cond_BD, attn_bias, cache, si)
-        blk = self.block
-        g1, g2, s1, s2, sh1, sh2 = blk.modulation(cond_BD)
-        u = _ln_mod(blk, x, s1, sh1)
-        if self.metric == "keys":     # the attention's keys of every token (all heads side by side; k has no bias)
-            C = int(x.shape[-1])
-            metric = F.linear(u, blk.attn.mat_qkv.weight[C:2 * C])
-        else:
-            metric = x
-        m = self.last = Matching(metric, int(round(math.sqrt(int(x.shape[1])))), r)
-        a = m.unmerge(blk.attn(m.merge(u), None, cache)) if "attn" in self.merge else blk.attn(u, None, cache)
-        x = x + a.mul_(g1)
-        h = _ln_mod(blk, x, s2, sh2)
-        f = m.unmerge(blk.ffn(m.merge(h), si)) if "ffn" in self.merge else blk.ffn(h, si)
-        return x + f.mul(g2)
+        blk, pn = self.block, int(round(math.sqrt(int(x.shape[1]))))
+
+        def attend(u):                # one matching per block, from its input, for both sub-layers
+            if self.metric == "keys":  # the attention's keys of every token (all heads side by side; k has no bias)
+                C = int(x.shape[-1])
+                metric = F.linear(u, blk.attn.mat_qkv.weight[C:2 * C])
+            else:
+                metric = x
+            m = self.last = Matching(metric, pn, r)
+            return m.unmerge(blk.attn(m.merge(u), None, cache)) if "attn" in self.merge else blk.attn(u, None, cache)
+
+        def ffn(h):
+            m = self.last
+            return m.unmerge(blk.ffn(m.merge(h), si)) if "ffn" in self.merge else blk.ffn(h, si)
+        return self.residual(x, cond_BD, attend, ffn)
 
 
 def predicted_macs(cfg, merged: Dict[int, int], merge: str, batch: int = 1, metric: str = "hidden") -> List[float]:
