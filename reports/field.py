@@ -122,15 +122,15 @@ def unplaced_text(e: dict) -> str:
     """Why a family has no row at a budget, for the ranking table."""
     lo, hi = (100 * x for x in e["span"])
     if e["reach"] == "below":
-        return f"cannot reach (its settings save at most {hi:.1f}%)"
+        return f"cannot reach (its rows save at most {hi:.1f}%)"
     if e["reach"] == "above":
-        return f"cannot reach (its settings save at least {lo:.1f}%)"
+        return f"cannot reach (its rows save at least {lo:.1f}%)"
     return f"no setting within ±{100 * WINDOW:.0f} point (nearest {100 * e['nearest']:.1f}%)"
 
 
-PANELS = (("saved", "transformer MACs saved vs dense (%)", lambda r: 100 * r["saved"]),
-          ("speed", "speedup over dense (×, paired)", lambda r: r["sp"][0]),
-          ("memory", "KV cache at the largest scale (% of dense)", lambda r: r["kv"]))
+PANELS = (("saved", "MACs saved (%)", lambda r: 100 * r["saved"]),
+          ("speed", "speedup (×, paired)", lambda r: r["sp"][0]),
+          ("memory", "KV cache (% of dense)", lambda r: r["kv"]))
 
 
 @register_report("field", "every family at equal compute: ΔFID against MACs saved, speed and KV memory; ranking "
@@ -184,9 +184,9 @@ def field(ctx: Context) -> List[str]:
         resolved_legend_entries(a1, ctx.df, kinds)
     fig.legend(loc="upper center", bbox_to_anchor=(0.5, 1.16), ncol=5, handlelength=1.0)
     files = S.save_figure(fig, ctx.out_dir, "field_pareto",
-                          f"Every family: ΔFID against MACs saved (dashed: the budgets, ±{100 * WINDOW:.0f} point), "
-                          "paired speedup and KV-cache bytes per image at the largest scale (% of dense); bars: "
-                          "95% intervals." + (" Filled: ΔFID resolved; hollow: not." if marked else "") + " "
+                          f"Every family: ΔFID against transformer MACs saved (dashed: the budgets, ±{100 * WINDOW:.0f} "
+                          "point), paired speedup and KV-cache bytes per image at the largest scale (% of dense); "
+                          "bars: 95% intervals." + (" Filled: ΔFID resolved; hollow: not." if marked else "") + " "
                           + ctx.caption(shown=ctx.rows([r["pos"] for r in rows if r["dq"][0] is not None])))
     header, table, listed = ranking_table(rows)
     files += S.save_table(ctx.out_dir, "field_ranking", header, table,

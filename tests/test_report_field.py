@@ -61,7 +61,7 @@ def test_a_family_is_placed_only_within_one_point_of_the_budget(rows):
     assert {f for f, e in at30.items() if "rank_speed" in e} == {"dense", "fastvar", "my-plugin"}
     assert at30["fastvar"]["rank_speed"] == 1
     at20 = ranked(rows, 0.20)
-    assert at20["cfg-skip"]["reach"] == "above"                              # its settings save 22-41%
+    assert at20["cfg-skip"]["reach"] == "above"                              # its rows save 22-41%
     assert at20["fixed-tokens"]["reach"] == "gap" and at20["tome"]["row"]["saved"] == pytest.approx(0.197)
     assert at20["skip-scales"]["reach"] == "above"
     assert [at20[f]["rank_fid"] for f in ("dense", "fastvar", "tome")] == [1, 2, 3]
@@ -74,8 +74,8 @@ def test_the_ranking_table_says_which_families_cannot_reach_a_budget(rows):
     header, table, listed = F.ranking_table(rows)
     cell = {(r[0], r[1]): r for r in table}
     assert len(table) == len(F.BUDGETS) * 8                                  # every family at every budget
-    assert cell[("20%", "CFG-branch skip (SkipVAR static)")][2] == "cannot reach (its settings save at least 22.0%)"
-    assert cell[("30%", "SkipVAR (adaptive)")][2] == "cannot reach (its settings save at most 25.1%)"
+    assert cell[("20%", "CFG-branch skip (SkipVAR static)")][2] == "cannot reach (its rows save at least 22.0%)"
+    assert cell[("30%", "SkipVAR (adaptive)")][2] == "cannot reach (its rows save at most 25.1%)"
     assert cell[("30%", "CFG-branch skip (SkipVAR static)")][2] == "no setting within ±1 point (nearest 33.0%)"
     fast = cell[("30%", "FastVAR")]
     assert fast[3] == "30.9%" and fast[header.index("KV")] == "61%" and fast[header.index("Rank (speed)")] == "1"
