@@ -59,7 +59,8 @@ from methods import _steps, _tokens
 from methods._tokens import Gate, TokenGatedBlock, _ln_mod, topk_positions
 
 DEFAULT_RATIO = [0.4, 0.5]       # the release's Infinity ratios, earlier scale first (the mild default's)
-PRESETS = ("release", "hart")
+PRESET_RATIOS = {"release": [0.4, 0.5], "hart": [0.5, 0.75]}    # earlier pruned scale first
+PRESETS = tuple(PRESET_RATIOS)
 
 
 def kept_count(ratio: float, n: int) -> int:
@@ -78,10 +79,10 @@ def release_layers(depth: int) -> range:
 
 def preset_setting(preset: str, num_scales: int, depth: int) -> Tuple[Dict[int, float], List[int], range]:
     """({pruned scale: ratio}, dropped scales, pruning layers) of a preset on a layout (see the module docstring)."""
-    S = num_scales
+    S, (early, late) = num_scales, PRESET_RATIOS[preset]
     if preset == "release":
-        return {S - 4: 0.4, S - 3: 0.5}, [S - 2, S - 1], release_layers(depth)
-    return {S - 2: 0.5, S - 1: 0.75}, [], range(depth)
+        return {S - 4: early, S - 3: late}, [S - 2, S - 1], release_layers(depth)
+    return {S - 2: early, S - 1: late}, [], range(depth)
 
 
 def frequency_score(x: torch.Tensor) -> torch.Tensor:
@@ -209,8 +210,7 @@ class FastVAR(Method):
             self._conflict("match_saved", c["match_saved"], "its own ratios")
         given = c["ratio"]
         if given is not None:
-            fixed = preset_setting(preset, 5, 1)[0]
-            wanted = [fixed[s] for s in sorted(fixed)]
+            wanted = PRESET_RATIOS[preset]
             if (given if isinstance(given, list) else [given] * len(wanted)) != wanted:
                 self._conflict("ratio", given, f"ratio {','.join(f'{r:g}' for r in wanted)}")
 
