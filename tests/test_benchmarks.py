@@ -127,3 +127,34 @@ def test_noise_two_passes_on_the_tiny_model(tmp_path, monkeypatch):
     assert r["dmoe_macs_ratio"] > 0 and r["load_procs"] == 1 and r["samples"] == 2
     assert sum(line.startswith("  [quiet]") for line in lines) == 3 == sum(line.startswith("  [loaded]")
                                                                            for line in lines)
+
+
+# ------------------------------------------------------------------------------------------------ certificate
+@pytest.mark.slow
+def test_quality_certificate_on_the_tiny_model(tiny, classifier, tmp_path, monkeypatch):
+    """bench.certificate directly: the three sets scored against one reference, strict JSON."""
+    from bench.benchmarks.jsonfile import json_text
+    from bench.certificate import quality_certificate
+    monkeypatch.setenv("VARBENCH_CACHE", str(tmp_path / "cache"))
+    cert = quality_certificate(tiny, samples=10, batch_size=5, reference_count=30, bootstrap=5,
+                               classifier=classifier)
+    assert list(cert["rows"]) == ["dense", "real_test", "untrained"]
+    for row in cert["rows"].values():
+        assert row["images"] == 10 and row["fid"] > 0 and 0 <= row["classifier_accuracy"] <= 1
+        assert row["fid_ci_low"] <= row["fid_ci_high"]
+    assert cert["samples"] == 10 and cert["reference_count"] == 30 and cert["env_device"] == "cpu"
+    assert cert["started_at"] <= cert["finished_at"] and "fid" in cert["metrics"]
+    assert json.loads(json_text(cert))["rows"]["dense"]["images"] == 10
+
+
+@pytest.mark.parametrize("kw,message", [(dict(samples=1), "samples must be an integer >= 2 (FID needs a covariance)"),
+                                        (dict(bootstrap=-1), "bootstrap must be an integer in 0..")])
+def test_quality_certificate_refuses_before_generating(tiny, kw, message, monkeypatch):
+    import bench.certificate
+    from bench.certificate import quality_certificate
+
+    def generate(*a, **k):
+        raise AssertionError("generation started")
+    monkeypatch.setattr(bench.certificate, "generate", generate)
+    with pytest.raises(BenchError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        quality_certificate(tiny, **{"samples": 10, **kw})

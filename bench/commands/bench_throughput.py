@@ -1,4 +1,5 @@
-"""`python -m bench bench-throughput`: large N without waste, printed in one run (bench/benchmarks/throughput.py measures).
+"""`python -m bench bench-throughput`: large N without waste, printed in one run (bench/benchmarks/throughput.py
+measures).
 
 harness_over_raw (measure() of dense vs plain generate, same N, warm quality reference; its phase times),
 rss_growth_mb_per_1k (peak RSS of `bench run` children at two sizes), fast_over_reference (images/s of fp32, bf16
