@@ -6,6 +6,7 @@ Standard library only: nothing here may import torch, numpy, ray, pandas, ... (t
 """
 
 # --- bench.measure: the seed scheme, the bounds of the counts a user sets, the defaults of `run` and bench-* ---
+# (bench.measure_config.MeasureConfig declares each measurement setting with these bounds and defaults)
 SEED_MULTIPLIER = 1000003
 SEED_SCHEME = ("labels[i] = i % num_classes; batch b holds images b*B .. b*B+B-1 and is sampled with "
                f"torch.Generator(device).manual_seed(seed * {SEED_MULTIPLIER} + b)")
@@ -15,6 +16,8 @@ MAX_WARMUP_BATCHES = 1000
 MAX_TIMING_ROUNDS = 1000
 MAX_BOOTSTRAP = 100_000
 MAX_THREADS = 512           # torch crashes (SIGSEGV) when asked for 100000 intra-op threads
+MAX_REFERENCE_COUNT = 1_000_000   # more reference images than any FID protocol uses (ImageNet: 50k)
+MAX_RESOLVE_PCT = 100.0     # --resolve: a target half-width beyond dense FID itself resolves nothing
 DEFAULT_BATCH_SIZE = 50
 DEFAULT_FLOP_IMAGES = 1
 DEFAULT_TIMING_ROUNDS = 6    # paired ABBA rounds against dense (bench.timing.PAIRED_PROTOCOL)

@@ -30,11 +30,11 @@ import math
 from dataclasses import dataclass, field
 from typing import Callable, List, Optional, Tuple
 
+from bench.defaults import MAX_RESOLVE_PCT as MAX_TARGET_PCT
 from bench.errors import BenchError
 
 ALPHA = 0.05
 STOP_REASONS = ("halfwidth", "excludes_zero", "max_samples")
-MAX_TARGET_PCT = 100.0
 MAX_LOOKS = 20
 
 

@@ -110,7 +110,7 @@ def test_environment_records_cuda_visible_devices(monkeypatch):
 
 
 def test_trial_device_is_the_first_gpu_the_trial_sees():
-    from bench.sweep.runner import trial_device
+    from bench.sweep.process import trial_device
     assert trial_device("cuda", ["2"]) == "cuda:0"        # Ray granted GPU 2: the worker sees it as cuda:0
     assert trial_device("cuda:1", ["2"]) == "cuda:0"      # a machine-wide index means nothing inside the trial
     assert trial_device("cuda:1", []) == "cuda:1"         # outside Ray: as given
@@ -134,16 +134,16 @@ def test_gpu_trials_request_their_gpu_share():
 def test_run_trial_measures_on_the_device_ray_granted(monkeypatch):
     """The wiring inside a GPU trial, without a GPU: the granted GPU becomes cuda:0, made current, and the model
     is loaded there."""
-    from bench.sweep import runner
+    from bench.sweep import process, runner
     calls = {}
-    monkeypatch.setattr(runner, "ray_gpu_ids", lambda: ["1"])
+    monkeypatch.setattr(process, "ray_gpu_ids", lambda: ["1"])
     monkeypatch.setattr(torch.cuda, "set_device", lambda d: calls.setdefault("set_device", str(d)))
 
     def load_bundle(model, device):
         calls["load_bundle"] = device
         raise BenchError("stop here")
-    monkeypatch.setattr(runner, "load_bundle", load_bundle)
-    out = runner.run_trial(dict(modules=[], threads=1, model="tiny", device="cuda:3"))
+    monkeypatch.setattr(process, "load_bundle", load_bundle)
+    out = runner.run_trial(dict(modules=[], config=dict(threads=1), model="tiny", device="cuda:3"))
     assert out["status"] == "error" and out["error"] == "stop here"
     assert calls == {"set_device": "cuda:0", "load_bundle": "cuda:0"}
 

@@ -131,7 +131,7 @@ def test_workers_only_for_trials_with_many_samples(tmp_path):
         n = generation_worker_count(3, spec["samples"], min_samples)
         r = SweepRunner(spec, [t], "s-test", str(tmp_path), info, cpus=1, gpus=0, generation_workers=n)
         job = r.job(t, t.params)
-        assert job["generation_workers"] == expect and job["extra"]["ray_generation_workers"] == expect
+        assert job["generation_workers"] == expect and job["sweep_record"]["ray_generation_workers"] == expect
         assert job["worker_resources"] == {"CPU": 1.0}
 
 

@@ -116,6 +116,7 @@ def skip_ffn_method():
 
     class SkipLastFFN(Method):
         kind = "weight"
+        display_name, family = "Skip last FFN (test)", "test"
         params = (Param("fail_check", bool, False),)
 
         def check_model(self, bundle):

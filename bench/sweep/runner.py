@@ -8,13 +8,18 @@ import socket
 import sys
 import time
 import types
+from dataclasses import replace
 from typing import Dict, List, Optional, Tuple
 
 from bench.errors import BenchError
 from bench.log import counter_bar, get_logger
-from bench.sweep.spec import import_modules
+from bench.measure_config import MeasureConfig
+from bench.records import SweepRecord
+from bench.results import row_json
+from bench.sweep.process import trial_setup
+from bench.sweep.spec import measure_config
 from bench.sweep.store import stored_rows
-from bench.sweep.trials import Trial, derive_twin_params, load_bundle, sampling_for
+from bench.sweep.trials import Trial, derive_twin_params
 
 logger = get_logger(__package__)    # var_bench.sweep: one logger for the whole package
 GENERATION_MIN_SAMPLES = 2000    # --generation-workers applies to trials of at least this many samples
@@ -189,43 +194,7 @@ def trial_resources(cpus: float, gpus: float) -> Dict[str, float]:
     return res
 
 
-def ray_gpu_ids() -> List[str]:
-    """The GPUs Ray granted this worker ([] outside Ray, or with no GPU granted)."""
-    try:
-        import ray
-        return [str(i) for i in ray.get_gpu_ids()] if ray.is_initialized() else []
-    except Exception:   # not in a Ray worker, or Ray without GPU support: nothing granted
-        return []
-
-
-def trial_device(device: str, granted_gpus: List[str]) -> str:
-    """The torch device a trial measures on. Ray restricts a GPU trial's CUDA_VISIBLE_DEVICES to the GPU(s) it
-    granted, renumbered from 0, so the trial uses cuda:0 of what it sees (an index in the spec named a GPU of the
-    whole machine, which the worker cannot see as such); outside Ray (no grant) the spec's device as given."""
-    if not device.startswith("cuda") or not granted_gpus:
-        return device
-    if device not in ("cuda", "cuda:0"):
-        logger.info(f"device {device}: inside a Ray trial the granted GPU {granted_gpus[0]} is used (cuda:0 of "
-                    f"CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')})")
-    return "cuda:0"
-
-
 # ================================================================================================ one trial (worker)
-def trial_setup(job: dict):
-    """What a trial's process needs before it generates (the trial and its generation workers alike): the sweep's
-    modules imported, its thread count, the device Ray granted; returns (device, bundle, method, sampling)."""
-    import torch
-    from bench.registry import create_method
-    import_modules(job["modules"])
-    if job.get("threads"):
-        torch.set_num_threads(max(1, int(job["threads"])))
-    device = trial_device(job["device"], ray_gpu_ids())
-    if torch.device(device).type == "cuda" and torch.device(device).index is not None:
-        torch.cuda.set_device(torch.device(device))   # CUDA events and synchronize (bench/timing.py) use it
-    bundle = load_bundle(job["model"], device)
-    return device, bundle, create_method(job["method"], **job["params"]), sampling_for(job["spec_sampling"], bundle)
-
-
 def run_trial(job: dict) -> dict:
     """Measure one trial (called inside a Ray worker, or directly); returns a short summary, never raises."""
     import traceback
@@ -235,11 +204,10 @@ def run_trial(job: dict) -> dict:
         _, bundle, method, sampling = trial_setup(job)
         workers = generation_workers(job)
         try:
-            row = measure(bundle, method, samples=job["samples"], seed=job["seed"], sampling=sampling,
-                          batch_size=job["batch_size"], results_dir=job["results_dir"], reference=job["reference"],
-                          sweep=job["sweep"], sweep_id=job["sweep_id"], trial_key=job["trial_key"],
-                          extra=dict(job["extra"], ray_node=socket.gethostname()), workers=workers,
-                          **job["measure"])
+            row = measure(bundle, method, MeasureConfig.from_dict(job["config"]), sampling=sampling,
+                          results_dir=job["results_dir"], sweep=job["sweep"], sweep_id=job["sweep_id"],
+                          trial_key=job["trial_key"], workers=workers,
+                          sweep_trial=SweepRecord(**dict(job["sweep_record"], ray_node=socket.gethostname())))
         finally:
             if workers is not None:
                 workers.shutdown()
@@ -248,7 +216,7 @@ def run_trial(job: dict) -> dict:
                 "speedup_ci_high", "fid_delta", "fid_delta_ci_low", "fid_delta_ci_high", "timing_noisy")
         out = {k: row.get(k) for k in keep}
         # the whole row travels back too: on a multi-node cluster the worker's disk may not be the driver's
-        out.update(status="ok", trial_s=round(time.time() - t0, 2), row_json=json.dumps(row, default=str))
+        out.update(status="ok", trial_s=round(time.time() - t0, 2), row_json=row_json(row))
         return out
     except BenchError as e:   # RowNotStored carries the finished row: the driver stores it (ensure_row)
         return dict(status="error", error=str(e), traceback="", trial_s=round(time.time() - t0, 2),
@@ -338,20 +306,21 @@ class SweepRunner:
         self.tracker = tracker       # bench.tracking.Tracker (--track): each reported row, once stored, as one run
 
     def job(self, t: Trial, params: dict) -> dict:
+        """What one trial's process needs (plain values: Ray passes it to the trial's worker)."""
         s = self.spec
-        extra = dict(sweep_point=t.point_id, sweep_entry=t.entry, sweep_twin=t.twin, sweep_parent=t.parent,
-                     sweep_axes=json.dumps(t.axes, sort_keys=True), sweep_quick=bool(s.get("quick_applied")),
-                     ray_address=self.ray_info["address"], ray_version=self.ray_info["version"],
-                     ray_num_cpus=self.ray_info["num_cpus"], ray_nodes=self.ray_info["nodes"],
-                     ray_cpus_per_trial=self.cpus, ray_gpus_per_trial=self.gpus,
-                     ray_concurrent_trials=self.concurrent, ray_generation_workers=self.workers)
+        record = SweepRecord(sweep_point=t.point_id, sweep_entry=t.entry, sweep_twin=t.twin, sweep_parent=t.parent,
+                             sweep_axes=json.dumps(t.axes, sort_keys=True), sweep_quick=bool(s.get("quick_applied")),
+                             ray_address=self.ray_info["address"], ray_version=self.ray_info["version"],
+                             ray_num_cpus=self.ray_info["num_cpus"], ray_nodes=self.ray_info["nodes"],
+                             ray_cpus_per_trial=self.cpus, ray_gpus_per_trial=self.gpus,
+                             ray_concurrent_trials=self.concurrent, ray_generation_workers=self.workers)
+        config = replace(measure_config(s), threads=trial_threads(self.cpus))
         return dict(point_id=t.point_id, model=t.model, method=t.method, params=params, device=s["device"],
-                    samples=s["samples"], seed=s["seed"], batch_size=s["batch_size"], reference=s["reference"],
-                    spec_sampling={"sampling": dict(s["sampling"])}, measure=dict(s["measure"]),
-                    modules=list(s["modules"]),
-                    results_dir=self.results_dir, sweep=s["name"], sweep_id=self.sweep_id,
-                    trial_key=t.key(self.sweep_id), extra=extra, verbose=self.verbose, threads=trial_threads(self.cpus),
-                    generation_workers=self.workers, worker_resources=trial_resources(self.cpus, self.gpus))
+                    spec_sampling={"sampling": dict(s["sampling"])}, config=config.as_dict(),
+                    modules=list(s["modules"]), results_dir=self.results_dir, sweep=s["name"],
+                    sweep_id=self.sweep_id, trial_key=t.key(self.sweep_id), sweep_record=record.row(),
+                    verbose=self.verbose, generation_workers=self.workers,
+                    worker_resources=trial_resources(self.cpus, self.gpus))
 
     def ensure_row(self, row_json: Optional[str]) -> None:
         """Store the trial's row here if the worker wrote it elsewhere (another node without shared storage)."""

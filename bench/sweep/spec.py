@@ -25,9 +25,10 @@ YAML schema (every key optional except `points`; sweeps/tau.yaml is a commented 
     seed: 0
     sampling: {}               # cfg, top_k, top_p, more_smooth: overrides of the model's own settings
     reference: null            # quality reference (null: the model's held-out set)
-    measure: {}                # further measure() options: flop_images, warmup_batches, timing_rounds, metrics, bootstrap,
-                               #   classifier, reference_count, inception_weights, cache_dir, dtype (fp32|bf16|fp16),
-                               #   resolve (% of dense FID) with max_samples: samples grow by looks (bench/resolve.py)
+    measure: {}                # further measurement settings (bench/measure_config.py: MeasureConfig's fields and
+                               #   bounds): flop_images, warmup_batches, timing_rounds, metrics, bootstrap, classifier,
+                               #   reference_count, inception_weights, cache_dir, dtype (fp32|bf16|fp16), resolve
+                               #   (% of dense FID) with max_samples: samples grow by looks (bench/resolve.py)
     modules: []                # extra Python modules that register methods (imported by driver and trials)
     points:                    # named entries; each expands to the product of its grid axes
       NAME:
@@ -69,29 +70,27 @@ import os
 from typing import Any, Dict, List, Sequence, Tuple
 
 from bench.errors import BenchError
+from bench.measure_config import SETTINGS, MeasureConfig, check_setting, setting_kind, sweep_settings
 
-TOP_DEFAULTS: Dict[str, Any] = dict(description="", figure="", models=["default"], device="cpu", samples=1000,
-                                    batch_size=50, seed=0, sampling={}, reference=None, measure={}, modules=[],
+# the measurement settings a sweep sets (bench/measure_config.py declares their types, defaults, bounds and help):
+# samples, batch_size, seed, reference at the top level; the others under `measure:`
+SWEEP_TOP = sweep_settings("top")
+MEASURE_KEYS = {k: setting_kind(k) for k in sweep_settings("measure")}
+TOP_DEFAULTS: Dict[str, Any] = dict(description="", figure="", models=["default"], device="cpu",
+                                    **{k: SETTINGS[k].default for k in SWEEP_TOP}, sampling={}, measure={}, modules=[],
                                     points={}, quick={}, preset=None)
 SAMPLING_KEYS = {"cfg": float, "top_k": int, "top_p": float, "more_smooth": bool}
-# measure() options a sweep may set (bench/measure.py); types for validation of --set values
-MEASURE_KEYS = {"flop_images": int, "warmup_batches": int, "timing_rounds": int, "metrics": list, "bootstrap": int,
-                "classifier": str, "reference_count": int, "inception_weights": str, "cache_dir": str,
-                "dtype": str, "resolve": float, "max_samples": int}
-MEASURE_MINIMA = {"flop_images": 0, "warmup_batches": 0, "timing_rounds": 0, "bootstrap": 0, "reference_count": 1,
-                  "max_samples": 1}
 
 ENTRY_KEYS = ("method", "params", "grid", "twins", "enabled", "models")
 TWIN_KEYS = ("method", "params", "from_parent")
 MODEL_KEYS = ("name", "var_ckpt", "vae_ckpt", "depth", "patch_nums")
 
 
-def measure_maxima() -> Dict[str, int]:
-    """The upper bounds measure() holds its counts to (bench.measure, bench.quality)."""
-    from bench.measure import MAX_BOOTSTRAP, MAX_TIMING_ROUNDS, MAX_WARMUP_BATCHES
-    from bench.quality import MAX_REFERENCE_COUNT
-    return dict(warmup_batches=MAX_WARMUP_BATCHES, timing_rounds=MAX_TIMING_ROUNDS, bootstrap=MAX_BOOTSTRAP,
-                reference_count=MAX_REFERENCE_COUNT)
+def measure_config(spec: dict) -> MeasureConfig:
+    """The MeasureConfig of the spec's trials: its top-level settings and its measure: section, checked together
+    (resolve's plan against samples and batch size)."""
+    values = {**{k: spec[k] for k in SWEEP_TOP}, **{k: v for k, v in spec["measure"].items() if v is not None}}
+    return MeasureConfig.from_values(values, lambda k: k if k in SWEEP_TOP else f"measure.{k}")
 
 
 # ================================================================================================ sweep files
@@ -213,13 +212,8 @@ def normalize(raw: dict, where: str) -> dict:
     spec.update(copy.deepcopy({k: v for k, v in raw.items() if k != "version"}))
     for k in ("description", "figure", "device"):
         spec[k] = _check_type(f"{where}: {k}", spec[k] if spec[k] is not None else "", str)
-    from bench.measure import MAX_SEED
-    for k, low, high in (("samples", 1, None), ("batch_size", 1, None), ("seed", 0, MAX_SEED)):
-        spec[k] = _check_type(f"{where}: {k}", spec[k], int)
-        if spec[k] < low or (high is not None and spec[k] > high):
-            raise BenchError(f"{where}: {k} must be >= {low}" + (f" and <= {high}" if high else "")
-                             + f", got {spec[k]}")
-    spec["reference"] = _check_type(f"{where}: reference", spec["reference"], str, nullable=True)
+    for k in SWEEP_TOP:
+        spec[k] = check_setting(k, spec[k], f"{where}: {k}")
     spec["preset"] = _check_type(f"{where}: preset", spec["preset"], str, nullable=True)
     if isinstance(spec["models"], (str, dict)):
         spec["models"] = [spec["models"]]
@@ -238,20 +232,13 @@ def normalize(raw: dict, where: str) -> dict:
         for k, v in list(spec[sect].items()):
             if k not in keys:
                 raise BenchError(f"{where}: unknown key {sect}.{k}; valid: {', '.join(sect + '.' + x for x in keys)}")
-            if keys[k] is list and isinstance(v, str):
-                v = [x.strip() for x in v.split(",") if x.strip()]
-            spec[sect][k] = _check_type(f"{where}: {sect}.{k}", v, keys[k], nullable=True)
-            if keys[k] is float and spec[sect][k] is not None and not math.isfinite(spec[sect][k]):
-                raise BenchError(f"{where}: {sect}.{k} must be a finite number, got {spec[sect][k]}")
-            if sect == "measure" and k == "dtype" and spec[sect][k] is not None:
-                from bench.precision import normalize_dtype
-                spec[sect][k] = normalize_dtype(spec[sect][k], f"{where}: measure.dtype")
-            low = MEASURE_MINIMA.get(k) if sect == "measure" else None
-            if low is not None and spec[sect][k] is not None and spec[sect][k] < low:
-                raise BenchError(f"{where}: {sect}.{k} must be >= {low}, got {spec[sect][k]}")
-            high = measure_maxima().get(k) if sect == "measure" else None
-            if high is not None and spec[sect][k] is not None and spec[sect][k] > high:
-                raise BenchError(f"{where}: {sect}.{k} must be <= {high}, got {spec[sect][k]}")
+            if sect == "sampling":
+                spec[sect][k] = _check_type(f"{where}: {sect}.{k}", v, keys[k], nullable=True)
+                if keys[k] is float and spec[sect][k] is not None and not math.isfinite(spec[sect][k]):
+                    raise BenchError(f"{where}: {sect}.{k} must be a finite number, got {spec[sect][k]}")
+            elif v is not None:   # null: the setting's default
+                v = check_setting(k, v, f"{where}: measure.{k}")
+                spec[sect][k] = list(v) if isinstance(v, tuple) else v   # the spec stays plain YAML/JSON
     spec["modules"] = [spec["modules"]] if isinstance(spec["modules"], str) else spec["modules"]
     spec["modules"] = _check_type(f"{where}: modules", spec["modules"] or [], list)
     spec["quick"] = _check_type(f"{where}: quick", spec["quick"] or {}, dict)
@@ -303,9 +290,18 @@ def normalize(raw: dict, where: str) -> dict:
     return spec
 
 
+def model_key(m) -> str:
+    """A model entry's key in point ids: its name, or for official weights the checkpoint's file name (+ depth)."""
+    if isinstance(m, str):
+        return m
+    if m.get("name"):
+        return str(m["name"])
+    base = os.path.splitext(os.path.basename(str(m.get("var_ckpt", "official"))))[0]
+    return base + (f"-d{m['depth']}" if m.get("depth") else "")
+
+
 def _entry_models(w: str, models, sweep_models):
     """An entry's `models`: a subset of the sweep's model keys, or None (all of them, whatever --set models= says)."""
-    from bench.sweep.trials import model_key
     keys = [model_key(m) for m in sweep_models]
     if models is None:
         return None
@@ -389,7 +385,7 @@ def apply_override(spec: dict, key: str, value, origin: str) -> None:
     parts = key.split(".")
     if parts[0] in ("models", "modules"):
         value = _as_list(value)
-    elif parts[0] == "measure" and MEASURE_KEYS.get(parts[-1]) is list:
+    elif parts[0] == "measure" and MEASURE_KEYS.get(parts[-1]) is tuple:
         value = _as_list(value)
     elif parts[0] == "points" and len(parts) == 4 and parts[2] == "grid":
         value = _as_list(value)

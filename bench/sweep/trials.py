@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, List
 
 from bench.errors import BenchError
-from bench.sweep.spec import method_params
+from bench.sweep.spec import measure_config, method_params, model_key
 
 
 @dataclass
@@ -36,15 +36,6 @@ def value_text(v) -> str:
 
 def _axes_text(axes: Dict[str, Any]) -> str:
     return ",".join(f"{k}={value_text(v)}" for k, v in axes.items())
-
-
-def model_key(m) -> str:
-    if isinstance(m, str):
-        return m
-    if m.get("name"):
-        return str(m["name"])
-    base = os.path.splitext(os.path.basename(str(m.get("var_ckpt", "official"))))[0]
-    return base + (f"-d{m['depth']}" if m.get("depth") else "")
 
 
 def shared_settings(parent_method: str, twin_method: str) -> List[str]:
@@ -132,6 +123,10 @@ def validate_trials(spec: dict, trials: List[Trial], models: str = "load") -> Di
                     raise BenchError(f"sweep {spec['name']}: point {t.point_id}: from_parent.{p} names column "
                                      f"{col!r}, which rows of {by_id[t.parent].method} do not have; valid "
                                      f"(e.g.): {', '.join(close)} (all: python -m bench results schema)")
+    try:   # the measurement settings that go together (resolve's plan against samples and batch size)
+        measure_config(spec)
+    except BenchError as e:
+        raise BenchError(f"sweep {spec['name']}: {e}") from None
     if not spec["device"].startswith("cuda"):
         check_device(spec["device"])
     elif spec["device"] != "cuda" and not spec["device"][5:].lstrip(":").isdigit():
@@ -179,19 +174,14 @@ def _check_model(spec: dict, m, trials: List[Trial], load: bool) -> dict:
     sampling = sampling_for(spec, bundle)
     from bench.sampling import validate_sampling
     validate_sampling(sampling, bundle.var.V)
-    from bench.measure import QUALITY_METRICS
     from bench.quality import check_reference
-    ms = spec["measure"]
     try:   # what each trial's measure() would refuse, refused here before the manifest and the first trial
         from bench.checkpoints import check_writable_dir
-        from bench.measure import check_resolve, dense_cache_dir
-        check_writable_dir(dense_cache_dir(ms.get("cache_dir")), "cache directory")
-        check_resolve(ms.get("resolve"), ms.get("max_samples"), spec["samples"], spec["batch_size"],
-                      100 if ms.get("bootstrap") is None else ms["bootstrap"],
-                      tuple(ms.get("metrics") or QUALITY_METRICS))
-        check_reference(bundle, spec["samples"], spec["reference"], ms.get("inception_weights"),
-                        tuple(ms.get("metrics") or QUALITY_METRICS), reference_count=ms.get("reference_count"),
-                        classifier=ms.get("classifier"))
+        from bench.dense_cache import dense_cache_dir
+        c = measure_config(spec)
+        check_writable_dir(dense_cache_dir(c.cache_dir), "cache directory")
+        check_reference(bundle, c.samples, c.reference, c.inception_weights, c.metrics,
+                        reference_count=c.reference_count, classifier=c.classifier)
     except BenchError as e:
         raise BenchError(f"sweep {spec['name']}: model {model_key(m)}: {e}") from None
     return dict(model_id=bundle.model_id, source=bundle.source, depth=int(bundle.var.cfg.depth))

@@ -1,5 +1,5 @@
 """Generation workers: Ray actors that generate batches of one trial's samples alongside the trial, so that a large
-trial (50,000 ImageNet samples) uses several GPUs of a cluster. They implement bench.measure.GenerationWorkerPool.
+trial (50,000 ImageNet samples) uses several GPUs of a cluster. They implement bench.generation.GenerationWorkerPool.
 
     workers = GenerationWorkers(job, 3, {"GPU": 1})  # inside a trial: 3 actors in the trial's placement group
     row = measure(bundle, method, ..., workers=workers)
@@ -7,7 +7,7 @@ trial (50,000 ImageNet samples) uses several GPUs of a cluster. They implement b
 
 The trial generates (and times) its batches from the start of the list; each worker builds the trial's model and
 method once and takes batches from the end, at most INFLIGHT at a time. A worker is used only if the key of its
-batches (bench.measure.batch_store_key: model files, method config, a fingerprint of the built weights, sampling,
+batches (bench.dense_cache.batch_store_key: model files, method config, a fingerprint of the built weights, sampling,
 seeds, dtype, device type) equals the trial's, so its batches are exactly the ones the trial would have generated;
 one that fails to start or dies leaves its batches to the trial. Batches travel back through Ray's object store
 (no shared disk needed) and the trial checkpoints them (bench/resume.py) like its own.
@@ -18,7 +18,11 @@ import json
 from collections import Counter, deque
 from typing import Dict, List, Tuple
 
+from bench.dense_cache import batch_store_key
+from bench.generation import batch_seed
 from bench.log import get_logger
+from bench.measure_config import MeasureConfig
+from bench.sweep.process import trial_setup
 
 logger = get_logger(__name__)
 
@@ -32,29 +36,26 @@ def _last_line(e: Exception) -> str:
 
 
 class GenerationActor:
-    """One worker process: the trial's model, method and sampling (bench.sweep.runner.trial_setup, as the trial
+    """One worker process: the trial's model, method and sampling (bench.sweep.process.trial_setup, as the trial
     itself), the net of each role built once."""
 
     def __init__(self, job: dict):
-        from bench.sweep.runner import trial_setup
         self.job = job
+        self.config = MeasureConfig.from_dict(job["config"])
         self.device, self.bundle, self.method, self.sampling = trial_setup(job)
         self.nets: Dict[str, tuple] = {}
 
     def open(self, role: str) -> str:
         """Build what `role` generates with; returns the key text of its batches."""
-        from bench.measure import batch_store_key
-        from bench.precision import normalize_dtype
-        job, bundle = self.job, self.bundle
-        dtype = normalize_dtype(job["measure"].get("dtype"))
+        bundle, c = self.bundle, self.config
         net = bundle.var
         if role == "method":
             net = self.method.build(bundle)
             if hasattr(net, "eval"):
                 net.eval()
-        key = batch_store_key(role, self.method, net, bundle, self.sampling, job["seed"], job["samples"],
-                              job["batch_size"], self.device, dtype)
-        self.nets[role] = (net, bundle, self.sampling, dtype)
+        key = batch_store_key(role, self.method, net, bundle, self.sampling, c.seed, c.samples, c.batch_size,
+                              self.device, c.dtype)
+        self.nets[role] = (net, bundle, self.sampling, c.dtype)
         return json.dumps(key, sort_keys=True, default=str)
 
     def generate(self, role: str, labels, seed: int):
@@ -146,7 +147,6 @@ class Session:
             self.ready.append(actor)
 
     def feed(self, todo: deque, keep: int) -> None:
-        from bench.measure import batch_seed
         self._poll_open()
         for actor in self.ready:
             while self.load[actor] < INFLIGHT and len(todo) > keep:
