@@ -14,6 +14,7 @@ from bench.registry import Method, Param, register_method
 @register_method("standin-budget")
 class StandinBudget(Method):
     kind = "weight"
+    display_name, family = "Stand-in budget (test)", "test"
     description = "test stand-in: dense network, FFN MACs of the last three scales reported x keep"
     params = (Param("keep", float, 1.0, "share of the FFN MACs reported on the last three scales", low=0.0,
                     high=1.0, low_open=True),)
@@ -51,6 +52,7 @@ class _SlowNet(torch.nn.Module):
 @register_method("standin-slow")
 class StandinSlow(Method):
     kind = "weight"
+    display_name, family = "Stand-in slow (test)", "test"
     description = "test stand-in: dense network and outputs, `delay` seconds more per batch"
     params = (Param("delay", float, 0.1, "seconds added to each batch", low=0.0),)
 
