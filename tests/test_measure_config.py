@@ -133,3 +133,39 @@ def test_a_dense_point_without_a_method_point_generates_its_samples(tmp_path, ti
                   metrics=("fid",), bootstrap=0, timing_rounds=0, warmup_batches=0, flop_images=0,
                   cache_dir=str(tmp_path / "cache"), results_dir=str(tmp_path / "r"))
     assert row["resumed_batches"] == 0 and len(calls) == 2 and row["dense_cache"] == "stored"
+
+
+# ------------------------------------------------------------------------------------- the sweep trial's record
+def test_sweep_columns_are_typed_in_the_schema_and_null_outside_a_sweep():
+    from dataclasses import fields
+    from bench.records import SweepRecord
+    from bench.results import NULLABLE, SCHEMA
+    names = [f.name for f in fields(SweepRecord)]
+    assert len(names) == 15 and all(n.startswith(("sweep_", "ray_")) for n in names)
+    assert all(n in SCHEMA and n in NULLABLE for n in names)
+    assert SCHEMA["sweep_quick"][0] == "bool" and SCHEMA["ray_nodes"][0] == "int64"
+    assert set(SweepRecord().row().values()) == {None}
+
+
+def test_a_trial_returns_its_row_as_strict_json(monkeypatch, tmp_path):
+    """A NaN in the row (a method extra) travels to the driver as null: bare NaN is not JSON."""
+    import json
+
+    import bench.measure
+    from bench.sweep import runner
+    seen = {}
+
+    def fake_measure(bundle, method, config, **kw):
+        seen.update(config=config, sweep_trial=kw["sweep_trial"])
+        return dict(run_id="r", method="dense", fid=1.0, method_extra=float("nan"))
+    monkeypatch.setattr(runner, "trial_setup", lambda job: ("cpu", None, "dense", None))
+    monkeypatch.setattr(bench.measure, "measure", fake_measure)
+    job = dict(config=MeasureConfig(samples=4).as_dict(), results_dir=str(tmp_path), sweep="s", sweep_id="s-1",
+               trial_key="s-1/p", sweep_record=dict(sweep_point="p"))
+    out = runner.run_trial(job)
+    assert out["status"] == "ok", out
+
+    def refuse(constant):
+        raise AssertionError(f"bare {constant} in the row JSON")
+    assert json.loads(out["row_json"], parse_constant=refuse)["method_extra"] is None
+    assert seen["config"].samples == 4 and seen["sweep_trial"].sweep_point == "p" and seen["sweep_trial"].ray_node
