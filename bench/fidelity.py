@@ -20,7 +20,9 @@ def same_seed_fidelity(tokens: Sequence[torch.Tensor], ref_tokens: Sequence[torc
                        seed: int = 0, level: float = 0.95) -> dict:
     """How close a method's samples are to dense samples drawn with the same seeds and labels.
 
-    tokens / ref_tokens: per-scale (N, pn²) integer tensors; images / ref_images: float (N,3,H,W) in [0,1].
+    tokens / ref_tokens: per-scale (N, pn²) integer tensors; images / ref_images: float (N,3,H,W) in [0,1], or uint8
+    (read as value/255 one chunk at a time, the same float32 values as converting the whole set first, without
+    holding a float copy of it: 4 bytes a value, 39 GB for 50k images at 256²).
     fidelity_token_agreement: equal tokens / all tokens (scales weighted by their token count);
     fidelity_psnr_db: mean over images of per-image PSNR (peak 1.0); identical images count as PSNR_CAP_DB;
     ssim_to_dense: mean over images of per-image SSIM (torchmetrics' structural_similarity_index_measure, data
@@ -59,6 +61,11 @@ def same_seed_fidelity(tokens: Sequence[torch.Tensor], ref_tokens: Sequence[torc
     return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in out.items()}
 
 
+def _unit(images: torch.Tensor) -> torch.Tensor:
+    """uint8 images as float32 in [0,1] (value/255, where they are); float images as they are."""
+    return images.float().div(255) if images.dtype == torch.uint8 else images
+
+
 def _per_image_fidelity(images: torch.Tensor, ref_images: torch.Tensor) -> Tuple[np.ndarray, Optional[np.ndarray]]:
     """Per-image PSNR (dB, peak 1.0, capped at PSNR_CAP_DB; float64) and SSIM (None under SSIM_MIN_SIDE px) of
     images against ref_images, chunk by chunk. SSIM runs in float32: its depthwise convolutions take ~10x the time
@@ -74,7 +81,7 @@ def _per_image_fidelity(images: torch.Tensor, ref_images: torch.Tensor) -> Tuple
     per = max(1, FIDELITY_CHUNK_VALUES // max(1, images[0].numel() if n else 1))
     dev = ref_images.device
     for i in range(0, n, per):
-        a, b = images[i:i + per].to(dev), ref_images[i:i + per]
+        a, b = _unit(images[i:i + per]).to(dev), _unit(ref_images[i:i + per])
         mse = (a.double() - b.double()).pow(2).flatten(1).mean(1)
         p = torch.where(mse > 0, -10 * torch.log10(mse.clamp_min(1e-300)), torch.full_like(mse, PSNR_CAP_DB))
         psnr[i:i + per] = p.clamp(max=PSNR_CAP_DB).cpu().numpy()

@@ -174,3 +174,18 @@ def test_large_n_runs_chunk_wise(monkeypatch):
     whole = _fid(images, ref, resamples=10)
     monkeypatch.setattr(F, "FIDELITY_CHUNK_VALUES", 700 * images[0].numel())
     assert _numbers(_fid(images, ref, resamples=10)) == pytest.approx(_numbers(whole), rel=1e-6)
+
+
+def test_uint8_images_give_exactly_the_float_numbers_chunk_by_chunk(monkeypatch):
+    """uint8 images are read as value/255 one chunk at a time: the same numbers, bit for bit, as the float copy of
+    the whole set that callers made before (no float copy of N images is held)."""
+    g = torch.Generator().manual_seed(3)
+    a = torch.randint(0, 256, (9, 3, 16, 16), generator=g, dtype=torch.uint8)
+    b = a.clone()
+    b[:, :, :4] = torch.randint(0, 256, (9, 3, 4, 16), generator=g, dtype=torch.uint8)
+    b[0] = a[0]   # one identical pair: PSNR capped, SSIM exactly 1
+    labels = torch.arange(9) % 3
+    monkeypatch.setattr(F, "FIDELITY_CHUNK_VALUES", 2 * a[0].numel())   # 5 chunks
+    as_float = _fid(a.float().div(255), b.float().div(255), labels=labels, resamples=20)
+    assert _fid(a, b, labels=labels, resamples=20) == as_float
+    assert _fid(a, b.float().div(255), labels=labels, resamples=20) == as_float   # mixed: each side converted

@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from typing import List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -183,15 +183,15 @@ def quality_metrics(images: torch.Tensor, bundle, *, labels: Optional[torch.Tens
     with_acc = _accuracy_applies(extractor, gen[extractor.isc_layer], labels, bundle)
     out["class_accuracy"] = class_accuracy(gen[extractor.isc_layer], labels) if with_acc else None
     if paired_images is not None:
-        out.update(paired_quality(images, feats, gen, to_uint8(paired_images), extractor, metrics, ref_feats, ref_stats,
+        dense_images = to_uint8(paired_images)
+        dense = _dense_features(images, gen, dense_images, extractor, paired_key, cache_dir, batch_size)
+        out.update(paired_quality(images, feats, gen, dense_images, extractor, metrics, ref_feats, ref_stats,
                                   ref_radii, out, labels, bootstrap, seed, paired_key, cache_dir, batch_size,
-                                  interval=interval, level=level, prc=prc))
+                                  interval=interval, level=level, prc=prc, dense=dense))
         if with_acc:
-            d = (gen if torch.equal(to_uint8(paired_images).cpu(), images.cpu()) else
-                 _paired_features(to_uint8(paired_images), extractor, paired_key, cache_dir, batch_size))
             out["class_accuracy_delta"], out["class_accuracy_delta_ci_low"], out["class_accuracy_delta_ci_high"] = \
-                paired_accuracy_bootstrap(gen[extractor.isc_layer], d[extractor.isc_layer], labels, bootstrap, seed,
-                                          level)
+                paired_accuracy_bootstrap(gen[extractor.isc_layer], dense[extractor.isc_layer], labels, bootstrap,
+                                          seed, level)
     out.update(extractor=extractor.tag, reference=ref.desc, reference_count=ref.count, reference_cached=cached,
                reference_split=json.dumps(ref.info["record"]) if ref.info.get("record") else None,
                quality_samples=n, quality_metrics=",".join(metrics),
@@ -206,11 +206,23 @@ def quality_metrics(images: torch.Tensor, bundle, *, labels: Optional[torch.Tens
 
 
 
+def _dense_features(images, gen, dense_images, extractor, key, cache_dir, batch_size) -> Dict[str, torch.Tensor]:
+    """The features of dense's same-seed images, once per call: the method's own (`gen`) when its images are
+    dense's (dense itself, or a method identical to it), else extracted or read from the cache (_paired_features)."""
+    if len(dense_images) != len(images):
+        raise BenchError(f"paired images ({len(dense_images)}) and images ({len(images)}) differ in count")
+    if torch.equal(dense_images.cpu(), images.cpu()):
+        return gen
+    return _paired_features(dense_images, extractor, key, cache_dir, batch_size)
+
+
 def paired_quality(images, feats, gen, dense_images, extractor, metrics, ref_feats, ref_stats, ref_radii, own: dict,
                    labels, bootstrap: int, seed: int, key, cache_dir, batch_size, interval: str = "percentile",
-                   level: float = 0.95, prc: Optional[Tuple[torch.Tensor, torch.Tensor]] = None) -> dict:
+                   level: float = 0.95, prc: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
+                   dense: Optional[Dict[str, torch.Tensor]] = None) -> dict:
     """The quality columns paired with dense on the same seeds (see quality_metrics). prc: the method's own
-    per-sample precision/recall indicators (prc_indicators; recomputed when not given).
+    per-sample precision/recall indicators (prc_indicators; recomputed when not given). dense: the features of
+    dense_images (_dense_features; extracted, or read from the cache, when not given).
 
     Intervals of precision_delta and recall_delta at `level` from `bootstrap` resamples (`seed`), percentile
     bootstrap of a mean of per-sample differences (identical indicators: [delta, delta]; bootstrap 0: none):
@@ -225,12 +237,8 @@ def paired_quality(images, feats, gen, dense_images, extractor, metrics, ref_fea
       full interval of the difference would be; read it as a lower bound on the uncertainty of recall_delta."""
     nan = float("nan")
     n = len(feats)
-    if len(dense_images) != n:
-        raise BenchError(f"paired images ({len(dense_images)}) and images ({n}) differ in count")
-    if torch.equal(dense_images.cpu(), images.cpu()):   # dense itself (or a method identical to it)
-        dense = gen
-    else:
-        dense = _paired_features(dense_images, extractor, key, cache_dir, batch_size)
+    if dense is None:
+        dense = _dense_features(images, gen, dense_images, extractor, key, cache_dir, batch_size)
     out = dict(fid_delta=nan, fid_delta_ci_low=nan, fid_delta_ci_high=nan, fid_delta_pct=nan,
                fid_delta_samples_for_1pct=None, precision_delta=nan, precision_delta_ci_low=nan,
                precision_delta_ci_high=nan, recall_delta=nan, recall_delta_ci_low=nan, recall_delta_ci_high=nan,
