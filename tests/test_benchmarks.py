@@ -91,7 +91,8 @@ def test_raw_vs_harness_on_the_tiny_model(tiny, tmp_path):
 def test_noise_config_refused_in_one_line():
     from bench.benchmarks.noise import MAX_LOAD_PROCS, NoiseConfig, check_config
     for change, message in ((dict(rounds=0), "rounds must be an integer in 1..1000"),
-                            (dict(load_procs=MAX_LOAD_PROCS + 1), f"load_procs must be an integer in 1..{MAX_LOAD_PROCS}"),
+                            (dict(load_procs=MAX_LOAD_PROCS + 1),
+                             f"load_procs must be an integer in 1..{MAX_LOAD_PROCS}"),
                             (dict(samples=2.5), "samples must be an integer >= 1")):
         with pytest.raises(BenchError, match=message.replace(".", r"\.")):
             check_config(NoiseConfig(**change))

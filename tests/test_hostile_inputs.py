@@ -146,7 +146,7 @@ def test_an_output_path_where_no_file_can_be_created_is_refused_before_any_work(
 def test_sweep_on_a_full_results_disk_stops_in_one_line_before_any_trial(tmp_path, capsys, monkeypatch):
     """The manifest write (the sweep's first) ended in an OSError traceback."""
     import bench.atomic
-    import bench.sweep as S
+    import bench.sweep.session as S
     monkeypatch.setattr(S, "connect_ray", lambda address, verbose: dict(
         version="test", address="local", nodes=1, num_cpus=2.0, start_s=0.0, max_node_cpus=2.0, max_node_gpus=0.0))
 

@@ -1,8 +1,6 @@
 """`python -m bench sweep NAME`: run a sweep (sweeps/NAME.yaml) as a Ray Tune grid, one results row per trial."""
 from __future__ import annotations
 
-import time
-
 from bench.errors import BenchError
 from bench.tracking import add_track_args
 
@@ -62,17 +60,11 @@ def register(sub):
 
 
 def print_list():
-    from bench.sweep import list_sweeps, read_yaml, sweep_path
-    names = list_sweeps()
-    width = max(len(n) for n in names) if names else 0
-    for n in names:
-        try:
-            d = read_yaml(sweep_path(n))
-            desc = d.get("description", "") or ""
-            fig = d.get("figure", "") or ""
-        except BenchError as e:
-            desc, fig = f"(unreadable: {e})", ""
-        print(f"{n:<{width}}  {desc}" + (f"  [{fig}]" if fig else ""))
+    from bench.sweep.session import sweep_descriptions
+    sweeps = sweep_descriptions()
+    width = max((len(name) for name, _, _ in sweeps), default=0)
+    for name, desc, fig in sweeps:
+        print(f"{name:<{width}}  {desc}" + (f"  [{fig}]" if fig else ""))
     return 0
 
 
@@ -105,84 +97,49 @@ def resume_command(a) -> str:
 
 def run(a):
     from bench import sweep as S
-    from bench.results import check_results_dir
+    from bench.sweep.session import SweepOptions, check_options, plan_sweep, run_sweep
+    from bench.tracking import tracker_from_args
     if a.list:
         return print_list()
     if not a.name:
         raise BenchError(f"give a sweep name; valid: {', '.join(S.list_sweeps())} (or a .yaml path)")
-    if a.concurrent < 1:
-        raise BenchError(f"--concurrent must be >= 1, got {a.concurrent}")
-    if a.generation_workers < 1:
-        raise BenchError(f"--generation-workers must be >= 1, got {a.generation_workers}")
-    if a.generation_min_samples is not None and a.generation_min_samples < 1:
-        raise BenchError(f"--generation-min-samples must be >= 1, got {a.generation_min_samples}")
-    if not 0 < a.status_every < float("inf"):        # NaN fails too
-        raise BenchError(f"--status-every must be a finite number of seconds > 0, got {a.status_every:g}")
-    for flag, v in (("--cpus-per-trial", a.cpus_per_trial), ("--gpus-per-trial", a.gpus_per_trial)):
-        if v is not None and not 0 <= v < float("inf"):
-            raise BenchError(f"{flag} must be a finite number >= 0, got {v:g}")
-    from bench.tracking import tracker_from_args
-    tracker = tracker_from_args(a)
+    options = SweepOptions(address=a.address, cpus_per_trial=a.cpus_per_trial, gpus_per_trial=a.gpus_per_trial,
+                           concurrent=a.concurrent, generation_workers=a.generation_workers,
+                           generation_min_samples=a.generation_min_samples, status_every=a.status_every,
+                           verbose=getattr(a, "verbose", 0) > 0)   # -v: each trial's log and Ray worker output
+    check_options(options)
+    options.tracker = tracker_from_args(a)
     sets = list(a.set)
-    if a.model:
-        sets.append(f"models={a.model}")
-    if a.device:
-        sets.append(f"device={a.device}")
-    if a.resolve is not None:
-        sets.append(f"measure.resolve={a.resolve}")
-    if a.max_samples is not None:
-        sets.append(f"measure.max_samples={a.max_samples}")
-    spec = S.load_spec(a.name, quick=a.quick, sets=sets)
-    S.absolutize_paths(spec)
-    check_results_dir(a.results)
-    address = S.check_address(a.address) if a.address is not None else None
-    invocation = S.resolve_invocation(spec, a.results, a.resume, quick=a.quick, sets=sets)
-    if invocation.note:
-        print(invocation.note)
-    spec, trials, sweep_id, resumed = invocation.spec, invocation.trials, invocation.sweep_id, invocation.resumed
-    models = S.validate_invocation(invocation)
-    pending = S.plan(spec, trials, sweep_id, a.results)
-    quick = " (quick form)" if spec.get("quick_applied") else ""
-    print(f"sweep {spec['name']}{quick}: {sweep_id}{' (resumed)' if resumed else ''}: {len(trials)} trials, "
-          f"{len(pending)} to run; models {', '.join(models)}; {spec['samples']} samples, batch {spec['batch_size']}, "
-          f"seed {spec['seed']}, {spec['device']}; store {a.results}")
+    for key, value in (("models", a.model), ("device", a.device), ("measure.resolve", a.resolve),
+                       ("measure.max_samples", a.max_samples)):
+        if value is not None:
+            sets.append(f"{key}={value}")
+    p = plan_sweep(a.name, a.results, sets, quick=a.quick, resume=a.resume, address=a.address)
+    if p.invocation.note:
+        print(p.invocation.note)
+    spec = p.spec
+    print(f"sweep {spec['name']}{' (quick form)' if spec.get('quick_applied') else ''}: {p.sweep_id}"
+          f"{' (resumed)' if p.invocation.resumed else ''}: {len(p.trials)} trials, {len(p.pending)} to run; models "
+          f"{', '.join(p.models)}; {spec['samples']} samples, batch {spec['batch_size']}, seed {spec['seed']}, "
+          f"{spec['device']}; store {a.results}")
     if a.dry_run:
-        for t in trials:
-            state = "to run" if t in pending else "has a row"
+        for t in p.trials:
             extra = f"  params from {t.parent}: {t.from_parent}" if t.parent else ""
-            print(f"  {t.key(sweep_id)}  [{state}]  {t.method} {S.value_text(t.params)}{extra}")
+            print(f"  {t.key(p.sweep_id)}  [{'to run' if t in p.pending else 'has a row'}]  {t.method} "
+                  f"{S.value_text(t.params)}{extra}")
         return 0
-    if not pending:
-        print(f"sweep {sweep_id} is complete ({len(trials)}/{len(trials)} rows); nothing to do")
+    if not p.pending:
+        print(f"sweep {p.sweep_id} is complete ({len(p.trials)}/{len(p.trials)} rows); nothing to do")
         return 0
-
-    t0 = time.time()
-    verbose = getattr(a, "verbose", 0) > 0     # -v: each trial's measurement log and Ray worker output
-    info = S.connect_ray(address, verbose)
-    try:
-        workers = S.generation_worker_count(a.generation_workers, spec["samples"],
-                                            a.generation_min_samples or S.GENERATION_MIN_SAMPLES)
-        cpus, gpus = S.resources(info, spec["device"], a.cpus_per_trial, a.gpus_per_trial, workers)
-        print(f"ray {info['version']} {info['address']}: {info['nodes']} node(s), {info['num_cpus']:g} CPUs "
-              f"(started in {info['start_s']:.1f} s); {cpus:g} CPU(s){f', {gpus:g} GPU(s)' if gpus else ''} per "
-              f"trial ({S.trial_threads(cpus)} torch thread(s) each: one per CPU), {a.concurrent} at a time"
-              + (f"; {workers} generation workers per trial" if workers > 1 else ""))
-        S.ensure_manifest(a.results, invocation, models)
-        runner = S.SweepRunner(spec, trials, sweep_id, a.results, info, cpus, gpus, a.concurrent, verbose,
-                               status_every_s=a.status_every, generation_workers=workers, tracker=tracker)
-        ran, bad = runner.run()
-    finally:
-        import ray
-        ray.shutdown()
-    rows = S.stored_rows(a.results, sweep_id)
-    have = sum(1 for t in trials if t.key(sweep_id) in rows)
-    print(f"sweep {sweep_id}: {have}/{len(trials)} trials have rows ({ran} reported now, {bad} failed or skipped) in "
-          f"{time.time() - t0:.0f} s; report: python -m bench report --sweep {spec['name']} --results {a.results}")
-    for pid, why in list(runner.failed.items()) + list(runner.skipped.items()):
+    out = run_sweep(p, options, say=print)
+    print(f"sweep {p.sweep_id}: {out.have}/{out.total} trials have rows ({out.ran} reported now, {out.bad} failed or "
+          f"skipped) in {out.elapsed_s:.0f} s; report: python -m bench report --sweep {spec['name']} --results "
+          f"{a.results}")
+    for pid, why in list(out.failed.items()) + list(out.skipped.items()):
         print(f"  not done: {pid}: {why}")
-    if have < len(trials):
-        if runner.interrupted:
+    if not out.complete:
+        if out.interrupted:
             print("  interrupted: the remaining trials were not started")
         print(f"  rerun the missing trials with: {resume_command(a)}")
-        return 130 if runner.interrupted else 1
+        return 130 if out.interrupted else 1
     return 0
