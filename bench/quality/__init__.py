@@ -35,11 +35,3 @@ __all__ = [
     "samples_for_halfwidth", "single_threaded",
 ]
 
-
-def __getattr__(name):
-    # TEMPORARY: same_seed_fidelity moved to bench.fidelity; bench/measure.py still imports it from here until it is
-    # switched. Resolved lazily because bench.fidelity imports bench.quality.statistics (an eager import would cycle).
-    if name == "same_seed_fidelity":
-        from bench.fidelity import same_seed_fidelity
-        return same_seed_fidelity
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
