@@ -131,5 +131,5 @@ def quality_certificate(bundle, *, samples: int = 1000, seed: int = 0, batch_siz
                 reference_count=check["reference_count"],
                 reference_split=json.loads(rows["dense"].get("reference_split") or "null"),
                 extractor=check["extractor"], rows=rows, **environment(str(bundle.device)),
-                env_device=str(bundle.device),                started_at=started, finished_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                env_device=str(bundle.device), started_at=started, finished_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                 wall_s=round(time.time() - t0, 3))

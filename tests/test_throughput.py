@@ -1,6 +1,6 @@
-"""bench-throughput (bench/benchmarks/throughput.py): the report's keys and types end to end on the tiny model, the --json
-checks before any work, and the fast paths that fail or compile too long recorded as unavailable (no timings are
-asserted)."""
+"""bench-throughput (bench/benchmarks/throughput.py): the report's keys and types end to end on the tiny model, the
+--json checks before any work, and the fast paths that fail or compile too long recorded as unavailable (no timings
+are asserted)."""
 import json
 import math
 import os
