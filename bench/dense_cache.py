@@ -89,8 +89,9 @@ def batch_store_key(role: str, method, net, bundle, sampling, seed: int, samples
                     dtype: Optional[str] = None) -> dict:
     """The key of a generation pass's batch checkpoints (bench.resume.BatchStore): role "method" (the method's N
     samples, generation_key) or "dense" (the dense reference). Generation workers compute it from their own build."""
-    key = (dict(dense_cache_key(bundle, sampling, seed, samples, batch_size, device, dtype), purpose="dense reference")
-           if role == "dense" else generation_key(method, net, bundle, sampling, seed, samples, batch_size, device, dtype))
+    args = (bundle, sampling, seed, samples, batch_size, device, dtype)
+    key = (dict(dense_cache_key(*args), purpose="dense reference") if role == "dense"
+           else generation_key(method, net, *args))
     # batch b's outputs do not depend on N (SEED_SCHEME): a run with more samples, or --resolve's next look, reads
     # back the batches an earlier one made
     del key["samples"]
@@ -114,6 +115,21 @@ def load_dense_outputs(path: str):
         return None  # a damaged entry is regenerated, never trusted
     from bench.resume import checked_outputs
     return checked_outputs(t)   # None for a damaged or foreign entry: regenerated
+
+
+def load_dense_rows(path: str, start: int, stop: int):
+    """Rows start..stop-1 of a dense-cache entry (tokens per scale, images), read without loading the rest; None if
+    the entry is missing, damaged, or shorter."""
+    from safetensors import SafetensorError, safe_open
+    from bench.resume import checked_outputs
+    if not os.path.isfile(path):
+        return None
+    try:
+        with safe_open(path, "pt") as f:
+            t = {k: f.get_slice(k)[start:stop] for k in f.keys()}
+    except (SafetensorError, OSError, ValueError, RuntimeError):
+        return None
+    return checked_outputs(t, stop - start)
 
 
 def store_dense_outputs(path: str, key: dict, tokens: List[torch.Tensor], images: torch.Tensor) -> None:
@@ -142,17 +158,17 @@ def generation_store(role: str, method, net, bundle, sampling, config):
                                                bundle.device, c.dtype), c.cache_dir)
     if role != "dense":
         return store
-    key = dense_cache_key(bundle, sampling, c.seed, c.samples, c.batch_size, bundle.device, c.dtype)
-    cached = load_dense_outputs(dense_cache_path(key, c.cache_dir))
-    return store if cached is None else CacheFirstStore(store, cached, c.batch_size)
+    path = dense_cache_path(dense_cache_key(bundle, sampling, c.seed, c.samples, c.batch_size, bundle.device, c.dtype),
+                            c.cache_dir)
+    return CacheFirstStore(store, path, c.batch_size) if os.path.isfile(path) else store
 
 
 class CacheFirstStore:
-    """A BatchStore whose batches are read from a dense-cache entry (tokens per scale, images) before its own files;
-    what is generated is saved to, and cleared from, the store as before."""
+    """A BatchStore whose batches are read from a dense-cache entry (one batch's rows at a time) before its own
+    files; what is generated is saved to, and cleared from, the store as before."""
 
-    def __init__(self, store, outputs, batch_size: int):
-        self.store, (self.tokens, self.images), self.batch_size = store, outputs, batch_size
+    def __init__(self, store, path: str, batch_size: int):
+        self.store, self.cache_path, self.batch_size = store, path, batch_size
         self.path, self.key_text = store.path, store.key_text
         self.from_cache = 0
 
@@ -161,11 +177,11 @@ class CacheFirstStore:
         return self.store.resumed + self.from_cache
 
     def load(self, b: int, size: int):
-        s = b * self.batch_size
-        if s + size > len(self.images):
+        got = load_dense_rows(self.cache_path, b * self.batch_size, b * self.batch_size + size)
+        if got is None:
             return self.store.load(b, size)
         self.from_cache += 1
-        return [t[s:s + size] for t in self.tokens], self.images[s:s + size]
+        return got
 
     def save(self, b: int, tokens, images) -> None:
         self.store.save(b, tokens, images)

@@ -19,16 +19,16 @@ class Killed(BaseException):
     """Stands for a kill: not an Exception, so nothing in the harness catches it."""
 
 
-def kill_after(monkeypatch, measure_module, n: int):
-    """Generation dies (Killed) when its (n+1)-th batch starts; returns the real batch function."""
-    real, calls = measure_module.timed_batch, {"n": 0}
+def kill_after(monkeypatch, generation_module, n: int):
+    """Generation (bench.generation) dies (Killed) when its (n+1)-th batch starts; returns the real batch function."""
+    real, calls = generation_module.timed_batch, {"n": 0}
 
     def dying(*a, **k):
         calls["n"] += 1
         if calls["n"] > n:
             raise Killed()
         return real(*a, **k)
-    monkeypatch.setattr(measure_module, "timed_batch", dying)
+    monkeypatch.setattr(generation_module, "timed_batch", dying)
     return real
 
 
@@ -42,6 +42,7 @@ def _dense_outputs(cache):
 def test_killed_generation_resumes_and_gives_the_uninterrupted_row(tmp_path, monkeypatch, tiny, classifier):
     """Kill a 6-batch run after 4 batches; the same call again reuses those 4 batches and generates 2: its samples
     (tokens, images), quality and fidelity equal an uninterrupted run's, and the row says 4 batches were resumed."""
+    from bench import generation as G
     from bench import measure as M
     from bench.registry import create_method
     from bench.resume import batches_root
@@ -51,7 +52,7 @@ def test_killed_generation_resumes_and_gives_the_uninterrupted_row(tmp_path, mon
                       cache_dir=str(tmp_path / "cache1"), **kw)
     assert whole["resumed_batches"] == 0
 
-    real = kill_after(monkeypatch, M, 4)
+    real = kill_after(monkeypatch, G, 4)
     cache2 = str(tmp_path / "cache2")
     with pytest.raises(Killed):
         M.measure(tiny, create_method("dense"), results_dir=str(tmp_path / "res2"), cache_dir=cache2, **kw)
@@ -59,7 +60,7 @@ def test_killed_generation_resumes_and_gives_the_uninterrupted_row(tmp_path, mon
     assert len([f for f in os.listdir(os.path.join(batches_root(cache2), key_dir)) if f.startswith("batch-")]) == 4
     assert not os.path.isdir(os.path.join(tmp_path, "res2", "rows")) or not os.listdir(tmp_path / "res2" / "rows")
 
-    monkeypatch.setattr(M, "timed_batch", real)
+    monkeypatch.setattr(G, "timed_batch", real)
     again = M.measure(tiny, create_method("dense"), results_dir=str(tmp_path / "res2"), cache_dir=cache2, **kw)
     assert again["resumed_batches"] == 4
     # timing covers only the 2 batches generated now (the first of them is the warm-up)
@@ -76,6 +77,7 @@ def test_kill_during_the_dense_reference_resumes_both_generations(tmp_path, monk
     """A method run killed while generating its dense reference: the re-run reads back all of the method's batches
     (timing then repeats a batch, outputs discarded) and the dense reference's finished ones; the row equals an
     uninterrupted run's."""
+    from bench import generation as G
     from bench import measure as M
     from bench.registry import create_method
     from bench.resume import batches_root
@@ -83,13 +85,13 @@ def test_kill_during_the_dense_reference_resumes_both_generations(tmp_path, monk
               bootstrap=20, timing_rounds=0, flop_images=0)
     whole = M.measure(tiny, create_method("cfg-skip"), results_dir=str(tmp_path / "res1"),
                       cache_dir=str(tmp_path / "cache1"), **kw)
-    real = kill_after(monkeypatch, M, 6 + 2)   # the method's 6 batches, then 2 of the dense reference's
+    real = kill_after(monkeypatch, G, 6 + 2)   # the method's 6 batches, then 2 of the dense reference's
     cache2 = str(tmp_path / "cache2")
     with pytest.raises(Killed):
         M.measure(tiny, create_method("cfg-skip"), results_dir=str(tmp_path / "res2"), cache_dir=cache2, **kw)
     assert sorted(len(os.listdir(os.path.join(batches_root(cache2), d))) for d in os.listdir(batches_root(cache2))) \
         == [2, 6]
-    monkeypatch.setattr(M, "timed_batch", real)
+    monkeypatch.setattr(G, "timed_batch", real)
     again = M.measure(tiny, create_method("cfg-skip"), results_dir=str(tmp_path / "res2"), cache_dir=cache2, **kw)
     assert again["resumed_batches"] == 6 and again["timing_extra_batches"] == 2 and again["dense_cache"] == "generated"
     for col in ("fid", "fid_ci_low", "fid_ci_high", "fid_delta", "fidelity_token_agreement", "fidelity_psnr_db"):

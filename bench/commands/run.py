@@ -93,6 +93,8 @@ def run(a):
 def _apply_preset(a):
     """Fill the flags a preset sets and the user did not give (their own flags win); None without --preset."""
     if a.preset is None:
+        if a.samples is None:
+            a.samples = SETTINGS["samples"].default
         return None
     from bench.presets import resolve_preset
     p = resolve_preset(a.preset, a.reference, a.inception_weights)
