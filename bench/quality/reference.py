@@ -20,6 +20,7 @@ from bench.artifacts import cache_root
 from bench.atomic import atomic_path
 from bench.data import (SHAPES_CLASSES, SPLIT_SEEDS, check_held_out_folder, folder_classes, folder_data, load_split,
                         shapes_images, stratified_pick)
+from bench.defaults import MAX_REFERENCE_COUNT
 from bench.errors import BenchError
 from bench.log import get_logger
 from bench.quality.extractors import Extractor
@@ -28,7 +29,6 @@ from bench.quality.statistics import PRC_NEIGHBORHOOD, fid_statistics, knn_radii
 logger = get_logger(__name__)
 
 DEFAULT_REFERENCE_COUNT = 5000             # held-out shapes images (render ~3 ms each once, then cached)
-MAX_REFERENCE_COUNT = 1_000_000            # more reference images than any FID protocol uses (ImageNet: 50k)
 CACHE_VERSION = 1                          # bump when the extraction or the cached content changes
 IMAGE_EXTS = "png,jpg,jpeg,bmp,webp"
 
