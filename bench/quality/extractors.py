@@ -16,6 +16,7 @@ from typing import Dict, List, Optional
 import torch
 
 from bench.checkpoints import check_compatible, file_sha256, read_state_dict
+from bench.defaults import QUALITY_METRICS as METRICS
 from bench.errors import BenchError
 from bench.log import get_logger, progress
 from bench.models.classifier import ShapesClassifier
@@ -25,7 +26,6 @@ logger = get_logger(__name__)
 
 EXTRACTOR_NAME = "var-bench-classifier"    # our classifier, as registered with torch-fidelity
 INCEPTION_NAME = "inception-v3-compat"     # torch-fidelity's TF-compatible Inception-v3
-METRICS = ("fid", "isc", "prc", "kid")
 
 
 def infer_classifier_config(sd: Dict[str, torch.Tensor]) -> dict:
