@@ -11,7 +11,8 @@ from bench.errors import BenchError
 def _spec(tmp_path, token_rate):
     from bench.sweep import load_spec
     f = tmp_path / "pts.yaml"
-    f.write_text(f"models: [tiny]\nsamples: 4\nbatch_size: 2\npoints:\n  dense: {{method: dense}}\n"
+    f.write_text(f"models: [tiny]\nsamples: 4\nbatch_size: 2\nmeasure: {{metrics: [fid]}}\npoints:\n"
+                 f"  dense: {{method: dense}}\n"
                  f"  pruning: {{method: fixed-tokens, params: {{token_rate: {token_rate}}}}}\n")
     return load_spec(str(f))
 
@@ -70,4 +71,27 @@ def test_rerun_refusals_write_nothing(tmp_path):
     before = sorted(os.listdir(os.path.join(res, "rows"))), sorted(os.listdir(os.path.join(res, "sweeps")))
     with pytest.raises(BenchError, match="no point 'nope' in the sweep file pts; valid: dense, pruning"):
         resolve_invocation(_spec(tmp_path, 0.5), res, resume=True, rerun=["nope"])
+    assert (sorted(os.listdir(os.path.join(res, "rows"))), sorted(os.listdir(os.path.join(res, "sweeps")))) == before
+
+
+def test_rerun_cli_dry_run_lists_the_point_and_writes_nothing(tmp_path, capsys):
+    from bench.cli import main
+    from bench.sweep.store import ensure_manifest, resolve_invocation
+    res = str(tmp_path / "res")
+    first = resolve_invocation(_spec(tmp_path, 0.7), res, resume=False)
+    ensure_manifest(res, first, {})
+    _store_rows(res, first)
+    before = sorted(os.listdir(os.path.join(res, "rows"))), sorted(os.listdir(os.path.join(res, "sweeps")))
+    _spec(tmp_path, 0.5)
+    f = str(tmp_path / "pts.yaml")
+    for args, code in (([f, "--rerun", "pruning", "--results", res], 2),
+                       ([f, "--resume", "--rerun", "nope", "--results", res], 2),
+                       ([f, "--resume", "--rerun", "pruning", "--results", res, "--dry-run"], 0)):
+        with pytest.raises(SystemExit) as e:
+            main(["sweep", *args])
+        out, err = capsys.readouterr()
+        assert e.value.code == code, (args, out, err)
+        if code == 2:
+            assert len(err.strip().splitlines()) == 1 and "--rerun" in err
+    assert "pruning  [to run]  fixed-tokens" in out and "dense  [has a row]" in out
     assert (sorted(os.listdir(os.path.join(res, "rows"))), sorted(os.listdir(os.path.join(res, "sweeps")))) == before

@@ -32,6 +32,9 @@ def register(sub):
     p.add_argument("--resume", action="store_true",
                    help="continue the latest sweep of this name in the store (same sweep_id): run only the trials "
                         "without a row; starts a new sweep if there is none")
+    p.add_argument("--rerun", default="", metavar="POINT[,POINT]",
+                   help="with --resume: run these points again as the sweep file defines them now (twins too); their "
+                        "earlier rows are kept under <results>/rows/superseded/")
     p.add_argument("--dry-run", action="store_true", help="validate and print the trials; run and write nothing")
     g = p.add_argument_group("Ray")
     g.add_argument("--address", default=None,
@@ -114,7 +117,8 @@ def run(a):
                        ("measure.max_samples", a.max_samples)):
         if value is not None:
             sets.append(f"{key}={value}")
-    p = plan_sweep(a.name, a.results, sets, quick=a.quick, resume=a.resume, address=a.address)
+    p = plan_sweep(a.name, a.results, sets, quick=a.quick, resume=a.resume, address=a.address,
+                  rerun=[e for e in a.rerun.split(",") if e])
     if p.invocation.note:
         print(p.invocation.note)
     spec = p.spec

@@ -103,7 +103,8 @@ def plan_sweep(name: str, results: str, sets: Sequence[str] = (), quick: bool = 
     invocation = resolve_invocation(spec, results, resume, quick=quick, sets=list(sets), rerun=list(rerun))
     models = validate_invocation(invocation)
     return SweepPlan(invocation=invocation, models=models, results=results,
-                     pending=plan(invocation.spec, invocation.trials, invocation.sweep_id, results))
+                     pending=plan(invocation.spec, invocation.trials, invocation.sweep_id, results,
+                                  invocation.rerun_keys))
 
 
 @dataclass
