@@ -297,8 +297,9 @@ def dense_reference(method, bundle, labels, seed: int, sampling, batch_size: int
             store.clear()    # the dense cache holds them now
         status = "generated"
     logger.info(f"dense reference: {'reused cached outputs' if status == 'reused' else 'stored in the cache'} ({path})")
-    f = same_seed_fidelity(gen.tokens, ref[0], gen.images.float().div(255), ref[1].float().div(255), labels=labels,
-                           resamples=bootstrap, seed=seed, level=level)
+    # uint8 as they are: same_seed_fidelity converts them chunk by chunk (no float copy of either set)
+    f = same_seed_fidelity(gen.tokens, ref[0], gen.images, ref[1], labels=labels, resamples=bootstrap, seed=seed,
+                           level=level)
     return ref[1], FidelityRecord(dense_cache=status, **f), path
 
 
