@@ -78,6 +78,7 @@ def test_raw_vs_harness_on_the_tiny_model(tiny, tmp_path):
     r = run_harness(tiny, samples=10, batch_size=5, flop_images=0, results_dir=str(tmp_path / "res"),
                     cache_dir=str(tmp_path / "cache"), reference_count=20, say=lines.append)
     assert r["harness_over_raw"] == pytest.approx(r["harness_s"] / r["raw_s"])
+    assert 0 < r["harness_cpu_s"] and math.isfinite(r["harness_over_raw_cpu"]) and r["harness_over_raw_cpu"] > 0
     assert r["raw_s"] == pytest.approx((r["raw_s_before"] + r["raw_s_after"]) / 2) and r["raw_s_before"] > 0
     assert r["harness_s"] > 0 and r["one_time_imports_s"] >= 0 and r["timing_rounds"] == 0
     assert {"generate", "quality"} <= set(r["phase_s"]) and r["reference_cached"] is False   # a cold cache

@@ -53,6 +53,7 @@ def test_end_to_end_tiny_json(tmp_path):
         if typ is float:
             assert math.isfinite(rep[k]), (k, rep[k])
     assert rep["harness_over_raw"] > 0 and rep["fast_over_reference"] >= 1.0
+    assert rep["harness_over_raw_cpu"] > 0 and rep["harness_cpu_s"] > 0 and all(c > 0 for c in rep["raw_cpu_s"])
     for k in ("fid_reference_ci", "fid_fast_ci"):
         lo, hi = rep[k]
         assert isinstance(lo, float) and isinstance(hi, float) and lo <= hi

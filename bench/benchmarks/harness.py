@@ -75,11 +75,17 @@ def raw_generation_s(bundle, labels, seed: int, sampling, batch_size: int) -> fl
 
 @dataclass
 class RawVsHarness:
-    """Raw generation timed before and after one harness measurement of dense, on the same samples."""
+    """Raw generation timed before and after one harness measurement of dense, on the same samples: wall seconds,
+    and the process's CPU seconds (all its threads), which other processes on a busy machine barely move — the
+    wall ratio of two runs minutes apart does not survive a load that changes between them (measured: raw 234 s
+    before, 525 s after, as other work started)."""
     raw_s_before: float
     raw_s_after: float
     harness_s: float
     row: Dict[str, Any]          # the harness's results row
+    raw_cpu_s_before: float = float("nan")
+    raw_cpu_s_after: float = float("nan")
+    harness_cpu_s: float = float("nan")
 
     @property
     def raw_s(self) -> float:
@@ -88,6 +94,10 @@ class RawVsHarness:
     @property
     def harness_over_raw(self) -> float:
         return self.harness_s / self.raw_s
+
+    @property
+    def harness_over_raw_cpu(self) -> float:
+        return self.harness_cpu_s / ((self.raw_cpu_s_before + self.raw_cpu_s_after) / 2)
 
 
 def time_raw_vs_harness(bundle, *, samples: int, seed: int = 0, sampling=None,
@@ -107,30 +117,35 @@ def time_raw_vs_harness(bundle, *, samples: int, seed: int = 0, sampling=None,
         raw_generation_s(bundle, labels[:min(batch_size, samples)], seed, sampling, batch_size)
     results = results_dir or tempfile.mkdtemp(prefix="varbench-harness-results-")
     try:
+        c = time.process_time()
         with generation_dtype(dtype):
             raw1 = raw_generation_s(bundle, labels, seed, sampling, batch_size)
-        say(f"  raw generation (before): {raw1:.3f} s")
+        cpu1 = time.process_time() - c
+        say(f"  raw generation (before): {raw1:.3f} s ({cpu1:.3f} CPU s)")
         prof = None
         if profile:
             import cProfile
             prof = cProfile.Profile()
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         with (prof if prof is not None else contextlib.nullcontext()):
             row = measure(bundle, create_method("dense"), samples=samples, seed=seed, sampling=sampling,
                           batch_size=batch_size, results_dir=results, dtype=dtype, **measure_kwargs)
-        harness = time.perf_counter() - t
+        harness, harness_cpu = time.perf_counter() - t, time.process_time() - c
         if prof is not None:
             from bench.atomic import atomic_path
             with atomic_path(profile) as tmp:
                 prof.dump_stats(tmp)
-        say(f"  harness (measure dense): {harness:.3f} s")
+        say(f"  harness (measure dense): {harness:.3f} s ({harness_cpu:.3f} CPU s)")
+        c = time.process_time()
         with generation_dtype(dtype):
             raw2 = raw_generation_s(bundle, labels, seed, sampling, batch_size)
-        say(f"  raw generation (after): {raw2:.3f} s")
+        cpu2 = time.process_time() - c
+        say(f"  raw generation (after): {raw2:.3f} s ({cpu2:.3f} CPU s)")
     finally:
         if results_dir is None:
             shutil.rmtree(results, ignore_errors=True)
-    return RawVsHarness(raw_s_before=raw1, raw_s_after=raw2, harness_s=harness, row=row)
+    return RawVsHarness(raw_s_before=raw1, raw_s_after=raw2, harness_s=harness, row=row, raw_cpu_s_before=cpu1,
+                        raw_cpu_s_after=cpu2, harness_cpu_s=harness_cpu)
 
 
 def run_harness(bundle, *, samples: int, seed: int = 0, sampling=None, batch_size: int = DEFAULT_BATCH_SIZE,
@@ -148,7 +163,8 @@ def run_harness(bundle, *, samples: int, seed: int = 0, sampling=None, batch_siz
                             dtype=dtype, results_dir=results_dir, say=say, flop_images=flop_images,
                             cache_dir=cache_dir, classifier=classifier, reference_count=reference_count,
                             timing_rounds=timing_rounds)
-    return dict(harness_over_raw=t.harness_over_raw, harness_s=t.harness_s, raw_s=t.raw_s,
+    return dict(harness_over_raw=t.harness_over_raw, harness_over_raw_cpu=t.harness_over_raw_cpu,
+                harness_cpu_s=t.harness_cpu_s, harness_s=t.harness_s, raw_s=t.raw_s,
                 raw_s_before=t.raw_s_before, raw_s_after=t.raw_s_after, one_time_imports_s=imports,
                 phase_s=json.loads(t.row["phase_s"]), reference_cached=bool(t.row["reference_cached"]),
                 dense_cache=t.row["dense_cache"], samples=samples, batch_size=batch_size, seed=seed, dtype=dtype,
