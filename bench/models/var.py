@@ -180,14 +180,15 @@ class VAR(nn.Module):
         """Logits (B, pn², V) of scale si. x_in: None at si=0, else the (B', pn², Cvae) map from the VQ-VAE,
         with B' = B, or B/2 under CFG (embedded once, then repeated, as released)."""
         cond_BD = self.class_emb(label_B)
-        lvl_pos = self.lvl_pos()
         bg, ed = self.begin_ends[si]
+        # level + position embedding of this scale's rows only (the whole L-row table was rebuilt at every scale)
+        lvl_pos = self.lvl_embed.weight[si] + self.pos_1LC[:, bg:ed]
         if si == 0:
             B = label_B.shape[0]
             x = cond_BD.unsqueeze(1).expand(B, self.first_l, -1) + self.pos_start.expand(B, self.first_l, -1) \
-                + lvl_pos[:, :self.first_l]
+                + lvl_pos
         else:
-            x = self.word_embed(x_in) + lvl_pos[:, bg:ed]
+            x = self.word_embed(x_in) + lvl_pos
             if x.shape[0] != label_B.shape[0]:  # CFG: conditional and unconditional rows share the input map
                 x = x.repeat(label_B.shape[0] // x.shape[0], 1, 1)
         for blk, cache in zip(self.blocks, caches):

@@ -21,6 +21,12 @@ def _norm(ch: int) -> nn.GroupNorm:
     return nn.GroupNorm(num_groups=min(32, ch), num_channels=ch, eps=1e-6, affine=True)
 
 
+def _silu(h: torch.Tensor) -> torch.Tensor:
+    """SiLU in place where no gradient is taken (sampling, as the release does): a 256² decode then allocates no
+    fresh full-size map per activation. Training keeps the out-of-place op autograd needs. Bitwise the same."""
+    return F.silu(h, inplace=not h.requires_grad)
+
+
 class ResnetBlock(nn.Module):
     def __init__(self, cin: int, cout: int):
         super().__init__()
@@ -29,8 +35,8 @@ class ResnetBlock(nn.Module):
         self.nin_shortcut = nn.Conv2d(cin, cout, 1) if cin != cout else nn.Identity()
 
     def forward(self, x):
-        h = self.conv1(F.silu(self.norm1(x)))
-        h = self.conv2(F.silu(self.norm2(h)))
+        h = self.conv1(_silu(self.norm1(x)))
+        h = self.conv2(_silu(self.norm2(h)))
         return self.nin_shortcut(x) + h
 
 
@@ -107,7 +113,7 @@ class Encoder(nn.Module):
             if hasattr(lvl, "downsample"):
                 h = lvl.downsample(h)
         h = self.mid.block_2(self.mid.attn_1(self.mid.block_1(h)))
-        return self.conv_out(F.silu(self.norm_out(h)))
+        return self.conv_out(_silu(self.norm_out(h)))
 
 
 class Decoder(nn.Module):
@@ -144,7 +150,7 @@ class Decoder(nn.Module):
                     h = lvl.attn[j](h)
             if hasattr(lvl, "upsample"):
                 h = lvl.upsample(h)
-        return self.conv_out(F.silu(self.norm_out(h)))
+        return self.conv_out(_silu(self.norm_out(h)))
 
 
 class Phi(nn.Conv2d):
