@@ -24,6 +24,8 @@ from typing import Dict, List, Optional
 import torch
 import torch.nn as nn
 
+from bench.sampling import Generation, generate
+
 # data-movement ops whose cost is not multiply-accumulates; counted as 0 but recorded (how often they ran)
 DYNAMIC_OPS = tuple(f"aten::{n}" for n in (
     "gather", "index", "index_select", "index_add", "index_add_", "index_put", "index_put_", "index_copy",
@@ -225,7 +227,6 @@ class GenerationMacs:
 @torch.no_grad()
 def count_generation(net, vqvae, labels, seed, sampling, decoder: bool = True) -> GenerationMacs:
     """Generate one batch with every scale (and the decoder) counted by fvcore."""
-    from bench.sampling import Generation, generate
     counter = ScaleFlopCounter(net)
     gen = generate(net, vqvae, labels, seed, sampling, scale_fn=counter, decode=False)
     dec, uncounted = 0.0, Counter(counter.uncounted)

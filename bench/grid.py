@@ -1,6 +1,8 @@
 """Labelled image grids (rows of samples with a class label on the left)."""
 from __future__ import annotations
 
+from bench.atomic import atomic_path
+
 
 def save_grid(images, rows: int, row_labels, path: str, title: str = "", cell: int = 96):
     """images: (N,3,H,W) in [0,1], N = rows * cols, row-major. Written atomically."""
@@ -19,6 +21,5 @@ def save_grid(images, rows: int, row_labels, path: str, title: str = "", cell: i
         for c in range(cols):
             im = Image.fromarray(arr[r * cols + c]).resize((cell, cell), Image.NEAREST)
             canvas.paste(im, (label_w + c * (cell + 2), top + r * (cell + 2)))
-    from bench.atomic import atomic_path
     with atomic_path(path) as tmp:
         canvas.save(tmp)

@@ -25,7 +25,7 @@ import sys
 import uuid
 from typing import Any, Dict, Optional
 
-from bench.atomic import TMP_PREFIX, atomic_path, host_tag, temp_owner
+from bench.atomic import TMP_PREFIX, atomic_path, atomic_write_text, host_tag, temp_owner
 from bench.errors import BenchError
 from bench.records import RECORDS, nullable_of, schema_of
 
@@ -81,7 +81,7 @@ def row_filename(row: dict) -> str:
 # ---------------------------------------------------------------------------------------------- validation
 def check_results_dir(results_dir: str) -> None:
     """Fail before any work if rows could not be written there; creates nothing."""
-    from bench.checkpoints import check_writable_dir
+    from bench.checkpoints import check_writable_dir   # lazy: pulls torch; the CLI imports this module
     check_writable_dir(results_dir, "results directory")
     path = os.path.abspath(results_dir)
     rows = os.path.join(path, ROWS)
@@ -328,7 +328,6 @@ def _coerce(s, t: str):
 def to_csv(df, path: str) -> None:
     """CSV export: list columns as JSON text; written atomically."""
     import io
-    from bench.atomic import atomic_write_text
     out = df.copy()
     for c in out.columns:
         if out[c].map(lambda v: isinstance(v, (list, tuple))).any():

@@ -20,6 +20,8 @@ from typing import List, Optional, Tuple
 
 import torch
 
+from bench.artifacts import cache_root
+from bench.atomic import atomic_path
 from bench.log import get_logger
 
 logger = get_logger(__name__)
@@ -28,7 +30,6 @@ DIRNAME = "generation-batches"
 
 
 def batches_root(cache_dir: Optional[str]) -> str:
-    from bench.artifacts import cache_root
     return os.path.join(cache_dir or cache_root(), DIRNAME)
 
 
@@ -83,7 +84,6 @@ class BatchStore:
 
     def save(self, b: int, tokens: List[torch.Tensor], images: torch.Tensor) -> None:
         from safetensors.torch import save_file
-        from bench.atomic import atomic_path
         os.makedirs(self.path, exist_ok=True)
         tensors = {f"tokens.{si}": t.to(torch.int32).contiguous() for si, t in enumerate(tokens)}
         tensors["images"] = images.contiguous()

@@ -34,6 +34,7 @@ from typing import Any, Dict, Iterable, Optional, Sequence, Tuple
 from bench.defaults import TRACKING_BACKENDS
 from bench.errors import BenchError
 from bench.log import get_logger
+from bench.results import SCHEMA
 
 logger = get_logger(__name__)
 
@@ -133,7 +134,7 @@ def tracker_from_args(a) -> Optional["Tracker"]:
     if not backends:
         return None
     if set(backends) & {"wandb", "tensorboard"}:
-        from bench.checkpoints import check_writable_dir
+        from bench.checkpoints import check_writable_dir   # lazy: pulls torch; the CLI imports this module
         check_writable_dir(track_dir(a.results, a.track_dir), "--track-dir")
     return Tracker(backends, a.results, a.track_dir)
 
@@ -141,7 +142,6 @@ def tracker_from_args(a) -> Optional["Tracker"]:
 # ================================================================================================ the row
 def _schema_types() -> Dict[str, str]:
     try:
-        from bench.results import SCHEMA
         return {k: t for k, (t, _) in SCHEMA.items()}
     except Exception:   # tracking works on the row alone
         return {}

@@ -22,8 +22,10 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, Optional
 
+from bench.atomic import atomic_path
 from bench.defaults import DEFAULT_BATCH_SIZE, DEFAULT_FLOP_IMAGES
 from bench.log import get_logger
+from bench.registry import create_method
 
 # torch and the modules that import it load inside the functions: importing bench.benchmarks must stay as light as
 # the commands that name its constants while parsing (tests/test_cli_instant.py).
@@ -36,10 +38,9 @@ def one_time_imports() -> float:
     """What a process pays once (fvcore, torch-fidelity, torchmetrics' SSIM, pyarrow, the methods), done before any
     timing so that neither side pays it. Returns the seconds."""
     t = time.perf_counter()
-    import bench.flops
+    import bench.flops   # lazy: a one-time import, timed here
     import bench.quality  # noqa: F401
     import pyarrow.parquet  # noqa: F401
-    from bench.registry import create_method
     bench.flops._fvcore()
     try:
         from torchmetrics.functional.image import structural_similarity_index_measure  # noqa: F401
@@ -60,8 +61,8 @@ def raw_generation_s(bundle, labels, seed: int, sampling, batch_size: int) -> fl
     """Seconds of plain generate() calls over the same batches as measure() (outputs moved to the CPU, as there),
     under the caller's bench.precision.generation_dtype."""
     import torch
-    from bench.measure import batch_ranges, batch_seed
-    from bench.sampling import generate
+    from bench.measure import batch_ranges, batch_seed   # lazy: pulls torch (see the note at the top)
+    from bench.sampling import generate   # lazy: pulls torch (see the note at the top)
     device = bundle.device
     sync(device)
     t = time.perf_counter()
@@ -107,9 +108,8 @@ def time_raw_vs_harness(bundle, *, samples: int, seed: int = 0, sampling=None,
     """A warm-up batch (so that neither side pays first-call costs: thread pools, allocator), raw generation, then
     `measure(bundle, "dense", ...)` with `measure_kwargs` (its row to `results_dir`; default a temporary directory,
     removed), then raw generation again. `profile`: write cProfile stats of the harness call to this file."""
-    from bench.measure import measure, sample_labels
-    from bench.precision import generation_dtype
-    from bench.registry import create_method
+    from bench.measure import measure, sample_labels   # lazy: pulls torch (see the note at the top)
+    from bench.precision import generation_dtype   # lazy: pulls torch (see the note at the top)
     say = say or log.info
     sampling = sampling or bundle.sampling
     labels = sample_labels(samples, bundle.num_classes)
@@ -132,7 +132,6 @@ def time_raw_vs_harness(bundle, *, samples: int, seed: int = 0, sampling=None,
                           batch_size=batch_size, results_dir=results, dtype=dtype, **measure_kwargs)
         harness, harness_cpu = time.perf_counter() - t, time.process_time() - c
         if prof is not None:
-            from bench.atomic import atomic_path
             with atomic_path(profile) as tmp:
                 prof.dump_stats(tmp)
         say(f"  harness (measure dense): {harness:.3f} s ({harness_cpu:.3f} CPU s)")
@@ -155,7 +154,7 @@ def run_harness(bundle, *, samples: int, seed: int = 0, sampling=None, batch_siz
                 say: Optional[Callable[[str], None]] = None) -> dict:
     """The bench-harness figures as a flat dict: harness_over_raw, the seconds of both sides, the harness's phases,
     whether the reference statistics came from the cache, and the machine (environment)."""
-    from bench.env import environment
+    from bench.env import environment   # lazy: pulls torch (see the note at the top)
     say = say or log.info
     imports = one_time_imports()
     say(f"one-time imports (fvcore, torch-fidelity, pyarrow, methods): {imports:.2f} s, outside both timings")

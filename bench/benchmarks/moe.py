@@ -217,8 +217,8 @@ def _time_shape(cfg: MoeBenchConfig, shape: Shape, device, dtype, timer, g, on_r
     """The rows of one shape and the cost-model points they give."""
     import torch
     import torch.nn.functional as F
-    from methods import _experts
-    from methods._moe import Router
+    from methods import _experts   # lazy: pulls torch (see the note at the top)
+    from methods._moe import Router   # lazy: pulls torch (see the note at the top)
     name, C, H, pns = shape
     rows, points = [], []
     W1 = (torch.randn(H, C, generator=g) / C ** 0.5).to(device, dtype)
@@ -278,7 +278,7 @@ def _time_shape(cfg: MoeBenchConfig, shape: Shape, device, dtype, timer, g, on_r
 
 def summarize(shapes, results) -> List[Dict[str, Any]]:
     """Per shape and expert size: mean and min ratio over its configurations, and how many ran each path."""
-    from methods import _experts
+    from methods import _experts   # lazy: pulls torch (see the note at the top)
     out = []
     for name, *_ in shapes:
         for e in sorted({r["expert_size"] for r in results if r["shape"] == name}):
@@ -295,8 +295,8 @@ def run_moe(cfg: Optional[MoeBenchConfig] = None, on_start: Optional[Callable[[d
     on_row(row) after each (default: logged). Refuses (BenchError, nothing allocated) a setting that cannot run or a
     shape that cannot fit in memory."""
     import torch
-    from bench.env import check_device
-    from methods import _experts
+    from bench.env import check_device   # lazy: pulls torch (see the note at the top)
+    from methods import _experts   # lazy: pulls torch (see the note at the top)
     cfg = cfg or MoeBenchConfig()
     check_config(cfg)
     device = torch.device(check_device(cfg.device))

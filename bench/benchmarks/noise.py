@@ -16,9 +16,11 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Optional
 
+from bench.analytic import dense_scale_macs
 from bench.defaults import DEFAULT_BATCH_SIZE, DEFAULT_TIMING_ROUNDS, MAX_SEED, MAX_TIMING_ROUNDS
 from bench.errors import BenchError
 from bench.log import get_logger
+from bench.registry import create_method
 
 # torch and the modules that import it load inside the functions: the bench-noise command reads MAX_LOAD_PROCS
 # while parsing, which must import no torch (tests/test_cli_instant.py); the load's spawned children import this
@@ -101,9 +103,9 @@ def point_result(r: dict, self_paired: bool) -> dict:
 def dmoe_macs_ratio(method, net, bundle, labels, seed, sampling) -> float:
     """DMoE's analytic MACs / dense MACs on one batch (its router decisions), for the FLOP-matched twin."""
     import torch
-    from bench.analytic import dense_scale_macs
+    # lazy: pulls torch (see the note at the top)
     from bench.measure import analytic_per_scale, batch_seed, reset_stats
-    from bench.sampling import generate
+    from bench.sampling import generate   # lazy: pulls torch (see the note at the top)
     reset_stats(net)
     with torch.no_grad():
         generate(net, bundle.vqvae, labels.to(bundle.device), batch_seed(seed, 0), sampling)
@@ -122,10 +124,9 @@ def run_noise(bundle, cfg: Optional[NoiseConfig] = None, sampling=None,
     """Both passes over the three points; returns the figures (a flat dict: loaded_over_quiet, max_speedup_rel_diff,
     points {name: {quiet, loaded, speedup_rel_diff, abs_time_loaded_over_quiet}}, the settings and the environment).
     `say` gets the progress lines (default: logged)."""
-    from bench.env import describe, environment
-    from bench.measure import sample_labels, time_paired
-    from bench.precision import check_dtype, generation_dtype
-    from bench.registry import create_method
+    from bench.env import describe, environment   # lazy: pulls torch (see the note at the top)
+    from bench.measure import sample_labels, time_paired   # lazy: pulls torch (see the note at the top)
+    from bench.precision import check_dtype, generation_dtype   # lazy: pulls torch (see the note at the top)
     cfg = cfg or NoiseConfig()
     check_config(cfg)
     say = say or log.info

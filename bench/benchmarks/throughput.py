@@ -56,7 +56,7 @@ from bench.benchmarks.harness import one_time_imports, sync, time_raw_vs_harness
 from bench.benchmarks.jsonfile import plain
 from bench.benchmarks.peak_rss import MB, output_tail, peak_rss_child
 from bench.errors import BenchError
-from bench.log import get_logger
+from bench.log import get_logger, progress
 
 # torch and the modules that import it load inside the functions: importing bench.benchmarks must stay as light as
 # the commands that name its constants while parsing (tests/test_cli_instant.py).
@@ -149,6 +149,7 @@ def ci_overlap(a: Sequence[Optional[float]], b: Sequence[Optional[float]]) -> Op
 def warm_reference(bundle, cache_root: str, reference_count: Optional[int], classifier: Optional[str]) -> dict:
     """The quality reference's features computed into <cache_root>/quality (where measure(cache_dir=cache_root) reads
     them) and the feature extractor built, outside every timing."""
+    # lazy: pulls torch (see the note at the top)
     from bench.quality import parse_reference, reference_features, resolve_extractor
     t = time.perf_counter()
     extractor = resolve_extractor(bundle, None, classifier)
@@ -309,7 +310,7 @@ def _first_line(e: BaseException) -> str:
 
 def path_nets(bundle, o: ThroughputOptions) -> Dict[str, dict]:
     """{path: {net, dtype, available, reason}} for PATHS."""
-    from bench.precision import check_dtype
+    from bench.precision import check_dtype   # lazy: pulls torch (see the note at the top)
     out = {"fp32": dict(net=bundle.var, dtype="fp32", available=True, reason=None)}
     try:
         out["bf16"] = dict(net=bundle.var, dtype=check_dtype("bf16", bundle.device), available=True, reason=None)
@@ -328,8 +329,8 @@ def path_nets(bundle, o: ThroughputOptions) -> Dict[str, dict]:
 def _one_batch(net, bundle, labels, seed, sampling, dtype):
     """(seconds, Generation) of one generate() call as raw_generation_s runs it (images moved to the CPU)."""
     import torch
-    from bench.precision import generation_dtype
-    from bench.sampling import generate
+    from bench.precision import generation_dtype   # lazy: pulls torch (see the note at the top)
+    from bench.sampling import generate   # lazy: pulls torch (see the note at the top)
     sync(bundle.device)
     t = time.perf_counter()
     with torch.no_grad(), generation_dtype(dtype):
@@ -341,7 +342,7 @@ def _one_batch(net, bundle, labels, seed, sampling, dtype):
 
 def speed_paths(bundle, o: ThroughputOptions, sampling, paths: Dict[str, dict], say: Callable[[str], None]) -> dict:
     """images/s of each available path over the same full batches, interleaved round by round."""
-    from bench.measure import batch_seed, sample_labels
+    from bench.measure import batch_seed, sample_labels   # lazy: pulls torch (see the note at the top)
     B, rounds = o.batch_size, o.speed_rounds()
     labels = sample_labels(rounds * B, bundle.num_classes)
     res = {p: dict(available=v["available"], reason=v["reason"], dtype=v["dtype"], laps=[], warmup_s=None,
@@ -399,9 +400,8 @@ def path_fid(bundle, o: ThroughputOptions, sampling, net, dtype: str, n: int, ca
     """FID (and its interval) of n samples of one path: same labels and seeds as measure() (SEED_SCHEME), the same
     quality_metrics call as the harness row's (warm reference), uint8 images kept (N x 3 x H x W)."""
     import torch
-    from bench.measure import batch_ranges, batch_seed, sample_labels
-    from bench.log import progress
-    from bench.quality import quality_metrics, to_uint8
+    from bench.measure import batch_ranges, batch_seed, sample_labels   # lazy: pulls torch (see the note at the top)
+    from bench.quality import quality_metrics, to_uint8   # lazy: pulls torch (see the note at the top)
     labels = sample_labels(n, bundle.num_classes)
     t = time.perf_counter()
     parts = []
@@ -426,19 +426,19 @@ def path_fid(bundle, o: ThroughputOptions, sampling, net, dtype: str, n: int, ca
 def run_throughput(bundle, o: Optional[ThroughputOptions] = None, say: Optional[Callable[[str], None]] = None) -> dict:
     """Every figure of the module docstring, measured in this process (and two children); returns the report."""
     import torch
-    from bench.env import describe, environment
-    from bench.precision import check_dtype
-    from bench.quality import check_reference
+    from bench.env import describe, environment   # lazy: pulls torch (see the note at the top)
+    from bench.precision import check_dtype   # lazy: pulls torch (see the note at the top)
+    from bench.quality import check_reference   # lazy: pulls torch (see the note at the top)
     o = o or ThroughputOptions()
     say = say or log.info
     check_options(o)
     o.dtype = check_dtype(o.dtype, bundle.device)
     sampling = o.sampling or bundle.sampling
-    from bench.sampling import validate_sampling
+    from bench.sampling import validate_sampling   # lazy: pulls torch (see the note at the top)
     validate_sampling(sampling, bundle.var.V)
     fid_n = o.fid_samples or o.samples
     small, big = o.resolved_memory_samples()
-    from bench.measure import QUALITY_METRICS
+    from bench.measure import QUALITY_METRICS   # lazy: pulls torch (see the note at the top)
     for n, metrics in ((o.samples, QUALITY_METRICS), (small, QUALITY_METRICS), (fid_n, ("fid",))):
         # every quality call of the run can use the reference: one line if not, before anything runs
         check_reference(bundle, n, None, None, metrics, reference_count=o.reference_count, classifier=o.classifier)
