@@ -12,7 +12,7 @@ from bench.errors import BenchError
 
 def check_device(device):
     """bench.env.check_device (the library's check, used by commands through here), imported when called."""
-    from bench.env import check_device
+    from bench.env import check_device   # lazy: --help stays instant (no torch)
     return check_device(device)
 
 
@@ -57,8 +57,8 @@ def check_benchmark_args(a, **ranges) -> None:
     """Check the shared bench-* options and the command's own integer flags (`ranges`, as check_flags), normalise
     --dtype (checked against --device), then set torch's threads."""
     import torch
-    from bench.measure import MAX_SEED, MAX_THREADS
-    from bench.precision import check_dtype
+    from bench.measure import MAX_SEED, MAX_THREADS   # lazy: --help stays instant (no torch)
+    from bench.precision import check_dtype   # lazy: --help stays instant (no torch)
     check_flags(a, samples=(1,), batch_size=(1,), seed=(0, MAX_SEED), threads=(1, MAX_THREADS), **ranges)
     a.dtype = check_dtype(a.dtype, check_device(a.device))
     if a.threads is not None:
@@ -66,7 +66,7 @@ def check_benchmark_args(a, **ranges) -> None:
 
 
 def bundle_from_args(a):
-    from bench.zoo import load_model
+    from bench.zoo import load_model   # lazy: --help stays instant (no torch)
     ckpts = [f for f, v in (("--var-ckpt", a.var_ckpt), ("--vae-ckpt", a.vae_ckpt),
                             ("VARBENCH_VAR_CKPT", os.environ.get("VARBENCH_VAR_CKPT")),
                             ("VARBENCH_VAE_CKPT", os.environ.get("VARBENCH_VAE_CKPT"))) if v]
@@ -90,7 +90,7 @@ def check_flags(a, **ranges) -> None:
 
 def sampling_from_args(a, bundle):
     from dataclasses import replace
-    from bench.sampling import validate_sampling
+    from bench.sampling import validate_sampling   # lazy: --help stays instant (no torch)
     s = bundle.sampling
     if a.cfg is not None:
         s = replace(s, cfg=a.cfg)

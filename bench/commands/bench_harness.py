@@ -2,13 +2,15 @@
 (bench/benchmarks/harness.py measures; the row goes to a temporary results directory unless --results is given)."""
 from __future__ import annotations
 
-from bench.commands._common import add_benchmark_args
+from bench.benchmarks.harness import run_harness
+from bench.commands._common import add_benchmark_args, bundle_from_args, check_benchmark_args, sampling_from_args
+from bench.defaults import DEFAULT_FLOP_IMAGES
+from bench.results import check_results_dir
 
 ORDER = 90
 
 
 def register(sub):
-    from bench.defaults import DEFAULT_FLOP_IMAGES
     p = sub.add_parser("bench-harness", help="benchmark: harness wall time / raw generation time (target <= 1.2)")
     add_benchmark_args(p, samples=1000)
     p.add_argument("--flop-images", type=int, default=DEFAULT_FLOP_IMAGES)
@@ -22,10 +24,7 @@ def register(sub):
 
 
 def run(a):
-    from bench.benchmarks.harness import run_harness
-    from bench.commands._common import bundle_from_args, check_benchmark_args, sampling_from_args
-    from bench.env import describe, environment
-    from bench.results import check_results_dir
+    from bench.env import describe, environment   # lazy: --help stays instant (no torch)
     check_benchmark_args(a, timing_rounds=(0,))
     if a.results is not None:
         check_results_dir(a.results)

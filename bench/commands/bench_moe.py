@@ -4,7 +4,9 @@ bench/benchmarks/moe.py times the dense FFN against both expert-execution paths 
 model; this command parses the flags and prints the tables."""
 from __future__ import annotations
 
-from bench.benchmarks.moe import DTYPES, ROTATION, SHAPES, TARGET
+from bench.benchmarks.jsonfile import write_json
+from bench.benchmarks.moe import DTYPES, MoeBenchConfig, ROTATION, SHAPES, TARGET, check_config, parse_shapes, run_moe
+from bench.commands._common import check_writable_file
 from bench.errors import BenchError
 
 ORDER = 72
@@ -79,9 +81,6 @@ def print_paths(report):
 
 
 def run(a):
-    from bench.benchmarks.jsonfile import write_json
-    from bench.benchmarks.moe import MoeBenchConfig, check_config, parse_shapes, run_moe
-    from bench.commands._common import check_writable_file
     cfg = MoeBenchConfig(shapes=parse_shapes(a.shapes), expert_sizes=parse_list(a.expert_sizes, int, "--expert-sizes"),
                          fractions=parse_list(a.fractions, float, "--fractions"), batch=a.batch, warmup=a.warmup,
                          repeats=a.repeats, min_sample_ms=a.min_sample_ms, device=a.device, threads=a.threads,

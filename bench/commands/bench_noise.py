@@ -2,14 +2,16 @@
 CPU load of its own); bench/benchmarks/noise.py measures, this command parses the flags and prints the table."""
 from __future__ import annotations
 
-from bench.benchmarks.noise import LOAD_TARGET, MAX_LOAD_PROCS, SPEEDUP_TARGET
+from bench.benchmarks.jsonfile import write_json
+from bench.benchmarks.noise import LOAD_TARGET, MAX_LOAD_PROCS, NoiseConfig, SPEEDUP_TARGET, run_noise
 from bench.commands._common import add_benchmark_args
+from bench.commands._common import bundle_from_args, check_benchmark_args, check_writable_file, sampling_from_args
+from bench.defaults import DEFAULT_TIMING_ROUNDS, MAX_TIMING_ROUNDS
 
 ORDER = 92
 
 
 def register(sub):
-    from bench.defaults import DEFAULT_TIMING_ROUNDS
     p = sub.add_parser("bench-noise", help="benchmark: paired speedups on a quiet vs a loaded machine")
     add_benchmark_args(p, samples=200, samples_help="N images per point and pass")
     p.add_argument("--rounds", type=int, default=DEFAULT_TIMING_ROUNDS, help="paired rounds per point")
@@ -21,10 +23,6 @@ def register(sub):
 
 
 def run(a):
-    from bench.benchmarks.jsonfile import write_json
-    from bench.benchmarks.noise import NoiseConfig, run_noise
-    from bench.commands._common import bundle_from_args, check_benchmark_args, check_writable_file, sampling_from_args
-    from bench.defaults import MAX_TIMING_ROUNDS
     if a.json:   # before any work: the whole benchmark used to run, then fail on the write
         check_writable_file(a.json, (".json",), "--json")
     check_benchmark_args(a, rounds=(1, MAX_TIMING_ROUNDS), load_procs=(1, MAX_LOAD_PROCS))

@@ -8,11 +8,16 @@ writes every figure with the facts of the run (atomically; checked before any wo
 """
 from __future__ import annotations
 
+from bench.benchmarks.jsonfile import write_json
+from bench.benchmarks.throughput import KEYS, ThroughputOptions, check_options, run_throughput
+from bench.commands._common import (add_benchmark_args, bundle_from_args, check_benchmark_args, check_writable_file,
+                                    sampling_from_args)
+from bench.errors import BenchError
+
 ORDER = 93
 
 
 def register(sub):
-    from bench.commands._common import add_benchmark_args
     p = sub.add_parser("bench-throughput", help="benchmark: harness / raw at large N, peak RSS growth per 1000 "
                        "samples, fast generation paths (bf16, torch.compile) and their FID")
     add_benchmark_args(p, samples=5000, samples_help="N images of the harness / raw comparison")
@@ -34,7 +39,6 @@ def register(sub):
 
 
 def parse_pair(text, flag: str):
-    from bench.errors import BenchError
     try:
         small, big = (int(x) for x in str(text).split(","))
     except ValueError:
@@ -45,22 +49,17 @@ def parse_pair(text, flag: str):
 
 
 def run(a):
-    from bench.commands._common import (bundle_from_args, check_benchmark_args, check_writable_file,
-                                        sampling_from_args)
     # the output first: a bad path costs nothing
     for flag, path, exts in (("--json", a.json, (".json",)), ("--profile", a.profile, None)):
         if path is not None:
             check_writable_file(path, exts, flag)
-    from bench.measure import MAX_BOOTSTRAP
+    from bench.measure import MAX_BOOTSTRAP   # lazy: --help stays instant (no torch)
     check_benchmark_args(a, flop_images=(0,), speed_samples=(1,), fid_samples=(2,),
                          bootstrap=(1, MAX_BOOTSTRAP))
     import math
-    from bench.errors import BenchError
     if not (a.compile_limit_s > 0 and math.isfinite(a.compile_limit_s)):
         raise BenchError(f"--compile-limit-s must be a number of seconds > 0, got {a.compile_limit_s}")
     memory = parse_pair(a.memory_samples, "--memory-samples") if a.memory_samples is not None else None
-    from bench.benchmarks.jsonfile import write_json
-    from bench.benchmarks.throughput import KEYS, ThroughputOptions, check_options, run_throughput
     o = ThroughputOptions(samples=a.samples, batch_size=a.batch_size, seed=a.seed, dtype=a.dtype,
                           flop_images=a.flop_images, speed_samples=a.speed_samples, compile=not a.no_compile,
                           compile_limit_s=a.compile_limit_s, memory_samples=memory, fid_samples=a.fid_samples,

@@ -4,8 +4,10 @@ bench/certificate.py scores dense samples, real held-out images (the floor) and 
 against one held-out reference; this command parses the flags, prints the table and writes --out."""
 from __future__ import annotations
 
+from bench.benchmarks.jsonfile import write_json
 from bench.commands._common import (add_model_args, add_sampling_args, bundle_from_args, check_flags,
                                     check_writable_file, sampling_from_args)
+from bench.defaults import MAX_BOOTSTRAP, MAX_SEED
 
 ORDER = 35
 
@@ -53,9 +55,7 @@ def print_certificate(cert: dict) -> None:
 
 
 def run(a):
-    from bench.benchmarks.jsonfile import write_json
-    from bench.certificate import quality_certificate
-    from bench.defaults import MAX_BOOTSTRAP, MAX_SEED
+    from bench.certificate import quality_certificate   # lazy: --help stays instant (no torch)
     # every input before generating anything
     check_flags(a, samples=(2, None, " (FID needs a covariance)"), seed=(0, MAX_SEED), batch_size=(1,),
                 bootstrap=(0, MAX_BOOTSTRAP))

@@ -10,14 +10,14 @@ def register(sub):
 
 
 def run(a):
-    from bench.zoo import BUILTIN, read_manifest
+    from bench.zoo import BUILTIN, read_manifest   # lazy: --help stays instant (no torch)
     m = read_manifest()
     aliases = {v: k for k, v in m.get("aliases", {}).items()}
     print(f"{'name':<14}{'alias':<10}{'depth':>6}{'width':>7}{'params':>9}  scales / sampling")
     for name, e in sorted(m.get("models", {}).items()):
         c = e["var_config"]
         params = 0
-        from bench.models.var import VAR, VARConfig
+        from bench.models.var import VAR, VARConfig   # lazy: --help stays instant (no torch)
         import torch
         with torch.device("meta"):
             params = sum(p.numel() for p in VAR(VARConfig(**{**c, "patch_nums": tuple(c["patch_nums"])})).parameters())
@@ -25,6 +25,7 @@ def run(a):
               f"{tuple(c['patch_nums'])} / {e.get('sampling')}")
     for name in BUILTIN:
         print(f"{name:<14}{'':<10}{'':>6}{'':>7}{'':>9}  random weights, for tests and smoke runs")
+    # lazy: --help stays instant (no torch)
     from bench.usermodels import list_user_models, models_dir, read_user_manifest
     for name in list_user_models():
         e = read_user_manifest(name)

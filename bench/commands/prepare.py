@@ -28,8 +28,12 @@ import argparse
 import os
 import time
 
+from bench.cli import OneLineParser, add_verbosity_args
 from bench.commands._common import add_model_args, bundle_from_args, check_flags
+from bench.commands.train import threads_range
 from bench.errors import BenchError
+from bench.log import setup_logging
+from bench.registry import list_methods, method_class
 
 ORDER = 40
 
@@ -44,7 +48,6 @@ def register(sub):
 
 
 def preparable_methods():
-    from bench.registry import list_methods, method_class
     return [n for n in list_methods() if callable(getattr(method_class(n), "prepare", None))
             and getattr(method_class(n), "recipe", None) is not None]
 
@@ -59,7 +62,6 @@ def method_parser(name: str, cls, parser_class):
     q.add_argument("--data", default=None, help="'shapes' or an image folder (default: the model's dataset)")
     q.add_argument("--force", action="store_true", help="redo even if a matching artifact exists")
     cls.recipe.add_arguments(q)
-    from bench.cli import add_verbosity_args
     add_verbosity_args(q)          # -v / -q after the method name too
     return q
 
@@ -73,7 +75,7 @@ def check_data_classes(data, bundle) -> None:
     if data is None or data == "shapes":
         return
     import re
-    from bench.data import folder_data
+    from bench.data import folder_data   # lazy: --help stays instant (no torch)
     classes = folder_data(data).classes
     n = len(classes)
     if n > bundle.num_classes:
@@ -94,7 +96,7 @@ def check_seeds(recipe, values) -> None:
     one overflows torch's 64-bit generator seed mid-run."""
     from types import SimpleNamespace
 
-    from bench.measure import MAX_SEED
+    from bench.measure import MAX_SEED   # lazy: --help stays instant (no torch)
     for s in recipe.settings:
         if s.name.endswith("seed"):
             v = values[s.name]
@@ -103,8 +105,6 @@ def check_seeds(recipe, values) -> None:
 
 
 def run(a):
-    from bench.cli import OneLineParser
-    from bench.registry import list_methods, method_class
     valid = preparable_methods()
     if a.method is None:
         raise BenchError(f"prepare needs a method; valid: {', '.join(valid) or '(none)'}")
@@ -116,10 +116,8 @@ def run(a):
                          f"{', '.join(valid) or '(none)'}")
     args = method_parser(a.method, cls, OneLineParser).parse_args(a.rest)
     if hasattr(args, "verbose") or hasattr(args, "quiet"):
-        from bench.log import setup_logging
         setup_logging(getattr(a, "verbose", 0) + getattr(args, "verbose", 0)
                       - getattr(a, "quiet", 0) - getattr(args, "quiet", 0))
-    from bench.commands.train import threads_range
     check_flags(args, threads=threads_range())
     out_root = None
     if args.out is not None:

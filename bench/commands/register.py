@@ -21,7 +21,7 @@ def register(sub):
 
 
 def run(a):
-    from bench.usermodels import parse_sampling, register_model
+    from bench.usermodels import parse_sampling, register_model   # lazy: --help stays instant (no torch)
     d = register_model(a.name, a.vqvae, a.var, a.classifier, parse_sampling(a.sampling), a.reference, a.force)
     print(f"registered {a.name} in {d}; use --model {a.name}")
     return 0

@@ -3,6 +3,9 @@ from __future__ import annotations
 
 import os
 
+from bench.errors import BenchError
+from reports import build_reports
+
 ORDER = 35
 
 
@@ -23,8 +26,6 @@ def register(sub):
 
 
 def run(a):
-    from bench.errors import BenchError
-    from reports import build_reports
     out = a.out or os.path.join("reports", "out")
     probe = os.path.abspath(out)
     while not os.path.exists(probe):

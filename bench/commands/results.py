@@ -1,6 +1,10 @@
 """`python -m bench results show|export|schema`: read the tidy results store (bench/results.py)."""
 from __future__ import annotations
 
+from bench.commands._common import check_writable_file
+from bench.errors import BenchError
+from bench.results import fmt, load_results, schema_text, to_csv
+
 ORDER = 30
 
 SHOW_COLUMNS = (  # (column, header, format)
@@ -31,8 +35,6 @@ def register(sub):
 
 def _load(a):
     import os
-    from bench.errors import BenchError
-    from bench.results import load_results
     if not os.path.isdir(a.results):
         raise BenchError(f"no results directory {a.results!r}; `python -m bench run` writes one")
     df = load_results(a.results, sweep=a.sweep)
@@ -44,13 +46,10 @@ def _load(a):
 
 
 def run(a):
-    from bench.errors import BenchError
-    from bench.results import fmt, schema_text, to_csv
     if a.results_command == "schema":
         print(schema_text())
         return 0
     if a.results_command == "export":
-        from bench.commands._common import check_writable_file
         check_writable_file(a.csv, (".csv",), "--csv")
         df = _load(a)
         to_csv(df, a.csv)

@@ -4,6 +4,8 @@ from __future__ import annotations
 from bench.commands._common import (add_model_args, add_sampling_args, bundle_from_args, check_flags,
                                     check_writable_file, parse_classes, sampling_from_args)
 
+from bench.grid import save_grid
+
 ORDER = 10
 
 
@@ -20,9 +22,8 @@ def register(sub):
 
 def run(a):
     import torch
-    from bench.grid import save_grid
-    from bench.sampling import generate
-    from bench.measure import MAX_SEED
+    from bench.sampling import generate   # lazy: --help stays instant (no torch)
+    from bench.measure import MAX_SEED   # lazy: --help stays instant (no torch)
     check_writable_file(a.out, (".png", ".jpg", ".jpeg"), "--out")
     check_flags(a, per_class=(1, 64), seed=(0, MAX_SEED))
     bundle = bundle_from_args(a)

@@ -1,8 +1,10 @@
 """`python -m bench sweep NAME`: run a sweep (sweeps/NAME.yaml) as a Ray Tune grid, one results row per trial."""
 from __future__ import annotations
 
+from bench import sweep as S
 from bench.errors import BenchError
-from bench.tracking import add_track_args
+from bench.sweep.session import SweepOptions, check_options, plan_sweep, run_sweep, sweep_descriptions
+from bench.tracking import add_track_args, tracker_from_args
 
 ORDER = 25
 
@@ -63,7 +65,6 @@ def register(sub):
 
 
 def print_list():
-    from bench.sweep.session import sweep_descriptions
     sweeps = sweep_descriptions()
     width = max((len(name) for name, _, _ in sweeps), default=0)
     for name, desc, fig in sweeps:
@@ -99,9 +100,6 @@ def resume_command(a) -> str:
 
 
 def run(a):
-    from bench import sweep as S
-    from bench.sweep.session import SweepOptions, check_options, plan_sweep, run_sweep
-    from bench.tracking import tracker_from_args
     if a.list:
         return print_list()
     if not a.name:

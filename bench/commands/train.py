@@ -3,24 +3,27 @@ from __future__ import annotations
 
 import argparse
 
+from bench.commands._common import check_flags
+from bench.errors import BenchError
+
 ORDER = 50
 
 
 def threads_range():
     """check_flags range of --threads in train and prepare: 0 keeps torch's default (run and bench-* take 1..)."""
-    from bench.measure import MAX_THREADS
+    from bench.measure import MAX_THREADS   # lazy: --help stays instant (no torch)
     return 0, MAX_THREADS, " (0: torch default)"
 
 
 def image_size_rule(what: str, vqvae=None):
     """(valid sizes as a list or range, their description) of --image-size for `train vqvae|classifier`."""
-    from bench.train import DEFAULT_VQVAE, vqvae_image_size
+    from bench.train import DEFAULT_VQVAE, vqvae_image_size   # lazy: --help stays instant (no torch)
     if what == "vqvae":
         size = vqvae_image_size(DEFAULT_VQVAE)
         return [size], (f"{size} (the VQ-VAE's last patch side {DEFAULT_VQVAE['v_patch_nums'][-1]} x its "
                         f"downsampling {2 ** (len(DEFAULT_VQVAE['ch_mult']) - 1)})")
     if vqvae is not None:
-        from bench.train import trained_vqvae_config
+        from bench.train import trained_vqvae_config   # lazy: --help stays instant (no torch)
         size = vqvae_image_size(trained_vqvae_config(vqvae, "--vqvae"))
         return [size], f"{size} (the image size of --vqvae {vqvae}, whose reconstructions it also trains on)"
     return range(8, 1025, 8), "a multiple of 8 in 8..1024 (the classifier pools three times by 2)"
@@ -39,12 +42,10 @@ def check_args(a) -> None:
     """Refuse bad training arguments before any data is loaded or anything is written."""
     import math
     import os
-    from bench.checkpoints import check_writable_dir
-    from bench.commands._common import check_flags
-    from bench.errors import BenchError
-    from bench.measure import MAX_SEED
+    from bench.checkpoints import check_writable_dir   # lazy: --help stays instant (no torch)
+    from bench.measure import MAX_SEED   # lazy: --help stays instant (no torch)
     if a.what == "ship":
-        from bench.usermodels import NAME_RE
+        from bench.usermodels import NAME_RE   # lazy: --help stays instant (no torch)
         for flag in ("name", "alias"):
             v = getattr(a, flag)
             if v is not None and not NAME_RE.match(v):
@@ -58,12 +59,12 @@ def check_args(a) -> None:
         raise BenchError(f"--lr must be a finite positive number, got {a.lr}")
     check_flags(a, **{k: r for k, r in dict(seed=(0, MAX_SEED), threads=threads_range()).items() if hasattr(a, k)})
     if a.what == "var":
-        from bench.train import var_shape
+        from bench.train import var_shape   # lazy: --help stays instant (no torch)
         check_flags(a, depth=(1,), width_per_depth=(1,), width=(1,), heads=(1,))
         var_shape(a.depth, a.width_per_depth, a.width, a.heads)
     for flag in ("vqvae", "var", "classifier"):
         if getattr(a, flag, None) is not None:
-            from bench.train import trained_meta
+            from bench.train import trained_meta   # lazy: --help stays instant (no torch)
             trained_meta(getattr(a, flag), flag, f"--{flag}")
     if getattr(a, "image_size", None) is not None:
         valid, rule = image_size_rule(a.what, getattr(a, "vqvae", None))
@@ -128,7 +129,7 @@ def register(sub):
 
 def _run(a):
     import torch
-    from bench import train
+    from bench import train   # lazy: --help stays instant (no torch)
     check_args(a)
     if getattr(a, "threads", 0):
         torch.set_num_threads(a.threads)
