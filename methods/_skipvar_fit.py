@@ -22,6 +22,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from bench.errors import BenchError
+from bench.sampling import generate
+from methods import _steps
+
 HF_RADIUS = 0.4                 # the release's disc radius, as a fraction of min(H, W)/2 (freq_ratio=0.4)
 FEATURES = ("hf_diff", "hf_ratio")   # what the release's decision models read, in its order
 SOBEL_X = ((1.0, 0.0, -1.0), (2.0, 0.0, -2.0), (1.0, 0.0, -1.0))
@@ -137,7 +141,6 @@ def fit(samples: dict, target: float, max_last: int) -> dict:
 
 
 def check_model_dict(model: dict, n_features: int, what: str) -> None:
-    from bench.errors import BenchError
     try:
         classes = [int(c) for c in model["classes"]]
         if not model.get("constant"):
@@ -167,9 +170,7 @@ def collect(bundle, decision_scale: int, max_last: int, samples: int, prepare_se
     bench/quality.same_seed_fidelity)."""
     from torchmetrics.functional.image import structural_similarity_index_measure as ssim_fn
 
-    from bench.sampling import generate
-    from methods import _steps
-    from methods.skipvar import SkipVARPolicy
+    from methods.skipvar import SkipVARPolicy   # lazy: methods.skipvar imports this module
     sampling = sampling or bundle.sampling
     S = len(bundle.var.patch_nums)
     names = outcome_names(max_last)[1:]

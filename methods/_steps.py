@@ -22,6 +22,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
+from bench.analytic import dense_scale_macs, step_kv_bytes
 from bench.errors import BenchError
 from bench.registry import Method, Param
 from methods._tokens import VarView
@@ -145,7 +146,6 @@ class StepNet(VarView):
     def analytic_macs(self, bundle, batch: int) -> List[float]:
         """Per-scale transformer MACs for `batch` images: the recorded rows per image (means over the images
         generated since reset_stats) times bench/analytic.py's per-row components."""
-        from bench.analytic import dense_scale_macs
         if not self.images:
             raise BenchError("no recorded step statistics; generate before counting FLOPs")
         out = []
@@ -176,7 +176,6 @@ def check_last(method: str, name: str, value: int, num_scales: int, allow_all: b
 
 def saved_fraction(cfg, stop: int, nocfg: int) -> float:
     """Share of the dense transformer MACs per image that a fixed plan (stop, nocfg) saves, by formula."""
-    from bench.analytic import dense_scale_macs
     dense = dense_scale_macs(cfg, 1)
     run = 0.0
     for si, sm in enumerate(dense):
@@ -227,7 +226,6 @@ class LastScalesMethod(Method):
         return net.analytic_macs(bundle, batch)
 
     def kv_cache_bytes(self, net, bundle, elem_bytes: float = 4) -> float:
-        from bench.analytic import step_kv_bytes
         return step_kv_bytes(bundle.var.cfg, *self.plan(self.k(bundle), len(bundle.var.patch_nums)), elem_bytes)
 
     def row_metrics(self, net, bundle) -> Dict[str, Any]:

@@ -35,7 +35,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from bench import registry
+from bench.analytic import dense_scale_macs, kv_bytes
 from bench.errors import BenchError
+from bench.models.var import KVCache, VAR
 
 DEFAULT_LAST_SCALES = 2          # ActVAR acts on the last two scales (paper Table 6)
 MAP_SAMPLES = 4                  # conditional rows whose token-activation maps are kept for the results row
@@ -311,7 +313,6 @@ class TokenGatedBlock(BlockView):
 def full_block_update(block, x, u, mods, cache, si) -> torch.Tensor:
     """Output of the whole block on all tokens (dense FFN, attention over the present cache + every token), without
     touching the cache: the reference 'fully updated sequence' q_m* of ActVAR's selector pseudo-labels."""
-    from bench.models.var import KVCache
     g1, g2, s2, sh2 = mods
     tmp = KVCache()
     tmp.k, tmp.v = cache.k, cache.v
@@ -322,7 +323,6 @@ def full_block_update(block, x, u, mods, cache, si) -> torch.Tensor:
 # ------------------------------------------------------------------------------------------------ nets
 def var_modules(net) -> list:
     """Every VAR inside a net (the net itself, or e.g. both halves of DMoE's SwitchNet)."""
-    from bench.models.var import VAR
     found = [m for m in net.modules() if isinstance(m, VAR)]
     if not found:
         raise BenchError(f"cannot gate tokens of {type(net).__name__}: it contains no VAR blocks")
@@ -362,7 +362,6 @@ def gated_macs(net, bundle, batch: int, ffn_macs_per_row: Callable, skipped=()) 
     selector C per scored token; head, adaLN and word embedding as in the dense formula (bench/analytic.py).
     ffn_macs_per_row(block, si, st) -> FFN MACs per row of that block at si (st: the merged stats).
     `skipped`: scales no image runs (a step-skipping wrapper): 0."""
-    from bench.analytic import dense_scale_macs
     cfg = bundle.var.cfg
     C, depth = cfg.embed_dim, cfg.depth
     rows_out = 2 * batch
@@ -424,7 +423,6 @@ def gated_kv_bytes(net, bundle, elem_bytes: float = 4, last: Optional[int] = Non
     """K/V bytes per image after the append of scale `last` (default: the last scale; with skipped scales, the last
     one run), from what the gated blocks recorded there: each block's cache holds the keys of the tokens it kept at
     every scale, i.e. the cache length its last queries saw (score_pairs / kept), in 2 rows per image (CFG)."""
-    from bench.analytic import kv_bytes
     last = len(bundle.var.patch_nums) - 1 if last is None else last
     per_block = _merged_stats(net, last)
     if len(per_block) != bundle.var.cfg.depth or any(st["kept"] == 0 for st in per_block.values()):

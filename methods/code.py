@@ -38,8 +38,10 @@ from typing import Any, Dict, List, Optional
 
 import torch
 
+from bench.analytic import dense_scale_macs
 from bench.errors import BenchError
 from bench.registry import Method, Param, register_method
+from bench.zoo import load_model, resolve_name
 from methods._tokens import VarView
 
 CHECKPOINT_EXTS = (".pth", ".pt", ".bin", ".safetensors")
@@ -48,7 +50,6 @@ CHECKPOINT_EXTS = (".pth", ".pt", ".bin", ".safetensors")
 def load_partner(name: str, bundle):
     """Another model for a CoDe run, on the bundle's device: a model name (bench.zoo), or a VAR checkpoint path
     loaded as official weights with the bundle's VQ-VAE file. Tests replace this to serve small models."""
-    from bench.zoo import load_model
     device = str(bundle.device)
     if name.endswith(CHECKPOINT_EXTS) or os.path.sep in name:
         if not os.path.isfile(name):
@@ -59,7 +60,6 @@ def load_partner(name: str, bundle):
             raise BenchError(f"method code: a checkpoint path ({name}) needs the bundle's VQ-VAE file, and model "
                              f"{bundle.name} has none; valid: a model name (python -m bench models)")
         return load_model(var_ckpt=name, vae_ckpt=vae, device=device, patch_nums=bundle.var.patch_nums)
-    from bench.zoo import resolve_name
     if resolve_name(name) == bundle.name:   # the bundle itself (an alias of it included): no second copy
         return bundle
     return load_model(name, device=device)
@@ -189,7 +189,6 @@ class CoDe(Method):
         return CoDeNet(dr.var, ref.var, T).eval()
 
     def analytic_macs(self, net, bundle, batch: int) -> Optional[List[float]]:
-        from bench.analytic import dense_scale_macs
         T = net.takeover
         dr = dense_scale_macs(net.drafter.cfg, batch)
         ref = dense_scale_macs(net.refiner.cfg, batch)

@@ -53,6 +53,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 import torch.nn.functional as F
 
+from bench.analytic import dense_scale_macs
 from bench.errors import BenchError
 from bench.registry import Method, Param, clone_structure, register_method
 from methods import _steps, _tokens
@@ -94,7 +95,6 @@ def predicted_macs(cfg, kept: Dict[int, int], layers: range, dropped=()) -> List
     """Per-scale transformer MACs per image by formula, before generating (FastVAR's counts do not depend on the
     data): bench/analytic.py with the projections and FFN over the kept tokens of the pruning layers and the scores
     over the keys each layer has appended so far; 0 at a dropped scale. Equal to what the blocks record (tests)."""
-    from bench.analytic import dense_scale_macs
     C, H = cfg.embed_dim, round(cfg.embed_dim * cfg.mlp_ratio)
     keys = [0] * cfg.depth
     out = []

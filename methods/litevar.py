@@ -55,6 +55,7 @@ from typing import Any, Dict, List, Optional
 import torch
 import torch.nn.functional as F
 
+from bench.analytic import dense_scale_macs, kv_bytes
 from bench.errors import BenchError
 from bench.registry import Method, Param, clone_structure, register_method
 from methods._tokens import BlockView, VarView
@@ -184,7 +185,6 @@ class LiteVARNet(VarView):
 def predicted_macs(cfg, window, keep_first, share, shared_scales, batch: int = 1) -> List[float]:
     """Per-scale transformer MACs for `batch` images (CFG rows included) by formula: bench/analytic.py's terms with
     the attended keys of the window and the unconditional rows' shared work. Mixed precision changes no MAC."""
-    from bench.analytic import dense_scale_macs
     C, H, d = cfg.embed_dim, round(cfg.embed_dim * cfg.mlp_ratio), cfg.depth
     sizes = [p * p for p in cfg.patch_nums]
     out = []
@@ -248,7 +248,6 @@ class LiteVAR(Method):
         """The largest cache: with a window, a block's cache is cut to the window after each restricted scale, so its
         peak is some scale's window before the cut plus that scale (the dense model's peak, every key, without one).
         CFG sharing keeps the unconditional rows' slots (stand-ins), so both rows count."""
-        from bench.analytic import kv_bytes
         cfg, c = bundle.var.cfg, self.config
         plan = Plan(bundle.var.begin_ends, c["window"], c["keep_first"], "none", [], "fp32")
         return kv_bytes([plan.peak_keys()] * cfg.depth, cfg.embed_dim, 2, elem_bytes)

@@ -32,8 +32,10 @@ from typing import Any, Dict, List, Optional
 
 import torch
 
+from bench.analytic import dense_scale_macs, kv_bytes
 from bench.errors import BenchError
 from bench.registry import Method, Param, clone_structure, register_method
+from bench.sampling import generate
 from methods._tokens import BlockView, kept_count, untraced
 
 
@@ -111,7 +113,6 @@ def wrap(var, plan: KVPlan):
 def calibrate_shares(bundle, images: int, seed: int = 0) -> List[float]:
     """Per layer, the mean share of attention mass that the current scale's queries put on the current scale's keys,
     over a dense generation of `images` images (labels 0, 1, ... cycling over the classes)."""
-    from bench.sampling import generate
     var = bundle.var
     plan = KVPlan(var.patch_nums, (), 1.0, probe=True)
     labels = torch.arange(images, device=bundle.device) % var.num_classes
@@ -181,7 +182,6 @@ class ScaleKV(Method):
 
     def analytic_macs(self, net, bundle, batch: int) -> Optional[List[float]]:
         """The dense formula with each refiner layer's scores over the keys it holds (2 rows per image)."""
-        from bench.analytic import dense_scale_macs
         cfg, plan = bundle.var.cfg, self._plan(net)
         out, L = [], 0
         for si, sm in enumerate(dense_scale_macs(cfg, batch)):
@@ -198,7 +198,6 @@ class ScaleKV(Method):
         return [plan.keys_seen[-1] if i in plan.refiners else L for i in range(bundle.var.cfg.depth)]
 
     def kv_cache_bytes(self, net, bundle, elem_bytes: float = 4) -> float:
-        from bench.analytic import kv_bytes
         return kv_bytes(self.kv_keys_last(net, bundle), bundle.var.cfg.embed_dim, 2, elem_bytes)
 
     def row_metrics(self, net, bundle) -> Dict[str, Any]:

@@ -51,7 +51,11 @@ from typing import Any, Dict, List, Optional
 import torch
 import torch.nn.functional as F
 
+from bench.analytic import step_kv_bytes
+from bench.artifacts import artifact_dir_for_writing, find_artifact, is_done, provenance, read_meta, write_artifact
+from bench.atomic import atomic_write_text
 from bench.errors import BenchError
+from bench.log import get_logger
 from bench.recipe import Recipe, Setting, prepare_command
 from bench.registry import Method, Param, register_method
 from methods import _skipvar_fit as fitlib
@@ -219,17 +223,14 @@ class SkipVAR(Method):
 
     def load_models(self, bundle) -> dict:
         """The decision models: the prepared artifact, or fitted now on first use (cached like a prepare)."""
-        from bench.artifacts import find_artifact
         d = find_artifact(KIND, bundle.model_id, self.artifact_key(bundle))
         if d is None:
-            from bench.log import get_logger
             get_logger("methods").info(f"skipvar: no decision models for {bundle.name}; fitting them now on "
                                        f"{self.config['fit_samples']} samples (`{self.prepare_hint(bundle)}`)")
             (d,) = self.prepare_models(bundle, [self.config["ssim_target"]], None)
         return read_models(d)
 
     def prepare_models(self, bundle, targets, out_root: Optional[str], force: bool = False) -> List[str]:
-        from bench.artifacts import artifact_dir_for_writing, is_done, read_meta, write_artifact
         c, S = self.config, len(bundle.var.patch_nums)
         d = self.decision_scale(S)
         sampling = bundle.sampling.to_dict()
@@ -247,8 +248,6 @@ class SkipVAR(Method):
                 todo.append(t)
         if todo:
             import time
-            from bench.artifacts import provenance
-            from bench.log import get_logger
             log = get_logger("methods")
             t0 = time.time()
             samples = fitlib.collect(bundle, d, c["max_last"], c["fit_samples"], c["prepare_seed"],
@@ -258,7 +257,6 @@ class SkipVAR(Method):
                 models = fitlib.fit(samples, t, c["max_last"])
 
                 def write(tmp, models=models):
-                    from bench.atomic import atomic_write_text
                     atomic_write_text(os.path.join(tmp, FILE), json.dumps(dict(models, samples=samples), indent=0))
                     return dict(model=bundle.name, sampling=sampling, decision_scale=d, seconds_to_collect=took,
                                 train=models["train"], **provenance())
@@ -285,7 +283,6 @@ class SkipVAR(Method):
         fixed plan: a skipped scale appends nothing, a CFG-free scale leaves one row), the mean over the images
         generated since reset_stats. An image's rows leave the caches at the first scale it does not run, so a batch
         holds at most this much per image after any scale, exactly this when its images share a plan."""
-        from bench.analytic import step_kv_bytes
         if not net.plans:
             raise BenchError("no recorded step plans; generate before counting KV-cache bytes")
         return sum(step_kv_bytes(bundle.var.cfg, s, c, elem_bytes) for s, c in net.plans) / len(net.plans)

@@ -41,6 +41,7 @@ from typing import Any, Dict, List, Optional
 import torch
 import torch.nn.functional as F
 
+from bench.analytic import dense_scale_macs, kv_bytes
 from bench.registry import Method, Param, check_distinct_scales, clone_structure, register_method
 from methods import _tokens
 
@@ -132,7 +133,6 @@ class ToMeBlock(_tokens.BlockView):
 def predicted_macs(cfg, merged: Dict[int, int], merge: str, batch: int = 1, metric: str = "hidden") -> List[float]:
     """Per-scale transformer MACs for `batch` images (CFG rows included): bench/analytic.py's terms over the merged
     token counts, the keys each layer's cache holds, and the similarity matmul. Data-independent (the counts are)."""
-    from bench.analytic import dense_scale_macs
     C, H, d = cfg.embed_dim, round(cfg.embed_dim * cfg.mlp_ratio), cfg.depth
     keys, out = 0, []
     for si, sm in enumerate(dense_scale_macs(cfg, batch)):
@@ -188,7 +188,6 @@ class ToMe(Method):
 
     def kv_cache_bytes(self, net, bundle, elem_bytes: int = 4) -> float:
         """Each layer caches the merged tokens of the merged scales (when attention merges) and every other token."""
-        from bench.analytic import kv_bytes
         cfg, merged = bundle.var.cfg, self.merged(bundle)
         attn = "attn" in self.config["merge"]
         keys = sum(p * p - (merged.get(s, 0) if attn else 0) for s, p in enumerate(cfg.patch_nums))
