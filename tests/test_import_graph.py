@@ -131,3 +131,64 @@ def test_no_cycle_but_the_known_ones():
 def test_no_import_cycle():
     found = cycles(import_graph())
     assert not found, _report(found)
+
+
+# ------------------------------------------------------------ imports inside functions say why
+# Our imports stand at the top of the module; one left inside a function says why on its line or the line above
+# (`# lazy: --help stays instant (no torch)`, `# lazy: methods.skipvar imports this module`, ...). Files that other
+# work of issue 25 is still rewriting, not checked yet: delete each entry once its file passes (the test names it).
+UNMARKED_ALLOWED = {
+    "bench/cli.py", "bench/dense_cache.py", "bench/generation.py", "bench/measure.py", "bench/measure_config.py",
+    "bench/registry.py", "bench/sampling.py", "bench/benchmarks/official.py", "bench/commands/bench_official.py",
+    "bench/commands/run.py", "bench/sweep/process.py", "bench/sweep/runner.py", "bench/sweep/spec.py",
+    "bench/sweep/store.py", "bench/sweep/trials.py", "bench/sweep/workers.py", "reports/__init__.py",
+    "reports/context.py", "reports/html.py", "reports/pareto.py", "reports/style.py",
+}
+
+
+def function_level_imports(tree: ast.AST) -> Iterator[ast.stmt]:
+    """Every import of our packages that stands inside a function (at any depth below it)."""
+    def ours(node) -> bool:
+        if isinstance(node, ast.Import):
+            return any(a.name.split(".")[0] in PACKAGES for a in node.names)
+        return bool(node.level) or (node.module or "").split(".")[0] in PACKAGES
+
+    def visit(node, in_function):
+        for child in ast.iter_child_nodes(node):
+            if in_function and isinstance(child, (ast.Import, ast.ImportFrom)) and ours(child):
+                yield child
+            yield from visit(child, in_function or isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef,
+                                                                      ast.Lambda)))
+    yield from visit(tree, False)
+
+
+def unmarked(source: str) -> Iterator[int]:
+    """Line numbers of function-level imports of ours with no comment on their lines or on the line above."""
+    lines = source.splitlines()
+    for node in function_level_imports(ast.parse(source)):
+        own = lines[node.lineno - 1:node.end_lineno]
+        above = lines[node.lineno - 2].strip() if node.lineno > 1 else ""
+        if not any("#" in line for line in own) and not above.startswith("#"):
+            yield node.lineno
+
+
+def test_unmarked_finds_what_it_should():
+    source = ("import bench.a\n"
+              "def f():\n    import bench.b\n    import torch\n"
+              "    from methods import c   # lazy: why\n"
+              "    # lazy: why\n    from reports.d import (e,\n        g)\n"
+              "    def inner():\n        from bench import h\n"
+              "class K:\n    def m(self):\n        from methods.x import y\n")
+    assert list(unmarked(source)) == [3, 10, 13]
+
+
+def test_every_function_level_import_of_ours_says_why():
+    found = []
+    for name, path in sorted(our_modules().items()):
+        rel = os.path.relpath(path, ROOT).replace(os.sep, "/")
+        if rel in UNMARKED_ALLOWED:
+            continue
+        with open(path) as f:
+            found += [f"{rel}:{n}" for n in unmarked(f.read())]
+    assert not found, "imports of our modules inside a function with no comment saying why (move them to the " \
+                      "top, or say why not on the line or the line above):\n  " + "\n  ".join(found)
