@@ -162,15 +162,14 @@ def batch_seed(prepare_seed: int, b: int) -> int:
 
 
 @torch.no_grad()
-def collect(bundle, decision_scale: int, max_last: int, samples: int, prepare_seed: int, batch: int = 32,
-            sampling=None, progress=None) -> dict:
+def collect(bundle, decision_scale: int, max_last: int, samples: int, prepare_seed: int, *, policy_cls,
+            batch: int = 32, sampling=None, progress=None) -> dict:
     """Generate `samples` images per outcome with the same seeds and labels (classes in turn): the features the
-    policy computes at the decision of the dense run, and each outcome's per-image SSIM to the dense image
+    policy (`policy_cls`: methods.skipvar.SkipVARPolicy, passed in so that this module need not import the method
+    that imports it) computes at the decision of the dense run, and each outcome's per-image SSIM to the dense image
     (torchmetrics' structural_similarity_index_measure, data range 1, float32, identical images exactly 1 — as
-    bench/quality.same_seed_fidelity)."""
+    bench.fidelity.same_seed_fidelity)."""
     from torchmetrics.functional.image import structural_similarity_index_measure as ssim_fn
-
-    from methods.skipvar import SkipVARPolicy   # lazy: methods.skipvar imports this module
     sampling = sampling or bundle.sampling
     S = len(bundle.var.patch_nums)
     names = outcome_names(max_last)[1:]
@@ -180,7 +179,7 @@ def collect(bundle, decision_scale: int, max_last: int, samples: int, prepare_se
     for b, i in enumerate(range(0, samples, batch)):
         labels = torch.arange(i, min(samples, i + batch), device=device) % bundle.num_classes
         seed = batch_seed(prepare_seed, b)
-        probe = _steps.StepNet(bundle.var, SkipVARPolicy(decision_scale, bundle.vqvae, rule=None))
+        probe = _steps.StepNet(bundle.var, policy_cls(decision_scale, bundle.vqvae, rule=None))
         dense = generate(probe, bundle.vqvae, labels, seed, sampling).images
         feats += probe.policy.features
         for n in names:

@@ -251,7 +251,7 @@ class SkipVAR(Method):
             log = get_logger("methods")
             t0 = time.time()
             samples = fitlib.collect(bundle, d, c["max_last"], c["fit_samples"], c["prepare_seed"],
-                                     progress=lambda i, n: log.info(f"skipvar fit samples {i}/{n}"))
+                                     policy_cls=SkipVARPolicy, progress=lambda i, n: log.info(f"skipvar fit samples {i}/{n}"))
             took = round(time.time() - t0, 1)
             for t in todo:
                 models = fitlib.fit(samples, t, c["max_last"])

@@ -115,31 +115,6 @@ def baseline_groups(df) -> List[Tuple[str, str]]:
     return [(str(s or ""), str(m or "")) for s, m in zip(col(df, "sweep_id"), col(df, "model"))]
 
 
-def resolution(df) -> List[Optional[str]]:
-    """'front' | 'not resolved' | 'dominated' | 'excluded' per row by RESOLUTION_RULE (None: incomplete, the row
-    lacks a paired value). Speed is maximised, ΔFID minimised; identical points get the same status; a point an
-    off-axis quality measure calls worse (reports.quality_vector.quality_call) is 'excluded', compared with no other."""
-    from reports.quality_vector import FRONT_AXES, quality_calls   # here: that module reads columns through this one
-    sp, dq = paired_intervals(df)
-    ok = [_complete(a) and _complete(b) for a, b in zip(sp, dq)]
-    admissible = [c.admissible(FRONT_AXES) for c in quality_calls(df)]
-    group = baseline_groups(df)
-    out: List[Optional[str]] = []
-    for i in range(len(sp)):
-        if not ok[i]:
-            out.append(None)
-            continue
-        if not admissible[i]:
-            out.append("excluded")
-            continue
-        peers = [j for j in range(len(sp)) if ok[j] and admissible[j] and j != i and group[j] == group[i]]
-        beaten = any(sp[j][1] > sp[i][2] and dq[j][2] < dq[i][1] for j in peers)
-        off_front = any(sp[j][0] >= sp[i][0] and dq[j][0] <= dq[i][0] and (sp[j][0] > sp[i][0] or dq[j][0] < dq[i][0])
-                        for j in peers)
-        out.append("dominated" if beaten else ("not resolved" if off_front else "front"))
-    return out
-
-
 def relative_time(df, all_rows=None) -> Tuple[List[Optional[float]], str]:
     """Time per image relative to dense, and what it is: 1 / paired speedup where the rows have it (comparable
     across trials), else absolute times over the dense row's (different trials: not comparable). all_rows: where
@@ -176,8 +151,8 @@ def run_warnings(df, manifest_trials: Optional[int] = None) -> List[str]:
     if manifest_trials is not None and manifest_trials > len(df):
         out.append(f"incomplete sweep: its manifest lists {manifest_trials} trials, {len(df)} have rows "
                    f"(finish it with `python -m bench sweep NAME --resume`)")
-    noisy = [p for p, n in zip(col(df, "sweep_point") if "sweep_point" in df.columns else col(df, "run_id"),
-                                col(df, "timing_noisy")) if n]
+    names = [p or r for p, r in zip(col(df, "sweep_point"), col(df, "run_id"))]   # a plain run has no sweep point
+    noisy = [p for p, n in zip(names, col(df, "timing_noisy")) if n]
     if noisy:
         out.append(f"{len(noisy)} of {len(df)} rows timed on a noisy machine (timing_noisy: "
                    f"{', '.join(map(str, noisy[:4]))}{' ...' if len(noisy) > 4 else ''}); their paired speedups "

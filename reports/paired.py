@@ -25,7 +25,7 @@ def _paired(ctx: Context):
     if not D.has_paired(ctx.df):
         raise Skip("no paired columns (speedup, fid_delta): rows from before paired measurement")
     sp, dq = D.paired_intervals(ctx.df)
-    return ctx.df, sp, dq, D.resolution(ctx.df)
+    return ctx.df, sp, dq, Q.resolution(ctx.df)
 
 
 def _caption_rule(ctx: Context, status, full_level: bool = False, limit: int = 2) -> str:

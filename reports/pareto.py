@@ -218,7 +218,7 @@ def front_table(ctx: Context) -> List[str]:
     lo, hi, ms = D.col(df, "fid_ci_low"), D.col(df, "fid_ci_high"), D.ms_per_image(df)
     isc = D.col(df, "isc_mean")
     sp, dq = D.paired_intervals(df)
-    status = D.resolution(df)
+    status = Q.resolution(df)
     vector = Q.vector_cells(df)
     header = ["Method", "Model", "GMACs/img", "ΔMACs vs dense", "ms/img", "Speedup [95% CI]", "FID [95% CI]",
               *Q.vector_header(), "IS", "resolved", "on front"]

@@ -92,6 +92,30 @@ def quality_calls(df) -> List[QualityCall]:
     return [quality_call({c: v[i] for c, v in cols.items()}) for i in range(len(df))]
 
 
+def resolution(df) -> List[Optional[str]]:
+    """'front' | 'not resolved' | 'dominated' | 'excluded' per row by reports.data.RESOLUTION_RULE (None:
+    incomplete, the row lacks a paired value). Speed is maximised, ΔFID minimised; identical points get the same status; a point an
+    off-axis quality measure calls worse (quality_call) is 'excluded', compared with no other."""
+    sp, dq = D.paired_intervals(df)
+    ok = [D._complete(a) and D._complete(b) for a, b in zip(sp, dq)]
+    admissible = [c.admissible(FRONT_AXES) for c in quality_calls(df)]
+    group = D.baseline_groups(df)
+    out: List[Optional[str]] = []
+    for i in range(len(sp)):
+        if not ok[i]:
+            out.append(None)
+            continue
+        if not admissible[i]:
+            out.append("excluded")
+            continue
+        peers = [j for j in range(len(sp)) if ok[j] and admissible[j] and j != i and group[j] == group[i]]
+        beaten = any(sp[j][1] > sp[i][2] and dq[j][2] < dq[i][1] for j in peers)
+        off_front = any(sp[j][0] >= sp[i][0] and dq[j][0] <= dq[i][0] and (sp[j][0] > sp[i][0] or dq[j][0] < dq[i][0])
+                        for j in peers)
+        out.append("dominated" if beaten else ("not resolved" if off_front else "front"))
+    return out
+
+
 def admissible_front(xs, ys, calls: Sequence[QualityCall]):
     """(front mask, {row: reason}) of the Pareto front (reports.data.pareto_front, both minimised; y is FID or
     ΔFID) over the points no other measure calls worse; the reasons name each point that the point estimates

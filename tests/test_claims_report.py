@@ -71,7 +71,7 @@ def _front_rows():
 
 
 def test_a_point_a_measure_calls_worse_is_off_the_front_and_the_output_says_why(tmp_path):
-    from reports.data import resolution
+    from reports.quality_vector import resolution
     from reports.paired import paired_table
     from reports.pareto import front_table, pareto_figures
     df = _front_rows()

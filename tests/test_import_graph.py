@@ -106,28 +106,11 @@ def test_the_library_never_imports_the_cli():
     assert not wrong, f"library modules import the CLI: {wrong}"
 
 
-# Cycles left in modules that other work of issue 25 is rewriting (bench/sweep/, methods/skipvar.py, reports/): each
-# as its modules, sorted. Until they are gone the full test is an expected failure, and the one below fails on any
-# other cycle. Delete this list, the xfail and test_no_cycle_but_the_known_ones when the last one is broken.
-KNOWN_CYCLES = (
-    ("bench.sweep.runner", "bench.sweep.workers"),      # trial_setup
-    ("bench.sweep.spec", "bench.sweep.trials"),
-    ("methods._skipvar_fit", "methods.skipvar"),        # collect() builds a SkipVARPolicy
-    ("reports.data", "reports.quality_vector"),
-)
-
-
 def _report(found) -> str:
     return "import cycles (each: its modules; one cycle through them):\n" + "\n".join(
         f"  {', '.join(c)}\n    {' -> '.join(path)}" for c, path in found)
 
 
-def test_no_cycle_but_the_known_ones():
-    new = [(c, path) for c, path in cycles(import_graph()) if tuple(c) not in KNOWN_CYCLES]
-    assert not new, _report(new)
-
-
-@pytest.mark.xfail(strict=True, reason="the KNOWN_CYCLES are not broken yet")
 def test_no_import_cycle():
     found = cycles(import_graph())
     assert not found, _report(found)

@@ -296,7 +296,7 @@ def test_paired_status_compares_within_a_dense_baseline_and_lists_incomplete_row
     import pandas as pd
     from bench.results import append_row
     from reports import build_reports
-    from reports.data import resolution
+    from reports.quality_vector import resolution
     rows = []
     for model, sp, dq in (("d4", (1.50, 1.45, 1.55), (0.2, 0.1, 0.3)), ("d6", (1.20, 1.15, 1.25), (0.9, 0.8, 1.0))):
         rows.append(_paired(_row("mm", "mm-1", f"{model}/dense", "dense", DENSE_MACS, 10.0, model=model),
@@ -345,7 +345,7 @@ def test_paired_report_marks_what_is_resolved_and_warns(tmp_path):
     from bench.results import append_row
     from bench.sweep import write_manifest
     from reports import build_reports
-    from reports.data import resolution
+    from reports.quality_vector import resolution
     d = str(tmp_path / "s")
     rows = [_paired(_row("pr", "pr-1", "m/dense", "dense", DENSE_MACS, 10.0), (1.0, 1.0, 1.0), (0.0, 0.0, 0.0))]
     for point, (sp, dq, _) in PAIRED_POINTS.items():
@@ -377,3 +377,13 @@ def test_paired_report_marks_what_is_resolved_and_warns(tmp_path):
     methods = open(os.path.join(out, "pr", "methods.md")).read()       # the protocol, once per report
     assert "64 samples" in methods and "ABBA" in methods and "paired class-stratified bootstrap" in methods
     assert "incomplete sweep: its manifest lists 6 trials" in methods
+
+
+def test_noisy_plain_runs_are_named_by_their_run_id():
+    """Plain `bench run` rows have no sweep point: the noisy-timing warning names them by run id, not 'None'."""
+    import pandas as pd
+    from reports.data import run_warnings
+    df = pd.DataFrame([dict(run_id="run-a", sweep_point=None, timing_noisy=True, speedup=1.1),
+                       dict(run_id="run-b", sweep_point="default/dmoe", timing_noisy=True, speedup=1.0)])
+    warning = next(w for w in run_warnings(df) if "noisy" in w)
+    assert "run-a, default/dmoe" in warning and "None" not in warning

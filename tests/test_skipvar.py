@@ -13,6 +13,7 @@ from bench.errors import BenchError
 from bench.registry import create_method
 from bench.sampling import generate
 from methods import _skipvar_fit as fitlib
+from methods.skipvar import SkipVARPolicy
 from methods.skipvar import KIND, RECIPE, SkipVAR, SkipVARPolicy, on_grid, read_models
 from tests.test_actvar import one_thread  # noqa: F401 (autouse fixture)
 from tests.test_actvar import SAMPLING, reset
@@ -26,7 +27,7 @@ FIT = 12                    # samples of the tiny fits
 def tiny_samples():
     from bench.zoo import tiny_bundle
     b = tiny_bundle()
-    return fitlib.collect(b, 3, 3, FIT, 0, batch=FIT, sampling=SAMPLING)
+    return fitlib.collect(b, 3, 3, FIT, 0, policy_cls=SkipVARPolicy, batch=FIT, sampling=SAMPLING)
 
 
 def split_target(samples) -> float:
