@@ -7,7 +7,10 @@ import os
 import sys
 from typing import Optional
 
+import bench.commands as commands
+from bench import __version__
 from bench.errors import BenchError
+from bench.log import setup_logging
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -37,7 +40,6 @@ class VersionAction(argparse.Action):
         super().__init__(option_strings=option_strings, dest=dest, default=default, nargs=0, help=help)
 
     def __call__(self, parser, namespace, values, option_string=None):
-        from bench import __version__
         print(f"var-bench {__version__}", file=sys.stdout)
         parser.exit()
 
@@ -45,7 +47,6 @@ class VersionAction(argparse.Action):
 def build_parser() -> argparse.ArgumentParser:
     """Parsing imports no heavy module (torch, ray, pandas, ...): each command's register() reads only light ones
     (bench.defaults, bench.commands._common) and imports the rest when it runs (tests/test_cli_instant.py)."""
-    import bench.commands as commands
     parser = OneLineParser(prog=program_name(), description="var-bench: benchmark & ablation harness for "
                            "efficiency methods on Visual AutoRegressive (VAR) image models.")
     parser.add_argument("--version", action=VersionAction)
@@ -86,7 +87,6 @@ def main(argv=None):
         print(f"error: {blank} is empty; give a value, or leave the option out for its default", file=sys.stderr)
         sys.exit(2)
     args = parser.parse_args(argv)
-    from bench.log import setup_logging
     setup_logging(getattr(args, "verbose", 0) - getattr(args, "quiet", 0))
     if not getattr(args, "func", None):
         parser.print_help()

@@ -20,7 +20,7 @@ from typing import Callable, List, Optional
 import torch
 import torch.nn.functional as F
 
-from bench.errors import NonFiniteOutput
+from bench.errors import BenchError, NonFiniteOutput
 from bench.precision import forward_autocast
 
 
@@ -37,7 +37,6 @@ class SamplingConfig:
 
 def validate_sampling(s: SamplingConfig, vocab: int) -> None:
     """One line (BenchError) on settings the sampler cannot use with a vocabulary of `vocab` tokens."""
-    from bench.errors import BenchError
     if not (s.cfg >= 0 and math.isfinite(s.cfg)):
         raise BenchError(f"--cfg must be a finite number >= 0, got {s.cfg}")
     if not 0 <= s.top_k <= vocab:

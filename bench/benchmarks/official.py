@@ -122,8 +122,10 @@ def import_official(path: str) -> types.ModuleType:
 def build_models(official: types.ModuleType, c: OfficialConfig):
     """(our VAR, our VQ-VAE, the release's VAR holding its VQ-VAE), all sharing one set of random weights."""
     import torch
+    # lazy, these two and those of compare_with_official: they pull torch, and the command checks its flags with
+    # this module before torch loads
     from bench.models.var import VAR, VARConfig
-    from bench.models.vqvae import OFFICIAL_VQVAE, VQVAE
+    from bench.models.vqvae import OFFICIAL_VQVAE, VQVAE   # lazy: pulls torch
     torch.manual_seed(c.seed)
     var_cfg = VARConfig.official(c.depth)
     if c.patch_nums is not None:
@@ -163,8 +165,8 @@ def compare_with_official(var_code: str, c: OfficialConfig = OfficialConfig(),
     check_config(c)
     official = import_official(var_code)
     import torch
-    from bench.env import check_device, environment
-    from bench.sampling import SamplingConfig, generate
+    from bench.env import check_device, environment   # lazy: pulls torch (see build_models)
+    from bench.sampling import SamplingConfig, generate   # lazy: pulls torch
     check_device(c.device)
     threads_before = torch.get_num_threads()
     torch.set_num_threads(c.threads)

@@ -2,6 +2,10 @@
 weights, labels and seed; bench/benchmarks/official.py measures, this command parses the flags and prints."""
 from __future__ import annotations
 
+from bench.benchmarks.jsonfile import write_json
+from bench.benchmarks.official import OfficialConfig, check_config, check_var_code, compare_with_official
+from bench.commands._common import check_device, check_writable_file
+
 ORDER = 94
 
 
@@ -27,21 +31,17 @@ def register(sub):
 
 
 def run(a):
-    from bench.benchmarks.official import OfficialConfig, check_config, check_var_code
-    from bench.commands._common import check_device, check_writable_file
     check_var_code(a.var_code)   # first: a wrong path is the likeliest mistake, and costs nothing to find
     if a.json:
         check_writable_file(a.json, (".json",), "--json")
     patch_nums = None
     if a.patch_nums is not None:
-        from bench.zoo import parse_patch_nums
+        from bench.zoo import parse_patch_nums   # lazy: --help stays instant (no torch)
         patch_nums = parse_patch_nums(a.patch_nums)
     cfg = OfficialConfig(depth=a.depth, patch_nums=patch_nums, batch_size=a.batch_size, reps=a.reps, seed=a.seed,
                          threads=a.threads, cfg=a.cfg, top_k=a.top_k, top_p=a.top_p, more_smooth=a.more_smooth,
                          device=check_device(a.device))
     check_config(cfg)
-    from bench.benchmarks.jsonfile import write_json
-    from bench.benchmarks.official import compare_with_official
     r = compare_with_official(a.var_code, cfg, say=lambda s: print(s, flush=True))
     print(f"ours / official, d{a.depth}, batch {a.batch_size}, {a.reps} reps ABBA, {a.threads} thread(s): "
           f"CPU time {r['ours_over_official']:.3f} [{r['ours_over_official_min']:.3f}..{r['ours_over_official_max']:.3f}]"
