@@ -123,9 +123,8 @@ def test_no_import_cycle():
 UNMARKED_ALLOWED = {
     "bench/cli.py", "bench/dense_cache.py", "bench/generation.py", "bench/measure.py", "bench/measure_config.py",
     "bench/registry.py", "bench/sampling.py", "bench/benchmarks/official.py", "bench/commands/bench_official.py",
-    "bench/commands/run.py", "bench/sweep/process.py", "bench/sweep/runner.py", "bench/sweep/spec.py",
-    "bench/sweep/store.py", "bench/sweep/trials.py", "bench/sweep/workers.py", "reports/__init__.py",
-    "reports/context.py", "reports/html.py", "reports/pareto.py", "reports/style.py",
+    "bench/commands/run.py", "reports/__init__.py", "reports/context.py", "reports/html.py", "reports/pareto.py",
+    "reports/style.py",
 }
 
 

@@ -7,6 +7,7 @@ import os
 from typing import List
 
 from bench.log import get_logger
+from bench.registry import create_method
 from bench.sweep.spec import import_modules
 from bench.sweep.trials import load_bundle, sampling_for
 
@@ -38,7 +39,6 @@ def trial_setup(job: dict):
     """The sweep's modules imported, the trial's thread count (job["config"]["threads"]), the device Ray granted;
     returns (device, bundle, method, sampling)."""
     import torch
-    from bench.registry import create_method
     import_modules(job["modules"])
     threads = (job.get("config") or {}).get("threads")
     if threads:

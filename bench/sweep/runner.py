@@ -12,9 +12,10 @@ from dataclasses import replace
 from typing import Dict, List, Optional, Tuple
 
 from bench.errors import BenchError
-from bench.log import counter_bar, get_logger
+from bench.log import counter_bar, get_logger, setup_logging
 from bench.measure_config import MeasureConfig
 from bench.records import SweepRecord
+from bench.registry import create_method
 from bench.results import row_json
 from bench.sweep.process import trial_setup
 from bench.sweep.spec import measure_config
@@ -200,7 +201,7 @@ def run_trial(job: dict) -> dict:
     import traceback
     t0 = time.time()
     try:
-        from bench.measure import measure
+        from bench.measure import measure   # looked up at call time: tests replace bench.measure.measure
         _, bundle, method, sampling = trial_setup(job)
         workers = generation_workers(job)
         try:
@@ -242,14 +243,13 @@ def generation_workers(job: dict):
     if not ray.is_initialized():
         logger.warning("generation workers: not inside Ray, so the trial generates all of its samples itself")
         return None
-    from bench.sweep.workers import GenerationWorkers
+    from bench.sweep.workers import GenerationWorkers   # lazy: pulls torch; the CLI imports this module
     return GenerationWorkers(job, n - 1, job["worker_resources"])
 
 
 def _trainable(config):
     from ray import tune
     job = config["job"]
-    from bench.log import setup_logging
     # the worker's messages: only with -v (then prefixed with the trial), else warnings only
     setup_logging(0 if job.get("verbose") else -1, stream=sys.stdout, prefix=f"[{job['point_id']}] ")
     tune.report(run_trial(job))
@@ -324,6 +324,7 @@ class SweepRunner:
 
     def ensure_row(self, row_json: Optional[str]) -> None:
         """Store the trial's row here if the worker wrote it elsewhere (another node without shared storage)."""
+        # looked up at call time: tests replace bench.results.append_row
         from bench.results import ROWS, append_row, row_filename
         if not row_json:
             return
@@ -360,7 +361,6 @@ class SweepRunner:
                         continue
                     try:
                         params = derive_twin_params(t, prow)
-                        from bench.registry import create_method
                         create_method(t.method, **params)
                     except BenchError as e:
                         self.failed[t.point_id] = str(e)

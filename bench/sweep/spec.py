@@ -71,6 +71,8 @@ from typing import Any, Dict, List, Sequence, Tuple
 
 from bench.errors import BenchError
 from bench.measure_config import SETTINGS, MeasureConfig, check_setting, setting_kind, sweep_settings
+from bench.presets import get_preset, resolve_preset
+from bench.registry import method_class
 
 # the measurement settings a sweep sets (bench/measure_config.py declares their types, defaults, bounds and help):
 # samples, batch_size, seed, reference at the top level; the others under `measure:`
@@ -199,7 +201,6 @@ def _check_type(where: str, value, typ, nullable: bool = False):
 
 def method_params(method: str) -> Dict[str, Any]:
     """The parameters a registered method takes, by name."""
-    from bench.registry import method_class
     return {p.name: p for p in method_class(method).params}
 
 
@@ -467,7 +468,6 @@ def apply_preset(raw: dict, where: str) -> dict:
     name = raw.get("preset")
     if name is None:
         return raw
-    from bench.presets import get_preset
     if not isinstance(name, str):
         raise BenchError(f"{where}: preset must be a string or null, got {name!r}")
     try:
@@ -484,7 +484,6 @@ def apply_preset(raw: dict, where: str) -> dict:
 def check_preset(spec: dict, where: str) -> None:
     """The preset's required files, after every override (so --set reference=... counts)."""
     if spec.get("preset"):
-        from bench.presets import resolve_preset
         try:
             resolve_preset(spec["preset"], spec["reference"], spec["measure"].get("inception_weights"),
                            flag_names=("reference:", "measure.inception_weights:"))
@@ -495,7 +494,6 @@ def check_preset(spec: dict, where: str) -> None:
 def _check_methods(raw: dict, where: str) -> None:
     """Method names first, so that a typo is reported as such (with the valid names). Nodes of the wrong type
     are left to normalize(), which names their key path."""
-    from bench.registry import method_class
 
     def check(section, path):
         if isinstance(section, dict) and isinstance(section.get("method"), str):

@@ -12,6 +12,8 @@ from typing import Dict, List, Optional, Sequence
 
 from bench.errors import BenchError
 from bench.log import get_logger
+from bench.registry import create_method
+from bench.results import ROWS, load_results, row_files
 from bench.sweep.spec import import_modules
 from bench.sweep.trials import Trial, expand, validate_trials
 
@@ -32,7 +34,7 @@ def new_sweep_id(name: str) -> str:
 
 
 def write_manifest(results_dir: str, manifest: dict) -> str:
-    from bench.atomic import atomic_write_text
+    from bench.atomic import atomic_write_text   # looked up at call time: tests replace bench.atomic.atomic_write_text
     d = manifest_dir(results_dir)
     os.makedirs(d, exist_ok=True)
     path = os.path.join(d, manifest["sweep_id"] + ".json")
@@ -71,7 +73,6 @@ def read_manifests(results_dir: str, name: Optional[str] = None) -> List[dict]:
 
 def stored_rows(results_dir: str, sweep_id: str):
     """{trial_key: row dict} of a sweep invocation."""
-    from bench.results import load_results
     if not os.path.isdir(results_dir):
         return {}
     df = load_results(results_dir)
@@ -106,7 +107,6 @@ def spec_fingerprint(spec: dict) -> str:
 # ================================================================================================ resume
 def latest_sweep_id_in_rows(results: str, spec: dict):
     """The latest invocation of this sweep found in the rows themselves, if its rows match the settings."""
-    from bench.results import load_results
     if not os.path.isdir(results):
         return None
     df = load_results(results, sweep=spec["name"])
@@ -124,7 +124,6 @@ def latest_sweep_id_in_rows(results: str, spec: dict):
         if want is not None and col in rows.columns and set(rows[col].dropna()) - {want}:
             raise BenchError(f"--resume: sweep {sid} (rows only, no manifest) has {col}="
                              f"{sorted(set(rows[col].dropna()))}, not {want}; {fix}")
-    from bench.registry import create_method
     trials = {t.key(sid): t for t in expand(spec)}
     for r in rows.to_dict("records"):   # a stored trial must be the trial of the same key now: same parameters
         t = trials.get(r.get("trial_key"))
@@ -177,7 +176,6 @@ def rerun_entries(m: dict, spec: dict, rerun: Sequence[str], results_dir: str) -
     """The manifest `m` of a resumed invocation with the entries `rerun` redefined as the sweep file (`spec`) has them
     now: the manifest's spec and trials updated (the rest as recorded) and the rerun recorded in its `reruns`; the
     entries' stored rows — twins included, since a twin derives its parameters from its parent's row — superseded."""
-    from bench.results import row_files
     unknown = sorted(set(rerun) - set(spec["points"]))
     if unknown:
         raise BenchError(f"--rerun: no point {unknown[0]!r} in the sweep file {spec['name']}; valid: "
@@ -212,7 +210,6 @@ def rerun_entries(m: dict, spec: dict, rerun: Sequence[str], results_dir: str) -
 def apply_rerun(results_dir: str, rerun: Rerun) -> None:
     """Move the superseded rows to rows/superseded/ (kept: results are never lost; not loaded), then write the
     updated manifest, so that a later plain --resume continues the rerun."""
-    from bench.results import ROWS
     dest_dir = os.path.join(results_dir, ROWS, SUPERSEDED)
     for f in rerun.row_files:
         os.makedirs(dest_dir, exist_ok=True)

@@ -9,6 +9,8 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, List
 
 from bench.errors import BenchError
+from bench.registry import create_method, method_class
+from bench.results import SCHEMA, json_value
 from bench.sweep.spec import measure_config, method_params, model_key
 
 
@@ -41,7 +43,6 @@ def _axes_text(axes: Dict[str, Any]) -> str:
 def shared_settings(parent_method: str, twin_method: str) -> List[str]:
     """Parameters two methods declare with the same Param object: one recipe setting (bench.recipe) naming the same
     artifact, e.g. DMoE's fine-tune (hoyer_weight, finetune_steps, prepare_seed) that a Pruned-FFN twin prunes."""
-    from bench.registry import method_class
     try:
         a, b = method_class(parent_method).params, method_class(twin_method).params
     except BenchError:   # an unknown method: the spec's checks name it
@@ -95,8 +96,7 @@ def validate_trials(spec: dict, trials: List[Trial], models: str = "load") -> Di
     """Every check that needs no measurement: method configs, then the models: models="load" loads embedded ones
     and runs each method's check_model (official weights are only checked to exist), "names" checks that they are
     available, "skip" leaves them out. Returns {model key: info}."""
-    from bench.registry import create_method
-    from bench.env import check_device
+    from bench.env import check_device   # lazy: pulls torch; the CLI imports this module
     by_id = {t.point_id: t for t in trials}
     same: Dict[tuple, str] = {}
     for t in trials:
@@ -133,7 +133,7 @@ def validate_trials(spec: dict, trials: List[Trial], models: str = "load") -> Di
         raise BenchError(f"unknown device {spec['device']!r}; valid: cpu, cuda, cuda:N")
     import torch
     if not spec["device"].startswith("cuda") or torch.cuda.is_available():   # else the trials check on their GPU
-        from bench.precision import check_dtype
+        from bench.precision import check_dtype   # lazy: pulls torch; the CLI imports this module
         check_dtype(spec["measure"].get("dtype"), spec["device"], f"sweep {spec['name']}: measure.dtype")
     for k in ("top_k",):
         if k in spec["sampling"] and spec["sampling"][k] is not None and spec["sampling"][k] < 0:
@@ -147,7 +147,7 @@ def validate_trials(spec: dict, trials: List[Trial], models: str = "load") -> Di
 
 
 def _check_model(spec: dict, m, trials: List[Trial], load: bool) -> dict:
-    from bench.zoo import list_models, resolve_name
+    from bench.zoo import list_models, resolve_name   # lazy: pulls torch; the CLI imports this module
     if isinstance(m, dict):
         for k in ("var_ckpt", "vae_ckpt"):
             if not m.get(k) or not os.path.isfile(str(m[k])):
@@ -162,7 +162,6 @@ def _check_model(spec: dict, m, trials: List[Trial], load: bool) -> dict:
     if not load:
         return dict(model_id=None, source="embedded")
     bundle = load_bundle(m, "cpu")
-    from bench.registry import create_method
     for t in trials:
         if t.parent:   # derived parameters are unknown until the parent has run; check the rest
             continue
@@ -172,12 +171,12 @@ def _check_model(spec: dict, m, trials: List[Trial], load: bool) -> dict:
         except BenchError as e:
             raise BenchError(f"sweep {spec['name']}: point {t.point_id}: {e}") from None
     sampling = sampling_for(spec, bundle)
-    from bench.sampling import validate_sampling
+    from bench.sampling import validate_sampling   # lazy: pulls torch; the CLI imports this module
     validate_sampling(sampling, bundle.var.V)
-    from bench.quality import check_reference
+    from bench.quality import check_reference   # lazy: pulls torch; the CLI imports this module
     try:   # what each trial's measure() would refuse, refused here before the manifest and the first trial
-        from bench.checkpoints import check_writable_dir
-        from bench.dense_cache import dense_cache_dir
+        from bench.checkpoints import check_writable_dir   # lazy: pulls torch; the CLI imports this module
+        from bench.dense_cache import dense_cache_dir   # lazy: pulls torch; the CLI imports this module
         c = measure_config(spec)
         check_writable_dir(dense_cache_dir(c.cache_dir), "cache directory")
         check_reference(bundle, c.samples, c.reference, c.inception_weights, c.metrics,
@@ -192,7 +191,7 @@ _BUNDLES: Dict[str, Any] = {}
 
 def load_bundle(m, device: str):
     """Model of a trial, cached per process (Ray reuses a trial's worker process for the next trial)."""
-    from bench.zoo import load_model
+    from bench.zoo import load_model   # looked up at call time: tests replace bench.zoo.load_model
     key = json.dumps([m, device], sort_keys=True)
     if key not in _BUNDLES:
         _BUNDLES.clear()   # one model at a time: official weights are large
@@ -213,7 +212,6 @@ def sampling_for(spec: dict, bundle):
 
 def parent_columns(method: str) -> List[str]:
     """Columns every row of `method` has: the results schema and its parameters' param_<name> columns."""
-    from bench.results import SCHEMA
     return [c for c in SCHEMA if "<" not in c] + [f"param_{p}" for p in method_params(method)]
 
 
@@ -223,7 +221,6 @@ def derive_twin_params(trial: Trial, parent_row: dict) -> Dict[str, Any]:
     for p, col in trial.from_parent.items():
         if col not in parent_row:
             raise BenchError(f"twin {trial.point_id}: the parent's row has no column {col!r}")
-        from bench.results import json_value
         v = json_value(parent_row[col])
         if isinstance(v, float) and v != v:
             v = None

@@ -22,6 +22,8 @@ from bench.dense_cache import batch_store_key
 from bench.generation import batch_seed
 from bench.log import get_logger
 from bench.measure_config import MeasureConfig
+from bench.precision import generation_dtype
+from bench.quality import to_uint8
 from bench.sweep.process import trial_setup
 
 logger = get_logger(__name__)
@@ -61,9 +63,7 @@ class GenerationActor:
     def generate(self, role: str, labels, seed: int):
         """One batch: (tokens per scale as int32, uint8 images), both on the CPU."""
         import torch
-        from bench.precision import generation_dtype
-        from bench.quality import to_uint8
-        from bench.sampling import generate
+        from bench.sampling import generate   # looked up at call time: tests replace bench.sampling.generate
         net, bundle, sampling, dtype = self.nets[role]
         with torch.no_grad(), generation_dtype(dtype):
             gen = generate(net, bundle.vqvae, labels.to(bundle.device), seed, sampling)
