@@ -19,7 +19,11 @@ from typing import List, Optional
 
 import torch
 
+from bench.artifacts import cache_root
+from bench.atomic import atomic_path
 from bench.defaults import SEED_SCHEME
+from bench.precision import DEFAULT_DTYPE, current_dtype, normalize_dtype
+from bench.resume import BatchStore, checked_outputs
 
 DENSE_CACHE_VERSION = 1
 
@@ -29,7 +33,6 @@ def _now() -> str:
 
 
 def dense_cache_dir(cache_dir: Optional[str]) -> str:
-    from bench.artifacts import cache_root
     return os.path.join(cache_dir or cache_root(), "dense-outputs")
 
 
@@ -37,7 +40,6 @@ def dense_cache_key(bundle, sampling, seed: int, samples: int, batch_size: int, 
                     dtype: Optional[str] = None) -> dict:
     """What dense outputs depend on. `dtype` (default: the current bench.precision dtype, the one they are
     generated in) enters only when not fp32, so fp32 entries made before --dtype existed stay valid."""
-    from bench.precision import DEFAULT_DTYPE, current_dtype, normalize_dtype
     dtype = normalize_dtype(dtype if dtype is not None else current_dtype())
     files = {}
     for k, p in sorted((bundle.files or {}).items()):  # official weights: the VQ-VAE file is not in model_id
@@ -113,7 +115,6 @@ def load_dense_outputs(path: str):
         t = load_file(path)
     except (SafetensorError, OSError, ValueError):
         return None  # a damaged entry is regenerated, never trusted
-    from bench.resume import checked_outputs
     return checked_outputs(t)   # None for a damaged or foreign entry: regenerated
 
 
@@ -121,7 +122,6 @@ def load_dense_rows(path: str, start: int, stop: int):
     """Rows start..stop-1 of a dense-cache entry (tokens per scale, images), read without loading the rest; None if
     the entry is missing, damaged, or shorter."""
     from safetensors import SafetensorError, safe_open
-    from bench.resume import checked_outputs
     if not os.path.isfile(path):
         return None
     try:
@@ -135,7 +135,6 @@ def load_dense_rows(path: str, start: int, stop: int):
 def store_dense_outputs(path: str, key: dict, tokens: List[torch.Tensor], images: torch.Tensor) -> None:
     """Atomic (bench.atomic): a reader never sees a partial entry."""
     from safetensors.torch import save_file
-    from bench.atomic import atomic_path
     tensors = {f"tokens.{si}": t.to(torch.int32).contiguous() for si, t in enumerate(tokens)}
     tensors["images"] = images.contiguous()
     with atomic_path(path) as tmp:
@@ -152,7 +151,6 @@ def generation_role(method) -> str:
 def generation_store(role: str, method, net, bundle, sampling, config):
     """The batch checkpoints of a measurement's N samples (bench.resume.BatchStore under batch_store_key). The dense
     role reads first the dense cache's entry for these N samples, where a method point left one."""
-    from bench.resume import BatchStore
     c = config
     store = BatchStore.for_key(batch_store_key(role, method, net, bundle, sampling, c.seed, c.samples, c.batch_size,
                                                bundle.device, c.dtype), c.cache_dir)

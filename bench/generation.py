@@ -11,8 +11,9 @@ from typing import Deque, Dict, List, Optional, Protocol, Tuple
 import torch
 
 from bench.defaults import SEED_MULTIPLIER
-from bench.log import get_logger
+from bench.log import get_logger, progress
 from bench.memory import release_freed_memory
+from bench.quality import to_uint8
 
 logger = get_logger(__name__)
 
@@ -62,7 +63,6 @@ def batch_ranges(samples: int, batch_size: int) -> List[tuple]:
 
 
 def _to_uint8(images: torch.Tensor) -> torch.Tensor:
-    from bench.quality import to_uint8
     return to_uint8(images).cpu()
 
 
@@ -81,7 +81,6 @@ def generate_all(net, bundle, labels, seed, sampling, batch_size, *, timer=None,
     the list while this one generates (and times) them from the start; what they return is saved like this
     process's batches, so a kill loses nothing either way."""
     from collections import deque
-    from bench.log import progress
     ranges = batch_ranges(len(labels), batch_size)
     done: Dict[int, tuple] = {}
     for b, (s, e) in enumerate(ranges):
@@ -153,7 +152,7 @@ def generate_all(net, bundle, labels, seed, sampling, batch_size, *, timer=None,
 
 def timed_batch(net, bundle, labels, seed: int, sampling, timer=None, probe=None):
     """A callable generating one batch: () -> ((Generation, peak memory or None), laps or None)."""
-    from bench.sampling import generate
+    from bench.sampling import generate   # looked up at call time: tests replace bench.sampling.generate
 
     def run():
         if probe is not None:

@@ -52,8 +52,26 @@ from bench.dense_cache import (DENSE_CACHE_VERSION, batch_store_key, dense_cache
 from bench.errors import BenchError, RowNotStored
 from bench.generation import (GenerationSession, GenerationWorkerPool, _to_uint8, batch_ranges,  # noqa: F401
                               batch_seed, dense_batch, finish_rounds, generate_all, sample_labels, timed_batch)
+from bench.analytic import counting_executed, dense_scale_macs
+from bench.checkpoints import check_writable_dir
+from bench.env import environment
+from bench.fidelity import same_seed_fidelity
+from bench.flops import count_generation
 from bench.log import get_logger
 from bench.measure_config import MeasureConfig
+from bench.models.var import KVCache, SelfAttention
+from bench.precision import check_dtype, forward_autocast, generation_dtype
+from bench.quality import check_reference, quality_metrics
+from bench.records import (EnvironmentRecord, FidelityRecord, FlopsRecord, MemoryRecord, MethodSetup,
+                           PairedQualityRecord, PairedTimingRecord, QualityRecord, ResolveRecord, RunIdentity,
+                           RunSetup, RunTimes, SweepRecord, TimingRecord)
+from bench.registry import Method, create_method
+from bench.resolve import Look, run_looks
+from bench.results import check_results_dir
+from bench.resume import BatchStore
+from bench.sampling import validate_sampling
+from bench.timing import (NOISY_RULE, BatchTimer, MachineWatch, PairedRounds, paired_summary, summarize,
+                          time_flop_efficiency)
 
 logger = get_logger(__name__)
 
@@ -94,11 +112,6 @@ def validate(bundle, method, config: MeasureConfig, sampling, results_dir: str) 
     """Every check that can fail, before anything is generated or written (the config's own values were checked
     when it was made): sampling against the model, the dtype on its device, the method against the model, the
     results and cache directories, the quality reference. Returns check_reference's findings."""
-    from bench.precision import check_dtype
-    from bench.checkpoints import check_writable_dir
-    from bench.sampling import validate_sampling
-    from bench.quality import check_reference
-    from bench.results import check_results_dir
     validate_sampling(sampling, bundle.var.V)
     check_dtype(config.dtype, bundle.device)
     method.check_model(bundle)
@@ -146,7 +159,6 @@ def time_paired(method, net, bundle, labels, seed: int, sampling, batch_size: in
 
 def analytic_per_scale(method, net, bundle, batch: int) -> List[float]:
     """The method's analytic MACs per scale (None or no formula: the dense formula)."""
-    from bench.analytic import dense_scale_macs
     m = method.analytic_macs(net, bundle, batch) if method is not None else None
     if m is None:
         m = [s.total for s in dense_scale_macs(bundle.var.cfg, batch)]
@@ -157,8 +169,6 @@ def kv_element_bytes(bundle) -> float:
     """Mean of the key and value element sizes the attention caches store under the current --dtype on the bundle's
     device, probed with one attention call: autocast's rules differ by device (where `norm` runs in float32, the
     l2-normalised keys come out float32 while the values are in the autocast dtype)."""
-    from bench.models.var import KVCache, SelfAttention
-    from bench.precision import forward_autocast
     dev = bundle.device
     att, cache = SelfAttention(8, 2, bundle.var.cfg.attn_l2_norm).to(dev), KVCache()
     with torch.no_grad(), forward_autocast(dev.type):
@@ -169,8 +179,6 @@ def kv_element_bytes(bundle) -> float:
 # ---------------------------------------------------------------------------------------------- the phases
 def count_flops(method, net, bundle, labels, seed: int, sampling, flop_images: int):
     """FLOPs phase: a traced generation of the first flop_images images (fvcore) beside the analytic count."""
-    from bench.flops import count_generation
-    from bench.records import FlopsRecord
     rec = FlopsRecord(flop_images=flop_images)
     if flop_images > 0:
         reset_stats(net)
@@ -206,11 +214,7 @@ def generate_and_time(method, net, bundle, labels, seed: int, sampling, batch_si
     statistics then cover the batches generated here (TimingRecord.resumed_batches says how many were not; with
     `workers`, TimingRecord.worker_batches those that other processes generated). `role`: the pass's role for the
     workers (bench.dense_cache.generation_role)."""
-    from bench.analytic import counting_executed, dense_scale_macs
-    from bench.memory import PeakMemory
-    from bench.records import MemoryRecord, PairedTimingRecord, TimingRecord
-    from bench.timing import (NOISY_RULE, BatchTimer, MachineWatch, PairedRounds, paired_summary, summarize,
-                              time_flop_efficiency)
+    from bench.memory import PeakMemory   # looked up at call time: tests replace bench.memory.PeakMemory
     samples, S = len(labels), len(bundle.var.patch_nums)
     reset_stats(net)
     timer, probe = BatchTimer(bundle.device), PeakMemory(bundle.device)
@@ -273,8 +277,6 @@ def dense_reference(method, bundle, labels, seed: int, sampling, batch_size: int
     from `bootstrap` resamples at `level`). keep_batches: leave dense's batch checkpoints in the cache (--resolve:
     a later look, or the next point, reads them back instead of generating them again).
     Returns (dense uint8 images, FidelityRecord, the cache entry's path)."""
-    from bench.fidelity import same_seed_fidelity
-    from bench.records import FidelityRecord
     key = dense_cache_key(bundle, sampling, seed, len(labels), batch_size, bundle.device)
     path = dense_cache_path(key, cache_dir)
     cached = load_dense_outputs(path)
@@ -287,7 +289,6 @@ def dense_reference(method, bundle, labels, seed: int, sampling, batch_size: int
         ref, status = cached, "reused"
     else:
         logger.info("dense reference: generating the same samples with the dense model")
-        from bench.resume import BatchStore
         store = BatchStore.for_key(batch_store_key("dense", method, None, bundle, sampling, seed, len(labels),
                                                    batch_size, bundle.device), cache_dir)
         ref = generate_all(bundle.var, bundle, labels, seed, sampling, batch_size, what="dense reference",
@@ -306,7 +307,6 @@ def dense_reference(method, bundle, labels, seed: int, sampling, batch_size: int
 def quality_records(q: dict):
     """QualityRecord and PairedQualityRecord from bench.quality.quality_metrics' flat dict; the rest of its
     quality_* keys go to the row as they are."""
-    from bench.records import PairedQualityRecord, QualityRecord
     pick = lambda rec: rec(**{k: q.get(k) for k in rec.schema()})   # noqa: E731
     return pick(QualityRecord), pick(PairedQualityRecord), {k: v for k, v in q.items() if k.startswith("quality_")}
 
@@ -333,12 +333,7 @@ def measure(bundle, method, config: Optional[MeasureConfig] = None, *, sampling=
     come from the first look, quality and fidelity from the last. The dense method's samples are the dense
     reference itself: they are read from (and kept in) the dense cache and batch store that method points use.
     Raises BenchError (nothing written) on bad input."""
-    from bench.env import environment
-    from bench.precision import generation_dtype
-    from bench.quality import quality_metrics
-    from bench.records import (EnvironmentRecord, MethodSetup, ResolveRecord, RunIdentity, RunSetup, RunTimes,
-                               SweepRecord)
-    from bench.registry import Method, create_method
+    # looked up at call time: tests replace bench.results.append_row
     from bench.results import append_row, new_run_id, row_json
 
     t_start, started_at = time.perf_counter(), _now()
@@ -414,7 +409,6 @@ def measure(bundle, method, config: Optional[MeasureConfig] = None, *, sampling=
         found.update(q=q, fidelity=fidelity)
         if plan is None:   # one look, nothing to decide (its metrics may not include FID)
             return None
-        from bench.resolve import Look
         return Look(n, q["fid_delta"], q.get("fid_delta_ci_low"), q.get("fid_delta_ci_high"),
                     q["fid"] - q["fid_delta"])
 
@@ -422,8 +416,6 @@ def measure(bundle, method, config: Optional[MeasureConfig] = None, *, sampling=
     if plan is None:
         look(samples, level)
     else:
-        from bench.resolve import run_looks
-
         def said(lk, reason):
             hw = lk.halfwidth_pct
             logger.info(f"resolve: look at {lk.samples} samples: ΔFID {lk.delta:+.4g} [{lk.low:+.4g}, {lk.high:+.4g}] "

@@ -23,6 +23,7 @@ from bench.defaults import (DEFAULT_BATCH_SIZE, DEFAULT_DTYPE, DEFAULT_FLOP_IMAG
                             DTYPE_ALIASES, DTYPE_NAMES, MAX_BOOTSTRAP, MAX_REFERENCE_COUNT, MAX_RESOLVE_PCT, MAX_SEED,
                             MAX_THREADS, MAX_TIMING_ROUNDS, MAX_WARMUP_BATCHES, QUALITY_METRICS)
 from bench.errors import BenchError
+from bench.resolve import make_plan
 
 
 def setting(default, help: str, *, low=None, high=None, low_open: bool = False, sweep: Optional[str] = "measure",
@@ -199,7 +200,6 @@ def check_resolve_settings(values: Dict[str, Any], label: Callable[[str], str] =
             raise BenchError(f"{label('max_samples')} is the budget of {label('resolve')}; give {label('resolve')} "
                              f"too (e.g. {label('resolve')} 1), or drop it")
         return None
-    from bench.resolve import make_plan
     bootstrap = values.get("bootstrap", SETTINGS["bootstrap"].default)
     if bootstrap < 1 or "fid" not in values.get("metrics", QUALITY_METRICS):
         raise BenchError(f"{label('resolve')} decides on the paired ΔFID interval: it needs the fid metric and "

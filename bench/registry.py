@@ -25,6 +25,7 @@ import pkgutil
 from dataclasses import dataclass
 from typing import Any, ClassVar, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
+from bench.analytic import dense_kv_cache_bytes, dense_scale_macs
 from bench.errors import BenchError, choices_error
 
 _REGISTRY: Dict[str, type] = {}
@@ -140,7 +141,6 @@ class Method:
 
     def macs_saved_fraction(self, net, bundle) -> float:
         """1 - transformer MACs per image (analytic_macs, from the last generation) / dense's."""
-        from bench.analytic import dense_scale_macs
         dense = sum(s.total for s in dense_scale_macs(bundle.var.cfg, 1))
         return round(1 - sum(self.analytic_macs(net, bundle, 1)) / dense, 6)
 
@@ -152,7 +152,6 @@ class Method:
         """K/V bytes per image held in the attention caches after the last scale's append (the largest cache), by
         formula from what the method keeps (CFG rows included). Default: the dense model keeps every token in every
         layer. Methods whose caches shrink (or grow) override it."""
-        from bench.analytic import dense_kv_cache_bytes
         return dense_kv_cache_bytes(bundle.var.cfg, elem_bytes)
 
     # -- helpers -----------------------------------------------------------------------------------------------
@@ -276,7 +275,7 @@ def _discover():
     if _DISCOVERED:
         return
     _DISCOVERED = True
-    import methods
+    import methods   # lazy: plugin discovery (importing the methods imports torch)
     for info in pkgutil.iter_modules(methods.__path__):
         if not info.name.startswith("_"):
             importlib.import_module(f"methods.{info.name}")

@@ -1,15 +1,18 @@
 """`python -m bench run --method NAME`: measure one method, append one row to the results store."""
 from __future__ import annotations
 
-from bench.commands._common import add_model_args, add_sampling_args
+from bench.commands._common import add_model_args, add_sampling_args, bundle_from_args, check_device, sampling_from_args
+from bench.defaults import SEED_SCHEME
 from bench.measure_config import SETTINGS, MeasureConfig, flag_name, setting_kind
-from bench.tracking import add_track_args
+from bench.presets import check_preset_model, resolve_preset
+from bench.registry import create_method, parse_overrides
+from bench.results import check_results_dir
+from bench.tracking import add_track_args, tracker_from_args
 
 ORDER = 20
 
 
 def register(sub):
-    from bench.defaults import SEED_SCHEME
     p = sub.add_parser("run", help="measure a method: FLOPs, time, memory, quality, fidelity -> one results row",
                        description="Generate N samples with a method and append one tidy row (FLOPs by fvcore and by "
                                    "formula, time, peak memory, FID/IS/PR/KID, same-seed fidelity vs dense) to the "
@@ -50,13 +53,9 @@ def add_measure_args(p):
 
 
 def run(a):
-    from bench.commands._common import bundle_from_args, check_device, sampling_from_args
-    from bench.checkpoints import check_writable_dir
-    from bench.measure import dense_cache_dir, measure
-    from bench.precision import check_dtype
-    from bench.registry import create_method, parse_overrides
-    from bench.results import check_results_dir
-    from bench.tracking import tracker_from_args
+    from bench.checkpoints import check_writable_dir   # lazy: --help stays instant (no torch)
+    from bench.measure import dense_cache_dir, measure   # lazy: --help stays instant (no torch)
+    from bench.precision import check_dtype   # lazy: --help stays instant (no torch)
     preset = _apply_preset(a)
     # cheap checks first, in the order a user fixes them; nothing is written before measure() has validated all
     config = MeasureConfig.from_args(a)
@@ -67,7 +66,6 @@ def run(a):
     check_dtype(config.dtype, check_device(a.device))
     bundle = bundle_from_args(a)
     if preset is not None:
-        from bench.presets import check_preset_model
         check_preset_model(a.preset, bundle.num_classes, bundle.name)
     sampling = sampling_from_args(a, bundle)
     row = measure(bundle, method, config, sampling=sampling, results_dir=a.results, sweep=a.sweep,
@@ -96,7 +94,6 @@ def _apply_preset(a):
         if a.samples is None:
             a.samples = SETTINGS["samples"].default
         return None
-    from bench.presets import resolve_preset
     p = resolve_preset(a.preset, a.reference, a.inception_weights)
     if a.samples is None:
         a.samples = p.samples

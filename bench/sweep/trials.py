@@ -191,7 +191,7 @@ _BUNDLES: Dict[str, Any] = {}
 
 def load_bundle(m, device: str):
     """Model of a trial, cached per process (Ray reuses a trial's worker process for the next trial)."""
-    from bench.zoo import load_model   # looked up at call time: tests replace bench.zoo.load_model
+    from bench.zoo import load_model   # lazy: pulls torch; the CLI imports this module
     key = json.dumps([m, device], sort_keys=True)
     if key not in _BUNDLES:
         _BUNDLES.clear()   # one model at a time: official weights are large
