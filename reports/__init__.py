@@ -24,10 +24,15 @@ from typing import List, Optional, Sequence, Tuple
 
 from bench.errors import BenchError, choices_error
 from bench.log import get_logger
+from bench.results import load_results
+from bench.sweep import list_sweeps, read_manifests
 from reports import data as D
 from reports.context import Context, Skip
-from reports.html import PAGE
+from reports.data import FLOPS_COLUMNS, select_runs
+from reports.html import PAGE, write_page
+from reports.protocol import write_methods as write
 from reports.registry import Report, list_reports
+from reports.style import METHODS_FILE, write_text
 
 for _module in pkgutil.iter_modules(__path__):
     if not _module.name.startswith("_"):       # importing runs each module's @register_report decorators
@@ -38,7 +43,6 @@ OVERVIEW = "all"
 
 
 def available_sweeps(df) -> List[str]:
-    from reports.data import select_runs
     return sorted(select_runs(df))
 
 
@@ -46,8 +50,6 @@ def build_reports(results_dir: str, sweep: Optional[str] = None, out_root: str =
                   sweep_id: Optional[str] = None, flops: str = "analytic_all") -> Tuple[List[str], List[str]]:
     """Draw everything the store supports (or one sweep). Returns (files written, notes on what was skipped).
     Raises BenchError (nothing written) on an empty store, an unknown sweep, or a bad option."""
-    from bench.results import load_results
-    from reports.data import FLOPS_COLUMNS, select_runs
     if flops not in FLOPS_COLUMNS:
         raise choices_error("--flops", flops, FLOPS_COLUMNS)
     if not os.path.isdir(results_dir):
@@ -93,7 +95,6 @@ def build_reports(results_dir: str, sweep: Optional[str] = None, out_root: str =
         if skipped:
             logger.info(f"  not drawn for {name}: {'; '.join(skipped)}")
     if sweep is None:
-        from bench.sweep import list_sweeps
         absent = [n for n in list_sweeps() if n not in runs]
         if absent:
             notes.append(f"no rows of the shipped sweeps {', '.join(absent)}")
@@ -126,7 +127,6 @@ def build_reports(results_dir: str, sweep: Optional[str] = None, out_root: str =
 
 
 def write_methods(out_dir: str, df, flops: str, warnings: Sequence[str], title: str) -> str:
-    from reports.protocol import write_methods as write
     return write(out_dir, df, flops, warnings, title)
 
 
@@ -143,14 +143,12 @@ def run_generators(ctx: Context, reports: Sequence[Report]) -> Tuple[List[str], 
 
 def manifest_trials(results_dir: str) -> dict:
     """{sweep_id: trials its manifest lists} of the store's sweeps."""
-    from bench.sweep import read_manifests
     return {m.get("sweep_id"): len(m.get("trials") or []) for m in read_manifests(results_dir)}
 
 
 def write_pages(out_dir: str, title: str, df, files: List[str], skipped: List[str], warnings: Sequence[str],
                 partial: Sequence[str]) -> List[str]:
     """The report's index.html (reports.html: every figure and table on one page) and its README.md index."""
-    from reports.html import write_page
     what = {r.name: r.what for r in list_reports()}
     page = write_page(out_dir, title, df, files, skipped, warnings, partial, what)
     return [page, write_index(out_dir, title, df, files + [page], skipped, warnings)]
@@ -158,7 +156,6 @@ def write_pages(out_dir: str, title: str, df, files: List[str], skipped: List[st
 
 def write_index(out_dir: str, title: str, df, files: List[str], skipped: List[str],
                 warnings: Sequence[str] = ()) -> str:
-    from reports.style import METHODS_FILE, write_text
     lines = [f"# Report: {title}", ""]
     lines += [f"> **WARNING:** {w}." for w in warnings] + ([""] if warnings else [])
     lines += [f"{len(df)} run{'' if len(df) == 1 else 's'}. Protocol (samples, seeds, machine, intervals, what "

@@ -4,6 +4,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import List
 
+from reports.protocol import short_warning
+from reports.style import METHODS_FILE
+
 
 class Skip(Exception):
     """A generator does not apply to these rows (the reason is reported, nothing is written)."""
@@ -26,8 +29,6 @@ class Context:
         of them, default every row), a short form of each warning, and where the shared protocol is (methods.md:
         samples, seeds, machine, intervals, what paired means, the rules; reports.protocol). flops_desc: kept
         for callers, the MAC column is described there."""
-        from reports.protocol import short_warning
-        from reports.style import METHODS_FILE
         rows = self.df if shown is None else shown
         n, total = len(rows), len(self.df)
         count = (f"Shows {n} of the {total} runs." if n != total else f"{total} run{'' if total == 1 else 's'}.")

@@ -22,8 +22,10 @@ import re
 import xml.etree.ElementTree as etree
 from typing import Dict, List, Optional, Sequence, Tuple
 
+from bench import __version__
 from bench.log import get_logger
 from reports import data as D
+from reports.style import write_text
 
 logger = get_logger(__name__)
 PAGE = "index.html"
@@ -182,9 +184,8 @@ def run_facts(df) -> List[Tuple[str, str]]:
 def own_facts() -> List[Tuple[str, str]]:
     """The report's own: when and by what it was drawn."""
     import platform
-    from bench import __version__
-    from bench.env import package_version
-    from bench.train import code_commit
+    from bench.env import package_version   # lazy: pulls torch; the CLI imports this module
+    from bench.train import code_commit   # lazy: pulls torch; the CLI imports this module
     now = datetime.datetime.now(datetime.timezone.utc).replace(microsecond=0).isoformat()
     return ([("Drawn at", now), ("var-bench", __version__), ("Code commit", code_commit()),
              ("Python", platform.python_version())] + [(p, package_version(p)) for p in OWN_PACKAGES])
@@ -195,7 +196,6 @@ def write_page(out_dir: str, title: str, df, files: Sequence[str], skipped: Sequ
     """Write out_dir/index.html from the report's files; returns its path. skipped: 'report: reason' of what was
     not drawn; partial: notes of what was drawn in part; what: {report name: what it draws} for the skipped."""
     from markupsafe import Markup
-    from reports.style import write_text
     items, others = page_items(out_dir, files)
     what = what or {}
     not_drawn = [(s, what.get(s.split(":")[0], "")) for s in skipped if s not in partial]

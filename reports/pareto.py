@@ -8,6 +8,7 @@ from reports import data as D
 from reports import quality_vector as Q
 from reports import style as S
 from reports.context import Context, Skip
+from reports.protocol import extractor_sentence, features_text
 from reports.registry import register_report
 
 
@@ -115,7 +116,6 @@ def scatter_by_series(ax, df, xs, ys, ctx: Context, front_mask=None, connect=Tru
 def fid_label(df) -> str:
     """The FID axis label: what the features are ('FID (shipped classifier features)'), never a weights hash;
     captions name the extractor (protocol.extractor_sentence), methods.md its hash."""
-    from reports.protocol import features_text
     what = features_text(df)
     return f"FID ({what})" if what else "FID"
 
@@ -146,7 +146,6 @@ def legend(ax) -> None:
 @register_report("pareto", "FID vs FLOPs and vs wall-clock, Pareto front, dense highlighted (DMoE fig. 3)",
                  order=30, overview=True)
 def pareto_figures(ctx: Context) -> List[str]:
-    from reports.protocol import extractor_sentence
     df = ctx.df
     if not D.has_values(df, "fid"):
         raise Skip("no FID values")
@@ -280,7 +279,6 @@ def _twins_plot(ctx: Context, df, pairs, xs, fids, lo, hi, desc) -> List[str]:
     """Dynamic points, their twins and a segment joining each pair. A twin sits at its parent's MACs by
     construction: the two are set side by side (dynamic left, twin right) so that the segment, the markers and
     the intervals show."""
-    from reports.protocol import extractor_sentence
     pairs = [(p, t) for p, t in pairs if None not in (xs[p], xs[t], fids[p], fids[t])]
     if not pairs:
         ctx.note("dynamic_vs_static_plot: no pair has MACs and FID on both sides")

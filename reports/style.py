@@ -7,6 +7,7 @@ import re
 from typing import List, Optional, Sequence
 
 from bench.atomic import atomic_path, atomic_write_text
+from bench.log import get_logger
 from reports.data import is_missing
 
 # Okabe & Ito (2008): distinguishable with every common colour-vision deficiency; black is kept for dense
@@ -56,7 +57,6 @@ def save_figure(fig, out_dir: str, stem: str, caption: str) -> List[str]:
     logged (what every figure shares belongs in methods.md)."""
     import matplotlib.pyplot as plt
     if words(caption) > WORD_LIMIT:
-        from bench.log import get_logger
         get_logger(__name__).warning(f"caption of {stem} has {words(caption)} words (limit {WORD_LIMIT})")
     paths = []
     for ext in ("png", "pdf"):
