@@ -118,11 +118,7 @@ def test_no_import_cycle():
 
 # ------------------------------------------------------------ imports inside functions say why
 # Our imports stand at the top of the module; one left inside a function says why on its line or the line above
-# (`# lazy: --help stays instant (no torch)`, `# lazy: methods.skipvar imports this module`, ...). Files that other
-# work of issue 25 is still rewriting, not checked yet: delete each entry once its file passes (the test names it).
-UNMARKED_ALLOWED = {
-    "bench/cli.py", "bench/sampling.py", "bench/benchmarks/official.py", "bench/commands/bench_official.py",
-}
+# (`# lazy: --help stays instant (no torch)`, `# lazy: pulls torch; the CLI imports this module`, ...).
 
 
 def function_level_imports(tree: ast.AST) -> Iterator[ast.stmt]:
@@ -165,8 +161,6 @@ def test_every_function_level_import_of_ours_says_why():
     found = []
     for name, path in sorted(our_modules().items()):
         rel = os.path.relpath(path, ROOT).replace(os.sep, "/")
-        if rel in UNMARKED_ALLOWED:
-            continue
         with open(path) as f:
             found += [f"{rel}:{n}" for n in unmarked(f.read())]
     assert not found, "imports of our modules inside a function with no comment saying why (move them to the " \
