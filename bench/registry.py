@@ -110,6 +110,9 @@ class Method:
     family: ClassVar[str] = ""         # the family it is compared in: the registered name of the family's own
     #                                    method (dmoe's is "dmoe"); a variant or ablation names its parent's
     #                                    ("actvar-tokens": "actvar"), a composition "composition"
+    # Optional: its row label in a paper table a report reproduces, in that paper's words, keyed by the table
+    # (e.g. {"actvar-table-3": "w/o DW"}); a dict literal in the class body, read from the source like the above.
+    paper_names: ClassVar[Dict[str, str]] = {}
     params: ClassVar[Tuple[Param, ...]] = ()
     artifacts: ClassVar[Tuple[str, ...]] = ()
     description: ClassVar[str] = ""
@@ -217,6 +220,7 @@ class MethodInfo(NamedTuple):
     name: str
     display_name: str
     family: str
+    paper_names: Tuple[Tuple[str, str], ...] = ()   # (table, row label): Method.paper_names
 
 
 def _registered_classes(tree: ast.Module):
@@ -231,15 +235,22 @@ def _registered_classes(tree: ast.Module):
                 yield deco.args[0].value, node
 
 
-def _class_strings(node: ast.ClassDef) -> Dict[str, str]:
+def _class_strings(node: ast.ClassDef) -> Dict[str, object]:
+    """The class body's assignments of literals (strings, and dicts of strings such as paper_names)."""
     out = {}
     for stmt in node.body:
         targets = stmt.targets if isinstance(stmt, ast.Assign) else [stmt.target] if isinstance(stmt, ast.AnnAssign) \
             else []
         for t in targets:
-            if isinstance(t, ast.Name) and isinstance(getattr(stmt, "value", None), ast.Constant) \
-                    and isinstance(stmt.value.value, str):
-                out[t.id] = stmt.value.value
+            if not isinstance(t, ast.Name) or getattr(stmt, "value", None) is None:
+                continue
+            try:
+                value = ast.literal_eval(stmt.value)
+            except ValueError:   # not a literal (a tuple of Params, a call ...): not something reports read
+                continue
+            if isinstance(value, str) or (isinstance(value, dict) and all(
+                    isinstance(k, str) and isinstance(v, str) for k, v in value.items())):
+                out[t.id] = value
     return out
 
 
@@ -261,11 +272,12 @@ def _read_catalog() -> Tuple[Tuple[str, MethodInfo], ...]:
             tree = ast.parse(f.read(), filename=path)
         for name, node in _registered_classes(tree):
             found = _class_strings(node)
-            missing = [a for a in IDENTITY if not found.get(a, "").strip()]
+            missing = [a for a in IDENTITY if not (isinstance(found.get(a), str) and found[a].strip())]
             if missing:
                 raise RuntimeError(f"method {name!r} ({path}, class {node.name}) declares no {missing[0]} as a "
                                    f"string literal in its class body; reports read display_name and family there")
-            out[name] = MethodInfo(name, found["display_name"], found["family"])
+            out[name] = MethodInfo(name, found["display_name"], found["family"],
+                                   tuple(sorted(found.get("paper_names", {}).items())))
     return tuple(sorted(out.items()))
 
 

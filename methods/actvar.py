@@ -306,6 +306,8 @@ class ActVAR(_ActVARBase):
     kind = "weight+token"
     display_name = "ActVAR"
     family = "actvar"
+    paper_names = {"actvar-table-3": "w/ DW & AT", "actvar-table-4": "Dynamic token + weight (ActVAR)",
+                   "actvar-table-5": "Dynamic weight + token (ActVAR)"}
     parts = "both"
     description = "ActVAR: router over N contiguous FFN experts + gated token selector per block (two-stage distill)"
     recipe = RECIPES["both"]
@@ -318,6 +320,7 @@ class ActVARTokens(_ActVARBase):
     kind = "token"
     display_name = "ActVAR w/o DW (tokens only)"
     family = "actvar"
+    paper_names = {"actvar-table-3": "w/o DW", "actvar-table-4": "Dynamic activating token"}
     parts = "tokens"
     description = "ActVAR's gated token selector alone (Table 3 'w/o DW'); composable as a token method"
     recipe = RECIPES["tokens"]
@@ -330,6 +333,7 @@ class ActVARExperts(_ActVARBase):
     kind = "weight"
     display_name = "ActVAR w/o AT (experts only)"
     family = "actvar"
+    paper_names = {"actvar-table-3": "w/o AT", "actvar-table-5": "Dynamic weight activation"}
     parts = "experts"
     description = "ActVAR's routed FFN experts alone (Table 3 'w/o AT'); composable as a weight method"
     recipe = RECIPES["experts"]

@@ -155,6 +155,7 @@ class PrunedFFNMethod(Method):
     kind = "weight"
     display_name = "Pruned-FFN"
     family = "pruned-ffn"
+    paper_names = {"actvar-table-5": "Static weight pruning"}
     description = "static FFN pruning by mean |activation| on chosen scales (DMoE's static twin)"
     artifacts = ("dmoe-finetune",)   # only with weights=finetuned; the calibration is made on first use
     params = (

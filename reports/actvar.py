@@ -86,7 +86,7 @@ def activation_rates(ctx: Context) -> List[str]:
 def components(ctx: Context) -> List[str]:
     df = ctx.df
     tr, wr, st = D.col(df, "param_token_rate"), D.col(df, "param_weight_rate"), D.col(df, "param_steps2")
-    names = {"actvar-tokens": "w/o DW", "actvar-experts": "w/o AT", "actvar": "w/ DW & AT"}   # table 3's row labels
+    names = D.paper_rows("actvar-table-3")
     present = set(D.col(df, "method")) if "method" in df.columns else set()
     if not ({"actvar-tokens", "actvar-experts"} & present) or "actvar" not in present:
         raise Skip("needs actvar and at least one of actvar-tokens / actvar-experts")
@@ -101,8 +101,7 @@ def components(ctx: Context) -> List[str]:
 def token_comparison(ctx: Context) -> List[str]:
     df = ctx.df
     tr, crit = D.col(df, "param_token_rate"), D.col(df, "param_criterion")
-    names = {"fixed-tokens": D.nice_method("fixed-tokens"),   # the others: ActVAR table 4's rows, in its words
-             "actvar-tokens": "Dynamic activating token", "actvar": "Dynamic token + weight (ActVAR)"}
+    names = {"fixed-tokens": D.nice_method("fixed-tokens"), **D.paper_rows("actvar-table-4")}
     return method_table(ctx, "actvar_tokens_vs_fixed", list(names), ["Module", "Token rates"],
                         lambda i, m: [names[m[i]] + (f" ({crit[i]})" if m[i] == "fixed-tokens" and crit[i] else ""),
                                       _rate(tr[i])],
@@ -117,8 +116,7 @@ def weight_comparison(ctx: Context) -> List[str]:
     present = set(D.col(df, "method")) if "method" in df.columns else set()
     if "pruned-ffn" not in present or not ({"actvar-experts", "actvar"} & present):
         raise Skip("needs pruned-ffn and actvar-experts or actvar rows")
-    names = {"pruned-ffn": "Static weight pruning", "actvar-experts": "Dynamic weight activation",   # table 5's
-             "actvar": "Dynamic weight + token (ActVAR)"}                                         # row labels
+    names = D.paper_rows("actvar-table-5")
     return method_table(ctx, "actvar_weights_vs_static", list(names), ["Method", "Weight rate"],
                         lambda i, m: [names[m[i]], _rate(wr[i]) if m[i] != "pruned-ffn" else
                                       (_rate(1 - frac[i]) if frac[i] is not None else "-")],

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import math
-from typing import List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 from bench.registry import method_catalog
 from bench.results import json_value  # noqa: F401  (reports read cells through D.json_value)
@@ -19,6 +19,13 @@ def nice_method(name: str) -> str:
     plugin method) as it is."""
     info = method_catalog().get(name)
     return info.display_name if info else name
+
+
+def paper_rows(table: str) -> Dict[str, str]:
+    """{method: its row label in a paper's table} for the methods that declare one (Method.paper_names), e.g.
+    paper_rows("actvar-table-3") -> {"actvar": "w/ DW & AT", "actvar-tokens": "w/o DW", ...}."""
+    return {name: dict(info.paper_names)[table] for name, info in method_catalog().items()
+            if table in dict(info.paper_names)}
 
 
 def is_missing(v) -> bool:

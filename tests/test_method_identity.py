@@ -15,6 +15,7 @@ def test_catalog_equals_the_registered_classes():
     for name in list_methods():
         cls = method_class(name)
         assert (catalog[name].display_name, catalog[name].family) == (cls.display_name, cls.family), name
+        assert dict(catalog[name].paper_names) == cls.paper_names, name
         assert cls.display_name.strip() and cls.family.strip()
     # every family names a method of its own family, or is the compositions' label
     for info in catalog.values():
@@ -52,3 +53,12 @@ def test_reports_name_methods_without_importing_torch():
             "print('torch' in sys.modules)\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False", out.stderr
+
+
+def test_paper_table_rows_come_from_the_methods():
+    """The ActVAR tables' row labels (the paper's words) are declared by the methods, not tabled in reports/."""
+    from reports.data import paper_rows
+    assert paper_rows("actvar-table-3") == {"actvar": "w/ DW & AT", "actvar-experts": "w/o AT",
+                                            "actvar-tokens": "w/o DW"}
+    assert paper_rows("actvar-table-5")["pruned-ffn"] == "Static weight pruning"
+    assert paper_rows("no-such-table") == {}
