@@ -66,6 +66,12 @@ def _to_uint8(images: torch.Tensor) -> torch.Tensor:
     return to_uint8(images).cpu()
 
 
+# Batches between two returns of freed memory to the OS: each return makes the next batch fault its pages in again,
+# which cost 15% of generation CPU time when done after every batch (measured: 11.5 vs 10.0 CPU s for 400 images,
+# default model, 1 thread; raw generate() 9.97 s); once per 20 batches costs under 1%.
+TRIM_EVERY = 20
+
+
 @torch.no_grad()
 def generate_all(net, bundle, labels, seed, sampling, batch_size, *, timer=None, probe=None, what="generating",
                  paired=None, dense_net=None, store=None, workers: Optional[GenerationWorkerPool] = None,
@@ -133,7 +139,8 @@ def generate_all(net, bundle, labels, seed, sampling, batch_size, *, timer=None,
             fresh += 1
             finish(b, [t.cpu() for t in gen.tokens], _to_uint8(gen.images))
             del gen
-            release_freed_memory()   # else glibc keeps each batch's freed buffers and RSS grows with N
+            if fresh % TRIM_EVERY == 0:   # else glibc keeps the batches' freed buffers and RSS grows with N
+                release_freed_memory()
             yield b
 
     try:
