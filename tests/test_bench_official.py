@@ -26,6 +26,9 @@ def test_tiny_run_against_the_release_gives_equal_images_and_a_ratio_per_rep():
     assert [rep["order"] for rep in r["reps"]] == ["official-ours", "ours-official"]
     for rep in r["reps"]:
         assert rep["ratio_cpu"] == rep["ours_cpu_s"] / rep["official_cpu_s"] > 0
+        assert rep["ratio_user"] == rep["ours_user_s"] / rep["official_user_s"] > 0
+        assert rep["ours_minor_faults"] >= 0 and rep["official_system_s"] >= 0
+    assert r["allocator_fixed"] is sys.platform.startswith("linux")   # glibc's mallopt where there is glibc
     ratios = sorted(rep["ratio_cpu"] for rep in r["reps"])
     assert r["ours_over_official_min"] == ratios[0] and r["ours_over_official_max"] == ratios[-1]
     assert r["config"]["patch_nums"] == [1, 2, 4] and r["env_threads"] == 1
@@ -59,6 +62,7 @@ def test_a_checkout_that_fails_to_import_is_one_line_and_leaves_sys_modules_alon
 
 def test_bad_settings_are_refused_before_any_work():
     from bench.benchmarks.official import OfficialConfig, check_config
-    for bad in (dict(reps=0), dict(batch_size=0), dict(depth=True), dict(patch_nums=(2, 1)), dict(threads=0)):
+    for bad in (dict(reps=0), dict(batch_size=0), dict(depth=True), dict(patch_nums=(2, 1)), dict(threads=0),
+                dict(allocator="tcmalloc")):
         with pytest.raises(BenchError):
             check_config(OfficialConfig(**bad))

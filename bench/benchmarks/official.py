@@ -10,7 +10,11 @@ not needed for speed: ours are initialised by the release's `init_weights`, the 
 same labels, seed and sampling settings. Each rep times the two back to back, in ABBA order over reps (official
 first in even reps, ours first in odd ones), so a drift of the machine's load hits both sides alike; the ratio is
 taken within each rep. Times are the process's CPU time (what a loaded machine distorts least with one thread)
-and wall time, both reported. Every output, the warm-up's included, is compared with the first official image.
+and wall time, both reported, with CPU time split into user and system time and the minor page faults of each side.
+Both sides run in one process under one allocator: `allocator="fixed"` (the default) fixes glibc's mmap and trim
+thresholds first (bench.memory.fix_allocator_thresholds), since with its dynamic ones the page faults a side pays
+depend on the order of earlier frees, not on its own work; `allocator="default"` leaves glibc as it is.
+Every output, the warm-up's included, is compared with the first official image.
 """
 from __future__ import annotations
 
@@ -35,6 +39,7 @@ from bench.log import get_logger
 log = get_logger(__name__)
 RELEASE = "FoundationVision/VAR"
 MAX_REPS = 100
+ALLOCATORS = ("fixed", "default")
 
 
 @dataclass
@@ -50,6 +55,7 @@ class OfficialConfig:
     top_p: float = 0.96
     more_smooth: bool = False
     device: str = "cpu"
+    allocator: str = "fixed"                     # ALLOCATORS: glibc's thresholds fixed for the run, or as they are
 
 
 def check_config(c: OfficialConfig) -> None:
@@ -60,6 +66,8 @@ def check_config(c: OfficialConfig) -> None:
         if isinstance(v, bool) or not isinstance(v, int) or v < low or (high is not None and v > high):
             bound = f">= {low}" if high is None else f"in {low}..{high}"
             raise BenchError(f"{name} must be an integer {bound}, got {v!r}")
+    if c.allocator not in ALLOCATORS:
+        raise BenchError(f"allocator must be one of {', '.join(ALLOCATORS)}, got {c.allocator!r}")
     if c.patch_nums is not None:
         pns = tuple(c.patch_nums)
         if not pns or any(not isinstance(p, int) or p < 1 for p in pns) or list(pns) != sorted(set(pns)):
@@ -167,8 +175,10 @@ def compare_with_official(var_code: str, c: OfficialConfig = OfficialConfig(),
     import torch
     from bench.env import check_device, environment   # lazy: pulls torch (see build_models)
     from bench.sampling import SamplingConfig, generate   # lazy: pulls torch
+    from bench.memory import fix_allocator_thresholds     # lazy: pulls torch
     check_device(c.device)
     threads_before = torch.get_num_threads()
+    allocator_fixed = c.allocator == "fixed" and fix_allocator_thresholds()
     torch.set_num_threads(c.threads)
     try:
         var, vq, o_var = build_models(official, c)
@@ -187,14 +197,15 @@ def compare_with_official(var_code: str, c: OfficialConfig = OfficialConfig(),
         def timed(fn):
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
-            w0, c0 = time.perf_counter(), time.process_time()
+            w0, c0, u0 = time.perf_counter(), time.process_time(), _usage()
             out = fn()
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
-            return out, time.perf_counter() - w0, time.process_time() - c0
+            w, cpu, u1 = time.perf_counter() - w0, time.process_time() - c0, _usage()
+            return out, w, cpu, {k: u1[k] - u0[k] for k in u1}
 
         sides = {"official": run_official, "ours": run_ours}
-        reference, _, _ = timed(run_official)   # warm-up of both sides; the official image is the reference
+        reference = timed(run_official)[0]   # warm-up of both sides; the official image is the reference
         equal, max_diff = True, 0.0
 
         def check(img):
@@ -208,25 +219,43 @@ def compare_with_official(var_code: str, c: OfficialConfig = OfficialConfig(),
             order = ("official", "ours") if r % 2 == 0 else ("ours", "official")
             rep = {"order": "-".join(order)}
             for side in order:
-                img, wall, cpu = timed(sides[side])
+                img, wall, cpu, usage = timed(sides[side])
                 check(img)
                 rep[f"{side}_wall_s"], rep[f"{side}_cpu_s"] = wall, cpu
+                rep.update({f"{side}_{k}": v for k, v in usage.items()})
                 say(f"rep {r + 1}/{c.reps} {side:<8} wall {wall:7.2f} s  cpu {cpu:7.2f} s")
             rep["ratio_cpu"] = rep["ours_cpu_s"] / rep["official_cpu_s"]
             rep["ratio_wall"] = rep["ours_wall_s"] / rep["official_wall_s"]
+            if usage:
+                rep["ratio_user"] = rep["ours_user_s"] / rep["official_user_s"]
             reps.append(rep)
         env = environment(c.device)
     finally:
         torch.set_num_threads(threads_before)
     cpu, wall = _median_range([r["ratio_cpu"] for r in reps]), _median_range([r["ratio_wall"] for r in reps])
+    usage = {}
+    if "ratio_user" in reps[0]:
+        usage = dict(ours_over_official_user=statistics.median(r["ratio_user"] for r in reps),
+                     **{f"{side}_{k}_median": statistics.median(r[f"{side}_{k}"] for r in reps)
+                        for side in ("official", "ours") for k in ("user_s", "system_s", "minor_faults")})
     cfg = asdict(c)
     cfg["patch_nums"] = list(var.patch_nums)
     return dict(
         ours_over_official=cpu["median"], ours_over_official_min=cpu["min"], ours_over_official_max=cpu["max"],
         ours_over_official_wall=wall["median"], ours_over_official_wall_min=wall["min"],
-        ours_over_official_wall_max=wall["max"], images_equal=equal, max_abs_diff=max_diff,
+        ours_over_official_wall_max=wall["max"], **usage, allocator_fixed=allocator_fixed, images_equal=equal, max_abs_diff=max_diff,
         load_avg_before=load_before, load_avg_after=_load(), reps=reps, config=cfg,
         official_code=os.path.abspath(var_code), official_commit=_commit(var_code), **env)
+
+
+def _usage() -> dict:
+    """This process's user and system CPU seconds and minor page faults so far ({} where `resource` is missing)."""
+    try:
+        import resource
+    except ImportError:
+        return {}
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return dict(user_s=r.ru_utime, system_s=r.ru_stime, minor_faults=r.ru_minflt)
 
 
 def _load() -> Optional[float]:

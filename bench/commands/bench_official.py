@@ -3,7 +3,7 @@ weights, labels and seed; bench/benchmarks/official.py measures, this command pa
 from __future__ import annotations
 
 from bench.benchmarks.jsonfile import write_json
-from bench.benchmarks.official import OfficialConfig, check_config, check_var_code, compare_with_official
+from bench.benchmarks.official import ALLOCATORS, OfficialConfig, check_config, check_var_code, compare_with_official
 from bench.commands._common import check_device, check_writable_file
 
 ORDER = 94
@@ -26,6 +26,9 @@ def register(sub):
     p.add_argument("--top-p", type=float, default=0.96, help="default 0.96")
     p.add_argument("--more-smooth", action="store_true", help="Gumbel-softmax smoothing (visualisation only)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 ...")
+    p.add_argument("--allocator", default="fixed", choices=ALLOCATORS,
+                   help="fixed: glibc's mmap/trim thresholds fixed for the run, so neither side's page faults depend on "
+                        "the other's frees (default); default: glibc as it is")
     p.add_argument("--json", default=None, help="write the report and the environment to this JSON file")
     p.set_defaults(func=run)
 
@@ -40,7 +43,7 @@ def run(a):
         patch_nums = parse_patch_nums(a.patch_nums)
     cfg = OfficialConfig(depth=a.depth, patch_nums=patch_nums, batch_size=a.batch_size, reps=a.reps, seed=a.seed,
                          threads=a.threads, cfg=a.cfg, top_k=a.top_k, top_p=a.top_p, more_smooth=a.more_smooth,
-                         device=check_device(a.device))
+                         device=check_device(a.device), allocator=a.allocator)
     check_config(cfg)
     r = compare_with_official(a.var_code, cfg, say=lambda s: print(s, flush=True))
     print(f"ours / official, d{a.depth}, batch {a.batch_size}, {a.reps} reps ABBA, {a.threads} thread(s): "
@@ -48,6 +51,12 @@ def run(a):
           f", wall {r['ours_over_official_wall']:.3f} [{r['ours_over_official_wall_min']:.3f}.."
           f"{r['ours_over_official_wall_max']:.3f}] (median [min..max] over reps); load average "
           f"{r['load_avg_before']} -> {r['load_avg_after']}")
+    if "ours_over_official_user" in r:
+        print(f"user time {r['ours_over_official_user']:.3f}; medians user / system s, minor faults: official "
+              f"{r['official_user_s_median']:.2f} / {r['official_system_s_median']:.2f}, "
+              f"{r['official_minor_faults_median']:.0f}; ours {r['ours_user_s_median']:.2f} / "
+              f"{r['ours_system_s_median']:.2f}, {r['ours_minor_faults_median']:.0f} (allocator "
+              f"{'fixed' if r['allocator_fixed'] else 'as glibc sets it'})")
     print("images bitwise equal" if r["images_equal"] else
           f"images NOT equal: max abs difference {r['max_abs_diff']}")
     if a.json:
