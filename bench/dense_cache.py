@@ -22,7 +22,9 @@ import torch
 from bench.artifacts import cache_root
 from bench.atomic import atomic_path
 from bench.defaults import SEED_SCHEME
+from bench.errors import BenchError
 from bench.precision import DEFAULT_DTYPE, current_dtype, normalize_dtype
+from bench.stored_images import Images, StoredImages, save_safetensors_streaming
 from bench.resume import BatchStore, checked_outputs
 
 DENSE_CACHE_VERSION = 1
@@ -105,17 +107,33 @@ def dense_cache_path(key: dict, cache_dir: Optional[str]) -> str:
     return os.path.join(dense_cache_dir(cache_dir), f"dense-{key['model_id']}-{h}.safetensors")
 
 
-def load_dense_outputs(path: str):
-    """(tokens per scale (N, pn²) int64, images uint8 (N,3,H,W)) or None if there is no (readable) entry."""
-    from safetensors import SafetensorError
+def load_dense_outputs(path: str, lazy_images: bool = False):
+    """(tokens per scale (N, pn²) int64, images uint8 (N,3,H,W)) or None if there is no (readable) entry.
+    lazy_images: the images as bench.stored_images.StoredImages, read from the entry a row range at a time."""
+    from safetensors import SafetensorError, safe_open
     from safetensors.torch import load_file
     if not os.path.isfile(path):
         return None
     try:
-        t = load_file(path)
-    except (SafetensorError, OSError, ValueError):
+        if not lazy_images:
+            return checked_outputs(load_file(path))   # None for a damaged or foreign entry: regenerated
+        with safe_open(path, "pt") as f:
+            t = {k: f.get_tensor(k) for k in f.keys() if k != "images"}
+            shape = f.get_slice("images").get_shape() if "images" in f.keys() else []
+            first = f.get_slice("images")[0:1] if shape and shape[0] else None
+    except (SafetensorError, OSError, ValueError, RuntimeError):
         return None  # a damaged entry is regenerated, never trusted
-    return checked_outputs(t)   # None for a damaged or foreign entry: regenerated
+    # the entry's form, checked on its first row (checked_outputs) and on every token scale's length
+    if first is None or any(x.dim() == 0 or len(x) != shape[0] for x in t.values()) or \
+            checked_outputs({**{k: x[:1] for k, x in t.items()}, "images": first}, 1) is None:
+        return None
+
+    def read(start: int, stop: int) -> torch.Tensor:
+        rows = load_dense_rows(path, start, stop)
+        if rows is None:
+            raise BenchError(f"the dense cache entry {path} changed or was damaged during the run; run it again")
+        return rows[1]
+    return [t[f"tokens.{si}"].long() for si in range(len(t))], StoredImages(read, shape[0], shape[1:])
 
 
 def load_dense_rows(path: str, start: int, stop: int):
@@ -132,13 +150,16 @@ def load_dense_rows(path: str, start: int, stop: int):
     return checked_outputs(t, stop - start)
 
 
-def store_dense_outputs(path: str, key: dict, tokens: List[torch.Tensor], images: torch.Tensor) -> None:
-    """Atomic (bench.atomic): a reader never sees a partial entry."""
+def store_dense_outputs(path: str, key: dict, tokens: List[torch.Tensor], images: Images) -> None:
+    """Atomic (bench.atomic): a reader never sees a partial entry. StoredImages are written a chunk at a time."""
     from safetensors.torch import save_file
     tensors = {f"tokens.{si}": t.to(torch.int32).contiguous() for si, t in enumerate(tokens)}
-    tensors["images"] = images.contiguous()
+    metadata = {"key": json.dumps(key, sort_keys=True), "created_at": _now()}
     with atomic_path(path) as tmp:
-        save_file(tensors, tmp, metadata={"key": json.dumps(key, sort_keys=True), "created_at": _now()})
+        if isinstance(images, StoredImages):
+            save_safetensors_streaming(tmp, {**tensors, "images": images}, metadata)
+        else:
+            save_file({**tensors, "images": images.contiguous()}, tmp, metadata=metadata)
 
 
 def generation_role(method) -> str:
@@ -180,6 +201,11 @@ class CacheFirstStore:
             return self.store.load(b, size)
         self.from_cache += 1
         return got
+
+    def read(self, b: int, size: int):
+        """As load, not counted as resumed (the run reading back its own images)."""
+        got = load_dense_rows(self.cache_path, b * self.batch_size, b * self.batch_size + size)
+        return got if got is not None else self.store.read(b, size)
 
     def save(self, b: int, tokens, images) -> None:
         self.store.save(b, tokens, images)

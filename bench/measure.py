@@ -70,6 +70,7 @@ from bench.resolve import Look, run_looks
 from bench.results import check_results_dir
 from bench.resume import BatchStore
 from bench.sampling import validate_sampling
+from bench.stored_images import Images
 from bench.timing import (NOISY_RULE, BatchTimer, MachineWatch, PairedRounds, paired_summary, summarize,
                           time_flop_efficiency)
 
@@ -199,7 +200,7 @@ def count_flops(method, net, bundle, labels, seed: int, sampling, flop_images: i
 class Generated:
     """What the generation phase produced besides its records."""
     tokens: List[torch.Tensor]             # per scale, (N, pn²)
-    images: torch.Tensor                   # uint8 (N, 3, H, W)
+    images: Images                         # uint8 (N, 3, H, W); StoredImages (read from disk) in measure()
     macs_all_per_scale: List[float]        # analytic MACs per image over every image the statistics saw (routed)
     macs_executed_all: float               # the same, counting what the expert kernels ran
     method_extras: Dict[str, Any]          # method.row_metrics of the N samples
@@ -224,7 +225,7 @@ def generate_and_time(method, net, bundle, labels, seed: int, sampling, batch_si
     watch = MachineWatch().start()
     tokens, images, laps, peaks, sizes = generate_all(net, bundle, labels, seed, sampling, batch_size, timer=timer,
                                                       probe=probe, paired=paired, dense_net=dense_net, store=store,
-                                                      workers=workers, role=role)
+                                                      workers=workers, role=role, keep_images=False)
     extra_timing = 0
     last = len(batch_ranges(samples, batch_size)) - 1
     s, e = batch_ranges(samples, batch_size)[-1]
@@ -279,7 +280,7 @@ def dense_reference(method, bundle, labels, seed: int, sampling, batch_size: int
     Returns (dense uint8 images, FidelityRecord, the cache entry's path)."""
     key = dense_cache_key(bundle, sampling, seed, len(labels), batch_size, bundle.device)
     path = dense_cache_path(key, cache_dir)
-    cached = load_dense_outputs(path)
+    cached = load_dense_outputs(path, lazy_images=True)   # images read a chunk at a time (bench.stored_images)
     if method.name == "dense":
         ref = cached if cached is not None else (gen.tokens, gen.images)
         status = "reused" if cached is not None else "stored"
@@ -292,8 +293,11 @@ def dense_reference(method, bundle, labels, seed: int, sampling, batch_size: int
         store = BatchStore.for_key(batch_store_key("dense", method, None, bundle, sampling, seed, len(labels),
                                                    batch_size, bundle.device), cache_dir)
         ref = generate_all(bundle.var, bundle, labels, seed, sampling, batch_size, what="dense reference",
-                           store=store, workers=workers, role="dense")[:2]
+                           store=store, workers=workers, role="dense", keep_images=False)[:2]
         store_dense_outputs(path, key, *ref)
+        ref = load_dense_outputs(path, lazy_images=True)   # read from the entry: the batches may go now
+        if ref is None:
+            raise BenchError(f"the dense cache entry just written could not be read back: {path}")
         if not keep_batches:
             store.clear()    # the dense cache holds them now
         status = "generated"
@@ -391,7 +395,7 @@ def measure(bundle, method, config: Optional[MeasureConfig] = None, *, sampling=
             with phase("generate"), generation_dtype(dtype):
                 gen.tokens, gen.images = generate_all(net, bundle, labels[:n], seed, sampling, batch_size,
                                                       what=f"generating (look at {n})", store=store,
-                                                      workers=workers, role=role)[:2]
+                                                      workers=workers, role=role, keep_images=False)[:2]
         with phase("dense_reference"), generation_dtype(dtype):
             dense_images, fidelity, dense_path = dense_reference(method, bundle, labels[:n], seed, sampling,
                                                                  batch_size, cache_dir, gen, workers,

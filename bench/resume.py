@@ -66,6 +66,14 @@ class BatchStore:
         return os.path.join(self.path, f"batch-{b:06d}.safetensors")
 
     def load(self, b: int, size: int) -> Optional[Tuple[List[torch.Tensor], torch.Tensor]]:
+        """Batch b's (tokens, images) if a run saved them whole under this key (counted in `resumed`), else None."""
+        got = self.read(b, size)
+        if got is not None:
+            self.resumed += 1
+        return got
+
+    def read(self, b: int, size: int) -> Optional[Tuple[List[torch.Tensor], torch.Tensor]]:
+        """As load, not counted: a run reading back the images it saved (bench.stored_images)."""
         from safetensors import SafetensorError, safe_open
         path = self._file(b)
         if not os.path.isfile(path):
@@ -77,10 +85,7 @@ class BatchStore:
                 t = {k: f.get_tensor(k) for k in f.keys()}
         except (SafetensorError, OSError, ValueError, RuntimeError):
             return None
-        got = checked_outputs(t, size)
-        if got is not None:
-            self.resumed += 1
-        return got
+        return checked_outputs(t, size)
 
     def save(self, b: int, tokens: List[torch.Tensor], images: torch.Tensor) -> None:
         from safetensors.torch import save_file

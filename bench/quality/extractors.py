@@ -191,13 +191,15 @@ class Extractor:
         return _EXTRACTORS[key]
 
     @torch.no_grad()
-    def extract(self, images: torch.Tensor, device=None, batch_size: Optional[int] = None) -> Dict[str, torch.Tensor]:
-        """uint8 (N,3,H,W) -> {layer: (N, D) float32 CPU tensor}, batched on `device` (default: the images')."""
+    def extract(self, images, device=None, batch_size: Optional[int] = None) -> Dict[str, torch.Tensor]:
+        """uint8 (N,3,H,W) (a tensor, or bench.stored_images.StoredImages read a batch at a time) -> {layer: (N, D)
+        float32 CPU tensor}, batched on `device` (default: the images')."""
         device = torch.device(device) if device is not None else images.device
         batch_size = batch_size or (64 if self.name == INCEPTION_NAME else 250)  # Inception works at 299px
         fe = self.module(device)
         parts: Dict[str, List[torch.Tensor]] = {}
-        for batch in progress(images.split(batch_size), desc=f"{self.name} features", unit="batch", logger=logger):
+        for batch in progress(images.split(batch_size), total=-(-len(images) // batch_size),
+                              desc=f"{self.name} features", unit="batch", logger=logger):
             out = fe.convert_features_tuple_to_dict(fe(batch.to(device, non_blocking=True)))
             for k, v in out.items():
                 parts.setdefault(k, []).append(v.float().cpu())

@@ -22,6 +22,7 @@ from bench.quality.statistics import (KID_SUBSET_SIZE, KID_SUBSETS, PRC_NEIGHBOR
                                       _strata, fid_bootstrap, fid_from_statistics, fid_statistics, kid_features,
                                       paired_fid_bootstrap, paired_mean_interval, prc_indicators,
                                       samples_for_halfwidth, single_threaded)
+from bench.stored_images import images_equal, is_images
 
 ISC_SPLITS = 10                            # torch-fidelity's default
 FID_DELTA_TARGET = 0.01                    # the sample-size guidance: ΔFID interval half-width at 1% of dense FID
@@ -143,7 +144,7 @@ def quality_metrics(images: torch.Tensor, bundle, *, labels: Optional[torch.Tens
     feature cache (None: no caching).
     interval: how the ΔFID interval is read from its bootstrap (INTERVALS: percentile, or normal for --resolve)."""
     t0 = time.time()
-    if not torch.is_tensor(images) or images.dim() != 4 or images.shape[1] != 3:
+    if not is_images(images) or images.dim() != 4 or images.shape[1] != 3:
         raise BenchError(f"images must be a (N,3,H,W) tensor, got {getattr(images, 'shape', type(images))}")
     if bootstrap < 0:
         raise BenchError(f"bootstrap must be >= 0 resamples, got {bootstrap}")
@@ -211,7 +212,7 @@ def _dense_features(images, gen, dense_images, extractor, key, cache_dir, batch_
     dense's (dense itself, or a method identical to it), else extracted or read from the cache (_paired_features)."""
     if len(dense_images) != len(images):
         raise BenchError(f"paired images ({len(dense_images)}) and images ({len(images)}) differ in count")
-    if torch.equal(dense_images.cpu(), images.cpu()):
+    if images_equal(dense_images, images):
         return gen
     return _paired_features(dense_images, extractor, key, cache_dir, batch_size)
 

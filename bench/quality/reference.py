@@ -25,6 +25,7 @@ from bench.errors import BenchError
 from bench.log import get_logger
 from bench.quality.extractors import Extractor
 from bench.quality.statistics import PRC_NEIGHBORHOOD, fid_statistics, knn_radii
+from bench.stored_images import Images, images_digest
 
 logger = get_logger(__name__)
 
@@ -301,14 +302,14 @@ def reference_features(extractor: Extractor, ref: Reference, *, device="cpu", ca
 
 
 
-def _paired_features(images: torch.Tensor, extractor: Extractor, key: Optional[str], cache_dir: Optional[str],
+def _paired_features(images: Images, extractor: Extractor, key: Optional[str], cache_dir: Optional[str],
                      batch_size: Optional[int]) -> Dict[str, torch.Tensor]:
     """Features of dense's same-seed images, cached on disk by (dense outputs entry, the images' own bytes,
     extractor): an entry regenerated with other content (a rebuilt entry, a nondeterministic GPU) is a new key."""
     path = None
     if key is not None:
-        # hashed in place (the array's buffer): .tobytes() would copy every image (9.8 GB for 50k at 256²); same digest
-        content = hashlib.sha256(images.cpu().contiguous().numpy()).hexdigest()
+        # hashed a chunk at a time (the digest of the whole buffer): a copy would hold every image (9.8 GB at 256²)
+        content = images_digest(images)
         h = hashlib.sha256(json.dumps([CACHE_VERSION, key, extractor.name, extractor.sha256, content,
                                        tuple(images.shape)]).encode()).hexdigest()
         path = os.path.join(cache_dir or default_cache_dir(), f"paired-features-{h[:20]}.npz")
