@@ -135,6 +135,9 @@ def test_blocked_distances_give_torch_fidelity_precision_recall_and_kid(monkeypa
     precision, recall = calculate_precision_recall_full(gen, ref, 3)   # (generated, real) as torch-fidelity orders them
     assert Q.prc_features(gen, ref, 3) == (pytest.approx(precision), pytest.approx(recall))
     assert Q.knn_radii(gen, 3).shape == (230,)
+    monkeypatch.setattr(QS, "DIST_BLOCK_VALUES", 230 * 11)   # blocks bounded by values: 11 rows against 230 points
+    assert QS.dist_rows(230) == 11 and QS.dist_rows(10 ** 9) == 1
+    assert Q.prc_features(gen, ref, 3) == (pytest.approx(precision), pytest.approx(recall))
     tf = kid_features_to_metric(gen, ref, kid_subsets=40, kid_subset_size=100, rng_seed=2, verbose=False)
     assert Q.kid_features(gen, ref, 40, 100, seed=2) == (
         pytest.approx(tf["kernel_inception_distance_mean"], rel=1e-5, abs=1e-7),

@@ -245,31 +245,39 @@ def kid_features(features_1: torch.Tensor, features_2: torch.Tensor, subsets: in
 
 
 CDIST_ROWS = 10000   # torch-fidelity's calc_cdist_full block: column blocks of this size give its numbers exactly
-DIST_ROWS = 1000     # rows of a distance block held at once: 1000 × 60,000 float32 = 240 MB (10,000 rows: 2.4 GB)
+DIST_ROWS = 1000     # rows of a distance block held at once, at most
+DIST_BLOCK_VALUES = 5_000_000   # and at most this many distances (20 MB float32): flat in N (1000 × 60,000 held 240 MB)
+
+
+def dist_rows(columns: int) -> int:
+    """Rows of a distance block against `columns` points: DIST_ROWS, fewer where that would exceed DIST_BLOCK_VALUES."""
+    return max(1, min(DIST_ROWS, DIST_BLOCK_VALUES // max(1, columns)))
 
 
 def knn_radii(features: torch.Tensor, k: int = PRC_NEIGHBORHOOD) -> torch.Tensor:
     """Distance of each point to its k-th nearest neighbour (itself excluded), as torch-fidelity computes it, one
-    block of DIST_ROWS rows at a time: the full N×N matrix would hold 14 GB at N = 60,000."""
+    block of dist_rows(N) rows at a time: the full N×N matrix would hold 14 GB at N = 60,000."""
     from torch_fidelity.metric_prc import calc_cdist_full
     return torch.cat([calc_cdist_full(block, features, CDIST_ROWS).kthvalue(k + 1, dim=1).values
-                      for block in features.split(DIST_ROWS)])
+                      for block in features.split(dist_rows(len(features)))])
 
 
 def prc_indicators(gen: torch.Tensor, ref: torch.Tensor, k: int = PRC_NEIGHBORHOOD,
                    ref_radii: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
     """The per-sample indicators whose means are improved precision and recall: (bool (n_gen,): generated sample
     inside some reference point's k-NN ball, bool (n_ref,): reference point inside some generated sample's ball).
-    The reference × generated distances are taken DIST_ROWS reference rows at a time (5000 × 60,000 at once: 1.2 GB)."""
+    The reference × generated distances are taken dist_rows(n_gen) reference rows at a time (5000 × 60,000 at once:
+    1.2 GB)."""
     from torch_fidelity.metric_prc import calc_cdist_full
     gen_radii = knn_radii(gen, k)
     ref_radii = knn_radii(ref, k) if ref_radii is None else ref_radii.to(gen_radii.device)
     precision = torch.zeros(len(gen), dtype=torch.bool, device=gen_radii.device)
     recall = []
-    for s in range(0, len(ref), DIST_ROWS):
-        dist = calc_cdist_full(ref[s:s + DIST_ROWS], gen, CDIST_ROWS)
+    rows = dist_rows(len(gen))
+    for s in range(0, len(ref), rows):
+        dist = calc_cdist_full(ref[s:s + rows], gen, CDIST_ROWS)
         recall.append((dist <= gen_radii).any(dim=1))                                   # real inside generated
-        precision |= (dist <= ref_radii[s:s + DIST_ROWS, None]).any(dim=0)             # generated inside real
+        precision |= (dist <= ref_radii[s:s + rows, None]).any(dim=0)                  # generated inside real
     return precision, torch.cat(recall)
 
 
