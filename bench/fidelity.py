@@ -89,10 +89,12 @@ def _per_image_fidelity(images: torch.Tensor, ref_images: torch.Tensor) -> Tuple
         mse = (a.double() - b.double()).pow(2).flatten(1).mean(1)
         p = torch.where(mse > 0, -10 * torch.log10(mse.clamp_min(1e-300)), torch.full_like(mse, PSNR_CAP_DB))
         psnr[i:i + per] = p.clamp(max=PSNR_CAP_DB).cpu().numpy()
-        if with_ssim:
+        if with_ssim and not bool((mse == 0).all()):
             v = structural_similarity_index_measure(a.float(), b.float(), data_range=1.0, reduction="none")
             # identical images: exactly 1, as SSIM is by definition (its variance clamp can leave 1 - ε)
             ssim[i:i + per] = torch.where(mse == 0, 1.0, v.reshape(-1).double()).cpu().numpy()
+        elif with_ssim:   # a chunk identical to dense's (dense itself, a method equal to it): 1 by definition
+            ssim[i:i + per] = 1.0
         del a, b
         if (i // per + 1) % TRIM_EVERY_CHUNKS == 0:
             release_freed_memory()

@@ -46,6 +46,22 @@ def test_identical_images_ssim_one_psnr_capped_zero_width_intervals():
                               "ssim_to_dense_ci_high")] == [None] * 4
 
 
+def test_chunks_identical_to_dense_skip_the_ssim_pass(monkeypatch):
+    """A chunk whose images all equal dense's is 1 by definition: no SSIM work (dense measured against itself pays
+    none); a chunk with one differing image runs it."""
+    import torchmetrics.functional.image as TM
+    calls = []
+    real = TM.structural_similarity_index_measure
+    monkeypatch.setattr(TM, "structural_similarity_index_measure", lambda *a, **k: calls.append(1) or real(*a, **k))
+    monkeypatch.setattr(F, "FIDELITY_CHUNK_VALUES", 4 * 3 * 16 * 16)   # 4 images a chunk: 3 chunks
+    imgs = torch.rand(12, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    assert _fid(imgs, imgs.clone())["ssim_to_dense"] == 1.0 and calls == []
+    other = imgs.clone()
+    other[9] = 1 - other[9]
+    r = _fid(imgs, other)
+    assert len(calls) == 1 and r["ssim_to_dense"] < 1.0
+
+
 def test_ssim_is_the_librarys_value_also_chunked(monkeypatch):
     from torchmetrics.functional.image import structural_similarity_index_measure as ssim
     images, ref = _noisy_pair(10)

@@ -261,7 +261,9 @@ def paired_quality(images, feats, gen, dense_images, extractor, metrics, ref_fea
         dev = images.device   # where the method's own precision/recall ran: dense itself gets exactly 0
         mp, mr = prc if prc is not None else prc_indicators(feats.to(dev), ref_feats.to(dev), PRC_NEIGHBORHOOD,
                                                             ref_radii)
-        dp, dr = prc_indicators(dfeats.to(dev), ref_feats.to(dev), PRC_NEIGHBORHOOD, ref_radii)
+        # dense's own features (dense itself, or a method whose images are dense's): its indicators are the method's
+        dp, dr = (mp, mr) if dense is gen else prc_indicators(dfeats.to(dev), ref_feats.to(dev), PRC_NEIGHBORHOOD,
+                                                              ref_radii)
         p_delta = own["precision"] - dp.float().mean().item()
         r_delta = own["recall"] - dr.float().mean().item()
         p_lo, p_hi = paired_mean_interval(mp, dp, p_delta, _strata(labels, n), bootstrap, seed, level)
