@@ -211,12 +211,18 @@ def memory_growth(bundle, o: ThroughputOptions, sampling, cache_root: str, say: 
                                rss_child_wall_s={})
     work = tempfile.mkdtemp(prefix="varbench-throughput-rss-")
     try:
+        # each child gets a cache holding only the warm quality reference: none may read dense outputs an earlier
+        # step (the harness's N samples) left, which would skip its generation and its generation's memory
+        shutil.copytree(os.path.join(cache_root, "quality"), os.path.join(work, "cache", "quality"),
+                        ignore=shutil.ignore_patterns("paired-features-*"))
         for n in (small, big):
+            for made in ("dense-outputs", "generation-batches"):
+                shutil.rmtree(os.path.join(work, "cache", made), ignore_errors=True)
             argv = [sys.executable, "-m", "bench", "run", "--method", "dense", "--samples", str(n),
                     "--batch-size", str(o.batch_size), "--seed", str(o.seed), "--timing-rounds", "0",
                     "--flop-images", "0", "--bootstrap", str(o.bootstrap), "--dtype", o.dtype,
                     "--threads", str(torch.get_num_threads()), "--results", os.path.join(work, f"results-{n}"),
-                    "--cache-dir", cache_root, *(o.child_model_args or model_args(bundle)), *sampling_args(sampling)]
+                    "--cache-dir", os.path.join(work, "cache"), *(o.child_model_args or model_args(bundle)), *sampling_args(sampling)]
             if o.reference_count is not None:
                 argv += ["--reference-count", str(o.reference_count)]
             if o.classifier is not None:
