@@ -19,6 +19,7 @@ from bench.checkpoints import check_compatible, file_sha256, read_state_dict
 from bench.defaults import QUALITY_METRICS as METRICS
 from bench.errors import BenchError
 from bench.log import get_logger, progress
+from bench.memory import release_freed_memory
 from bench.models.classifier import ShapesClassifier
 from bench.zoo import read_manifest
 
@@ -197,13 +198,20 @@ class Extractor:
         device = torch.device(device) if device is not None else images.device
         batch_size = batch_size or (64 if self.name == INCEPTION_NAME else 250)  # Inception works at 299px
         fe = self.module(device)
-        parts: Dict[str, List[torch.Tensor]] = {}
+        # each layer's rows written into one tensor allocated at the first batch: small per-batch outputs kept among
+        # the freed activations fragmented the heap, and the resident set grew with N (+146 MB at 5000 images of 32²)
+        features: Dict[str, torch.Tensor] = {}
+        start = 0
         for batch in progress(images.split(batch_size), total=-(-len(images) // batch_size),
                               desc=f"{self.name} features", unit="batch", logger=logger):
             out = fe.convert_features_tuple_to_dict(fe(batch.to(device, non_blocking=True)))
             for k, v in out.items():
-                parts.setdefault(k, []).append(v.float().cpu())
-        return {k: torch.cat(v) for k, v in parts.items()}
+                if k not in features:
+                    features[k] = torch.empty((len(images), *v.shape[1:]), dtype=torch.float32)
+                features[k][start:start + len(v)] = v.float().cpu()
+            start += len(batch)
+        release_freed_memory()
+        return features
 
 
 def resolve_extractor(bundle=None, inception_weights: Optional[str] = None,

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from bench.errors import BenchError
+from bench.memory import release_freed_memory
 
 KID_SUBSETS = 100                          # torch-fidelity's default
 KID_SUBSET_SIZE = 1000                     # torch-fidelity's default, lowered to min(N, reference) for small sets
@@ -246,7 +247,8 @@ def kid_features(features_1: torch.Tensor, features_2: torch.Tensor, subsets: in
 
 CDIST_ROWS = 10000   # torch-fidelity's calc_cdist_full block: column blocks of this size give its numbers exactly
 DIST_ROWS = 1000     # rows of a distance block held at once, at most
-DIST_BLOCK_VALUES = 5_000_000   # and at most this many distances (20 MB float32): flat in N (1000 × 60,000 held 240 MB)
+DIST_BLOCK_VALUES = 1_000_000   # and at most this many distances (4 MB float32; with cdist's and kthvalue's temporaries
+                                # ~30 MB): flat in N (1000 × 60,000 rows held 240 MB; 5M values ~150 MB at 5000)
 
 
 def dist_rows(columns: int) -> int:
@@ -258,8 +260,12 @@ def knn_radii(features: torch.Tensor, k: int = PRC_NEIGHBORHOOD) -> torch.Tensor
     """Distance of each point to its k-th nearest neighbour (itself excluded), as torch-fidelity computes it, one
     block of dist_rows(N) rows at a time: the full N×N matrix would hold 14 GB at N = 60,000."""
     from torch_fidelity.metric_prc import calc_cdist_full
-    return torch.cat([calc_cdist_full(block, features, CDIST_ROWS).kthvalue(k + 1, dim=1).values
-                      for block in features.split(dist_rows(len(features)))])
+    # written into one tensor: small per-block results kept among the freed blocks fragment the heap (RSS grows)
+    radii = torch.empty(len(features), dtype=features.dtype, device=features.device)
+    rows = dist_rows(len(features))
+    for s in range(0, len(features), rows):
+        radii[s:s + rows] = calc_cdist_full(features[s:s + rows], features, CDIST_ROWS).kthvalue(k + 1, dim=1).values
+    return radii
 
 
 def prc_indicators(gen: torch.Tensor, ref: torch.Tensor, k: int = PRC_NEIGHBORHOOD,
@@ -272,13 +278,14 @@ def prc_indicators(gen: torch.Tensor, ref: torch.Tensor, k: int = PRC_NEIGHBORHO
     gen_radii = knn_radii(gen, k)
     ref_radii = knn_radii(ref, k) if ref_radii is None else ref_radii.to(gen_radii.device)
     precision = torch.zeros(len(gen), dtype=torch.bool, device=gen_radii.device)
-    recall = []
+    recall = torch.zeros(len(ref), dtype=torch.bool, device=gen_radii.device)
     rows = dist_rows(len(gen))
     for s in range(0, len(ref), rows):
         dist = calc_cdist_full(ref[s:s + rows], gen, CDIST_ROWS)
-        recall.append((dist <= gen_radii).any(dim=1))                                   # real inside generated
+        recall[s:s + rows] = (dist <= gen_radii).any(dim=1)                             # real inside generated
         precision |= (dist <= ref_radii[s:s + rows, None]).any(dim=0)                  # generated inside real
-    return precision, torch.cat(recall)
+    release_freed_memory()
+    return precision, recall
 
 
 def prc_features(gen: torch.Tensor, ref: torch.Tensor, k: int = PRC_NEIGHBORHOOD,
