@@ -93,13 +93,14 @@ def generate_all(net, bundle, labels, seed, sampling, batch_size, *, timer=None,
     from collections import deque
     ranges = batch_ranges(len(labels), batch_size)
     done: Dict[int, tuple] = {}
+    resumed_before = store.resumed if store is not None else 0   # the store may serve several passes (--resolve)
     for b, (s, e) in enumerate(ranges):
         got = store.load(b, e - s) if store is not None else None
         if got is not None:
             done[b] = None if store is not None and not keep_images else got
     todo = deque(b for b in range(len(ranges)) if b not in done)
-    if store is not None and store.resumed:
-        logger.info(f"{what}: {store.resumed} of {len(ranges)} batches resumed from {store.path}")
+    if store is not None and store.resumed > resumed_before:
+        logger.info(f"{what}: {store.resumed - resumed_before} of {len(ranges)} batches resumed from {store.path}")
     session = workers.session(role, store.key_text, ranges, labels, seed) \
         if workers is not None and store is not None and todo else None
     laps, peaks, sizes = [], [], []
