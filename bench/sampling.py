@@ -143,9 +143,9 @@ def generate(net, vqvae, labels: Optional[torch.Tensor], seed: Optional[int], sa
         if si != S - 1:
             x_in = nxt.view(B, quant.Cvae, -1).transpose(1, 2)  # scale_forward doubles it for CFG
         timer.lap(f"scale{si}")
-    # the K/V caches and the last scale's tensors are freed before decoding, as the release does (kv_caching(False)):
-    # the decoder's large activations then reuse their memory instead of faulting in fresh pages (measured at d16,
-    # batch 2, 1 thread: 790k page faults in our decode vs the release's 471k, +0.6 s of system time per batch)
+    # the K/V caches and the last scale's tensors are freed before decoding, as the release does (kv_caching(False)),
+    # so the decoder can reuse their memory (d16, batch 2: our decode's page faults 790k -> 757k; the release's 471k;
+    # the rest depends on glibc's dynamic thresholds, see bench-official --allocator)
     caches = x_in = logits = h = nxt = f_prev = None
     images = vqvae.fhat_to_img(f_hat).add_(1).mul_(0.5) if decode else f_hat
     _check_finite(images, "decoded images" if decode else "the final feature map")

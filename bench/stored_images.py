@@ -10,6 +10,7 @@ cache (one safetensors entry): both are read back here on demand. At 256² a 50k
 """
 from __future__ import annotations
 
+import bisect
 import hashlib
 import json
 import struct
@@ -98,20 +99,15 @@ def images_digest(images: Images) -> str:
     return h.hexdigest()
 
 
-def batch_reader(load_batch: Callable[[int, int], Optional[torch.Tensor]], ranges: Sequence[Tuple[int, int]]) -> Reader:
-    """A reader over images stored one batch per file: load_batch(b, size) gives batch b's images (None: gone)."""
+def batch_reader(load_batch: Callable[[int, int], torch.Tensor], ranges: Sequence[Tuple[int, int]]) -> Reader:
+    """A reader over images stored one batch per file: load_batch(b, size) gives batch b's images (or raises)."""
     starts = [s for s, _ in ranges]
 
     def read(start: int, stop: int) -> torch.Tensor:
-        import bisect
         parts, b = [], bisect.bisect_right(starts, start) - 1
         while start < stop:
             s, e = ranges[b]
-            got = load_batch(b, e - s)
-            if got is None:
-                raise BenchError(f"batch {b} of the run's stored images is gone or damaged (its checkpoint file was "
-                                 f"removed during the run); run it again")
-            parts.append(got[start - s:min(stop, e) - s])
+            parts.append(load_batch(b, e - s)[start - s:min(stop, e) - s])
             start, b = min(stop, e), b + 1
         return parts[0] if len(parts) == 1 else torch.cat(parts)
     return read

@@ -55,7 +55,8 @@ class OfficialConfig:
     top_p: float = 0.96
     more_smooth: bool = False
     device: str = "cpu"
-    allocator: str = "fixed"                     # ALLOCATORS: glibc's thresholds fixed for the run, or as they are
+    allocator: str = "fixed"                     # ALLOCATORS: glibc's thresholds fixed (for the rest of the
+                                                 # process: glibc has no way back to dynamic ones), or as they are
 
 
 def check_config(c: OfficialConfig) -> None:
@@ -243,7 +244,8 @@ def compare_with_official(var_code: str, c: OfficialConfig = OfficialConfig(),
     return dict(
         ours_over_official=cpu["median"], ours_over_official_min=cpu["min"], ours_over_official_max=cpu["max"],
         ours_over_official_wall=wall["median"], ours_over_official_wall_min=wall["min"],
-        ours_over_official_wall_max=wall["max"], **usage, allocator_fixed=allocator_fixed, images_equal=equal, max_abs_diff=max_diff,
+        ours_over_official_wall_max=wall["max"], **usage, allocator_fixed=allocator_fixed, images_equal=equal,
+        max_abs_diff=max_diff,
         load_avg_before=load_before, load_avg_after=_load(), reps=reps, config=cfg,
         official_code=os.path.abspath(var_code), official_commit=_commit(var_code), **env)
 

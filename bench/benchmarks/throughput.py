@@ -222,7 +222,8 @@ def memory_growth(bundle, o: ThroughputOptions, sampling, cache_root: str, say: 
                     "--batch-size", str(o.batch_size), "--seed", str(o.seed), "--timing-rounds", "0",
                     "--flop-images", "0", "--bootstrap", str(o.bootstrap), "--dtype", o.dtype,
                     "--threads", str(torch.get_num_threads()), "--results", os.path.join(work, f"results-{n}"),
-                    "--cache-dir", os.path.join(work, "cache"), *(o.child_model_args or model_args(bundle)), *sampling_args(sampling)]
+                    "--cache-dir", os.path.join(work, "cache"), *(o.child_model_args or model_args(bundle)),
+                    *sampling_args(sampling)]
             if o.reference_count is not None:
                 argv += ["--reference-count", str(o.reference_count)]
             if o.classifier is not None:

@@ -3,7 +3,8 @@ weights, labels and seed; bench/benchmarks/official.py measures, this command pa
 from __future__ import annotations
 
 from bench.benchmarks.jsonfile import write_json
-from bench.benchmarks.official import ALLOCATORS, OfficialConfig, check_config, check_var_code, compare_with_official
+from bench.benchmarks.official import (ALLOCATORS, OfficialConfig, check_config, check_var_code,
+                                       compare_with_official)
 from bench.commands._common import check_device, check_writable_file
 
 ORDER = 94
@@ -27,8 +28,8 @@ def register(sub):
     p.add_argument("--more-smooth", action="store_true", help="Gumbel-softmax smoothing (visualisation only)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 ...")
     p.add_argument("--allocator", default="fixed", choices=ALLOCATORS,
-                   help="fixed: glibc's mmap/trim thresholds fixed for the run, so neither side's page faults depend on "
-                        "the other's frees (default); default: glibc as it is")
+                   help="fixed: glibc's mmap/trim thresholds fixed for the run, so neither side's page faults "
+                        "depend on the other's frees (default); default: glibc as it is")
     p.add_argument("--json", default=None, help="write the report and the environment to this JSON file")
     p.set_defaults(func=run)
 

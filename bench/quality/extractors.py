@@ -11,7 +11,7 @@ import hashlib
 import math
 import os
 import tempfile
-from typing import Dict, List, Optional
+from typing import Dict, Optional
 
 import torch
 
